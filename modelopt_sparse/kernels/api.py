@@ -1,0 +1,224 @@
+"""The public entry point: :func:`attention`."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .reference import Segment, SparseParams, reference_attention
+from .semantics import check_pattern
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("auto", "triton", "torch")
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b_start_loc: torch.Tensor,
+    b_seq_len: torch.Tensor,
+    max_input_len: int,
+    is_causal: bool = True,
+    softmax_scale: float | None = None,
+    b_start_loc_k: torch.Tensor | None = None,
+    b_seq_len_k: torch.Tensor | None = None,
+    max_input_len_k: int | None = None,
+    *,
+    sparsity_n: int = 0,
+    sparsity_m: int = 4,
+    num_sink_tokens: int = 0,
+    dense_window_size: int = 64,
+    tie_break: str = "threshold",
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    r"""Flash attention with N:M structured sparse softmax on varlen packed sequences.
+
+    For every query and every group of ``sparsity_m`` consecutive keys (``group(j) = j // M``
+    counted from the first key of the sequence), only the ``sparsity_n`` largest scores take
+    part in the softmax. The first ``num_sink_tokens`` keys and the ``dense_window_size``
+    keys ending at the query's own position stay dense, and a sequence with a single query
+    (decode) is fully dense. docs/semantics.md states the rule exactly; every backend
+    implements it element for element, in the forward and in the backward pass.
+
+    Args:
+        q: ``[total_q, Hq, D]`` queries of all sequences, packed.
+        k, v: ``[total_kv, Hkv, D]``; ``Hq`` must be a multiple of ``Hkv`` (MHA, GQA, MQA).
+            fp16, bf16 or fp32 (fp64 too on the torch backend); one dtype and one device.
+            ``16 <= D <= 256``, any value.
+        b_start_loc, b_seq_len: int32 ``[B]``: first row and number of rows of each
+            sequence in ``q``.
+        max_input_len: an upper bound of ``b_seq_len``.
+        is_causal: mask keys after the query's position. Queries are aligned to the end of
+            the keys: query ``i`` sits at key position ``i + kv_len - q_len``.
+        softmax_scale: positive; defaults to ``1/sqrt(D)``.
+        b_start_loc_k, b_seq_len_k, max_input_len_k: the same for ``k``/``v``; default to
+            the query metadata (self-attention without a cache).
+        sparsity_n, sparsity_m: keep N of every M; ``sparsity_n=0`` is dense attention.
+            M is 2, 4, 8 or 16.
+        num_sink_tokens: the first keys of every sequence, always kept.
+        dense_window_size: keys ``j`` with ``0 <= pos(i) - j < dense_window_size`` are
+            always kept.
+        tie_break: ``"threshold"`` keeps every score tied with the N-th largest of its
+            group; ``"index"`` keeps exactly N, lower key index first among ties.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
+            reference) or ``"auto"`` (triton on CUDA or when interpreting, else torch).
+        return_stats: also return per-head sparsity statistics (forward only): a dict of
+            ``[Hq]`` tensors ``allowed`` and ``kept`` (score counts), ``rows`` (query rows
+            with at least one allowed key) and ``dropped_mass`` (sum over those rows of
+            ``1 - Z_kept / Z_allowed``).
+
+    Returns:
+        ``[total_q, Hq, D]`` in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
+        (the mask is held fixed). Rows with no kept key are 0. With ``return_stats``, the
+        pair ``(out, stats)``.
+
+    Raises:
+        TypeError, ValueError: for bad input, before any kernel runs.
+    """
+    if b_start_loc_k is None and b_seq_len_k is None and max_input_len_k is None:
+        b_start_loc_k, b_seq_len_k, max_input_len_k = b_start_loc, b_seq_len, max_input_len
+    elif b_start_loc_k is None or b_seq_len_k is None or max_input_len_k is None:
+        raise ValueError(
+            "pass all of b_start_loc_k, b_seq_len_k and max_input_len_k, or none of them"
+        )
+    check_pattern(sparsity_n, sparsity_m, num_sink_tokens, dense_window_size, tie_break)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    _check_tensors(q, k, v)
+    if backend == "auto":
+        backend = "triton" if (q.is_cuda or interpreting()) else "torch"
+    _check_backend(q, backend)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    segments = _check_metadata(
+        q, k, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k
+    )
+    params = SparseParams(
+        is_causal=is_causal,
+        softmax_scale=float(softmax_scale),
+        sparsity_n=sparsity_n,
+        sparsity_m=sparsity_m,
+        num_sink_tokens=num_sink_tokens,
+        dense_window_size=dense_window_size,
+        tie_break=tie_break,
+    )
+    stats = _new_stats(q) if return_stats else None
+    if backend == "torch":
+        out, _ = reference_attention(q, k, v, segments, params, stats)
+    else:
+        from .triton_attention import triton_attention
+
+        out = triton_attention(
+            q, k, v,
+            b_start_loc, b_seq_len, max_input_len,
+            b_start_loc_k, b_seq_len_k, max_input_len_k,
+            params, stats,
+        )
+    return (out, stats) if return_stats else out
+
+
+def _new_stats(q: torch.Tensor) -> dict:
+    h = q.shape[1]
+    return {
+        "allowed": torch.zeros(h, dtype=torch.int64, device=q.device),
+        "kept": torch.zeros(h, dtype=torch.int64, device=q.device),
+        "rows": torch.zeros(h, dtype=torch.int64, device=q.device),
+        "dropped_mass": torch.zeros(h, dtype=torch.float64, device=q.device),
+    }
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [tokens, heads, head_dim], got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"unsupported dtype {q.dtype}; use float16, bfloat16 or float32")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[2]} and {k.shape[2]}")
+    d = q.shape[2]
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
+
+
+def _check_backend(q: torch.Tensor, backend: str) -> None:
+    if backend == "triton":
+        if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                f"got {q.device}"
+            )
+        if q.dtype == torch.float64:
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32, not float64")
+
+
+def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> list[Segment]:
+    for name, t in (
+        ("b_start_loc", start_q), ("b_seq_len", len_q),
+        ("b_start_loc_k", start_k), ("b_seq_len_k", len_k),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [batch], got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    batch = start_q.shape[0]
+    if batch == 0:
+        raise ValueError("b_start_loc is empty: at least one sequence is needed")
+    for name, t in (("b_seq_len", len_q), ("b_start_loc_k", start_k), ("b_seq_len_k", len_k)):
+        if t.shape[0] != batch:
+            raise ValueError(f"{name} has {t.shape[0]} entries but b_start_loc has {batch}")
+    for name, value in (("max_input_len", max_q), ("max_input_len_k", max_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    # One host round trip for all four tensors.
+    sq, lq, sk, lk = torch.stack([start_q, len_q, start_k, len_k]).tolist()
+    segments = []
+    for b in range(batch):
+        for what, start, length, total, bound in (
+            ("query", sq[b], lq[b], q.shape[0], max_q),
+            ("key", sk[b], lk[b], k.shape[0], max_k),
+        ):
+            if start < 0 or length < 0:
+                raise ValueError(f"sequence {b}: negative {what} start ({start}) or length ({length})")
+            if start + length > total:
+                raise ValueError(
+                    f"sequence {b}: {what} rows {start}..{start + length} exceed the {total} packed rows"
+                )
+            if length > bound:
+                raise ValueError(
+                    f"sequence {b}: {what} length {length} exceeds max_input_len{'_k' if what == 'key' else ''}={bound}"
+                )
+        segments.append(Segment(sq[b], lq[b], sk[b], lk[b]))
+    return segments

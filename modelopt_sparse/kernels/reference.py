@@ -1,0 +1,170 @@
+"""Pure-PyTorch N:M sparse attention on varlen packed sequences.
+
+This is the CPU backend and the ground truth the Triton kernels are tested against. It
+computes exactly what the kernels compute: the same mask (:func:`semantics.kept_mask`), the
+same log-sum-exp, the same gradient with the mask held fixed. Memory stays bounded: each
+sequence is processed in chunks of query rows, and the backward recomputes the scores
+chunk by chunk, so no ``S x S`` tensor of a long sequence ever exists at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .semantics import kept_mask
+
+# Bytes of one score chunk ([heads, rows, kv_len] in the compute dtype).
+_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One packed sequence: where its queries and keys start, and how many there are."""
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    is_causal: bool
+    softmax_scale: float
+    sparsity_n: int
+    sparsity_m: int
+    num_sink_tokens: int
+    dense_window_size: int
+    tie_break: str
+
+    def mask(self, qk: torch.Tensor, seg: Segment, row_offset: int) -> torch.Tensor:
+        return kept_mask(
+            qk,
+            seg.q_len,
+            seg.k_len,
+            is_causal=self.is_causal,
+            sparsity_n=self.sparsity_n,
+            sparsity_m=self.sparsity_m,
+            num_sink_tokens=self.num_sink_tokens,
+            dense_window_size=self.dense_window_size,
+            tie_break=self.tie_break,
+            row_offset=row_offset,
+        )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(seg: Segment, heads: int, elem_bytes: int):
+    rows = max(1, _CHUNK_BYTES // max(1, heads * max(seg.k_len, 1) * elem_bytes))
+    for r0 in range(0, seg.q_len, rows):
+        yield r0, min(seg.q_len, r0 + rows)
+
+
+def _heads_view(x: torch.Tensor, start: int, length: int, groups: int) -> torch.Tensor:
+    """[tokens, H, D] slice -> [H_kv, groups, tokens, D] (for K/V groups == 1)."""
+    x = x[start : start + length].transpose(0, 1)
+    return x.unflatten(0, (-1, groups))
+
+
+def _chunk_probs(q_c, k_b, seg, r0, p: SparseParams, lse=None):
+    """Scores of one chunk; returns (masked scaled scores, kept mask)."""
+    qk = torch.einsum("hgid,hjd->hgij", q_c, k_b[:, 0])
+    keep = p.mask(qk, seg, r0)
+    s = torch.where(keep, qk * p.softmax_scale, float("-inf"))
+    return s, keep
+
+
+class _ReferenceAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segments, params: SparseParams, stats):
+        cdt = _compute_dtype(q.dtype)
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        groups = hq // hkv
+        qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+        out = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        lse = torch.full((q.shape[0], hq), float("-inf"), dtype=cdt, device=q.device)
+        for seg in segments:
+            k_b = _heads_view(kc, seg.k_start, seg.k_len, 1)
+            v_b = _heads_view(vc, seg.k_start, seg.k_len, 1)
+            q_b = _heads_view(qc, seg.q_start, seg.q_len, groups)
+            for r0, r1 in _row_chunks(seg, hq, qc.element_size()):
+                s, keep = _chunk_probs(q_b[:, :, r0:r1], k_b, seg, r0, params)
+                row_max = s.amax(-1, keepdim=True)
+                # A row with no kept key has max -inf; shift by 0 there so exp gives 0, not NaN.
+                shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+                e = torch.exp(s - shift)
+                z = e.sum(-1, keepdim=True)
+                o = torch.einsum("hgij,hjd->hgid", e, v_b[:, 0]) / torch.where(z > 0, z, 1)
+                rows = slice(seg.q_start + r0, seg.q_start + r1)
+                out[rows] = o.flatten(0, 1).transpose(0, 1)
+                lse[rows] = (shift + torch.log(z)).squeeze(-1).flatten(0, 1).transpose(0, 1)
+                if stats is not None:
+                    _accumulate_stats(stats, q_b[:, :, r0:r1], k_b, seg, r0, params, keep, z, shift)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.params = segments, params
+        ctx.mark_non_differentiable(lse)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        params: SparseParams = ctx.params
+        cdt = _compute_dtype(q.dtype)
+        hq, hkv = q.shape[1], k.shape[1]
+        groups = hq // hkv
+        qc, kc, vc, do = q.to(cdt), k.to(cdt), v.to(cdt), grad_out.to(cdt)
+        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
+        delta = (out * do).sum(-1)  # [tokens, Hq]
+        for seg in ctx.segments:
+            k_b = _heads_view(kc, seg.k_start, seg.k_len, 1)
+            v_b = _heads_view(vc, seg.k_start, seg.k_len, 1)
+            q_b = _heads_view(qc, seg.q_start, seg.q_len, groups)
+            do_b = _heads_view(do, seg.q_start, seg.q_len, groups)
+            lse_b = lse[seg.q_start : seg.q_start + seg.q_len].T.unflatten(0, (-1, groups))
+            dl_b = delta[seg.q_start : seg.q_start + seg.q_len].T.unflatten(0, (-1, groups))
+            dk_b = torch.zeros_like(k_b[:, 0])
+            dv_b = torch.zeros_like(v_b[:, 0])
+            for r0, r1 in _row_chunks(seg, hq, qc.element_size()):
+                s, _ = _chunk_probs(q_b[:, :, r0:r1], k_b, seg, r0, params)
+                row_lse = lse_b[:, :, r0:r1, None]
+                row_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+                p = torch.exp(s - row_lse)
+                do_c = do_b[:, :, r0:r1]
+                dv_b += torch.einsum("hgij,hgid->hjd", p, do_c)
+                dp = torch.einsum("hgid,hjd->hgij", do_c, v_b[:, 0])
+                ds = p * (dp - dl_b[:, :, r0:r1, None]) * params.softmax_scale
+                dq_c = torch.einsum("hgij,hjd->hgid", ds, k_b[:, 0])
+                dq[seg.q_start + r0 : seg.q_start + r1] = dq_c.flatten(0, 1).transpose(0, 1)
+                dk_b += torch.einsum("hgij,hgid->hjd", ds, q_b[:, :, r0:r1])
+            dk[seg.k_start : seg.k_start + seg.k_len] = dk_b.transpose(0, 1)
+            dv[seg.k_start : seg.k_start + seg.k_len] = dv_b.transpose(0, 1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _accumulate_stats(stats, q_c, k_b, seg, r0, params: SparseParams, keep, z_kept, shift):
+    """Add one chunk's per-head counts and dropped softmax mass to ``stats`` (dict of [Hq])."""
+    qk = torch.einsum("hgid,hjd->hgij", q_c, k_b[:, 0])
+    allowed = kept_mask(
+        qk, seg.q_len, seg.k_len, is_causal=params.is_causal, sparsity_n=0,
+        sparsity_m=params.sparsity_m, num_sink_tokens=0, dense_window_size=0,
+        tie_break=params.tie_break, row_offset=r0,
+    )
+    # The row max over allowed scores equals the one over kept scores (a group's maximum is
+    # always kept), so both partition sums can share the forward's shift.
+    z_allowed = torch.exp(torch.where(allowed, qk * params.softmax_scale, float("-inf")) - shift).sum(-1)
+    z_kept = z_kept.squeeze(-1)
+    has_keys = z_allowed > 0
+    dropped = torch.where(has_keys, 1 - z_kept / torch.where(has_keys, z_allowed, 1), 0)
+    stats["allowed"] += allowed.sum((-1, -2)).flatten().to(torch.int64)
+    stats["kept"] += keep.sum((-1, -2)).flatten().to(torch.int64)
+    stats["rows"] += has_keys.sum(-1).flatten().to(torch.int64)
+    stats["dropped_mass"] += dropped.sum(-1).flatten().to(torch.float64)
+
+
+def reference_attention(q, k, v, segments, params: SparseParams, stats=None):
+    """Returns (out [total_q, Hq, D] in q's dtype, lse [total_q, Hq] natural-log, compute dtype)."""
+    return _ReferenceAttention.apply(q, k, v, tuple(segments), params, stats)

@@ -1,0 +1,120 @@
+"""The N:M sparse-softmax rule, stated once.
+
+docs/semantics.md is the prose version of this module. Every backend implements exactly
+this rule:
+
+* the PyTorch reference calls :func:`kept_mask` below;
+* the Triton kernels call ``_masked_scores`` in ``triton_attention.py``, which the forward,
+  the dK/dV and the dQ kernels share, and which the test-suite compares element for
+  element with :func:`kept_mask` (``tests/test_triton_attention.py``).
+
+Pattern validation (the N:M values, tie rules, token counts) also lives here, so that the
+kernel API and the plugin configs reject bad values with the same words.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_M = (2, 4, 8, 16)
+TIE_BREAKS = ("threshold", "index")
+
+
+def check_pattern(
+    sparsity_n: int,
+    sparsity_m: int,
+    num_sink_tokens: int = 0,
+    dense_window_size: int = 0,
+    tie_break: str = "threshold",
+) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the offending field of an N:M pattern."""
+    for name, value in (
+        ("sparsity_n", sparsity_n),
+        ("sparsity_m", sparsity_m),
+        ("num_sink_tokens", num_sink_tokens),
+        ("dense_window_size", dense_window_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if sparsity_m not in SUPPORTED_M:
+        raise ValueError(f"sparsity_m must be one of {SUPPORTED_M}, got {sparsity_m}")
+    if not 0 <= sparsity_n < sparsity_m:
+        raise ValueError(
+            f"sparsity_n must satisfy 0 <= N < M (N=0 means dense); got N={sparsity_n}, "
+            f"M={sparsity_m}"
+        )
+    if num_sink_tokens < 0:
+        raise ValueError(f"num_sink_tokens must be >= 0, got {num_sink_tokens}")
+    if dense_window_size < 0:
+        raise ValueError(f"dense_window_size must be >= 0, got {dense_window_size}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+
+
+def query_positions(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Absolute key-space position of each query row: the queries are the last q_len keys.
+
+    This bottom-right alignment makes one rule cover prefill (q_len == kv_len), chunked
+    prefill after a cached prefix (q_len < kv_len) and single-token decode (q_len == 1).
+    """
+    return torch.arange(q_len, device=device) + (kv_len - q_len)
+
+
+def kept_mask(
+    qk: torch.Tensor,
+    q_len: int,
+    kv_len: int,
+    *,
+    is_causal: bool,
+    sparsity_n: int,
+    sparsity_m: int,
+    num_sink_tokens: int,
+    dense_window_size: int,
+    tie_break: str,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """Boolean mask of the scores that survive, for the rows ``qk[..., r, :]``.
+
+    ``qk`` holds raw dot products q·k of shape ``[..., rows, kv_len]`` for query rows
+    ``row_offset .. row_offset + rows - 1`` of a sequence of ``q_len`` queries and
+    ``kv_len`` keys. Selection compares raw dot products: the softmax scale is positive, so
+    they order keys exactly as the scaled scores do, without ties created by rounding the
+    product with the scale.
+    """
+    rows, keys = qk.shape[-2], qk.shape[-1]
+    if keys != kv_len:
+        raise ValueError(f"qk has {keys} key columns but kv_len is {kv_len}")
+    device = qk.device
+    q_pos = query_positions(q_len, kv_len, device)[row_offset : row_offset + rows]
+    k_idx = torch.arange(kv_len, device=device)
+    allowed = torch.ones(rows, kv_len, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed = k_idx[None, :] <= q_pos[:, None]
+    allowed = allowed.expand(qk.shape)
+    # Decode guard: a single query token never goes through selection.
+    if sparsity_n == 0 or q_len == 1:
+        return allowed
+
+    m, n = sparsity_m, sparsity_n
+    scores = qk.masked_fill(~allowed, float("-inf"))
+    pad = (-kv_len) % m
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    groups = scores.unflatten(-1, (-1, m))  # group(j) = j // M, counted from key 0
+    if tie_break == "threshold":
+        # The N-th largest with multiplicity; everything tied with it passes.
+        nth = groups.topk(n, dim=-1).values[..., n - 1 : n]
+        selected = groups >= nth
+    elif tie_break == "index":
+        # Exactly N: a stable descending sort ranks equal scores by lower key index first.
+        order = groups.sort(dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(m, device=device).expand_as(order))
+        selected = rank < n
+    else:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+    selected = selected.flatten(-2)[..., :kv_len]
+
+    distance = q_pos[:, None] - k_idx[None, :]
+    dense = (k_idx[None, :] < num_sink_tokens) | ((distance >= 0) & (distance < dense_window_size))
+    return allowed & (selected | dense)
