@@ -1,0 +1,667 @@
+"""Fused N:M sparse flash attention in Triton: forward, backward and a mask probe.
+
+Layout of the score tile. Keys of a ``BLOCK_N`` tile are loaded in a permuted order: the
+physical column ``c`` holds the logical key ``n0 + (c % G) * M + c // G`` with
+``G = BLOCK_N // M``. The ``M`` members of a group then sit ``G`` columns apart, in the top
+``log2(M)`` bits of the column index. On the tensor-core accumulator those bits belong to
+registers of one thread, so splitting the tile into its members (``_split_half``) and
+joining a per-group value back (``_join_half``) are register relabellings, and the
+selection below is pure ALU work with no data movement between threads. Masks always use
+the logical key index, so the rule never depends on the tile size; permuting the
+contraction index of P·V is harmless because V's rows are permuted the same way.
+
+The rule itself (docs/semantics.md) lives in ``_allowed_scores`` and ``_nm_sparsify``,
+called in that order by the forward, by both backward kernels and by the mask probe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .api import interpreting
+
+NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# Register-level group selection
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _split_half(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """[ROWS, WIDTH] -> (columns [0, WIDTH/2), columns [WIDTH/2, WIDTH))."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _join_half(a, b, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """Inverse of ``_split_half``: a fills columns [0, WIDTH/2), b the rest."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, WIDTH))
+
+
+@triton.jit
+def _cx(a, b):
+    """Compare-exchange, larger first."""
+    return tl.maximum(a, b), tl.minimum(a, b)
+
+
+# Batcher's odd-even merge of two descending lists; the compiler drops every comparator
+# whose outputs the caller does not use, so asking for one rank costs only its cone.
+@triton.jit
+def _merge2(a0, a1, b0, b1):
+    e0, e1 = _cx(a0, b0)
+    o0, o1 = _cx(a1, b1)
+    r1, r2 = _cx(o0, e1)
+    return e0, r1, r2, o1
+
+
+@triton.jit
+def _merge4(a0, a1, a2, a3, b0, b1, b2, b3):
+    e0, e1, e2, e3 = _merge2(a0, a2, b0, b2)
+    o0, o1, o2, o3 = _merge2(a1, a3, b1, b3)
+    r1, r2 = _cx(o0, e1)
+    r3, r4 = _cx(o1, e2)
+    r5, r6 = _cx(o2, e3)
+    return e0, r1, r2, r3, r4, r5, r6, o3
+
+
+@triton.jit
+def _merge8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    e0, e1, e2, e3, e4, e5, e6, e7 = _merge4(a0, a2, a4, a6, b0, b2, b4, b6)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _merge4(a1, a3, a5, a7, b1, b3, b5, b7)
+    r1, r2 = _cx(o0, e1)
+    r3, r4 = _cx(o1, e2)
+    r5, r6 = _cx(o2, e3)
+    r7, r8 = _cx(o3, e4)
+    r9, r10 = _cx(o4, e5)
+    r11, r12 = _cx(o5, e6)
+    r13, r14 = _cx(o6, e7)
+    return e0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, o7
+
+
+@triton.jit
+def _sort4(x0, x1, x2, x3):
+    a0, a1 = _cx(x0, x1)
+    b0, b1 = _cx(x2, x3)
+    return _merge2(a0, a1, b0, b1)
+
+
+@triton.jit
+def _sort8(x0, x1, x2, x3, x4, x5, x6, x7):
+    a0, a1, a2, a3 = _sort4(x0, x1, x2, x3)
+    b0, b1, b2, b3 = _sort4(x4, x5, x6, x7)
+    return _merge4(a0, a1, a2, a3, b0, b1, b2, b3)
+
+
+@triton.jit
+def _members2(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    return _split_half(x, ROWS, WIDTH)
+
+
+@triton.jit
+def _members4(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    lo, hi = _split_half(x, ROWS, WIDTH)
+    x0, x1 = _split_half(lo, ROWS, WIDTH // 2)
+    x2, x3 = _split_half(hi, ROWS, WIDTH // 2)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _members8(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    lo, hi = _split_half(x, ROWS, WIDTH)
+    x0, x1, x2, x3 = _members4(lo, ROWS, WIDTH // 2)
+    x4, x5, x6, x7 = _members4(hi, ROWS, WIDTH // 2)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _group_nth_largest(x, N: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """[ROWS, WIDTH/M]: the N-th largest member (with multiplicity) of every group."""
+    if M == 2:
+        x0, x1 = _members2(x, ROWS, WIDTH)
+        ranked = _cx(x0, x1)
+    elif M == 4:
+        x0, x1, x2, x3 = _members4(x, ROWS, WIDTH)
+        ranked = _sort4(x0, x1, x2, x3)
+    elif M == 8:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _members8(x, ROWS, WIDTH)
+        ranked = _sort8(x0, x1, x2, x3, x4, x5, x6, x7)
+    else:
+        lo, hi = _split_half(x, ROWS, WIDTH)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _members8(lo, ROWS, WIDTH // 2)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _members8(hi, ROWS, WIDTH // 2)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _sort8(a0, a1, a2, a3, a4, a5, a6, a7)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _sort8(b0, b1, b2, b3, b4, b5, b6, b7)
+        ranked = _merge8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7)
+    return ranked[N - 1]
+
+
+@triton.jit
+def _broadcast_to_members(t, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """[ROWS, WIDTH/M] per-group values -> [ROWS, WIDTH], repeated on every member column."""
+    G: tl.constexpr = WIDTH // M
+    full = _join_half(t, t, ROWS, 2 * G)
+    if M >= 4:
+        full = _join_half(full, full, ROWS, 4 * G)
+    if M >= 8:
+        full = _join_half(full, full, ROWS, 8 * G)
+    if M >= 16:
+        full = _join_half(full, full, ROWS, 16 * G)
+    return full
+
+
+@triton.jit
+def _index_ordered_keys(qk, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """Distinct int64 keys that order scores like the floats, ties broken by lower index.
+
+    The float's bits are mapped to an int32 with the same order (negatives flipped, -0
+    folded onto +0), then the member index fills 4 low bits, reversed so a lower index is
+    larger. Selecting the N largest keys is then exactly the "index" rule.
+    """
+    bits = qk.to(tl.int32, bitcast=True)
+    bits = tl.where(qk == 0, 0, bits)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    member = tl.arange(0, WIDTH) // (WIDTH // M)
+    return ordered * 16 + (M - 1 - member)[None, :]
+
+
+@triton.jit
+def _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL: tl.constexpr):
+    """-inf outside the sequence's keys and, when causal, after the query's position."""
+    allowed = (k_idx < kv_len)[None, :]
+    if IS_CAUSAL:
+        allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
+    return tl.where(allowed, qk, NEG_INF)
+
+
+@triton.jit
+def _nm_sparsify(
+    qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
+    SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr, TIE_INDEX: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Drop (to -inf) the scores that N:M selection removes outside the dense region.
+
+    ``qk`` must already hold -inf on disallowed entries (``_allowed_scores``), which then
+    count as -inf in their group. ``p_lo``/``p_hi`` bound the positions of the tile's valid
+    query rows; a tile whose every element is dense skips the selection.
+    """
+    if SPARSITY_N > 0:
+        needs_selection = (
+            (q_len > 1)
+            & (n0 + BLOCK_N > num_sink)
+            & ((p_lo - (n0 + BLOCK_N - 1) < 0) | (p_hi - n0 >= window))
+        )
+        if needs_selection:
+            if TIE_INDEX:
+                keys = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N)
+                nth = _group_nth_largest(keys, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
+                selected = keys >= _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
+            else:
+                nth = _group_nth_largest(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
+                selected = qk >= _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
+            distance = q_pos[:, None] - k_idx[None, :]
+            dense = (k_idx[None, :] < num_sink) | ((distance >= 0) & (distance < window))
+            qk = tl.where(selected | dense, qk, NEG_INF)
+    return qk
+
+
+@triton.jit
+def _key_index(n0, BLOCK_N: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr):
+    """Logical key index of each physical column of the tile starting at key n0."""
+    col = tl.arange(0, BLOCK_N)
+    if SPARSITY_N > 0:
+        G: tl.constexpr = BLOCK_N // SPARSITY_M
+        return n0 + (col % G) * SPARSITY_M + col // G
+    else:
+        return n0 + col
+
+
+@triton.jit
+def _load_rows(base, rows, row_valid, stride_t, dim, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """[len(rows), BLOCK_D] tile of token rows; zero outside valid rows and the head dim."""
+    ptrs = base + rows[:, None] * stride_t + dim[None, :]
+    x = tl.load(ptrs, mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, STATS,
+    Q_START, Q_LEN, K_START, K_LEN,
+    qk_scale, num_sink, window,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_lt, stride_lh,
+    max_q_bucket,  # autotune key only
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
+    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUPS
+    q_len = tl.load(Q_LEN + seq)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    q_start = tl.load(Q_START + seq).to(tl.int64)
+    k_start = tl.load(K_START + seq).to(tl.int64)
+    kv_len = tl.load(K_LEN + seq)
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    offset = kv_len - q_len
+    q_pos = rows + offset
+    p_lo = start_m + offset
+    p_hi = tl.minimum(start_m + BLOCK_M, q_len) - 1 + offset
+    dim = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + q_start * stride_qt + head * stride_qh, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
+    k_base = K + k_start * stride_kt + kv_head * stride_kh
+    v_base = V + k_start * stride_vt + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if WITH_STATS:
+        l_allowed = tl.zeros([BLOCK_M], tl.float32)
+        n_allowed = tl.zeros([BLOCK_M], tl.int32)
+        n_kept = tl.zeros([BLOCK_M], tl.int32)
+
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(kv_len, p_hi + 1)
+    for n0 in range(0, hi, BLOCK_N):
+        k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
+        k_valid = k_idx < kv_len
+        k = _load_rows(k_base, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST)
+        v = _load_rows(v_base, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        # A group's maximum always survives selection, so the row max of the allowed
+        # scores is the row max of the kept ones; taking it first keeps the selection off
+        # the reduction's critical path.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        if WITH_STATS:
+            allowed = qk > NEG_INF
+            l_allowed = l_allowed * alpha + tl.sum(tl.math.exp2(qk * qk_scale - m_shift[:, None]), 1)
+            n_allowed += tl.sum(allowed.to(tl.int32), 1)
+        qk = _nm_sparsify(
+            qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
+            SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+        )
+        if WITH_STATS:
+            n_kept += tl.sum((qk > NEG_INF).to(tl.int32), 1)
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = O + (q_start + rows[:, None]) * stride_ot + head * stride_oh + dim[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :])
+    lse = tl.where(empty, NEG_INF, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + (q_start + rows) * stride_lt + head * stride_lh, lse, mask=row_valid)
+    if WITH_STATS:
+        # Per row: allowed count, kept count, dropped softmax mass; reduced on the host.
+        has_keys = l_allowed > 0.0
+        dropped = tl.where(has_keys, 1.0 - l_i / tl.where(has_keys, l_allowed, 1.0), 0.0)
+        s_ptr = STATS + ((q_start + rows) * stride_lt + head * stride_lh) * 3
+        tl.store(s_ptr, n_allowed.to(tl.float32), mask=row_valid)
+        tl.store(s_ptr + 1, n_kept.to(tl.float32), mask=row_valid)
+        tl.store(s_ptr + 2, dropped, mask=row_valid)
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q_START, Q_LEN, K_START, K_LEN,
+    softmax_scale, qk_scale, num_sink, window,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lt, stride_lh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    max_k_bucket,  # autotune key only
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
+    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    kv_len = tl.load(K_LEN + seq)
+    n0 = pid_n * BLOCK_N
+    if n0 >= kv_len:
+        return
+    q_start = tl.load(Q_START + seq).to(tl.int64)
+    q_len = tl.load(Q_LEN + seq)
+    k_start = tl.load(K_START + seq).to(tl.int64)
+    offset = kv_len - q_len
+    dim = tl.arange(0, BLOCK_D)
+
+    k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
+    k_valid = k_idx < kv_len
+    k = _load_rows(K + k_start * stride_kt + kv_head * stride_kh, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST)
+    v = _load_rows(V + k_start * stride_vt + kv_head * stride_vh, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    m_lo = 0
+    if IS_CAUSAL:
+        # The first query row whose position reaches key n0.
+        m_lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    for g in range(GROUPS):
+        head = kv_head * GROUPS + g
+        q_base = Q + q_start * stride_qt + head * stride_qh
+        do_base = DO + q_start * stride_dot + head * stride_doh
+        for start_m in range(m_lo, q_len, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_valid = rows < q_len
+            q_pos = rows + offset
+            p_lo = start_m + offset
+            p_hi = tl.minimum(start_m + BLOCK_M, q_len) - 1 + offset
+            q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
+            do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
+            lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
+            lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
+            lse = tl.where(lse == NEG_INF, 0.0, lse)
+            delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
+
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+            qk = _nm_sparsify(
+                qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
+                SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+            )
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            p = tl.where(row_valid[:, None], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    out_mask = k_valid[:, None] & (dim < HEAD_DIM)[None, :]
+    dk_ptrs = DK + (k_start + k_idx[:, None]) * stride_dkt + kv_head * stride_dkh + dim[None, :]
+    dv_ptrs = DV + (k_start + k_idx[:, None]) * stride_dvt + kv_head * stride_dvh + dim[None, :]
+    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    Q_START, Q_LEN, K_START, K_LEN,
+    softmax_scale, qk_scale, num_sink, window,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lt, stride_lh, stride_dqt, stride_dqh,
+    max_q_bucket,  # autotune key only
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
+    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUPS
+    q_len = tl.load(Q_LEN + seq)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    q_start = tl.load(Q_START + seq).to(tl.int64)
+    k_start = tl.load(K_START + seq).to(tl.int64)
+    kv_len = tl.load(K_LEN + seq)
+    offset = kv_len - q_len
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    q_pos = rows + offset
+    p_lo = start_m + offset
+    p_hi = tl.minimum(start_m + BLOCK_M, q_len) - 1 + offset
+    dim = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + q_start * stride_qt + head * stride_qh, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
+    do = _load_rows(DO + q_start * stride_dot + head * stride_doh, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
+    lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
+    lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
+    lse = tl.where(lse == NEG_INF, 0.0, lse)
+    delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
+    k_base = K + k_start * stride_kt + kv_head * stride_kh
+    v_base = V + k_start * stride_vt + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(kv_len, p_hi + 1)
+    for n0 in range(0, hi, BLOCK_N):
+        k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
+        k_valid = k_idx < kv_len
+        k = _load_rows(k_base, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST)
+        v = _load_rows(v_base, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        qk = _nm_sparsify(
+            qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
+            SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+        )
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq_ptrs = DQ + (q_start + rows[:, None]) * stride_dqt + head * stride_dqh + dim[None, :]
+    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Mask probe: the kept mask exactly as the kernels compute it (for tests and tooling)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _kept_mask_probe(
+    QK, KEPT, q_len, kv_len, num_sink, window,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
+    TIE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    n0 = tl.program_id(1) * BLOCK_N
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    offset = kv_len - q_len
+    q_pos = rows + offset
+    p_lo = start_m + offset
+    p_hi = tl.minimum(start_m + BLOCK_M, q_len) - 1 + offset
+    k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
+    mask = row_valid[:, None] & (k_idx < kv_len)[None, :]
+    qk = tl.load(QK + rows[:, None] * kv_len + k_idx[None, :], mask=mask, other=0.0)
+    qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+    qk = _nm_sparsify(
+        qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
+        SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+    )
+    tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], (qk > NEG_INF).to(tl.int8), mask=mask)
+
+
+def kernel_kept_mask(qk: torch.Tensor, q_len: int, kv_len: int, params, block_m: int = 32, block_n: int = 64):
+    """The kept mask of one sequence's raw scores ``qk`` [q_len, kv_len] (fp32) as the
+    Triton kernels decide it, for any tile shape; compare with ``semantics.kept_mask``."""
+    qk = qk.contiguous().to(torch.float32)
+    kept = torch.zeros(q_len, kv_len, dtype=torch.int8, device=qk.device)
+    grid = (triton.cdiv(q_len, block_m), triton.cdiv(kv_len, block_n))
+    _kept_mask_probe[grid](
+        qk, kept, q_len, kv_len, params.num_sink_tokens, params.dense_window_size,
+        IS_CAUSAL=params.is_causal, SPARSITY_N=params.sparsity_n, SPARSITY_M=params.sparsity_m,
+        TIE_INDEX=params.tie_break == "index", BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return kept.bool()
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------
+def _configs(kind: str):
+    if interpreting():
+        # One config: a multi-config autotune fails in the interpreter; large tiles keep
+        # the number of interpreted tile operations small.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]
+    elif kind == "dkdv":
+        shapes = [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
+    else:
+        shapes = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in shapes
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Large head dims would spill with the widest tiles; groups must fit in a tile.
+    m = kwargs.get("SPARSITY_M", named_args.get("SPARSITY_M", 4))
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= m and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 * 2)]
+    return kept or configs[-1:]
+
+
+_SHARED_KEYS = ["GROUPS", "HEAD_DIM", "IS_CAUSAL", "SPARSITY_N", "SPARSITY_M", "TIE_INDEX", "DOT_PRECISION"]
+
+
+def _autotuned(kernel, kind, length_key, extra_keys=()):
+    return triton.autotune(
+        _configs(kind),
+        key=[length_key, *_SHARED_KEYS, *extra_keys],
+        prune_configs_by={"early_config_prune": _prune},
+    )(kernel)
+
+
+_fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
+_dkdv = _autotuned(_attn_bwd_dkdv, "dkdv", "max_k_bucket")
+_dq = _autotuned(_attn_bwd_dq, "dq", "max_q_bucket")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _common_constexprs(q, groups, params):
+    head_dim = q.shape[-1]
+    return dict(
+        GROUPS=groups,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        IS_CAUSAL=params.is_causal,
+        SPARSITY_N=params.sparsity_n,
+        SPARSITY_M=params.sparsity_m,
+        TIE_INDEX=params.tie_break == "index",
+        UPCAST=interpreting(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+class _TritonSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, meta, params, stats):
+        q_start, q_len, max_q, k_start, k_len, max_k = meta
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        hq, hkv = q.shape[1], k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
+        row_stats = (
+            torch.zeros(q.shape[0], hq, 3, dtype=torch.float32, device=q.device) if stats is not None else lse
+        )
+        consts = _common_constexprs(q, hq // hkv, params)
+        grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
+        with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+            _fwd[grid](
+                q, k, v, out, lse, row_stats,
+                q_start, q_len, k_start, k_len,
+                params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+                _bucket(max_q),
+                WITH_STATS=stats is not None,
+                **consts,
+            )
+        if stats is not None:
+            _reduce_row_stats(row_stats, q_start, q_len, stats)
+        ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
+        ctx.max_q, ctx.max_k, ctx.params = max_q, max_k, params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
+        params = ctx.params
+        do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        delta = (out.float() * do.float()).sum(-1)
+        hq, hkv = q.shape[1], k.shape[1]
+        # Keys outside every sequence get no gradient: start from zeros.
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        consts = _common_constexprs(q, hq // hkv, params)
+        scale = params.softmax_scale
+        with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+            _dkdv[lambda cfg: (triton.cdiv(ctx.max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv)](
+                q, k, v, do, lse, delta, dk, dv,
+                q_start, q_len, k_start, k_len,
+                scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                _bucket(ctx.max_k),
+                **consts,
+            )
+            _dq[lambda cfg: (triton.cdiv(ctx.max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)](
+                q, k, v, do, lse, delta, dq,
+                q_start, q_len, k_start, k_len,
+                scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
+                _bucket(ctx.max_q),
+                **consts,
+            )
+        return dq, dk, dv, None, None, None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _reduce_row_stats(row_stats, q_start, q_len, stats):
+    """Sum per-row statistics of the rows that belong to a sequence into per-head totals."""
+    total = row_stats.shape[0]
+    owned = torch.zeros(total + 1, dtype=torch.int32, device=row_stats.device)
+    owned.index_add_(0, q_start.long(), torch.ones_like(q_start))
+    owned.index_add_(0, (q_start + q_len).long(), -torch.ones_like(q_start))
+    in_seq = owned.cumsum(0)[:total] > 0
+    rs = row_stats[in_seq].double()
+    stats["allowed"] += rs[..., 0].sum(0).round().long()
+    stats["kept"] += rs[..., 1].sum(0).round().long()
+    stats["rows"] += (rs[..., 0] > 0).sum(0)
+    stats["dropped_mass"] += rs[..., 2].sum(0)
+
+
+def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, stats=None):
+    """Launch the fused kernels; inputs are validated by :func:`modelopt_sparse.kernels.attention`."""
+    meta = (q_start, q_len, max(int(max_q), 1), k_start, k_len, max(int(max_k), 1))
+    return _TritonSparseAttention.apply(q, k, v, meta, params, stats)
+
+
+__all__ = ["triton_attention", "kernel_kept_mask"]
