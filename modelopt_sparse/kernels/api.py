@@ -221,4 +221,13 @@ def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> list[
                     f"sequence {b}: {what} length {length} exceeds max_input_len{'_k' if what == 'key' else ''}={bound}"
                 )
         segments.append(Segment(sq[b], lq[b], sk[b], lk[b]))
+    # Gradients are written per sequence, so two sequences may not share rows.
+    for what, spans in (
+        ("query", [(s.q_start, s.q_len) for s in segments]),
+        ("key", [(s.k_start, s.k_len) for s in segments]),
+    ):
+        spans = sorted((start, start + length) for start, length in spans if length > 0)
+        for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise ValueError(f"{what} sequences overlap: rows {s0}..{e0} and {s1}..{e1}")
     return segments

@@ -1,0 +1,203 @@
+"""The Triton kernels against the PyTorch reference (interpreter on CPU, compiled on GPU).
+
+Forward outputs and dq, dk, dv are compared on three kinds of input:
+* separated inputs (exact dyadic scores, no ties in any group): every backend computes the
+  same scores, hence the same mask, so tolerances are tight;
+* exact ties (integer scores from a tiny alphabet), for both tie rules;
+* random inputs, where rounding may flip a near-tie: at most a tiny fraction may differ.
+The mask probe shows the kernels' mask equals ``semantics.kept_mask`` element for element,
+whatever the tile shape.
+"""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelopt_sparse.kernels import attention, kept_mask, interpreting
+from modelopt_sparse.kernels.reference import SparseParams
+
+from .helpers import rel_err, separated_inputs, tied_inputs, varlen
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpreting()), reason="needs a GPU or TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Output tolerances (relative L2): the reference runs in float64 on the same rounded inputs.
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _compare(lens_q, lens_k, hq, hkv, d, dtype, inputs, *, grad=True, seed=0, **kw):
+    """Run triton and the float64 reference on identical inputs; return errors and results."""
+    sq, lq, mq, _ = varlen(lens_q, DEVICE)
+    sk, lk, mk, _ = varlen(lens_k, DEVICE)
+    q, k, v = (t.to(DEVICE, dtype) for t in inputs)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    results = {}
+    for backend, cast in (("triton", dtype), ("torch", torch.float64)):
+        xs = [t.detach().to(cast).requires_grad_(grad) for t in (q, k, v)]
+        out = attention(*xs, sq, lq, mq, b_start_loc_k=sk, b_seq_len_k=lk, max_input_len_k=mk,
+                        backend=backend, **kw)
+        grads = torch.autograd.grad(out, xs, do.to(cast)) if grad else ()
+        results[backend] = (out, grads)
+    (o, g_t), (o_ref, g_ref) = results["triton"], results["torch"]
+    assert torch.isfinite(o).all()
+    errs = [rel_err(o, o_ref)] + [rel_err(a, b) for a, b in zip(g_t, g_ref)]
+    return errs, results
+
+
+PATTERNS = [(0, 4), (2, 4), (1, 2), (4, 8), (8, 16), (3, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_separated_inputs_match_reference(dtype, n, m):
+    lens = [1, 45, 70]
+    hq, hkv, d = 4, 2, 24  # GQA and a head dim that is not a power of two
+    inputs = separated_inputs(lens, lens, hq, hkv, d, m, torch.float64, seed=n * 31 + m)
+    errs, _ = _compare(lens, lens, hq, hkv, d, dtype, inputs, sparsity_n=n, sparsity_m=m,
+                       num_sink_tokens=2, dense_window_size=5)
+    assert max(errs) < TOL[dtype], errs
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tie_break", ["threshold", "index"])
+@pytest.mark.parametrize("n,m", [(2, 4), (3, 8), (5, 16)])
+def test_separated_inputs_noncausal_chunked_mqa(causal, tie_break, n, m):
+    lens_q, lens_k = [3, 30, 1], [40, 30, 17]  # chunked prefill, plain prefill, decode
+    inputs = separated_inputs(lens_q, lens_k, 3, 1, 32, m, torch.float64, seed=7)
+    errs, _ = _compare(lens_q, lens_k, 3, 1, 32, torch.float32, inputs, is_causal=causal,
+                       sparsity_n=n, sparsity_m=m, tie_break=tie_break, dense_window_size=3)
+    assert max(errs) < TOL[torch.float32], errs
+
+
+@pytest.mark.parametrize("tie_break", ["threshold", "index"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (8, 16)])
+def test_exact_ties_match_reference(tie_break, dtype, n, m):
+    lens = [33, 64]
+    inputs = tied_inputs(lens, lens, 2, 2, 16, torch.float64, seed=m + n)
+    errs, _ = _compare(lens, lens, 2, 2, 16, dtype, inputs, sparsity_n=n, sparsity_m=m,
+                       tie_break=tie_break, dense_window_size=0, softmax_scale=0.25)
+    assert max(errs) < TOL[dtype], errs
+
+
+def _probe(qk, q_len, kv_len, params, block_m, block_n):
+    from modelopt_sparse.kernels.triton_attention import kernel_kept_mask
+
+    return kernel_kept_mask(qk, q_len, kv_len, params, block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize("n,m,tie_break", [(2, 4, "threshold"), (2, 4, "index"), (1, 2, "index"),
+                                           (3, 8, "threshold"), (6, 16, "index"), (8, 16, "threshold")])
+@pytest.mark.parametrize("integer_scores", [True, False])
+def test_kernel_mask_equals_semantics_for_any_tile(n, m, tie_break, integer_scores):
+    g = torch.Generator().manual_seed(n + m)
+    for (q_len, kv_len), causal in itertools.product([(37, 37), (5, 61), (1, 20)], [True, False]):
+        if integer_scores:
+            qk = torch.randint(-2, 3, (q_len, kv_len), generator=g).float()
+        else:
+            qk = torch.randn(q_len, kv_len, generator=g)
+        params = SparseParams(causal, 1.0, n, m, 3, 4, tie_break)
+        want = kept_mask(qk.double(), q_len, kv_len, is_causal=causal, sparsity_n=n, sparsity_m=m,
+                         num_sink_tokens=3, dense_window_size=4, tie_break=tie_break)
+        for block_m, block_n in [(16, 32), (32, 64), (16, 128)]:
+            got = _probe(qk.to(DEVICE), q_len, kv_len, params, block_m, block_n).cpu()
+            assert torch.equal(got, want), (q_len, kv_len, causal, block_m, block_n)
+
+
+def test_random_inputs_rarely_flip():
+    lens = [64, 96]
+    hq = hkv = 2
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(sum(lens), h, 32, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv)]
+    errs, results = _compare(lens, lens, hq, hkv, 32, torch.bfloat16, inputs, grad=False,
+                             sparsity_n=2, sparsity_m=4, dense_window_size=8)
+    out, ref = results["triton"][0].double(), results["torch"][0]
+    row_err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)
+    flipped = (row_err > 0.05).float().mean().item()
+    assert flipped < 0.02, flipped
+
+
+def test_stats_match_reference():
+    lens_q, lens_k = [20, 1, 40], [25, 9, 40]
+    inputs = separated_inputs(lens_q, lens_k, 4, 2, 16, 8, torch.float64, seed=3)
+    sq, lq, mq, _ = varlen(lens_q, DEVICE)
+    sk, lk, mk, _ = varlen(lens_k, DEVICE)
+    kw = dict(sparsity_n=3, sparsity_m=8, num_sink_tokens=1, dense_window_size=4, return_stats=True)
+    q, k, v = (t.to(DEVICE, torch.float32) for t in inputs)
+    _, st_t = attention(q, k, v, sq, lq, mq, True, None, sk, lk, mk, backend="triton", **kw)
+    _, st_r = attention(q.double(), k.double(), v.double(), sq, lq, mq, True, None, sk, lk, mk,
+                        backend="torch", **kw)
+    for key in ("allowed", "kept", "rows"):
+        assert torch.equal(st_t[key].cpu(), st_r[key].cpu()), key
+    torch.testing.assert_close(st_t["dropped_mass"].cpu(), st_r["dropped_mass"].cpu(), rtol=1e-4, atol=1e-5)
+    assert (st_t["dropped_mass"] > 0).all()
+    _, dense = attention(q, k, v, sq, lq, mq, True, None, sk, lk, mk, backend="triton",
+                         sparsity_n=0, return_stats=True)
+    assert torch.equal(dense["dropped_mass"].cpu(), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(dense["kept"], dense["allowed"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    lens=st.lists(st.integers(0, 50), min_size=1, max_size=3),
+    extra_keys=st.integers(0, 10),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    d=st.sampled_from([16, 20, 64]),
+    pattern=st.sampled_from([(0, 2), (1, 2), (1, 4), (3, 4), (2, 8), (7, 8), (4, 16), (12, 16)]),
+    sink=st.integers(0, 5),
+    window=st.integers(0, 20),
+    causal=st.booleans(),
+    tie_break=st.sampled_from(["threshold", "index"]),
+)
+def test_property_random_shapes_and_patterns(lens, extra_keys, heads, d, pattern, sink, window, causal, tie_break):
+    lens_k = [n + extra_keys for n in lens]
+    hq, hkv = heads
+    n, m = pattern
+    inputs = separated_inputs(lens, lens_k, hq, hkv, d, m, torch.float64, seed=sum(lens) + d)
+    errs, _ = _compare(lens, lens_k, hq, hkv, d, torch.float32, inputs, is_causal=causal,
+                       sparsity_n=n, sparsity_m=m, num_sink_tokens=sink, dense_window_size=window,
+                       tie_break=tie_break)
+    assert max(errs) < TOL[torch.float32], errs
+
+
+# ---------------------------------------------------------------------- compiled, on the GPU
+GPU_LENS = [4096, 1000, 2049, 17]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n,m,tie_break", [(0, 4, "threshold"), (2, 4, "threshold"), (4, 8, "threshold"),
+                                           (8, 16, "threshold"), (2, 4, "index")])
+def test_gpu_large_ragged_gqa(dtype, d, n, m, tie_break):
+    inputs = separated_inputs(GPU_LENS, GPU_LENS, 32, 8, d, m, torch.float64, seed=d + n)
+    errs, _ = _compare(GPU_LENS, GPU_LENS, 32, 8, d, dtype, inputs, sparsity_n=n, sparsity_m=m,
+                       tie_break=tie_break, num_sink_tokens=4, dense_window_size=64)
+    assert max(errs) < TOL[dtype], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tie_break", ["threshold", "index"])
+def test_gpu_exact_ties(tie_break):
+    lens = [2048, 333]
+    inputs = tied_inputs(lens, lens, 8, 2, 64, torch.float64, seed=1)
+    errs, _ = _compare(lens, lens, 8, 2, 64, torch.bfloat16, inputs, sparsity_n=2, sparsity_m=4,
+                       tie_break=tie_break, dense_window_size=16, softmax_scale=0.1)
+    assert max(errs) < TOL[torch.bfloat16], errs
+
+
+@pytest.mark.gpu
+def test_gpu_random_inputs_rarely_flip():
+    lens = [4096, 1500]
+    g = torch.Generator().manual_seed(9)
+    inputs = [torch.randn(sum(lens), h, 128, generator=g, dtype=torch.float64) for h in (32, 8, 8)]
+    errs, results = _compare(lens, lens, 32, 8, 128, torch.bfloat16, inputs, grad=False,
+                             sparsity_n=2, sparsity_m=4)
+    out, ref = results["triton"][0].double(), results["torch"][0]
+    row_err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)
+    assert (row_err > 0.05).float().mean().item() < 0.01
