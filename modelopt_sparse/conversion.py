@@ -1,0 +1,284 @@
+"""Converting HuggingFace attention modules in place: sparsify, enable/disable, summary.
+
+Conversion swaps the ``__class__`` of each attention module to a subclass created once per
+original class (``LlamaAttention`` -> ``SparseLlamaAttention``). The subclass adds no
+parameters and no ``forward``: parameter names and state_dict keys stay the same, and the
+module's own forward reaches our attention function through transformers' dispatch on
+``config._attn_implementation``. Everything sparse lives on the module instance
+(``_mts_state``, ``_mts_stats``), so two models, or two threads, never share flags.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .config import Pattern, SparseAttentionAttributeConfig, SparseAttentionConfig
+from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
+from .methods import SparseAttentionMethod, checked_kernel_kwargs, get_method
+
+__all__ = [
+    "SUPPORTED_ATTENTION_CLASSES",
+    "sparsify",
+    "enable",
+    "disable",
+    "is_sparsified",
+    "print_summary",
+    "sparse_modules",
+]
+
+# Attention classes whose forward hands (q, k, v, mask, scaling, **kwargs) to the attention
+# interface in the layout our function expects, and which the test-suite covers.
+SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention")
+
+# The attribute of the model config that save_pretrained writes to config.json.
+HF_CONFIG_ATTR = "modelopt_sparse"
+
+_SPARSE_CLASSES: dict[type, type] = {}
+
+
+@dataclass(frozen=True)
+class ModuleSparseState:
+    """Per-module conversion record read by the attention function on every call."""
+
+    name: str
+    original_class: str
+    patterns: tuple[str, ...]
+    config: SparseAttentionAttributeConfig
+    method: SparseAttentionMethod
+    kernel_kwargs: dict[str, Any]
+
+
+class SparseAttentionModule:
+    """Marker base of converted attention modules (mixed into the dynamic subclasses)."""
+
+
+def _sparse_class(cls: type) -> type:
+    if issubclass(cls, SparseAttentionModule):
+        return cls
+    sparse_cls = _SPARSE_CLASSES.get(cls)
+    if sparse_cls is None:
+        sparse_cls = type(f"Sparse{cls.__name__}", (cls, SparseAttentionModule), {"__module__": __name__})
+        _SPARSE_CLASSES[cls] = sparse_cls
+    return sparse_cls
+
+
+def original_class_name(module: torch.nn.Module) -> str:
+    state = getattr(module, "_mts_state", None)
+    return state.original_class if state is not None else type(module).__name__
+
+
+def find_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every supported attention module; a clear error if there are none."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = []
+    for name, module in model.named_modules():
+        if any(c.__name__ in SUPPORTED_ATTENTION_CLASSES for c in type(module).__mro__):
+            found.append((name, module))
+    if not found:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if "Attention" in type(m).__name__})
+        raise ValueError(
+            f"modelopt_sparse found no supported attention module in {type(model).__name__}"
+            + (f" (it has {kinds})" if kinds else "")
+            + f"; supported attention classes: {list(SUPPORTED_ATTENTION_CLASSES)} "
+            "(Llama, Qwen2, Qwen3 and Mistral families)"
+        )
+    return found
+
+
+def _check_module_supported(name: str, module: torch.nn.Module) -> None:
+    """Refuse, before converting anything, modules configured for features the kernel lacks."""
+    config = getattr(module, "config", None)
+    window = getattr(module, "sliding_window", None)
+    if window is None and original_class_name(module) == "MistralAttention":
+        # MistralAttention passes config.sliding_window straight to the attention function.
+        window = getattr(config, "sliding_window", None)
+    if window is not None:
+        raise NotImplementedError(
+            f"{name}: sliding_window={window} (sliding-window attention) is not supported by modelopt_sparse; "
+            "load the model with sliding_window=None (or use_sliding_window=False)"
+        )
+    if getattr(module, "is_causal", True) is False:
+        raise NotImplementedError(f"{name}: is_causal=False (bidirectional attention) is not supported")
+
+
+def build_state(
+    name: str,
+    module: torch.nn.Module,
+    config: SparseAttentionAttributeConfig,
+    patterns: tuple[str, ...],
+) -> ModuleSparseState:
+    method = get_method(config.method)(config)
+    return ModuleSparseState(
+        name=name,
+        original_class=original_class_name(module),
+        patterns=patterns,
+        config=config,
+        method=method,
+        kernel_kwargs=checked_kernel_kwargs(method, name, module),
+    )
+
+
+def apply_states(model: torch.nn.Module, states: dict[str, ModuleSparseState], config_record: Any) -> None:
+    """Mutate: swap classes, attach states, switch the attention implementation.
+
+    Everything that can fail on bad input has been checked by the caller.
+    """
+    register_with_transformers()
+    modules = dict(model.named_modules())
+    for name, state in states.items():
+        module = modules[name]
+        module.__class__ = _sparse_class(type(module))
+        module._mts_state = state
+        if not hasattr(module, "_mts_stats"):
+            module._mts_stats = None
+    _set_attn_implementation(model, [modules[n] for n in states])
+    model._mts_config_record = config_record
+    sync_hf_config(model)
+
+
+def _set_attn_implementation(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
+    set_impl = getattr(model, "set_attn_implementation", None)
+    if callable(set_impl):
+        set_impl(ATTN_IMPLEMENTATION)
+    # Modules can hold configs that set_attn_implementation did not reach (a bare decoder
+    # passed in, nested sub-configs): every converted module must dispatch to us.
+    for module in modules:
+        cfg = getattr(module, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            cfg._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> torch.nn.Module:
+    """Convert every supported attention module of ``model`` in place; returns ``model``.
+
+    Modules get the config merged from the matching ``sparse_cfg`` entries (see
+    :mod:`modelopt_sparse.config`); a module that no entry matches, or whose config has
+    ``enable=False``, is still converted and runs dense through the same kernel
+    (``sparsity_n=0``). Prefill runs sparse; single-token decode steps are dense by the
+    kernel's rule. All checks run before the model is touched.
+
+    Raises:
+        ValueError: invalid config, or no supported attention module in ``model``.
+        NotImplementedError: the model uses a feature the kernel lacks (sliding windows).
+    """
+    config = SparseAttentionConfig.coerce(config)
+    states = {}
+    for name, module in find_attention_modules(model):
+        _check_module_supported(name, module)
+        attr, patterns = config.resolve(name)
+        if attr is None:
+            attr, patterns = SparseAttentionAttributeConfig(enable=False), []
+        states[name] = build_state(name, module, attr, tuple(patterns))
+    apply_states(model, states, config.to_json())
+    return model
+
+
+def sparse_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if getattr(m, "_mts_state", None) is not None]
+
+
+def is_sparsified(model: torch.nn.Module) -> bool:
+    """True if ``model`` holds at least one module converted by :func:`sparsify`."""
+    return bool(sparse_modules(model))
+
+
+def _set_enabled(model: torch.nn.Module, value: bool, pattern: Pattern | None) -> list[str]:
+    converted = sparse_modules(model)
+    if not converted:
+        raise ValueError(f"{type(model).__name__} is not sparsified: call modelopt_sparse.sparsify first")
+    if pattern is None:
+        chosen = converted
+    elif isinstance(pattern, str):
+        chosen = [(n, m) for n, m in converted if fnmatch.fnmatchcase(n, pattern)]
+    elif callable(pattern):
+        chosen = [(n, m) for n, m in converted if pattern(n)]
+    else:
+        raise TypeError(f"pattern must be an fnmatch string or a callable name -> bool, got {type(pattern).__name__}")
+    if not chosen:
+        raise ValueError(
+            f"pattern {pattern!r} matches no sparse attention module; modules are named like {converted[0][0]!r}"
+        )
+    for _, module in chosen:
+        state = module._mts_state
+        module._mts_state = replace(state, config=state.config.model_copy(update={"enable": value}))
+    sync_hf_config(model)
+    return [n for n, _ in chosen]
+
+
+def enable(model: torch.nn.Module, pattern: Pattern | None = None) -> list[str]:
+    """Turn sparsity back on for all converted modules, or those matching ``pattern``.
+
+    ``pattern`` is an fnmatch string over module names or a callable ``name -> bool``.
+    Returns the names of the modules changed.
+    """
+    return _set_enabled(model, True, pattern)
+
+
+def disable(model: torch.nn.Module, pattern: Pattern | None = None) -> list[str]:
+    """Make converted modules (all, or those matching ``pattern``) run dense.
+
+    They keep running through the same kernel with ``sparsity_n=0``, which is exact dense
+    causal attention. Returns the names of the modules changed.
+    """
+    return _set_enabled(model, False, pattern)
+
+
+def sync_hf_config(model: torch.nn.Module) -> None:
+    """Record the conversion in ``model.config`` so that ``save_pretrained`` writes it."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "to_dict"):
+        return
+    from .save_restore import sparse_state
+
+    setattr(hf_config, HF_CONFIG_ATTR, sparse_state(model))
+
+
+def _backend_label(state: ModuleSparseState, module: torch.nn.Module) -> str:
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    resolved = state.method.select_backend(device)
+    return resolved if state.config.backend == resolved else f"{state.config.backend}->{resolved}"
+
+
+def summary_rows(model: torch.nn.Module) -> list[dict[str, str]]:
+    rows = []
+    for name, module in sparse_modules(model):
+        state = module._mts_state
+        kw = state.kernel_kwargs
+        sparse = state.config.enable and kw["sparsity_n"] > 0
+        rows.append({
+            "module": name,
+            "class": state.original_class,
+            "method": state.config.method,
+            "pattern": " + ".join(state.patterns) or "(none: dense)",
+            "backend": _backend_label(state, module),
+            "N:M": f"{kw['sparsity_n']}:{kw['sparsity_m']}" if sparse else "dense",
+            "sinks": str(kw["num_sink_tokens"]),
+            "window": str(kw["dense_window_size"]),
+            "enabled": "yes" if state.config.enable else "no",
+        })
+    return rows
+
+
+def print_summary(model: torch.nn.Module, file=None) -> str:
+    """Print (to ``file``, default stdout) and return a table of the converted modules."""
+    rows = summary_rows(model)
+    if not rows:
+        text = f"{type(model).__name__}: not sparsified (no modelopt_sparse attention modules)"
+    else:
+        headers = list(rows[0])
+        widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+        line = "  ".join(h.ljust(widths[h]) for h in headers)
+        sep = "  ".join("-" * widths[h] for h in headers)
+        body = ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
+        sparse = sum(r["N:M"] != "dense" for r in rows)
+        foot = f"{len(rows)} attention modules converted, {sparse} sparse, {len(rows) - sparse} dense"
+        text = "\n".join([line, sep, *body, foot])
+    print(text, file=file if file is not None else sys.stdout)
+    return text
