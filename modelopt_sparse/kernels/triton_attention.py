@@ -584,7 +584,7 @@ class _TritonSparseAttention(torch.autograd.Function):
         q_start, q_len, max_q, k_start, k_len, max_k = meta
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         hq, hkv = q.shape[1], k.shape[1]
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)  # rows outside every sequence read as 0
         lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
         row_stats = (
             torch.zeros(q.shape[0], hq, 3, dtype=torch.float32, device=q.device) if stats is not None else lse
