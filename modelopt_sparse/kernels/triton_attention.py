@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .api import interpreting
 
-NEG_INF = float("-inf")
-LOG2E = 1.4426950408889634
+NEG_INF = tl.constexpr(float("-inf"))
+LOG2E = 1.4426950408889634  # host-side only
 
 
 # --------------------------------------------------------------------------------------
