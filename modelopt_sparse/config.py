@@ -108,7 +108,7 @@ class SparseAttentionAttributeConfig(BaseModel):
 
     def set_fields(self) -> dict[str, Any]:
         """Only the fields given explicitly: what this entry overrides when merged."""
-        return {name: getattr(self, name) for name in self.model_fields if name in self.model_fields_set}
+        return {name: getattr(self, name) for name in type(self).model_fields if name in self.model_fields_set}
 
     def merged_with(self, override: SparseAttentionAttributeConfig) -> SparseAttentionAttributeConfig:
         """This config with the explicitly set fields of ``override`` on top, fully validated."""
@@ -182,12 +182,12 @@ class SparseAttentionConfig(BaseModel):
             parsed[pattern] = _parse_entry(pattern, entry)
         # Catch impossible combinations now, not at conversion time: the default alone and
         # every entry on top of the default must be valid configs.
-        base = SparseAttentionAttributeConfig()
+        base, base_label = SparseAttentionAttributeConfig(), "(class defaults)"
         if DEFAULT_KEY in parsed:
-            base = _merge_or_raise(base, parsed[DEFAULT_KEY], [DEFAULT_KEY])
+            base, base_label = _merge_or_raise(base, parsed[DEFAULT_KEY], [DEFAULT_KEY]), DEFAULT_KEY
         for pattern, entry in parsed.items():
             if pattern != DEFAULT_KEY:
-                _merge_or_raise(base, entry, [DEFAULT_KEY, pattern])
+                _merge_or_raise(base, entry, [base_label, pattern])
         return MappingProxyType(parsed)
 
     @classmethod

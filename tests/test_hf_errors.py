@@ -1,0 +1,194 @@
+"""Every unsupported input or HuggingFace feature raises a clear error naming it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import modelopt_sparse as mts
+from modelopt_sparse.hf_attention import ATTN_IMPLEMENTATION, register_with_transformers, sparse_attention_forward
+
+from .hf_tiny import logits, sparse_cfg, tiny_model, token_ids
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture()
+def sparse(llama):
+    return mts.sparsify(copy.deepcopy(llama), sparse_cfg(2, 4, 0, 2))
+
+
+def _qkv(batch=1, seq=8):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 4, seq, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, 2, seq, 16, generator=g, dtype=torch.float64)
+    return q, k, k.clone()
+
+
+def _untouched(model, reference):
+    assert not mts.is_sparsified(model)
+    assert model.config._attn_implementation == "sdpa"
+    for (n1, a), (n2, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b)
+
+
+def test_unknown_family_is_refused():
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    )
+    with pytest.raises(ValueError, match=r"no supported attention module in GPT2LMHeadModel.*GPT2Attention"):
+        mts.sparsify(gpt2, mts.SPARSE_SOFTMAX_DEFAULT)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        mts.sparsify("model", mts.SPARSE_SOFTMAX_DEFAULT)
+
+
+def test_mistral_sliding_window_is_refused_before_conversion():
+    model = tiny_model("mistral", sliding_window=16)
+    reference = copy.deepcopy(model)
+    with pytest.raises(NotImplementedError, match="sliding_window=16"):
+        mts.sparsify(model, mts.SPARSE_SOFTMAX_DEFAULT)
+    _untouched(model, reference)
+
+
+def test_qwen2_sliding_layers_are_refused_before_conversion():
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    reference = copy.deepcopy(model)
+    with pytest.raises(NotImplementedError, match=r"layers\.1\.self_attn: sliding_window=8"):
+        mts.sparsify(model, mts.SPARSE_SOFTMAX_DEFAULT)
+    _untouched(model, reference)
+
+
+def test_invalid_config_leaves_model_unchanged(llama):
+    model = copy.deepcopy(llama)
+    with pytest.raises(ValueError, match="sparsity_m must be one of"):
+        mts.sparsify(model, {"sparse_cfg": {"default": {"sparsity_m": 6}}})
+    with pytest.raises(TypeError, match="SparseAttentionConfig or a dict"):
+        mts.sparsify(model, ["default"])
+    _untouched(model, llama)
+
+
+def test_output_attentions_is_refused(sparse):
+    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+        sparse(input_ids=token_ids(1, 10), output_attentions=True)
+
+
+def test_training_dropout_is_refused():
+    model = mts.sparsify(tiny_model("llama", attention_dropout=0.1), mts.SPARSE_SOFTMAX_DEFAULT)
+    logits(model, token_ids(1, 10))  # eval: transformers passes dropout=0
+    model.train()
+    with pytest.raises(NotImplementedError, match=r"dropout=0\.1"):
+        model(input_ids=token_ids(1, 10))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sliding_window": 4}, "sliding_window=4"),
+        ({"softcap": 30.0}, "softcap=30.0"),
+        ({"s_aux": torch.zeros(4)}, "s_aux"),
+        ({"position_bias": torch.zeros(1, 4, 8, 8)}, "position_bias"),
+        ({"output_attentions": True}, "output_attentions=True"),
+        ({"is_causal": False}, "is_causal=False"),
+        ({"dropout": 0.2}, r"dropout=0\.2"),
+    ],
+)
+def test_unsupported_kwargs_raise(sparse, kwargs, match):
+    module = sparse.model.layers[0].self_attn
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match=match):
+        sparse_attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
+
+
+def test_unknown_kwarg_warns(sparse):
+    q, k, v = _qkv()
+    with pytest.warns(RuntimeWarning, match="mystery_flag"):
+        sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, None, mystery_flag=True)
+
+
+def test_unconverted_module_is_refused(llama):
+    register_with_transformers()
+    model = copy.deepcopy(llama)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    with pytest.raises(RuntimeError, match="not converted"):
+        logits(model, token_ids(1, 8))
+
+
+def test_custom_4d_masks(sparse):
+    ids = token_ids(1, 10)
+    causal = torch.tril(torch.ones(10, 10, dtype=torch.bool))[None, None]
+    torch.testing.assert_close(logits(sparse, ids, attention_mask=causal), logits(sparse, ids), atol=1e-12, rtol=0)
+    additive = torch.zeros(1, 1, 10, 10, dtype=torch.float64).masked_fill(~causal, torch.finfo(torch.float64).min)
+    torch.testing.assert_close(logits(sparse, ids, attention_mask=additive), logits(sparse, ids), atol=1e-12, rtol=0)
+    holes = causal.clone()
+    holes[..., 5, 2] = False
+    with pytest.raises(NotImplementedError, match="not the causal mask"):
+        logits(sparse, ids, attention_mask=holes)
+    bias = additive.clone()
+    bias[..., 3, 1] = 0.5
+    with pytest.raises(NotImplementedError, match="additive attention biases"):
+        logits(sparse, ids, attention_mask=bias)
+
+
+@pytest.mark.parametrize(
+    "batch,kwargs,match",
+    [
+        (2, {"cu_seq_lens_q": [0, 4, 8], "cu_seq_lens_k": [0, 4, 8]}, "batch size 1"),
+        (1, {"cu_seq_lens_q": [0, 4, 8]}, "both cu_seq_lens_q and cu_seq_lens_k"),
+        (1, {"cu_seq_lens_q": [0, 4, 7], "cu_seq_lens_k": [0, 4, 7]}, "rise from 0 to the 8"),
+        (1, {"cu_seq_lens_q": [0, 5, 4, 8], "cu_seq_lens_k": [0, 5, 4, 8]}, "rise from 0"),
+        (1, {"cu_seq_lens_q": [0, 8], "cu_seq_lens_k": [0, 4, 8]}, "different numbers of sequences"),
+        (1, {"cu_seq_lens_q": [0, 4, 8], "cu_seq_lens_k": [0, 4, 8], "max_length_q": 3}, "max_length_q=3"),
+    ],
+)
+def test_bad_packing_metadata(sparse, batch, kwargs, match):
+    q, k, v = _qkv(batch)
+    kwargs = {key: torch.tensor(val, dtype=torch.int32) if isinstance(val, list) else val for key, val in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, None, **kwargs)
+
+
+def test_packing_plus_padding_mask_is_refused(sparse):
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="not both"):
+        sparse_attention_forward(
+            sparse.model.layers[0].self_attn, q, k, v, torch.ones(1, 8, dtype=torch.bool),
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+        )
+
+
+@pytest.mark.parametrize(
+    "mask,match",
+    [
+        (torch.ones(1, 8, dtype=torch.float64), "not floating point"),
+        (torch.ones(2, 8, dtype=torch.bool), "does not fit batch 1"),
+        (torch.ones(1, 5, dtype=torch.bool), "does not fit"),
+        (torch.ones(1, 8, 8, dtype=torch.bool), "2-D or 4-D"),
+    ],
+)
+def test_bad_masks(sparse, mask, match):
+    q, k, v = _qkv()
+    with pytest.raises((ValueError, TypeError), match=match):
+        sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, mask)
+
+
+def test_bad_stats_sink(sparse):
+    module = sparse.model.layers[0].self_attn
+    module._mts_stats = {}
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="_mts_stats must be a list or None"):
+        sparse_attention_forward(module, q, k, v, None)
+
+
+def test_bad_shapes(sparse):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="4-D query/key/value"):
+        sparse_attention_forward(sparse.model.layers[0].self_attn, q[0], k, v, None)
+    with pytest.raises(ValueError, match="only 4 keys"):
+        sparse_attention_forward(sparse.model.layers[0].self_attn, q, k[:, :, :4], v[:, :, :4], None)
