@@ -1,0 +1,124 @@
+"""Smoke tests of benchmarks/bench_attention.py: the CLI end to end on CPU, and the library API.
+
+They prove the harness works (rows, JSON, ratios, plot), not that any number is meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_attention.py"
+if str(REPO) not in sys.path:  # so that `benchmarks` imports under plain `pytest` too
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_attention import (  # noqa: E402
+    OUR_VARIANTS,
+    TARGETS,
+    Case,
+    compute_ratios,
+    run_benchmarks,
+)
+
+VARIANTS = list(OUR_VARIANTS)
+
+
+def test_quick_cpu_cli(tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env.pop("TRITON_INTERPRET", None)  # would route nothing here, but keep the run on the reference
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--cpu-reps", "3", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["complete"] is True
+    rows = doc["rows"]
+    expected = {
+        (mode, causal, impl)
+        for mode in ("fwd", "fwdbwd")
+        for causal in (True, False)
+        for impl in VARIANTS + ["sdpa-math", "flex"]
+    }
+    assert len(rows) == len(expected)
+    assert {(r["mode"], r["causal"], r["impl"]) for r in rows} == expected
+    for r in rows:
+        assert (r["seq_len"], r["head_dim"], r["heads"], r["kv_heads"]) == (256, 64, 2, 2)
+        assert r["dtype"] == "bf16" and r["device"] == "cpu"
+        if r["impl"] == "flex":
+            assert r["status"] == "n/a" and r["reason"] and r["tflops"] is None
+            continue
+        assert r["status"] == "ok", r
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+        assert math.isfinite(r["tflops"]) and r["tflops"] > 0
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
+        dense_flops = 4 * 256**2 * 2 * 64
+        want = dense_flops / (2 if r["causal"] else 1) * (3.5 if r["mode"] == "fwdbwd" else 1)
+        assert r["flops"] == pytest.approx(want)
+        if r["kind"] == "ours":
+            assert r["backend"] == "torch"
+
+    ratios = doc["ratios"]
+    assert len(ratios) == len(TARGETS)
+    by_label = {r["label"]: r for r in ratios}
+    sparse_line = by_label["causal fwd D=64: 2:4 / dense"]
+    assert sparse_line["status"] in ("PASS", "MISS")
+    assert math.isfinite(sparse_line["value"]) and sparse_line["value"] > 0
+    # FlexAttention does not run on CPU, so its lines have nothing to compare.
+    assert by_label["causal fwd D=64: dense vs FlexAttention"]["status"] == "n/a"
+
+    env_doc = doc["env"]
+    for key in ("date", "torch", "triton", "gpu", "git_commit", "python"):
+        assert key in env_doc
+    assert env_doc["torch"] == __import__("torch").__version__
+
+    out = proc.stdout
+    assert "CPU run" in out
+    # The two tables come last, TFLOPS first, ratios second.
+    assert out.rindex("config") < out.rindex("Ratios") < out.rindex("target line")
+    assert out.rstrip().splitlines()[-1].startswith("causal fwd D=64: 2:4 / dense")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "skipping the plot" in out
+    else:
+        assert (tmp_path / "tflops.png").stat().st_size > 0
+
+
+def test_run_benchmarks_importable():
+    rows = run_benchmarks(
+        quick=True, device="cpu", modes=("fwdbwd",), causal=(True,), variants=("dense", "2:4"),
+        peers=("sdpa-math", "sdpa-flash"), gqa=2, cpu_warmup=0, cpu_reps=1,
+    )
+    assert [r["impl"] for r in rows] == ["dense", "2:4", "sdpa-math", "sdpa-flash"]
+    assert all(r["kv_heads"] == 1 and r["heads"] == 2 for r in rows)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "n/a"]
+    assert "CUDA" in rows[-1]["reason"]
+
+
+def test_flops_and_verdicts():
+    s, h, d = 4096, 32, 128
+    assert Case("fwd", False, s, d, h, h).flops == 4 * s * s * h * d
+    assert Case("fwdbwd", True, s, d, h, h).flops == 4 * s * s * h * d / 2 * 3.5
+
+    def row(s_, impl, tflops):
+        return {"mode": "fwd", "causal": True, "seq_len": s_, "head_dim": 128, "impl": impl,
+                "status": "ok", "tflops": tflops}
+
+    # 2:4/dense is 0.9 at one length and 0.7 at the other: the worst one decides (MISS at 0.80).
+    rows = [row(4096, "dense", 100.0), row(4096, "2:4", 90.0),
+            row(16384, "dense", 100.0), row(16384, "2:4", 70.0)]
+    line = {r["label"]: r for r in compute_ratios(rows)}["causal fwd D=128: 2:4 / dense"]
+    assert line["value"] == pytest.approx(0.7) and line["status"] == "MISS"
+    assert [p["seq_len"] for p in line["per_seq_len"]] == [4096, 16384]
+    rows[-1]["tflops"] = 85.0
+    line = {r["label"]: r for r in compute_ratios(rows)}["causal fwd D=128: 2:4 / dense"]
+    assert line["status"] == "PASS"
