@@ -329,3 +329,35 @@ def test_state_dict_keys_unchanged(llama):
     assert list(model.state_dict()) == list(llama.state_dict())
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in llama.named_parameters()]
     assert isinstance(model.model.layers[0].self_attn, type(llama.model.layers[0].self_attn))
+
+
+def test_mask_with_holes_equals_sequence_without_them(llama):
+    sparse = mts.sparsify(copy.deepcopy(llama), sparse_cfg(2, 4, 1, 2))
+    ids = token_ids(1, 24, seed=60)
+    mask = torch.ones_like(ids)
+    mask[0, [5, 6, 13]] = 0
+    got = logits(sparse, ids, attention_mask=mask, position_ids=_positions(mask))
+    alone = logits(sparse, ids[mask.bool()][None])
+    torch.testing.assert_close(got[mask.bool()], alone[0], atol=ATOL, rtol=0)
+
+
+def test_decode_after_right_padding_equals_single(llama):
+    """A token decoded after a right-padded prompt leaves a hole of padding in the cache."""
+    sparse = mts.sparsify(copy.deepcopy(llama), sparse_cfg(2, 4, 0, 2))
+    a, b = token_ids(1, 19, seed=70)[0], token_ids(1, 12, seed=71)[0]
+    ids = torch.zeros(2, 19, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0], mask[0] = a, 1
+    ids[1, :11], mask[1, :11] = b[:11], 1
+    step = torch.tensor([[5], [int(b[11])]])
+    with torch.no_grad():
+        cache = sparse(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True).past_key_values
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        got = sparse(input_ids=step, attention_mask=mask2, position_ids=torch.tensor([[19], [11]]),
+                     use_cache=True, **{CACHE_KW: cache}).logits
+    for row, prompt in ((0, a), (1, b[:11])):
+        # The reference: the same prompt alone, then the same (dense) decode step.
+        with torch.no_grad():
+            alone = sparse(input_ids=prompt[None], use_cache=True).past_key_values
+            want = sparse(input_ids=step[row : row + 1], use_cache=True, **{CACHE_KW: alone}).logits
+        torch.testing.assert_close(got[row], want[0], atol=ATOL, rtol=0)
