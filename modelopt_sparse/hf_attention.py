@@ -37,6 +37,8 @@ ATTN_IMPLEMENTATION = "modelopt_sparse"
 # kwargs that transformers passes and that do not change the attention math.
 _HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "layer_idx"})
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# kwargs that _reject_unsupported inspects (harmless when None / False).
+_CHECKED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias", "head_mask", "output_attentions", "is_causal")
 
 
 def register_with_transformers() -> None:
@@ -179,7 +181,7 @@ def sparse_attention_forward(
         out = result
 
     if layout.q_valid is None:
-        return out.view(batch, q_len, *out.shape[1:]), None
+        return out.reshape(batch, q_len, *out.shape[1:]), None
     full = out.new_zeros(batch, q_len, *out.shape[1:])
     full[layout.q_valid] = out
     return full, None
@@ -215,8 +217,7 @@ def _reject_unsupported(module, dropout, kwargs) -> None:
     unknown = sorted(
         name for name, val in kwargs.items()
         if val is not None and name not in _HARMLESS_KWARGS and name not in _PACKING_KWARGS
-        and name not in ("sliding_window", "softcap", "s_aux", "position_bias", "head_mask",
-                         "output_attentions", "is_causal")
+        and name not in _CHECKED_KWARGS
     )
     if unknown:
         warnings.warn(
