@@ -28,6 +28,7 @@ from .save_restore import (  # noqa: E402
     save,
     sparse_state,
 )
+from .stats import collect_stats  # noqa: E402
 
 __all__ = [
     "attention",
