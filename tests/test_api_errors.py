@@ -87,3 +87,12 @@ def test_metadata_on_another_device_is_rejected():
     q, k, v, s, l, m = _inputs()
     with pytest.raises(ValueError, match="is on"):
         attention(q.cuda(), k.cuda(), v.cuda(), s, l, m)
+
+
+def test_metadata_is_checked_again_after_an_in_place_change():
+    q, k, v, s, l, m = _inputs()
+    attention(q, k, v, s, l, m, backend="torch")  # valid: remembered
+    attention(q, k, v, s, l, m, backend="torch")  # served from the cache
+    l.fill_(9)  # bumps the tensor's version: the cached verdict no longer applies
+    with pytest.raises(ValueError, match="exceed the 8 packed rows"):
+        attention(q, k, v, s, l, 9, backend="torch")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -180,6 +182,45 @@ def _check_backend(q: torch.Tensor, backend: str) -> None:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, not float64")
 
 
+class _ValidatedMetadata:
+    """Remembers metadata tensors whose values were already checked.
+
+    Reading the lengths back costs a device synchronisation (~0.15 ms on an H200, a quarter
+    of a 4k-token layer). A model calls attention once per layer with the same metadata
+    tensors, and a benchmark or a CUDA graph replays them, so the check runs once per
+    tensor *version*: an entry matches only the very same tensor objects (held here, so
+    their memory cannot be reused) at the same ``_version``, which every in-place write
+    through PyTorch bumps.
+    """
+
+    def __init__(self, capacity: int = 32):
+        self._entries: OrderedDict = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(tensors, extra):
+        return tuple((id(t), t._version) for t in tensors) + extra
+
+    def get(self, tensors, extra):
+        key = self._key(tensors, extra)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None or not all(a is b for a, b in zip(hit[0], tensors)):
+                return None
+            self._entries.move_to_end(key)
+            return hit[1]
+
+    def put(self, tensors, extra, segments):
+        with self._lock:
+            self._entries[self._key(tensors, extra)] = (tuple(tensors), segments)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+
+_validated = _ValidatedMetadata()
+
+
 def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> list[Segment]:
     for name, t in (
         ("b_start_loc", start_q), ("b_seq_len", len_q),
@@ -202,8 +243,20 @@ def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> list[
     for name, value in (("max_input_len", max_q), ("max_input_len_k", max_k)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    tensors = (start_q, len_q, start_k, len_k)
+    extra = (q.shape[0], k.shape[0], max_q, max_k)
+    cached = _validated.get(tensors, extra)
+    if cached is not None:
+        return cached
+    segments = _check_metadata_values(q, k, tensors, max_q, max_k)
+    _validated.put(tensors, extra, segments)
+    return segments
+
+
+def _check_metadata_values(q, k, tensors, max_q, max_k) -> list[Segment]:
+    batch = tensors[0].shape[0]
     # One host round trip for all four tensors.
-    sq, lq, sk, lk = torch.stack([start_q, len_q, start_k, len_k]).tolist()
+    sq, lq, sk, lk = torch.stack(tensors).tolist()
     segments = []
     for b in range(batch):
         for what, start, length, total, bound in (

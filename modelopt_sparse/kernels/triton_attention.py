@@ -170,12 +170,21 @@ def _index_ordered_keys(qk, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.const
 
 
 @triton.jit
-def _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL: tl.constexpr):
-    """-inf outside the sequence's keys and, when causal, after the query's position."""
-    allowed = (k_idx < kv_len)[None, :]
+def _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """-inf outside the sequence's keys and, when causal, after the query's position.
+
+    Only tiles that cross the end of the keys or the causal diagonal (``p_lo`` is the
+    smallest query position of the tile) pay for the mask.
+    """
+    crosses = n0 + BLOCK_N > kv_len
     if IS_CAUSAL:
-        allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
-    return tl.where(allowed, qk, NEG_INF)
+        crosses = crosses | (n0 + BLOCK_N - 1 > p_lo)
+    if crosses:
+        allowed = (k_idx < kv_len)[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
+        qk = tl.where(allowed, qk, NEG_INF)
+    return qk
 
 
 @triton.jit
@@ -204,9 +213,15 @@ def _nm_sparsify(
             else:
                 nth = _group_nth_largest(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
                 selected = qk >= _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
-            distance = q_pos[:, None] - k_idx[None, :]
-            dense = (k_idx[None, :] < num_sink) | ((distance >= 0) & (distance < window))
-            qk = tl.where(selected | dense, qk, NEG_INF)
+            # Most tiles lie wholly outside the sinks and the window: skip that test there.
+            touches_dense = (n0 < num_sink) | (
+                (window > 0) & (n0 + BLOCK_N - 1 > p_lo - window) & (n0 <= p_hi)
+            )
+            if touches_dense:
+                distance = q_pos[:, None] - k_idx[None, :]
+                dense = (k_idx[None, :] < num_sink) | ((distance >= 0) & (distance < window))
+                selected = selected | dense
+            qk = tl.where(selected, qk, NEG_INF)
     return qk
 
 
@@ -275,7 +290,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if WITH_STATS:
-        l_allowed = tl.zeros([BLOCK_M], tl.float32)
+        l_dropped = tl.zeros([BLOCK_M], tl.float32)
         n_allowed = tl.zeros([BLOCK_M], tl.int32)
         n_kept = tl.zeros([BLOCK_M], tl.int32)
 
@@ -288,7 +303,7 @@ def _attn_fwd(
         k = _load_rows(k_base, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST)
         v = _load_rows(v_base, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
         # A group's maximum always survives selection, so the row max of the allowed
         # scores is the row max of the kept ones; taking it first keeps the selection off
         # the reduction's critical path.
@@ -296,16 +311,18 @@ def _attn_fwd(
         m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
         if WITH_STATS:
-            allowed = qk > NEG_INF
-            l_allowed = l_allowed * alpha + tl.sum(tl.math.exp2(qk * qk_scale - m_shift[:, None]), 1)
-            n_allowed += tl.sum(allowed.to(tl.int32), 1)
+            p_allowed = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+            n_allowed += tl.sum((qk > NEG_INF).to(tl.int32), 1)
         qk = _nm_sparsify(
             qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
             SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
         )
-        if WITH_STATS:
-            n_kept += tl.sum((qk > NEG_INF).to(tl.int32), 1)
         p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        if WITH_STATS:
+            kept = qk > NEG_INF
+            n_kept += tl.sum(kept.to(tl.int32), 1)
+            # Summing only the dropped terms keeps dense attention at exactly 0.
+            l_dropped = l_dropped * alpha + tl.sum(tl.where(kept, 0.0, p_allowed), 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -318,8 +335,9 @@ def _attn_fwd(
     tl.store(LSE + (q_start + rows) * stride_lt + head * stride_lh, lse, mask=row_valid)
     if WITH_STATS:
         # Per row: allowed count, kept count, dropped softmax mass; reduced on the host.
+        l_allowed = l_i + l_dropped
         has_keys = l_allowed > 0.0
-        dropped = tl.where(has_keys, 1.0 - l_i / tl.where(has_keys, l_allowed, 1.0), 0.0)
+        dropped = tl.where(has_keys, l_dropped / tl.where(has_keys, l_allowed, 1.0), 0.0)
         s_ptr = STATS + ((q_start + rows) * stride_lt + head * stride_lh) * 3
         tl.store(s_ptr, n_allowed.to(tl.float32), mask=row_valid)
         tl.store(s_ptr + 1, n_kept.to(tl.float32), mask=row_valid)
@@ -385,7 +403,7 @@ def _attn_bwd_dkdv(
             delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
 
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+            qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
             qk = _nm_sparsify(
                 qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
                 SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
@@ -455,7 +473,7 @@ def _attn_bwd_dq(
         k = _load_rows(k_base, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST)
         v = _load_rows(v_base, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
         qk = _nm_sparsify(
             qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
             SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
@@ -489,7 +507,7 @@ def _kept_mask_probe(
     k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
     mask = row_valid[:, None] & (k_idx < kv_len)[None, :]
     qk = tl.load(QK + rows[:, None] * kv_len + k_idx[None, :], mask=mask, other=0.0)
-    qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+    qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
     qk = _nm_sparsify(
         qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
         SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
@@ -525,7 +543,7 @@ def _configs(kind: str):
     elif kind == "dkdv":
         shapes = [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
     else:
-        shapes = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)]
+        shapes = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 4, 2)]
     if os.environ.get("MODELOPT_SPARSE_AUTOTUNE", "1") == "0":
         # Tests compile many shape/pattern combinations; tuning each would take minutes.
         shapes = shapes[:1]
@@ -536,11 +554,23 @@ def _configs(kind: str):
 
 
 def _prune(configs, named_args, **kwargs):
-    # Large head dims would spill with the widest tiles; groups must fit in a tile.
-    m = kwargs.get("SPARSITY_M", named_args.get("SPARSITY_M", 4))
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= m and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 * 2)]
-    return kept or configs[-1:]
+    args = {**named_args, **kwargs}
+    m, sparse, d = args["SPARSITY_M"], args["SPARSITY_N"] > 0, args["BLOCK_D"]
+
+    def fits(cfg):
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        # With G = BLOCK_N / M >= 8 a group's members differ only in register bits of the
+        # accumulator's column index; below that, splitting the tile moves data between threads.
+        if sparse and bn < 8 * m:
+            return False
+        # The widest tiles spill at the largest head dims.
+        return d <= 128 or bm * bn <= 64 * 128
+
+    kept = [c for c in configs if fits(c)]
+    if kept:
+        return kept
+    # Correct for any tile; just slower. Take the widest key tile on offer.
+    return [max(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.kwargs["BLOCK_M"]))]
 
 
 _SHARED_KEYS = ["GROUPS", "HEAD_DIM", "IS_CAUSAL", "SPARSITY_N", "SPARSITY_M", "TIE_INDEX", "DOT_PRECISION"]
