@@ -291,3 +291,17 @@ def test_readme_starts_with_the_eval_quick_start():
         "&& modelopt-sparse eval"
     )
     assert readme.index("## Quick start") < readme.index("## Tests")
+
+
+def test_unsupported_architecture_and_missing_tokenizer(tiny_model, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    code, _, err = _run(capsys, "--model", gpt2, "--text-file", tiny_model["text"], "--seq-len", 32,
+                        "--device", "cpu", "--out", tmp_path)
+    assert code == 2 and "tokenizer files" in err
+    tiny_model["tokenizer"].save_pretrained(gpt2)
+    code, _, err = _run(capsys, "--model", gpt2, "--text-file", tiny_model["text"], "--seq-len", 32,
+                        "--max-windows", 1, "--device", "cpu", "--out", tmp_path)
+    assert code == 2 and "cannot sparsify GPT2LMHeadModel" in err and "supported attention classes" in err

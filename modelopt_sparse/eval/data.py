@@ -57,6 +57,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     (and all configurations) see the same kind of input.
     """
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if not ids:
+        # transformers can build an empty tokenizer for a directory without tokenizer files.
+        raise EvalError("the tokenizer turned the text into no tokens: does the model directory hold "
+                        "its tokenizer files (e.g. tokenizer.json)?")
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -118,7 +118,8 @@ def load_model(source: ModelSource, config, device: torch.device, dtype: torch.d
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EvalError(f"cannot load a tokenizer for {source.label}: {err}") from None
+        hint = "" if source.gguf_file else " (the directory needs its tokenizer files, e.g. tokenizer.json)"
+        raise EvalError(f"cannot load a tokenizer for {source.label}{hint}: {err}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source.directory), config=config, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError) as err:

@@ -65,7 +65,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: inference tensors refuse t._version, which the
+# kernel API reads to cache its metadata checks.
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     windows: torch.Tensor,
