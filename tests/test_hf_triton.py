@@ -73,8 +73,9 @@ def test_triton_packed_equals_separate(base):
     pos = torch.cat([torch.arange(n, device=DEVICE) for n in lengths])[None]
     got = logits(triton_model, torch.cat(seqs)[None], position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                  max_length_q=20, max_length_k=20)
-    torch.testing.assert_close(got[0, :9], logits(triton_model, seqs[0][None])[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(got[0, 9:], logits(triton_model, seqs[1][None])[0], atol=1e-5, rtol=0)
+    # float32 on a GPU: matmuls over 29 vs 9 rows round differently (seen: 2e-5 on logits ~5).
+    torch.testing.assert_close(got[0, :9], logits(triton_model, seqs[0][None])[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[0, 9:], logits(triton_model, seqs[1][None])[0], atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------------------
