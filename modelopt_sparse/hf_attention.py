@@ -23,6 +23,7 @@ the result back, with zeros in padded query rows.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -249,8 +250,13 @@ def _metadata(q_lens: torch.Tensor, kv_lens: torch.Tensor, q_stride: int | None,
 
 def _layout(query, key, attention_mask, kwargs) -> _Layout:
     batch, q_len, kv_len, device = query.shape[0], query.shape[2], key.shape[2], query.device
+    shape_key = (batch, q_len, kv_len, device)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
-        layout = _packed_layout(query, key, kwargs)
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        layout = _cached(
+            (cu_q, cu_k), (*shape_key, kwargs.get("max_length_q"), kwargs.get("max_length_k")),
+            lambda: _packed_layout(query, key, kwargs),
+        )
         if attention_mask is not None:
             if attention_mask.dim() != 4:
                 raise ValueError(
@@ -262,20 +268,49 @@ def _layout(query, key, attention_mask, kwargs) -> _Layout:
     if attention_mask is None:
         if q_len > kv_len:
             raise ValueError(f"modelopt_sparse: {q_len} queries but only {kv_len} keys")
-        full = torch.full((batch,), q_len, dtype=torch.int32, device=device)
-        return _Layout(_metadata(full, torch.full_like(full, kv_len), q_len, kv_len), kv_len)
+        return _dense_layout(*shape_key)
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(
             f"modelopt_sparse: unsupported attention_mask of type {type(attention_mask).__name__}; "
             "let transformers build it with attn_implementation='modelopt_sparse'"
         )
     if attention_mask.dim() == 2:
-        return _padded_layout(attention_mask, batch, q_len, kv_len, device)
+        return _cached((attention_mask,), shape_key, lambda: _padded_layout(attention_mask, *shape_key))
     if attention_mask.dim() == 4:
         layout, source = _position_ids_layout(kwargs.get("position_ids"), batch, q_len, kv_len, device)
         _verify_dense_mask(attention_mask, layout, q_len, kv_len, source)
         return layout
     raise ValueError(f"modelopt_sparse: attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+
+
+# Every layer of one forward receives the same mask (or packing) tensors. Computing the
+# layout once and reusing it saves the per-layer host syncs, and hands the kernel the very
+# same metadata tensors, whose validation it caches.
+_LAYOUT_ATTR = "_mts_layout"
+
+
+def _cached(anchors, key, build) -> _Layout:
+    """Layout memoized on ``anchors[0]``, valid while the anchors are the same tensor objects
+    at the same version (in-place writes bump it). Inference tensors keep no version: no memo."""
+    if any(a is None or a.is_inference() for a in anchors):
+        return build()
+    versions = tuple(a._version for a in anchors)
+    hit = getattr(anchors[0], _LAYOUT_ATTR, None)
+    if hit is not None:
+        hit_key, hit_others, hit_versions, layout = hit
+        if hit_key == key and hit_versions == versions and all(a is b for a, b in zip(hit_others, anchors[1:])):
+            return layout
+    layout = build()
+    # The memo holds the other anchors themselves, so their ids cannot be reused while it lives.
+    setattr(anchors[0], _LAYOUT_ATTR, (key, anchors[1:], versions, layout))
+    return layout
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layout(batch, q_len, kv_len, device) -> _Layout:
+    """Unpadded rows; cached by shape because its tensors are never written after creation."""
+    full = torch.full((batch,), q_len, dtype=torch.int32, device=device)
+    return _Layout(_metadata(full, torch.full_like(full, kv_len), q_len, kv_len), kv_len)
 
 
 def _padded_layout(mask, batch, q_len, kv_len, device) -> _Layout:
@@ -294,8 +329,7 @@ def _padded_layout(mask, batch, q_len, kv_len, device) -> _Layout:
     # exactly when its own key position is.
     q_valid = kv_valid[:, end - q_len :]
     if bool(kv_valid.all()):
-        full = torch.full((batch,), q_len, dtype=torch.int32, device=device)
-        return _Layout(_metadata(full, torch.full_like(full, end), q_len, end), end)
+        return _dense_layout(batch, q_len, end, device)
     meta = _metadata(q_valid.sum(1), kv_valid.sum(1), None, None)
     return _Layout(meta, end, q_valid, kv_valid)
 
@@ -335,8 +369,7 @@ def _packed_layout(query, key, kwargs) -> _Layout:
 def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     """Sequences per batch row: split where position_ids do not step by one (packing)."""
     if position_ids is None or q_len != kv_len:
-        full = torch.full((batch,), q_len, dtype=torch.int32, device=device)
-        return _Layout(_metadata(full, torch.full_like(full, kv_len), q_len, kv_len), kv_len), "a causal mask"
+        return _dense_layout(batch, q_len, kv_len, device), "a causal mask"
     pos = position_ids.to(device).expand(batch, -1)
     if pos.shape[-1] != q_len:
         raise ValueError(f"modelopt_sparse: position_ids of shape {tuple(position_ids.shape)} for {q_len} tokens")

@@ -192,3 +192,27 @@ def test_bad_shapes(sparse):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q[0], k, v, None)
     with pytest.raises(ValueError, match="only 4 keys"):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q, k[:, :, :4], v[:, :, :4], None)
+
+
+def test_layout_is_computed_once_per_forward(sparse, monkeypatch):
+    from modelopt_sparse import hf_attention
+
+    calls = []
+    original = hf_attention._padded_layout
+    monkeypatch.setattr(hf_attention, "_padded_layout", lambda *a: calls.append(1) or original(*a))
+    ids = token_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    logits(sparse, ids, attention_mask=mask)
+    assert len(calls) == 1  # two layers, one layout
+
+
+def test_layout_memo_follows_in_place_writes(sparse):
+    module = sparse.model.layers[0].self_attn
+    q, k, v = _qkv(2)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    first = sparse_attention_forward(module, q, k, v, mask)[0]
+    mask[1, :3] = False  # same tensor object, new version
+    second = sparse_attention_forward(module, q, k, v, mask)[0]
+    fresh = sparse_attention_forward(module, q, k, v, mask.clone())[0]
+    assert torch.equal(second, fresh) and not torch.equal(first, second)
