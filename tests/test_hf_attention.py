@@ -152,15 +152,17 @@ def test_padding_equals_unpadded(llama, side):
 def test_fully_padded_rows_give_zeros_not_nan(llama):
     sparse = mts.sparsify(copy.deepcopy(llama), mts.SPARSE_SOFTMAX_DEFAULT)
     module = sparse.model.layers[0].self_attn
-    q = torch.randn(2, 4, 6, 16, dtype=torch.float64)
-    k = torch.randn(2, 2, 6, 16, dtype=torch.float64)
-    mask = torch.ones(2, 6, dtype=torch.bool)
+    q = torch.randn(3, 4, 6, 16, dtype=torch.float64)
+    k = torch.randn(3, 2, 6, 16, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
     mask[1, :4] = False
+    mask[2] = False  # a sequence with no token at all
     from modelopt_sparse.hf_attention import sparse_attention_forward
 
     out, weights = sparse_attention_forward(module, q, k, k, mask, scaling=0.25)
-    assert weights is None and out.shape == (2, 6, 4, 16)
+    assert weights is None and out.shape == (3, 6, 4, 16)
     assert torch.isfinite(out).all() and (out[1, :4] == 0).all() and (out[1, 4:] != 0).any()
+    assert (out[2] == 0).all()
 
 
 def test_packed_cu_seq_lens_equals_separate(llama):

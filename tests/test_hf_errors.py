@@ -216,3 +216,10 @@ def test_layout_memo_follows_in_place_writes(sparse):
     second = sparse_attention_forward(module, q, k, v, mask)[0]
     fresh = sparse_attention_forward(module, q, k, v, mask.clone())[0]
     assert torch.equal(second, fresh) and not torch.equal(first, second)
+
+
+def test_enable_disable_and_summary_argument_errors(sparse, llama, capsys):
+    with pytest.raises(TypeError, match="fnmatch string or a callable"):
+        mts.enable(sparse, 3)
+    assert "not sparsified" in mts.print_summary(copy.deepcopy(llama))
+    assert "not sparsified" in capsys.readouterr().out
