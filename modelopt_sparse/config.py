@@ -30,6 +30,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -189,6 +190,15 @@ class SparseAttentionConfig(BaseModel):
             if pattern != DEFAULT_KEY:
                 _merge_or_raise(base, entry, [base_label, pattern])
         return MappingProxyType(parsed)
+
+    @field_serializer("sparse_cfg")
+    def _serialize_sparse_cfg(self, value, info):
+        # Entries dump only their explicit fields, so that dumping and re-validating merges the same.
+        # JSON keys must be strings: callable patterns appear by name there (not re-loadable).
+        return {
+            (p if isinstance(p, str) or info.mode == "python" else _pattern_label(p)): e.set_fields()
+            for p, e in value.items()
+        }
 
     @classmethod
     def coerce(cls, config: Any) -> SparseAttentionConfig:

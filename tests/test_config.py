@@ -218,3 +218,11 @@ def test_register_errors():
         class Bad(mts.SparseAttentionMethod):
             backends = ("cuda",)
     assert "test_config_bad" not in mts.registered_methods()
+
+
+def test_config_dump_round_trips():
+    cfg = Cfg(sparse_cfg={"default": {"sparsity_n": 4, "sparsity_m": 8}, "*layers.0.*": {"enable": False}})
+    dumped = cfg.model_dump()
+    assert dumped == {"sparse_cfg": {"default": {"sparsity_n": 4, "sparsity_m": 8}, "*layers.0.*": {"enable": False}}}
+    again = Cfg.model_validate(json.loads(cfg.model_dump_json()))
+    assert again.resolve(L0) == cfg.resolve(L0) and again.resolve(L1) == cfg.resolve(L1)
