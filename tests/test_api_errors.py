@@ -96,3 +96,13 @@ def test_metadata_is_checked_again_after_an_in_place_change():
     l.fill_(9)  # bumps the tensor's version: the cached verdict no longer applies
     with pytest.raises(ValueError, match="exceed the 8 packed rows"):
         attention(q, k, v, s, l, 9, backend="torch")
+
+
+def test_inference_mode_metadata_is_always_checked():
+    q, k, v, s, l, m = _inputs()
+    with torch.inference_mode():
+        s2, l2 = s.clone(), l.clone()
+        attention(q, k, v, s2, l2, m, backend="torch")
+        l2.fill_(9)
+        with pytest.raises(ValueError, match="exceed the 8 packed rows"):
+            attention(q, k, v, s2, l2, 9, backend="torch")

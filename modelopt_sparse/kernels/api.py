@@ -203,6 +203,8 @@ class _ValidatedMetadata:
         return tuple((id(t), t._version) for t in tensors) + extra
 
     def get(self, tensors, extra):
+        if any(t.is_inference() for t in tensors):
+            return None  # inference tensors keep no version counter: always check
         key = self._key(tensors, extra)
         with self._lock:
             hit = self._entries.get(key)
@@ -212,6 +214,8 @@ class _ValidatedMetadata:
             return hit[1]
 
     def put(self, tensors, extra, segments):
+        if any(t.is_inference() for t in tensors):
+            return
         with self._lock:
             self._entries[self._key(tensors, extra)] = (tuple(tensors), segments)
             while len(self._entries) > self._capacity:
