@@ -305,3 +305,30 @@ def test_unsupported_architecture_and_missing_tokenizer(tiny_model, tmp_path, ca
     code, _, err = _run(capsys, "--model", gpt2, "--text-file", tiny_model["text"], "--seq-len", 32,
                         "--max-windows", 1, "--device", "cpu", "--out", tmp_path)
     assert code == 2 and "cannot sparsify GPT2LMHeadModel" in err and "supported attention classes" in err
+
+
+def test_triton_backend_gives_the_reference_perplexity(tiny_model, tmp_path, capsys):
+    from modelopt_sparse.kernels import interpreting
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    ppl = {}
+    for backend in ("torch", "triton"):
+        out_dir = tmp_path / backend
+        code, _, err = _run(capsys, "--model", tiny_model["dir"], "--text-file", tiny_model["text"],
+                            "--patterns", "2:4", "--window", 4, "--seq-len", 32, "--max-windows", 1,
+                            "--device", "cuda" if torch.cuda.is_available() else "cpu", "--dtype", "float32",
+                            "--backend", backend, "--out", out_dir)
+        assert code == 0, err
+        doc = json.loads((out_dir / "results.json").read_text())
+        assert doc["meta"]["backend"] == backend
+        ppl[backend] = [r["ppl"] for r in doc["results"]]
+    assert ppl["triton"] == pytest.approx(ppl["torch"], rel=1e-4)
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    from modelopt_sparse.eval.command import resolve_backend
+
+    # Even under TRITON_INTERPRET=1 (set by the test session on CPU machines): the
+    # interpreter would take hours on a real model.
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
