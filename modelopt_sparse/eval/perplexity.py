@@ -65,8 +65,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# no_grad rather than inference_mode: inference tensors refuse t._version, which the
-# kernel API reads to cache its metadata checks.
+# no_grad rather than inference_mode: the kernel API caches its metadata checks by tensor
+# version, which inference tensors lack, so under inference_mode every layer re-checks.
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
