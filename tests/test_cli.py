@@ -190,6 +190,9 @@ def test_missing_model_and_text(tiny_model, tmp_path, capsys):
     assert code == 2 and "--text-file" in err and "no such file" in err
     code, _, err = _run(capsys, "--model", tmp_path, "--text-file", tiny_model["text"])
     assert code == 2 and "not a HuggingFace model directory (no config.json)" in err
+    code, _, err = _run(capsys, "--model", tiny_model["dir"], "--text-file", tiny_model["text"],
+                        "--out", tiny_model["text"])
+    assert code == 2 and "exists and is not a directory" in err
 
 
 def test_seq_len_beyond_the_model(tiny_model, tmp_path, capsys):

@@ -16,7 +16,7 @@ from .data import load_text, make_windows, tokenize
 from .errors import EvalError
 from .models import DEFAULT_MODEL_LABEL, INSTALL_DEFAULT_MODEL, load_config, load_model, max_positions, resolve_dtype, resolve_model
 from .perplexity import SettingResult, evaluate
-from .report import format_table, table_notes, write_csv, write_json, write_plot
+from .report import format_table, results_document, table_notes, write_csv, write_json, write_plot
 from .sweep import DEFAULT_PATTERNS, build_settings, parse_patterns
 
 DEFAULT_SEQ_LEN = 1024
@@ -185,9 +185,16 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
     stats_windows = None if args.stats_windows == "all" else args.stats_windows
     text = load_text(args.text_file)
     source = resolve_model(args.model)
+    if args.seq_len < 2:
+        raise EvalError("--seq-len must be at least 2 (a window predicts seq_len - 1 tokens)")
     out_dir = Path(args.out).expanduser()
+    # Now, not after a long run: a path that cannot hold the outputs fails at once.
     if out_dir.exists() and not out_dir.is_dir():
         raise EvalError(f"--out {args.out}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EvalError(f"--out {args.out}: cannot create it ({err})") from None
 
     say(f"model: {source.label}")
     config = load_config(source)
@@ -195,8 +202,6 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
     if limit is not None and args.seq_len > limit:
         raise EvalError(f"--seq-len {args.seq_len} is longer than the model supports "
                         f"(max_position_embeddings = {limit}); use --seq-len {limit} or less")
-    if args.seq_len < 2:
-        raise EvalError("--seq-len must be at least 2 (a window predicts seq_len - 1 tokens)")
 
     model, tokenizer = load_model(source, config, device, dtype)
     ids = tokenize(tokenizer, text.text)
@@ -210,6 +215,8 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
 
     from tqdm.auto import tqdm
 
+    dense_ppl: list[float] = []
+
     def report(result: SettingResult) -> None:
         line = f"{result.setting.label}: ppl {result.ppl:.3f}"
         if not result.setting.dense and dense_ppl:
@@ -218,7 +225,6 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
             dense_ppl.append(result.ppl)
         progress.write(line, file=stdout)
 
-    dense_ppl: list[float] = []
     with tqdm(total=len(settings) * windows.shape[0], unit="window", file=sys.stderr, dynamic_ncols=True) as progress:
         results = evaluate(model, windows, settings, backend, stats_windows=stats_windows,
                            progress=progress, on_result=report)
@@ -238,7 +244,7 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
         "predicted_tokens_per_setting": int(windows.shape[0] * (args.seq_len - 1)),
         "stats_windows": results[0].stats_windows,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "backend": backend,
@@ -251,8 +257,8 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
     say(format_table(results))
     say("")
     say(_wrap(table_notes(results)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", meta, results)
+    doc = results_document(meta, results)
+    write_json(out_dir / "results.json", doc)
     write_csv(out_dir / "results.csv", results)
     title = (f"{source.label} | {text.label} | {windows.shape[0]} x {args.seq_len} tokens | "
              f"{device} {meta['dtype']} {backend}")
@@ -261,15 +267,24 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
     say(f"\nwrote {', '.join(str(out_dir / w) for w in written)}")
     if skipped:
         say(f"plot skipped: {skipped}")
-    import json
-
-    return json.loads((out_dir / "results.json").read_text())
+    return doc
 
 
 def _wrap(text: str, width: int = 92) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict:

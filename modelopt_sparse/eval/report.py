@@ -97,10 +97,14 @@ def table_notes(results: list[SettingResult]) -> str:
     return notes + "."
 
 
-def write_json(path: Path, meta: dict, results: list[SettingResult]) -> None:
+def results_document(meta: dict, results: list[SettingResult]) -> dict:
+    """The content of results.json: the run's settings and one record per configuration."""
     dense = _dense_ppl(results)
-    doc = {"meta": meta, "results": [result_record(r, dense) for r in results]}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
+    return {"meta": meta, "results": [result_record(r, dense) for r in results]}
+
+
+def write_json(path: Path, doc: dict) -> None:
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def write_csv(path: Path, results: list[SettingResult]) -> None:
