@@ -139,12 +139,12 @@ def write_plot(path: Path, results: list[SettingResult], title: str) -> str | No
                                 ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     if dense is not None:
         ax_ppl.axhline(dense, color="0.3", linestyle="--", linewidth=1, label=f"dense {dense:.3f}")
-        ax_ppl.legend(loc="upper left")
+        ax_ppl.legend(loc="best")
         # Differences are often small: zoom the axis around the values instead of from 0.
         values = [r.ppl for r in results]
         low, high = min(values), max(values)
         pad = max(0.05 * (high - low), 0.002 * high)
-        ax_ppl.set_ylim(low - 4 * pad, high + 2 * pad)
+        ax_ppl.set_ylim(low - 4 * pad, high + 4 * pad)  # headroom for the Δ labels
     ax_ppl.set_xticks(range(len(results)), labels, rotation=45, ha="right", fontsize=8)
     ax_ppl.set_ylabel("perplexity")
     ax_ppl.set_title("perplexity per configuration")
