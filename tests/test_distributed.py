@@ -124,15 +124,22 @@ def _split_map(first, second) -> dict:
     return dm
 
 
-def _load_split(ckpt: Path, first, second, loader: str, dtype, offload_dir: Path):
-    """The checkpoint split over two devices, by from_pretrained or by accelerate.dispatch_model."""
+def _load_split(ckpt: Path, first, second, loader: str, dtype, offload_dir: Path, sparse=None):
+    """The checkpoint split over two devices, by from_pretrained or by accelerate.dispatch_model.
+
+    With ``sparse``, the model is sparsified: after loading for from_pretrained, before
+    dispatching for dispatch_model, so both orders are covered.
+    """
     device_map = _split_map(first, second)
     offload = {"offload_folder": str(offload_dir)} if "disk" in device_map.values() else {}
     if loader == "from_pretrained":
-        return AutoModelForCausalLM.from_pretrained(ckpt, device_map=device_map, dtype=dtype, **offload).eval()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, device_map=device_map, dtype=dtype, **offload).eval()
+        return mts.sparsify(model, sparse) if sparse is not None else model
     from accelerate import dispatch_model
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    if sparse is not None:
+        mts.sparsify(model, sparse)
     # skip_keys: as transformers' own dispatch, so that the KV cache is not moved by the hooks.
     return dispatch_model(
         model, device_map=device_map, skip_keys=getattr(model, "_skip_keys_device_placement", None),
@@ -150,9 +157,8 @@ def test_sparsify_model_split_with_disk_offload(hf_checkpoint, tmp_path, loader)
     """CPU stand-in for a 2-GPU split: the second half lives on disk (meta until its hook loads it)."""
     whole = AutoModelForCausalLM.from_pretrained(hf_checkpoint, dtype=torch.float32).eval()
     mts.sparsify(whole, SPARSE)
-    split = _load_split(hf_checkpoint, "cpu", "disk", loader, torch.float32, tmp_path / "offload")
+    split = _load_split(hf_checkpoint, "cpu", "disk", loader, torch.float32, tmp_path / "offload", SPARSE)
     assert any(p.device.type == "meta" for p in split.model.layers[-1].parameters())
-    mts.sparsify(split, SPARSE)
     assert mts.print_summary(split, file=io.StringIO()).count("2:4") == LAYERS
 
     ids = _prompt()
@@ -232,8 +238,7 @@ def _first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
 def test_sparse_model_split_over_two_gpus(hf_checkpoint, tmp_path, loader):
     single = AutoModelForCausalLM.from_pretrained(hf_checkpoint, dtype=torch.bfloat16, device_map={"": 0}).eval()
     mts.sparsify(single, SPARSE)
-    split = _load_split(hf_checkpoint, 0, 1, loader, torch.bfloat16, tmp_path / "offload")
-    mts.sparsify(split, SPARSE)
+    split = _load_split(hf_checkpoint, 0, 1, loader, torch.bfloat16, tmp_path / "offload", SPARSE)
     devices = {p.device for p in split.parameters()}
     assert devices == {torch.device("cuda", 0), torch.device("cuda", 1)}, devices
     assert {p.device for p in split.model.layers[-1].parameters()} == {torch.device("cuda", 1)}
