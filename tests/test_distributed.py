@@ -253,8 +253,9 @@ def test_sparse_model_split_over_two_gpus(hf_checkpoint, tmp_path, loader):
     assert (got - expected).abs().max().item() <= 2e-2 * scale
 
     steps = 8
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                  return_dict_in_generate=True, output_logits=True)
+    # min_new_tokens: an early EOS would shorten the runs (output_logits stays unprocessed).
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                  do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     out_split = split.generate(ids, **kwargs)
     out_single = single.generate(ids, **kwargs)
     seq_split, seq_single = out_split.sequences.cpu(), out_single.sequences.cpu()
