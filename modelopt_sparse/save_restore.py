@@ -172,6 +172,27 @@ def _replace_atomically(write, final_path: str) -> None:
             os.remove(tmp)
 
 
+def _check_materialized(model: torch.nn.Module, action: str) -> None:
+    """Refuse weights that live nowhere (``meta``) or only in shards (FSDP2 ``DTensor``).
+
+    Copying into a ``meta`` parameter is a silent no-op in PyTorch, so without this check a
+    restore into an accelerate-offloaded model would leave the offloaded layers unchanged.
+    """
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"cannot {action}: {name} is on the meta device (offloaded by accelerate or built "
+                "with init_empty_weights). Load the weights first, or use save_pretrained + "
+                "from_pretrained(device_map=...) + modelopt_sparse.restore_from_pretrained"
+            )
+        if type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor":
+            raise ValueError(
+                f"cannot {action}: {name} is sharded (FSDP2 DTensor). Gather the full state first, "
+                "e.g. into an unsharded copy of the model with get_model_state_dict(..., "
+                "full_state_dict=True), and call this on that copy"
+            )
+
+
 def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write ``path/modelopt_sparse.json`` (conversion state) and ``path/model.safetensors``.
 
@@ -180,6 +201,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """
     from safetensors.torch import save_model
 
+    _check_materialized(model, "save")
     state = sparse_state(model)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
@@ -259,6 +281,7 @@ def restore(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     from safetensors.torch import load_model
 
     path = os.fspath(path)
+    _check_materialized(model, "restore")
     record = _read_record(path)
     weights_path = os.path.join(path, record["weights"]["file"])
     if not os.path.isfile(weights_path):

@@ -241,3 +241,13 @@ def test_checkpoint_holds_no_pickle(saved):
     for name in os.listdir(saved):
         head = (saved / name).read_bytes()[:2]
         assert head != b"\x80\x04" and head != b"PK"  # neither raw pickle nor a torch.save zip
+
+
+def test_meta_weights_are_refused_not_silently_skipped(sparse, saved, tmp_path):
+    # Copying into a meta parameter is a silent no-op in PyTorch; both directions must refuse.
+    sparse.lm_head.weight = torch.nn.Parameter(torch.empty_like(sparse.lm_head.weight, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        mts.save(sparse, tmp_path / "meta_ckpt")
+    assert not (tmp_path / "meta_ckpt").exists()
+    with pytest.raises(ValueError, match="meta device"):
+        mts.restore(sparse, saved)
