@@ -88,6 +88,7 @@ def test_eval_end_to_end(tiny_model, tmp_path, capsys):
     assert dense["kept_fraction"] == 1.0 and dense["dropped_mass"] == 0.0 and dense["delta_ppl_pct"] == 0.0
     for r in results:
         assert r["predicted_tokens"] == 3 * (SEQ_LEN - 1)
+        assert len(r["window_nll"]) == 3 and sum(r["window_nll"]) == pytest.approx(r["nll"])
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
         assert [row["layer"] for row in r["per_layer"]] == [0, 1]
         assert len(r["per_head"]) == 2 * 4

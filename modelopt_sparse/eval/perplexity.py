@@ -26,6 +26,7 @@ class SettingResult:
     stats_windows: int  # windows behind kept_fraction and dropped_mass
     kept_fraction: float
     dropped_mass: float
+    window_nll: list[float] = field(default_factory=list)  # per window, for paired comparisons
     per_layer: list[dict] = field(default_factory=list)
     per_head: list[dict] = field(default_factory=list)
 
@@ -99,7 +100,7 @@ def evaluate(
         apply_setting(model, setting, backend)
         if progress is not None:
             progress.set_description(setting.label)
-        nll, count, times = 0.0, 0, []
+        nll, count, times, per_window = 0.0, 0, [], []
 
         def run(i: int) -> None:
             nonlocal nll, count
@@ -113,6 +114,7 @@ def evaluate(
                 raise EvalError(f"{setting.label}: the loss of window {i} is {w_nll}; the model "
                                 "overflows in this dtype (try --dtype float32)")
             nll, count = nll + w_nll, count + w_count
+            per_window.append(w_nll)
             if progress is not None:
                 progress.update(1)
 
@@ -138,6 +140,7 @@ def evaluate(
             stats_windows=n_stats,
             kept_fraction=total["kept_fraction"],
             dropped_mass=total["dropped_mass"],
+            window_nll=per_window,
             per_layer=stats.per_layer(),
             per_head=stats.per_head(),
         )

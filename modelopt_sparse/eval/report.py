@@ -40,6 +40,8 @@ def result_record(result: SettingResult, dense_ppl: float | None, per_head: bool
         "predicted_tokens": result.predicted_tokens,
         "nll": result.nll,
         "seconds": result.seconds,
+        # Summed NLL of each window (seq_len - 1 predictions): Δppl per window, for error bars.
+        "window_nll": result.window_nll,
         "per_layer": [
             {k: row[k] for k in ("module", "layer", "kept_fraction", "dropped_mass")} for row in result.per_layer
         ],
