@@ -141,10 +141,14 @@ class SparseStats:
             return "no attention call has reported statistics yet"
         total = self.total()
         cells = [[str(r[k]) for k in keys] + [f"{r['kept_fraction']:.4f}", f"{r['dropped_mass']:.5f}"] for r in rows]
-        cells.append(["(all)"] + [""] * (len(keys) - 1) + [f"{total['kept_fraction']:.4f}", f"{total['dropped_mass']:.5f}"])
+        ratios = [f"{total['kept_fraction']:.4f}", f"{total['dropped_mass']:.5f}"]
+        cells.append(["(all)"] + [""] * (len(keys) - 1) + ratios)
         header = list(keys) + ["kept_fraction", "dropped_mass"]
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-        fmt = lambda cs: "  ".join(c.rjust(w) if i >= len(keys) else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa: E731
+
+        def fmt(cs):
+            return "  ".join(c.rjust(w) if i >= len(keys) else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))
+
         lines = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells[:-1]]
         lines += [fmt(["-" * w for w in widths]), fmt(cells[-1])]
         return "\n".join(lines)

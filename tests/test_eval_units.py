@@ -46,7 +46,8 @@ def test_windows_do_not_overlap_and_drop_the_tail():
 def test_table_has_one_row_per_setting_and_delta_vs_dense():
     def result(setting, nll):
         return SettingResult(setting, nll=nll, predicted_tokens=100, windows=1, seconds=1.0,
-                             timed_tokens=101, timed_seconds=1.0, timed_with_stats=False, stats_windows=1, kept_fraction=0.5, dropped_mass=0.01)
+                             timed_tokens=101, timed_seconds=1.0, timed_with_stats=False, stats_windows=1,
+                             kept_fraction=0.5, dropped_mass=0.01)
 
     dense = result(Setting(0, 4, 0, 0), 200.0)
     sparse = result(Setting(2, 4, 4, 64), 210.0)

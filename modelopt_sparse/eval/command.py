@@ -14,7 +14,15 @@ import torch
 
 from .data import load_text, make_windows, tokenize
 from .errors import EvalError
-from .models import DEFAULT_MODEL_LABEL, INSTALL_DEFAULT_MODEL, load_config, load_model, max_positions, resolve_dtype, resolve_model
+from .models import (
+    DEFAULT_MODEL_LABEL,
+    INSTALL_DEFAULT_MODEL,
+    load_config,
+    load_model,
+    max_positions,
+    resolve_dtype,
+    resolve_model,
+)
 from .perplexity import SettingResult, evaluate
 from .report import format_table, results_document, table_notes, write_csv, write_json, write_plot
 from .sweep import DEFAULT_PATTERNS, build_settings, parse_patterns

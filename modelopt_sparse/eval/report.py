@@ -78,7 +78,10 @@ def format_table(results: list[SettingResult]) -> str:
             _fmt(rec["tokens_per_s"], ",.0f") + ("*" if r.timed_with_stats else " "),
         ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    align = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def align(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([align(header), align(["-" * w for w in widths]), *(align(row) for row in rows)])
 
 
@@ -137,8 +140,9 @@ def write_plot(path: Path, results: list[SettingResult], title: str) -> str | No
     if dense is not None:
         for bar, r in zip(bars, results):
             if not r.setting.dense:
-                ax_ppl.annotate(f"{100 * (r.ppl / dense - 1):+.2f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+                top = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+                ax_ppl.annotate(f"{100 * (r.ppl / dense - 1):+.2f}%", top, ha="center", va="bottom", fontsize=7,
+                                xytext=(0, 2), textcoords="offset points")
     if dense is not None:
         ax_ppl.axhline(dense, color="0.3", linestyle="--", linewidth=1, label=f"dense {dense:.3f}")
         ax_ppl.legend(loc="best")
