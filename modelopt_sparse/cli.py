@@ -3,7 +3,7 @@
 Each subcommand lives in its own module and contributes two things: ``add_arguments(parser)``,
 which fills in its subparser and sets ``handler``, and the handler itself, which takes the
 parsed namespace and returns an exit status. Add a subcommand by adding a line to
-``_SUBCOMMANDS``; ``bench`` (wrapping benchmarks/bench_attention.py) goes there next.
+``_SUBCOMMANDS``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from . import __version__
 # (name, one-line help, module with add_arguments(parser)), in the order --help lists them.
 _SUBCOMMANDS = (
     ("eval", "perplexity of a model with N:M sparse attention, swept over patterns", "modelopt_sparse.eval.command"),
+    ("bench", "attention TFLOPS of the N:M kernels against SDPA and FlexAttention", "modelopt_sparse.bench"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelopt-sparse",
-        description="N:M structured sparse softmax attention: evaluation tools.",
+        description="N:M structured sparse softmax attention: accuracy and speed tools.",
         epilog="Run 'modelopt-sparse COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

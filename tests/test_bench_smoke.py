@@ -122,3 +122,14 @@ def test_flops_and_verdicts():
     rows[-1]["tflops"] = 85.0
     line = {r["label"]: r for r in compute_ratios(rows)}["causal fwd D=128: 2:4 / dense"]
     assert line["status"] == "PASS"
+
+
+def test_console_script_runs_the_benchmark(tmp_path, capsys):
+    from modelopt_sparse.cli import main
+
+    argv = ["bench", "--quick", "--device", "cpu", "--variants", "dense,2:4", "--peers", "none",
+            "--modes", "fwd", "--causal", "causal", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["complete"] and {r["impl"] for r in doc["rows"]} == {"dense", "2:4"}
+    assert all(r["status"] == "ok" and r["tflops"] > 0 for r in doc["rows"])
