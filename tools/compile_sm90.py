@@ -69,7 +69,7 @@ def main():
     variants = [(0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (2, 4, True)]
     plans = [
         ("fwd", ta._attn_fwd, dict(WITH_STATS=False), (128, 64, 8, 3)),
-        ("dkdv", ta._attn_bwd_dkdv, {}, (64, 128, 8, 2)),
+        ("dkdv", ta._attn_bwd_dkdv, {}, (64, 64, 8, 1)),
         ("dq", ta._attn_bwd_dq, {}, (64, 128, 8, 2)),
     ]
     for kind, kernel, extra, (bm, bn, warps, stages) in plans:
