@@ -201,3 +201,22 @@ def test_gpu_random_inputs_rarely_flip():
     out, ref = results["triton"][0].double(), results["torch"][0]
     row_err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)
     assert (row_err > 0.05).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("d", [16, 80, 200, 256])
+def test_head_dims_at_the_edges(d):
+    lens = [33, 17]
+    inputs = separated_inputs(lens, lens, 2, 1, d, 4, torch.float64, seed=d)
+    errs, _ = _compare(lens, lens, 2, 1, d, torch.float32, inputs, sparsity_n=2, sparsity_m=4,
+                       dense_window_size=4)
+    assert max(errs) < TOL[torch.float32], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [96, 256])
+def test_gpu_large_head_dims(d):
+    lens = [1024, 333]
+    inputs = separated_inputs(lens, lens, 8, 2, d, 8, torch.float64, seed=d)
+    errs, _ = _compare(lens, lens, 8, 2, d, torch.bfloat16, inputs, sparsity_n=4, sparsity_m=8,
+                       num_sink_tokens=4, dense_window_size=64)
+    assert max(errs) < TOL[torch.bfloat16], errs
