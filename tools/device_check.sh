@@ -12,7 +12,8 @@ export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
   python3 -c "import torch, triton, transformers, pydantic; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__)"
   git rev-parse HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
-MODELOPT_SPARSE_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider -m "gpu or not slow" "${@:-tests}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30
+# Compilation dominates; xdist workers compile in parallel on the 16 host cores.
+MODELOPT_SPARSE_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" -m "gpu or not slow" "${@:-tests}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30
 tests_rc=$?
 if [[ -f benchmarks/bench_attention.py && -z "${SKIP_BENCH:-}" ]]; then
   python3 benchmarks/bench_attention.py ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -n 60
