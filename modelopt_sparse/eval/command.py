@@ -315,6 +315,10 @@ def run_command(args: argparse.Namespace) -> int:
 
     # The text is tokenized in one piece, far past the model's length; transformers warns
     # about that, but the job only ever feeds windows of --seq-len tokens.
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    run_eval(args)
+    try:
+        run_eval(args)
+    finally:
+        hf_logging.set_verbosity(verbosity)  # main() may be called in-process (tests, notebooks)
     return 0
