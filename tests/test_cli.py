@@ -56,7 +56,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
-    # The CLI sets these with setdefault; pinning them here keeps the session's env unchanged.
+    # The CLI sets these for its process; pinning them here keeps the test session's env unchanged.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     # A run without --out writes to ./modelopt-sparse-eval: keep that out of the checkout.

@@ -308,9 +308,10 @@ def _versions() -> dict:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    # Set before transformers is first imported: huggingface_hub reads it once, at import.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The job never reaches the hub, whatever the caller's environment says. Set before
+    # transformers is first imported: huggingface_hub reads it once, at import.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     from transformers.utils import logging as hf_logging
 
     # The text is tokenized in one piece, far past the model's length; transformers warns
