@@ -56,4 +56,5 @@ __all__ = [
     "save",
     "restore",
     "restore_from_pretrained",
+    "collect_stats",
 ]
