@@ -206,13 +206,18 @@ def _nm_sparsify(
             & ((p_lo - (n0 + BLOCK_N - 1) < 0) | (p_hi - n0 >= window))
         )
         if needs_selection:
+            # The kept test is one compare against a per-element floor. The dense region
+            # lowers the floor to -inf (or the smallest key) instead of OR-ing a second
+            # predicate in: an i1 tensor that crosses a branch is packed into integer
+            # bitmasks and unpacked again, which cost more than the selection itself.
             if TIE_INDEX:
-                keys = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N)
-                nth = _group_nth_largest(keys, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
-                selected = keys >= _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
+                scores = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N)
+                lowest = -(2**62)
             else:
-                nth = _group_nth_largest(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
-                selected = qk >= _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
+                scores = qk
+                lowest = NEG_INF
+            nth = _group_nth_largest(scores, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
+            floor = _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
             # Most tiles lie wholly outside the sinks and the window: skip that test there.
             touches_dense = (n0 < num_sink) | (
                 (window > 0) & (n0 + BLOCK_N - 1 > p_lo - window) & (n0 <= p_hi)
@@ -220,8 +225,11 @@ def _nm_sparsify(
             if touches_dense:
                 distance = q_pos[:, None] - k_idx[None, :]
                 dense = (k_idx[None, :] < num_sink) | ((distance >= 0) & (distance < window))
-                selected = selected | dense
-            qk = tl.where(selected, qk, NEG_INF)
+                qk = tl.where(scores >= tl.where(dense, lowest, floor), qk, NEG_INF)
+            else:
+                # Comparing in both arms keeps the broadcast floor out of the branch's
+                # results, which would otherwise be copied into one register per column.
+                qk = tl.where(scores >= floor, qk, NEG_INF)
     return qk
 
 
