@@ -85,10 +85,28 @@ def test_exact_ties_match_reference(tie_break, dtype, n, m):
     assert max(errs) < TOL[dtype], errs
 
 
-def _probe(qk, q_len, kv_len, params, block_m, block_n):
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,tie_break", [(2, 4, "threshold"), (2, 4, "index"), (8, 16, "threshold")])
+def test_separated_inputs_through_interior_tiles(causal, n, m, tie_break):
+    """Long enough that sparse tiles exist past the sinks and outside every window, so the
+    kernels' interior loops (no per-element masks) run next to their edge loops."""
+    lens_q, lens_k = [150, 20], [200, 140]
+    inputs = separated_inputs(lens_q, lens_k, 2, 1, 16, m, torch.float64, seed=n + m)
+    errs, _ = _compare(lens_q, lens_k, 2, 1, 16, torch.float32, inputs, is_causal=causal,
+                       sparsity_n=n, sparsity_m=m, tie_break=tie_break, num_sink_tokens=3,
+                       dense_window_size=7)
+    assert max(errs) < TOL[torch.float32], errs
+
+
+def _probe(qk, q_len, kv_len, params, block_m, block_n, by_keys=False):
     from modelopt_sparse.kernels.triton_attention import kernel_kept_mask
 
-    return kernel_kept_mask(qk, q_len, kv_len, params, block_m=block_m, block_n=block_n)
+    return kernel_kept_mask(qk, q_len, kv_len, params, block_m=block_m, block_n=block_n,
+                            by_keys=by_keys, return_interior=True)
+
+
+PROBE_SHAPES = [(37, 37), (5, 61), (1, 20), (150, 150), (60, 200)]
+PROBE_TILES = [(16, 32), (32, 64), (16, 128)]
 
 
 @pytest.mark.parametrize("n,m,tie_break", [(2, 4, "threshold"), (2, 4, "index"), (1, 2, "index"),
@@ -96,7 +114,7 @@ def _probe(qk, q_len, kv_len, params, block_m, block_n):
 @pytest.mark.parametrize("integer_scores", [True, False])
 def test_kernel_mask_equals_semantics_for_any_tile(n, m, tie_break, integer_scores):
     g = torch.Generator().manual_seed(n + m)
-    for (q_len, kv_len), causal in itertools.product([(37, 37), (5, 61), (1, 20)], [True, False]):
+    for (q_len, kv_len), causal in itertools.product(PROBE_SHAPES, [True, False]):
         if integer_scores:
             qk = torch.randint(-2, 3, (q_len, kv_len), generator=g).float()
         else:
@@ -104,9 +122,39 @@ def test_kernel_mask_equals_semantics_for_any_tile(n, m, tie_break, integer_scor
         params = SparseParams(causal, 1.0, n, m, 3, 4, tie_break)
         want = kept_mask(qk.double(), q_len, kv_len, is_causal=causal, sparsity_n=n, sparsity_m=m,
                          num_sink_tokens=3, dense_window_size=4, tie_break=tie_break)
-        for block_m, block_n in [(16, 32), (32, 64), (16, 128)]:
-            got = _probe(qk.to(DEVICE), q_len, kv_len, params, block_m, block_n).cpu()
-            assert torch.equal(got, want), (q_len, kv_len, causal, block_m, block_n)
+        for (block_m, block_n), by_keys in itertools.product(PROBE_TILES, [False, True]):
+            got, _ = _probe(qk.to(DEVICE), q_len, kv_len, params, block_m, block_n, by_keys)
+            assert torch.equal(got.cpu(), want), (q_len, kv_len, causal, block_m, block_n, by_keys)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,sinks,window", [(0, 0, 0), (2, 0, 0), (2, 3, 4), (2, 0, 9), (2, 70, 1)])
+def test_interior_tiles_need_no_mask(causal, n, sinks, window):
+    """Every tile the kernels run without per-element tests (both classifications, forward
+    and dQ by key tile, dK/dV by query block) really has every key present and allowed
+    and, when sparse, no dense entry; and long sequences do have such tiles."""
+    m = 4
+    found_interior = 0
+    for q_len, kv_len in [(150, 150), (60, 200), (1, 130), (130, 129)]:
+        if q_len > kv_len and causal:
+            continue
+        params = SparseParams(causal, 1.0, n, m, sinks, window, "threshold")
+        q_pos = torch.arange(q_len) + (kv_len - q_len)
+        for (block_m, block_n), by_keys in itertools.product(PROBE_TILES, [False, True]):
+            qk = torch.zeros(q_len, kv_len)
+            _, interior = _probe(qk.to(DEVICE), q_len, kv_len, params, block_m, block_n, by_keys)
+            for bi, bj in interior.cpu().nonzero().tolist():
+                rows = q_pos[bi * block_m:min((bi + 1) * block_m, q_len)]
+                keys = torch.arange(bj * block_n, (bj + 1) * block_n)
+                assert keys.max() < kv_len, (q_len, kv_len, bi, bj)
+                if causal:
+                    assert (keys[None, :] <= rows[:, None]).all(), (q_len, kv_len, bi, bj)
+                if n:
+                    distance = rows[:, None] - keys[None, :]
+                    dense = (keys[None, :] < sinks) | ((distance >= 0) & (distance < window))
+                    assert q_len > 1 and not dense.any(), (q_len, kv_len, bi, bj)
+                found_interior += 1
+    assert found_interior > 0
 
 
 def test_random_inputs_rarely_flip():

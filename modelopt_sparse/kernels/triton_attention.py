@@ -10,8 +10,11 @@ selection below is pure ALU work with no data movement between threads. Masks al
 the logical key index, so the rule never depends on the tile size; permuting the
 contraction index of P·V is harmless because V's rows are permuted the same way.
 
-The rule itself (docs/semantics.md) lives in ``_allowed_scores`` and ``_nm_sparsify``,
-called in that order by the forward, by both backward kernels and by the mask probe.
+The rule itself (docs/semantics.md) lives in ``_allowed_scores``, ``_dense_region`` and
+``_nm_sparsify``. ``_key_tile_segments`` and ``_query_block_segments`` split the tiles into
+interior ones, which provably need neither of the first two tests and run a loop body
+without them, and edge ones. The forward, both backward kernels and the mask probe share
+all of these.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import triton.language as tl
 from .api import interpreting
 
 NEG_INF = tl.constexpr(float("-inf"))
+# Compiled kernels may use inline PTX; the interpreter cannot run it.
+PTX = tl.constexpr(not interpreting())
 LOG2E = 1.4426950408889634  # host-side only
 
 
@@ -155,6 +160,12 @@ def _broadcast_to_members(t, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.cons
 
 
 @triton.jit
+def _group_floor(x, N: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """[ROWS, WIDTH]: the N-th largest of each element's group, on every member."""
+    return _broadcast_to_members(_group_nth_largest(x, N, M, ROWS, WIDTH), M, ROWS, WIDTH)
+
+
+@triton.jit
 def _index_ordered_keys(qk, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     """Distinct int64 keys that order scores like the floats, ties broken by lower index.
 
@@ -170,67 +181,181 @@ def _index_ordered_keys(qk, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.const
 
 
 @triton.jit
-def _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """-inf outside the sequence's keys and, when causal, after the query's position.
-
-    Only tiles that cross the end of the keys or the causal diagonal (``p_lo`` is the
-    smallest query position of the tile) pay for the mask.
-    """
-    crosses = n0 + BLOCK_N > kv_len
+def _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL: tl.constexpr):
+    """-inf outside the sequence's keys and, when causal, after the query's position."""
+    allowed = (k_idx < kv_len)[None, :]
     if IS_CAUSAL:
-        crosses = crosses | (n0 + BLOCK_N - 1 > p_lo)
-    if crosses:
-        allowed = (k_idx < kv_len)[None, :]
+        allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
+    return tl.where(allowed, qk, NEG_INF)
+
+
+@triton.jit
+def _dense_region(q_pos, k_idx, q_len, num_sink, window):
+    """Entries that skip N:M selection: sink keys, the window of ``window`` keys ending at
+    the query's own position, and every entry of a single-token (decode) step."""
+    distance = q_pos[:, None] - k_idx[None, :]
+    return (q_len == 1) | (k_idx[None, :] < num_sink) | ((distance >= 0) & (distance < window))
+
+
+# Tile classification. A tile is *interior* when, for every valid query row and every key
+# of it, ``_allowed_scores`` and ``_dense_region`` are no-ops: all keys exist, none lies
+# after a query (causal) and, when sparse, none is a sink or inside a row's window and the
+# step is not a decode step. Nearly every tile of a long sequence is interior and runs a
+# loop body without those per-element tests; the rest (the *edge*) run the full rule. The
+# visited tiles split into five points s <= a_lo <= a_hi <= b_lo <= b_hi <= end: interior
+# [a_lo, a_hi) and [b_lo, b_hi), edge [s, a_lo), [a_hi, b_lo) and [b_hi, end). Each bound
+# below is conservative; calling an interior tile edge only costs time.
+@triton.jit
+def _segments(s, a_lo, a_hi, b_lo, b_hi, end):
+    a_lo = tl.minimum(tl.maximum(a_lo, s), end)
+    a_hi = tl.minimum(tl.maximum(a_hi, a_lo), end)
+    b_lo = tl.minimum(tl.maximum(b_lo, a_hi), end)
+    b_hi = tl.minimum(tl.maximum(b_hi, b_lo), end)
+    return s, a_lo, a_hi, b_lo, b_hi, end
+
+
+@triton.jit
+def _key_tile_segments(
+    p_lo, p_hi, q_len, kv_len, num_sink, window,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Key tiles (starts, multiples of BLOCK_N) visited by the query block whose valid
+    rows sit at positions p_lo..p_hi, split into interior and edge."""
+    end = kv_len
+    if IS_CAUSAL:
+        end = tl.minimum(kv_len, p_hi + 1)
+    end = tl.cdiv(end, BLOCK_N) * BLOCK_N
+    full = (kv_len // BLOCK_N) * BLOCK_N  # tiles below hold only existing keys
+    a_lo = 0
+    a_hi = full
+    b_lo = end
+    b_hi = end
+    if IS_CAUSAL:
+        # The tile's last key n0 + BLOCK_N - 1 is at most p_lo.
+        a_hi = tl.minimum(a_hi, (tl.maximum(p_lo + 1, 0) // BLOCK_N) * BLOCK_N)
+    if SPARSITY_N > 0:
+        a_lo = tl.cdiv(num_sink, BLOCK_N) * BLOCK_N
+        # p_lo - (n0 + BLOCK_N - 1) >= window: every pair is at least a window apart.
+        clear = (tl.maximum(p_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
         if IS_CAUSAL:
-            allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
-        qk = tl.where(allowed, qk, NEG_INF)
-    return qk
+            a_hi = tl.minimum(a_hi, clear)
+        else:
+            a_hi = tl.where(window > 0, tl.minimum(a_hi, clear), a_hi)
+            # Without the causal mask, tiles wholly after the last row are outside the window too.
+            b_lo = tl.where(window > 0, tl.cdiv(tl.maximum(p_hi + 1, num_sink), BLOCK_N) * BLOCK_N, end)
+            b_hi = tl.where(window > 0, full, end)
+        decode = q_len <= 1
+        a_hi = tl.where(decode, a_lo, a_hi)
+        b_lo = tl.where(decode, end, b_lo)
+    return _segments(0, a_lo, a_hi, b_lo, b_hi, end)
+
+
+@triton.jit
+def _query_block_segments(
+    n0, q_len, kv_len, num_sink, window,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Query blocks (starts, multiples of BLOCK_M) that see the key tile starting at n0,
+    split into interior and edge: the same tiles as ``_key_tile_segments``, seen from the
+    key side."""
+    offset = kv_len - q_len
+    s = 0
+    if IS_CAUSAL:
+        s = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M  # first block reaching key n0
+    end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    eligible = n0 + BLOCK_N <= kv_len
+    upper = 0  # blocks from here on have p_lo far enough after the tile
+    lower = s  # blocks before this have p_hi before the tile (no causal mask only)
+    if IS_CAUSAL:
+        upper = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+    if SPARSITY_N > 0:
+        eligible = eligible & (n0 >= num_sink) & (q_len > 1)
+        clear = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + window - offset, 0), BLOCK_M) * BLOCK_M
+        if IS_CAUSAL:
+            upper = tl.maximum(upper, clear)
+        else:
+            upper = tl.where(window > 0, clear, 0)
+            # p_hi <= start_m + BLOCK_M - 1 + offset < n0
+            lower = tl.where(window > 0, (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M, s)
+    a_hi = tl.where(eligible, lower, s)
+    b_lo = tl.where(eligible, upper, end)
+    return _segments(s, s, a_hi, b_lo, end, end)
+
+
+@triton.jit
+def _segment_trip(s, a_lo, a_hi, b_lo, b_hi, end, EDGE: tl.constexpr, BLOCK: tl.constexpr):
+    """Number of interior (EDGE=False) or edge tiles."""
+    if EDGE:
+        return (a_lo - s + b_lo - a_hi + end - b_hi) // BLOCK
+    else:
+        return (a_hi - a_lo + b_hi - b_lo) // BLOCK
+
+
+@triton.jit
+def _segment_start(t, s, a_lo, a_hi, b_lo, b_hi, EDGE: tl.constexpr, BLOCK: tl.constexpr):
+    """Start of the t-th interior (EDGE=False) or edge tile, in increasing order."""
+    if EDGE:
+        n = s + t * BLOCK
+        n = tl.where(n >= a_lo, n + (a_hi - a_lo), n)
+        n = tl.where(n >= b_lo, n + (b_hi - b_lo), n)
+    else:
+        n = a_lo + t * BLOCK
+        n = tl.where(n >= a_hi, n + (b_lo - a_hi), n)
+    return n
+
+
+@triton.jit
+def _in_interior(n, a_lo, a_hi, b_lo, b_hi):
+    return ((n >= a_lo) & (n < a_hi)) | ((n >= b_lo) & (n < b_hi))
 
 
 @triton.jit
 def _nm_sparsify(
-    qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
-    SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr, TIE_INDEX: tl.constexpr,
+    qk, q_pos, k_idx, q_len, num_sink, window,
+    EDGE: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr, TIE_INDEX: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Drop (to -inf) the scores that N:M selection removes outside the dense region.
 
     ``qk`` must already hold -inf on disallowed entries (``_allowed_scores``), which then
-    count as -inf in their group. ``p_lo``/``p_hi`` bound the positions of the tile's valid
-    query rows; a tile whose every element is dense skips the selection.
+    count as -inf in their group. On interior tiles (``EDGE`` false) the dense region is
+    empty by construction.
+
+    The kept test is one compare against the group's N-th largest, broadcast to its
+    members. No i1 tensor may cross a branch: Triton packs it into integer bitmasks and
+    unpacks it again, which once cost more than the selection itself. That is also why
+    the interior/edge split is made by loop, not by a branch inside one loop body.
     """
     if SPARSITY_N > 0:
-        needs_selection = (
-            (q_len > 1)
-            & (n0 + BLOCK_N > num_sink)
-            & ((p_lo - (n0 + BLOCK_N - 1) < 0) | (p_hi - n0 >= window))
-        )
-        if needs_selection:
-            # The kept test is one compare against a per-element floor. The dense region
-            # lowers the floor to -inf (or the smallest key) instead of OR-ing a second
-            # predicate in: an i1 tensor that crosses a branch is packed into integer
-            # bitmasks and unpacked again, which cost more than the selection itself.
-            if TIE_INDEX:
-                scores = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N)
-                lowest = -(2**62)
-            else:
-                scores = qk
-                lowest = NEG_INF
-            nth = _group_nth_largest(scores, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
-            floor = _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N)
-            # Most tiles lie wholly outside the sinks and the window: skip that test there.
-            touches_dense = (n0 < num_sink) | (
-                (window > 0) & (n0 + BLOCK_N - 1 > p_lo - window) & (n0 <= p_hi)
-            )
-            if touches_dense:
-                distance = q_pos[:, None] - k_idx[None, :]
-                dense = (k_idx[None, :] < num_sink) | ((distance >= 0) & (distance < window))
-                qk = tl.where(scores >= tl.where(dense, lowest, floor), qk, NEG_INF)
-            else:
-                # Comparing in both arms keeps the broadcast floor out of the branch's
-                # results, which would otherwise be copied into one register per column.
-                qk = tl.where(scores >= floor, qk, NEG_INF)
+        scores = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N) if TIE_INDEX else qk
+        floor = _group_floor(scores, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
+        if EDGE:
+            kept = (scores >= floor) | _dense_region(q_pos, k_idx, q_len, num_sink, window)
+            qk = tl.where(kept, qk, NEG_INF)
+        else:
+            qk = _keep_at_or_above(qk, scores, floor, TIE_INDEX)
     return qk
+
+
+@triton.jit
+def _keep_at_or_above(qk, scores, floor, INT_KEYS: tl.constexpr):
+    """``where(scores >= floor, qk, -inf)``, as one compare and one select per element.
+
+    Written as ``tl.where``, LLVM vectorises the 64 compares of a thread into one
+    ``<64 x i1>`` value and the backend packs it into integer bitmasks and unpacks it
+    again: three to four extra instructions per score, more than the selection network.
+    """
+    if PTX:
+        if INT_KEYS:
+            asm: tl.constexpr = "{ .reg .pred p; setp.ge.s64 p, $2, $3; selp.b32 $0, $1, 0xff800000, p; }"
+            constraints: tl.constexpr = "=r,r,l,l"
+        else:
+            asm: tl.constexpr = "{ .reg .pred p; setp.ge.f32 p, $2, $3; selp.b32 $0, $1, 0xff800000, p; }"
+            constraints: tl.constexpr = "=r,r,r,r"
+        return tl.inline_asm_elementwise(asm, constraints, [qk, scores, floor], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.where(scores >= floor, qk, NEG_INF)
 
 
 @triton.jit
@@ -278,17 +403,16 @@ def _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
 
 @triton.jit
 def _kept_scores(
-    q, k, q_pos, k_idx, n0, p_lo, p_hi, q_len, kv_len, num_sink, window,
-    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    qk, q_pos, k_idx, q_len, kv_len, num_sink, window,
+    EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
+    TIE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Raw scores q·kᵀ of one tile with every dropped entry at -inf (the backward's view)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
+    """Raw scores q·kᵀ of one tile with every dropped entry at -inf."""
+    if EDGE:
+        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
     return _nm_sparsify(
-        qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
-        SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+        qk, q_pos, k_idx, q_len, num_sink, window,
+        EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
     )
 
 
@@ -334,36 +458,38 @@ def _attn_fwd(
         n_allowed = tl.zeros([BLOCK_M], tl.int32)
         n_kept = tl.zeros([BLOCK_M], tl.int32)
 
-    hi = kv_len
-    if IS_CAUSAL:
-        hi = tl.minimum(kv_len, p_hi + 1)
-    for n0 in range(0, hi, BLOCK_N):
-        k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
-                                HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
-        # A group's maximum always survives selection, so the row max of the allowed
-        # scores is the row max of the kept ones; taking it first keeps the selection off
-        # the reduction's critical path.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        if WITH_STATS:
-            p_allowed = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-            n_allowed += tl.sum((qk > NEG_INF).to(tl.int32), 1)
-        qk = _nm_sparsify(
-            qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
-            SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-        )
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-        if WITH_STATS:
-            kept = qk > NEG_INF
-            n_kept += tl.sum(kept.to(tl.int32), 1)
-            # Summing only the dropped terms keeps dense attention at exactly 0.
-            l_dropped = l_dropped * alpha + tl.sum(tl.where(kept, 0.0, p_allowed), 1)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_N)
+    # Interior tiles first, then the edge; the online softmax does not care about order.
+    for EDGE in tl.static_range(2):
+        for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_N)):
+            n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
+            k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
+                                    HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if EDGE:
+                qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+            # A group's maximum always survives selection, so the row max of the allowed
+            # scores is the row max of the kept ones; taking it first keeps the selection
+            # off the reduction's critical path.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_shift)
+            if WITH_STATS:
+                p_allowed = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+                n_allowed += tl.sum((qk > NEG_INF).to(tl.int32), 1)
+            qk = _nm_sparsify(
+                qk, q_pos, k_idx, q_len, num_sink, window,
+                EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+            )
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+            if WITH_STATS:
+                kept = qk > NEG_INF
+                n_kept += tl.sum(kept.to(tl.int32), 1)
+                # Summing only the dropped terms keeps dense attention at exactly 0.
+                l_dropped = l_dropped * alpha + tl.sum(tl.where(kept, 0.0, p_allowed), 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -419,33 +545,33 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    m_lo = 0
-    if IS_CAUSAL:
-        # The first query row whose position reaches key n0.
-        m_lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    s0, a_lo, a_hi, b_lo, b_hi, end = _query_block_segments(n0, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_M, BLOCK_N)
     for g in range(GROUPS):
         head = kv_head * GROUPS + g
         q_base = Q + q_start * stride_qt + head * stride_qh
         do_base = DO + q_start * stride_dot + head * stride_doh
-        for start_m in range(m_lo, q_len, BLOCK_M):
-            rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
-            q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
-            do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
-            lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
-            lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
-            lse = tl.where(lse == NEG_INF, 0.0, lse)
-            delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
+        for EDGE in tl.static_range(2):
+            for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_M)):
+                start_m = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_M)
+                rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
+                q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
+                do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
+                lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
+                lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
+                lse = tl.where(lse == NEG_INF, 0.0, lse)
+                delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
 
-            qk = _kept_scores(
-                q, k, q_pos, k_idx, n0, p_lo, p_hi, q_len, kv_len, num_sink, window,
-                IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, DOT_PRECISION, BLOCK_M, BLOCK_N,
-            )
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
-            p = tl.where(row_valid[:, None], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                qk = _kept_scores(
+                    tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
+                    q_pos, k_idx, q_len, kv_len, num_sink, window,
+                    EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+                )
+                p = tl.math.exp2(qk * qk_scale - lse[:, None])
+                p = tl.where(row_valid[:, None], p, 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     out_mask = k_valid[:, None] & (dim < HEAD_DIM)[None, :]
     dk_ptrs = DK + (k_start + k_idx[:, None]) * stride_dkt + kv_head * stride_dkh + dim[None, :]
@@ -491,20 +617,21 @@ def _attn_bwd_dq(
     v_base = V + k_start * stride_vt + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = kv_len
-    if IS_CAUSAL:
-        hi = tl.minimum(kv_len, p_hi + 1)
-    for n0 in range(0, hi, BLOCK_N):
-        k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
-                                HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M)
-        qk = _kept_scores(
-            q, k, q_pos, k_idx, n0, p_lo, p_hi, q_len, kv_len, num_sink, window,
-            IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, DOT_PRECISION, BLOCK_M, BLOCK_N,
-        )
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_N)
+    for EDGE in tl.static_range(2):
+        for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_N)):
+            n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
+            k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
+                                    HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M)
+            qk = _kept_scores(
+                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
+                q_pos, k_idx, q_len, kv_len, num_sink, window,
+                EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+            )
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     dq_ptrs = DQ + (q_start + rows[:, None]) * stride_dqt + head * stride_dqh + dim[None, :]
     tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :])
@@ -515,36 +642,52 @@ def _attn_bwd_dq(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _kept_mask_probe(
-    QK, KEPT, q_len, kv_len, num_sink, window,
+    QK, KEPT, INTERIOR, q_len, kv_len, num_sink, window,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TIE_INDEX: tl.constexpr, BY_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One tile per program, classified as the forward and dQ kernels (BY_KEYS false) or
+    the dK/dV kernel (BY_KEYS true) classify it, then masked as they mask it."""
     start_m = tl.program_id(0) * BLOCK_M
     n0 = tl.program_id(1) * BLOCK_N
     rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
+    if BY_KEYS:
+        s0, a_lo, a_hi, b_lo, b_hi, end = _query_block_segments(n0, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_M, BLOCK_N)
+        interior = _in_interior(start_m, a_lo, a_hi, b_lo, b_hi)
+    else:
+        s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_N)
+        interior = _in_interior(n0, a_lo, a_hi, b_lo, b_hi)
     k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
     mask = row_valid[:, None] & (k_idx < kv_len)[None, :]
     qk = tl.load(QK + rows[:, None] * kv_len + k_idx[None, :], mask=mask, other=0.0)
-    qk = _allowed_scores(qk, q_pos, k_idx, n0, p_lo, kv_len, IS_CAUSAL, BLOCK_N)
-    qk = _nm_sparsify(
-        qk, q_pos, k_idx, n0, p_lo, p_hi, q_len, num_sink, window,
-        SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-    )
+    if interior:
+        qk = _kept_scores(qk, q_pos, k_idx, q_len, kv_len, num_sink, window, False,
+                          IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
+    else:
+        qk = _kept_scores(qk, q_pos, k_idx, q_len, kv_len, num_sink, window, True,
+                          IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
     tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], (qk > NEG_INF).to(tl.int8), mask=mask)
+    tl.store(INTERIOR + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), interior.to(tl.int8))
 
 
-def kernel_kept_mask(qk: torch.Tensor, q_len: int, kv_len: int, params, block_m: int = 32, block_n: int = 64):
+def kernel_kept_mask(qk: torch.Tensor, q_len: int, kv_len: int, params, block_m: int = 32, block_n: int = 64,
+                     by_keys: bool = False, return_interior: bool = False):
     """The kept mask of one sequence's raw scores ``qk`` [q_len, kv_len] (fp32) as the
-    Triton kernels decide it, for any tile shape; compare with ``semantics.kept_mask``."""
+    Triton kernels decide it, for any tile shape; compare with ``semantics.kept_mask``.
+
+    ``by_keys`` classifies tiles as the dK/dV kernel does instead of as the forward and dQ
+    kernels do. ``return_interior`` also returns the [query blocks, key tiles] bool grid
+    of tiles that skipped the per-element tests."""
     qk = qk.contiguous().to(torch.float32)
     kept = torch.zeros(q_len, kv_len, dtype=torch.int8, device=qk.device)
     grid = (triton.cdiv(q_len, block_m), triton.cdiv(kv_len, block_n))
+    interior = torch.zeros(grid, dtype=torch.int8, device=qk.device)
     _kept_mask_probe[grid](
-        qk, kept, q_len, kv_len, params.num_sink_tokens, params.dense_window_size,
+        qk, kept, interior, q_len, kv_len, params.num_sink_tokens, params.dense_window_size,
         IS_CAUSAL=params.is_causal, SPARSITY_N=params.sparsity_n, SPARSITY_M=params.sparsity_m,
-        TIE_INDEX=params.tie_break == "index", BLOCK_M=block_m, BLOCK_N=block_n,
+        TIE_INDEX=params.tie_break == "index", BY_KEYS=by_keys, BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    return kept.bool()
+    return (kept.bool(), interior.bool()) if return_interior else kept.bool()
 
 
 # --------------------------------------------------------------------------------------
