@@ -98,6 +98,17 @@ def test_separated_inputs_through_interior_tiles(causal, n, m, tie_break):
     assert max(errs) < TOL[torch.float32], errs
 
 
+@pytest.mark.parametrize("tie_break", ["threshold", "index"])
+@pytest.mark.parametrize("n,m", [(2, 4), (5, 8)])
+def test_exact_ties_through_interior_tiles(tie_break, n, m):
+    """Exact ties on interior tiles, where the index rule first tests the tile for a tie."""
+    lens = [160]
+    inputs = tied_inputs(lens, lens, 2, 1, 16, torch.float64, seed=n * m)
+    errs, _ = _compare(lens, lens, 2, 1, 16, torch.float32, inputs, sparsity_n=n, sparsity_m=m,
+                       tie_break=tie_break, dense_window_size=0, softmax_scale=0.25)
+    assert max(errs) < TOL[torch.float32], errs
+
+
 def _probe(qk, q_len, kv_len, params, block_m, block_n, by_keys=False):
     from modelopt_sparse.kernels.triton_attention import kernel_kept_mask
 

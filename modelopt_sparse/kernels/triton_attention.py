@@ -124,8 +124,10 @@ def _members8(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _group_nth_largest(x, N: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-    """[ROWS, WIDTH/M]: the N-th largest member (with multiplicity) of every group."""
+def _group_nth_largest(x, N: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                       WITH_NEXT: tl.constexpr = False):
+    """[ROWS, WIDTH/M]: the N-th largest member (with multiplicity) of every group, and with
+    ``WITH_NEXT`` the (N+1)-th as well."""
     if M == 2:
         x0, x1 = _members2(x, ROWS, WIDTH)
         ranked = _cx(x0, x1)
@@ -142,7 +144,10 @@ def _group_nth_largest(x, N: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, 
         a0, a1, a2, a3, a4, a5, a6, a7 = _sort8(a0, a1, a2, a3, a4, a5, a6, a7)
         b0, b1, b2, b3, b4, b5, b6, b7 = _sort8(b0, b1, b2, b3, b4, b5, b6, b7)
         ranked = _merge8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7)
-    return ranked[N - 1]
+    if WITH_NEXT:
+        return ranked[N - 1], ranked[N]
+    else:
+        return ranked[N - 1]
 
 
 @triton.jit
@@ -327,13 +332,23 @@ def _nm_sparsify(
     the interior/edge split is made by loop, not by a branch inside one loop body.
     """
     if SPARSITY_N > 0:
-        scores = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N) if TIE_INDEX else qk
-        floor = _group_floor(scores, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
         if EDGE:
-            kept = (scores >= floor) | _dense_region(q_pos, k_idx, q_len, num_sink, window)
+            scores = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N) if TIE_INDEX else qk
+            kept = scores >= _group_floor(scores, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
+            kept = kept | _dense_region(q_pos, k_idx, q_len, num_sink, window)
             qk = tl.where(kept, qk, NEG_INF)
+        elif TIE_INDEX:
+            # The rules differ only in a group whose N-th and (N+1)-th largest are equal.
+            # Interior tiles hold no -inf, so such exact ties are rare: test the tile for
+            # one and build the exact (and costly) index keys only when there is one.
+            nth, nxt = _group_nth_largest(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N, True)
+            if tl.max(tl.where(nth == nxt, 1, 0)) > 0:
+                keys = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N)
+                qk = _keep_at_or_above(qk, keys, _group_floor(keys, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N), True)
+            else:
+                qk = _keep_at_or_above(qk, qk, _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N), False)
         else:
-            qk = _keep_at_or_above(qk, scores, floor, TIE_INDEX)
+            qk = _keep_at_or_above(qk, qk, _group_floor(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N), False)
     return qk
 
 
@@ -557,7 +572,9 @@ def _attn_bwd_dkdv(
                 q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
                 do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
                 lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
-                lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
+                # Rows past the sequence get lse = +inf, hence p = 0 and no gradient,
+                # without a per-element select; rows with no key at all have p = 0 anyway.
+                lse = tl.load(LSE + lse_ptr, mask=row_valid, other=float("inf"))
                 lse = tl.where(lse == NEG_INF, 0.0, lse)
                 delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
 
@@ -567,7 +584,6 @@ def _attn_bwd_dkdv(
                     EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
                 )
                 p = tl.math.exp2(qk * qk_scale - lse[:, None])
-                p = tl.where(row_valid[:, None], p, 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])
