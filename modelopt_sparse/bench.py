@@ -548,7 +548,11 @@ def _git_commit() -> str | None:
                 return line.split()[0]
     except OSError:
         pass
-    return None
+    # A copy without .git (e.g. shipped to a GPU host) may carry the commit in a file.
+    try:
+        return (REPO_ROOT / ".commit").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def collect_env(device: str) -> dict:

@@ -19,6 +19,7 @@ all of these.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -709,48 +710,83 @@ def kernel_kept_mask(qk: torch.Tensor, q_len: int, kv_len: int, params, block_m:
 # --------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------
+# Launch configs (BLOCK_M, BLOCK_N, warps, stages), best first. With autotuning off the
+# first one that fits is used; the order comes from sweeping every config on the H200
+# (tools/sweep_configs.py, docs/performance.md): sparse forward prefers small tiles on
+# one warpgroup, dense prefers 128x128 at D >= 128 and 128x64 below.
+_SHAPES = {
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2),
+            (64, 32, 4, 2)],
+    "fwd_sparse": [(64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                   (64, 128, 4, 1)],
+    "fwd_small_d": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(128, 64, 8, 2), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2),
+             (64, 128, 4, 1)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2),
+           (64, 128, 4, 1)],
+}
+# Opt-in shared memory per block on sm_90 (227 KB); kernels that need more fail to launch.
+_SMEM_LIMIT = 232448
+
+
 def _configs(kind: str):
-    """Launch configs; the first is the default used when autotuning is off."""
     if interpreting():
         # One config: a multi-config autotune fails in the interpreter; large tiles keep
         # the number of interpreted tile operations small.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    if kind == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]
-    elif kind == "dkdv":
-        # Chosen by compiling offline (tools/compile_sm90.py): at D=128 the 64x128 tile
-        # spills ~450-660 registers to local memory; 64x64 with 8 warps spills none
-        # without load pipelining and a few dozen with it.
-        shapes = [(64, 64, 8, 1), (64, 64, 8, 2), (64, 32, 4, 2), (64, 128, 8, 2)]
-    else:
-        shapes = [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2)]
-    if os.environ.get("MODELOPT_SPARSE_AUTOTUNE", "1") == "0":
-        # Tests compile many shape/pattern combinations; tuning each would take minutes.
-        shapes = shapes[:1]
+    shapes = list(dict.fromkeys(sum((v for k, v in _SHAPES.items() if k.startswith(kind)), [])))
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in shapes
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in shapes
     ]
 
 
-def _prune(configs, named_args, **kwargs):
+def _smem_bytes(kind, bm, bn, bd, stages, elem):
+    """Shared memory of a launch: resident tiles plus one buffer per pipeline stage (exact
+    for the forward and dQ kernels; an upper bound for dK/dV, which also stages P and dS)."""
+    if kind == "fwd":
+        return (bm * bd + stages * 2 * bn * bd) * elem
+    if kind == "dq":
+        return (2 * bm * bd + stages * 2 * bn * bd) * elem
+    return (2 * bn * bd + stages * 2 * bm * bd + 2 * bm * bn) * elem
+
+
+def _prune(configs, named_args, kind, **kwargs):
     args = {**named_args, **kwargs}
     m, sparse, d = args["SPARSITY_M"], args["SPARSITY_N"] > 0, args["BLOCK_D"]
+    elem = args["Q"].element_size()
+    if kind == "fwd":
+        order = _SHAPES["fwd_sparse"] if sparse else (_SHAPES["fwd_small_d"] if d <= 64 else _SHAPES["fwd"])
+    else:
+        order = _SHAPES[kind]
+    rank = {shape: i for i, shape in enumerate(order)}
+
+    def shape(cfg):
+        return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
 
     def fits(cfg):
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        bm, bn, _, stages = shape(cfg)
         # With G = BLOCK_N / M >= 8 a group's members differ only in register bits of the
         # accumulator's column index; below that, splitting the tile moves data between threads.
         if sparse and bn < 8 * m:
             return False
+        if _smem_bytes(kind, bm, bn, d, stages, elem) > _SMEM_LIMIT:
+            return False
         # The widest tiles spill at the largest head dims.
         return d <= 128 or bm * bn <= 64 * 128
 
-    kept = [c for c in configs if fits(c)]
-    if kept:
-        return kept
-    # Correct for any tile; just slower. Take the widest key tile on offer.
-    return [max(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.kwargs["BLOCK_M"]))]
+    kept = sorted((c for c in configs if fits(c)), key=lambda c: rank.get(shape(c), len(rank)))
+    if not kept:
+        # Any tile whose width is a multiple of M is correct, just slower: take the
+        # widest single-stage tile that fits.
+        for bn, bm in itertools.product((8 * m, 4 * m, 2 * m, 64, 32, 16), (64, 32)):
+            if bn >= (m if sparse else 16) and _smem_bytes(kind, bm, bn, d, 1, elem) <= _SMEM_LIMIT:
+                kept = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+                break
+    if os.environ.get("MODELOPT_SPARSE_AUTOTUNE", "1") == "0":
+        # Tests compile many shape/pattern combinations; tuning each would take minutes.
+        return kept[:1]
+    return kept
 
 
 _SHARED_KEYS = ["GROUPS", "HEAD_DIM", "IS_CAUSAL", "SPARSITY_N", "SPARSITY_M", "TIE_INDEX", "DOT_PRECISION"]
@@ -760,7 +796,7 @@ def _autotuned(kernel, kind, length_key, extra_keys=()):
     return triton.autotune(
         _configs(kind),
         key=[length_key, *_SHARED_KEYS, *extra_keys],
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, kind, **kw)},
     )(kernel)
 
 
