@@ -63,10 +63,13 @@ def _inputs(seq, heads, head_dim, causal, train):
     return q, k, v, start, length
 
 
+NARROW = False  # --narrow: also time sparse tiles with BLOCK_N < 8*M (correct, usually slower)
+
+
 def _fits(kind, variant, shape):
     m = VARIANTS[variant].get("sparsity_m", 4)
     sparse = VARIANTS[variant]["sparsity_n"] > 0
-    return not (sparse and shape[1] < 8 * m)
+    return not (sparse and shape[1] < (m if NARROW else 8 * m))
 
 
 def _jobs():
@@ -122,8 +125,11 @@ def main():
     p.add_argument("--kinds", nargs="+", default=list(GRID), choices=list(GRID))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--narrow", action="store_true", help="also sparse tiles with BLOCK_N < 8*M")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    global NARROW
+    NARROW = args.narrow
     os.environ["MODELOPT_SPARSE_AUTOTUNE"] = "0"
     jobs = [j for j in _jobs() if j[0] in args.kinds and j[1] in args.variants]
     import multiprocessing as mp
