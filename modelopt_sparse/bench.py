@@ -505,15 +505,17 @@ def compute_ratios(rows: Iterable[dict], targets: Sequence[Target] = TARGETS) ->
             else:
                 per_s.append({"seq_len": s, "ratio": num / den})
         value = min(p["ratio"] for p in per_s) if per_s else None
+        # A target stated for the main head dim is not a verdict at another one.
+        target = t.target if (t.head_dim is not None or d == MAIN_HEAD_DIM) else None
         if value is None:
             status = "n/a"
-        elif t.target is None:
+        elif target is None:
             status = "info"
         else:
-            status = "PASS" if value >= t.target else "MISS"
+            status = "PASS" if value >= target else "MISS"
         out.append({
             "label": t.label(d), "mode": t.mode, "causal": t.causal, "head_dim": d,
-            "numerator": t.numerator, "denominator": t.denominator, "target": t.target,
+            "numerator": t.numerator, "denominator": t.denominator, "target": target,
             "per_seq_len": per_s, "missing_seq_lens": missing, "value": value, "status": status,
         })
     return out
@@ -534,6 +536,14 @@ def _git_commit() -> str | None:
     commit = _git("rev-parse", "HEAD")
     if commit:
         return commit
+    # A copy shipped to a host without git (the GPU machine) carries the commit in a file
+    # written just before shipping; a .git folder there may be stale.
+    try:
+        commit = (REPO_ROOT / ".commit").read_text().strip()
+        if commit:
+            return commit
+    except OSError:
+        pass
     # No git binary: read the ref by hand.
     git_dir = REPO_ROOT / ".git"
     try:
@@ -548,11 +558,7 @@ def _git_commit() -> str | None:
                 return line.split()[0]
     except OSError:
         pass
-    # A copy without .git (e.g. shipped to a GPU host) may carry the commit in a file.
-    try:
-        return (REPO_ROOT / ".commit").read_text().strip() or None
-    except OSError:
-        return None
+    return None
 
 
 def collect_env(device: str) -> dict:
