@@ -155,6 +155,8 @@ def test_interior_tiles_need_no_mask(causal, n, sinks, window):
             qk = torch.zeros(q_len, kv_len)
             _, interior = _probe(qk.to(DEVICE), q_len, kv_len, params, block_m, block_n, by_keys)
             for bi, bj in interior.cpu().nonzero().tolist():
+                if by_keys:  # the dK/dV kernel loads interior query blocks unpredicated
+                    assert (bi + 1) * block_m <= q_len, (q_len, kv_len, bi, bj)
                 rows = q_pos[bi * block_m:min((bi + 1) * block_m, q_len)]
                 keys = torch.arange(bj * block_n, (bj + 1) * block_n)
                 assert keys.max() < kv_len, (q_len, kv_len, bi, bj)

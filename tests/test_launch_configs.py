@@ -33,10 +33,10 @@ def test_pruned_configs_fit_and_hold_whole_groups(kind, autotune, monkeypatch):
                 # Whole groups always; groups in one thread's registers whenever any
                 # listed config allows it (else the single-stage fallback).
                 assert bn % m == 0, (kind, d, n, m, cfg)
-                wide_fits = any(s[1] >= 8 * m and ta._smem_bytes(kind, s[0], s[1], d, s[3], dtype.itemsize)
+                wide_fits = any(s[1] >= ta._min_block_n(kind, m) and ta._smem_bytes(kind, s[0], s[1], d, s[3], dtype.itemsize)
                                 <= ta._SMEM_LIMIT and (d <= 128 or s[0] * s[1] <= 64 * 128)
                                 for s in ta._SHAPES[kind if kind != "fwd" else "fwd_sparse"])
-                assert bn >= 8 * m or not wide_fits, (kind, d, n, m, dtype, cfg)
+                assert bn >= ta._min_block_n(kind, m) or not wide_fits, (kind, d, n, m, dtype, cfg)
 
 
 def test_defaults_follow_the_measured_order():

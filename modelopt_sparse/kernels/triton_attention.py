@@ -263,7 +263,7 @@ def _query_block_segments(
 ):
     """Query blocks (starts, multiples of BLOCK_M) that see the key tile starting at n0,
     split into interior and edge: the same tiles as ``_key_tile_segments``, seen from the
-    key side."""
+    key side, except that a partial last block is always edge."""
     offset = kv_len - q_len
     s = 0
     if IS_CAUSAL:
@@ -283,9 +283,11 @@ def _query_block_segments(
             upper = tl.where(window > 0, clear, 0)
             # p_hi <= start_m + BLOCK_M - 1 + offset < n0
             lower = tl.where(window > 0, (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M, s)
-    a_hi = tl.where(eligible, lower, s)
+    # Interior blocks must also be whole: their loads skip the row predicates.
+    whole = (q_len // BLOCK_M) * BLOCK_M
+    a_hi = tl.minimum(tl.where(eligible, lower, s), whole)
     b_lo = tl.where(eligible, upper, end)
-    return _segments(s, s, a_hi, b_lo, end, end)
+    return _segments(s, s, a_hi, b_lo, whole, end)
 
 
 @triton.jit
@@ -386,10 +388,19 @@ def _key_index(n0, BLOCK_N: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: 
 
 
 @triton.jit
-def _load_rows(base, rows, row_valid, stride_t, dim, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """[len(rows), BLOCK_D] tile of token rows; zero outside valid rows and the head dim."""
+def _load_rows(base, rows, row_valid, stride_t, dim, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+               ALL_VALID: tl.constexpr = False, other=0.0):
+    """[len(rows), BLOCK_D] tile of token rows; ``other`` outside valid rows, zero outside
+    the head dim. ``ALL_VALID``: the caller guarantees every row is valid (interior
+    tiles), so the load needs no per-row predicate."""
     ptrs = base + rows[:, None] * stride_t + dim[None, :]
-    x = tl.load(ptrs, mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :], other=0.0)
+    if ALL_VALID:
+        if HEAD_DIM == dim.shape[0]:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(dim < HEAD_DIM)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :], other=other)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -408,12 +419,13 @@ def _query_rows(start_m, q_len, kv_len, BLOCK_M: tl.constexpr):
 @triton.jit
 def _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
               HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-              SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr):
-    """The K and V rows of the tile starting at key n0, in the permuted order."""
+              SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr, EDGE: tl.constexpr = True):
+    """The K and V rows of the tile starting at key n0, in the permuted order. Interior
+    tiles (``EDGE`` false) lie wholly inside the keys and load without row predicates."""
     k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
     k_valid = k_idx < kv_len
-    k = _load_rows(k_base, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST)
-    v = _load_rows(v_base, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST)
+    k = _load_rows(k_base, k_idx, k_valid, stride_kt, dim, HEAD_DIM, UPCAST, not EDGE)
+    v = _load_rows(v_base, k_idx, k_valid, stride_vt, dim, HEAD_DIM, UPCAST, not EDGE)
     return k_idx, k, v
 
 
@@ -480,7 +492,7 @@ def _attn_fwd(
         for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_N)):
             n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
             k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
-                                    HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M)
+                                    HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M, EDGE)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if EDGE:
                 qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
@@ -570,14 +582,20 @@ def _attn_bwd_dkdv(
             for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_M)):
                 start_m = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_M)
                 rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
-                q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
-                do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
+                # Interior query blocks are whole blocks: no row predicates on their loads.
+                q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST, not EDGE)
+                do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST, not EDGE)
                 lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
-                # Rows past the sequence get lse = +inf, hence p = 0 and no gradient,
-                # without a per-element select; rows with no key at all have p = 0 anyway.
-                lse = tl.load(LSE + lse_ptr, mask=row_valid, other=float("inf"))
+                if EDGE:
+                    # Rows past the sequence get lse = +inf, hence p = 0 and no gradient,
+                    # without a per-element select.
+                    lse = tl.load(LSE + lse_ptr, mask=row_valid, other=float("inf"))
+                    delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
+                else:
+                    lse = tl.load(LSE + lse_ptr)
+                    delta = tl.load(DELTA + lse_ptr)
+                # Rows with no key at all have p = 0 whatever finite value stands in.
                 lse = tl.where(lse == NEG_INF, 0.0, lse)
-                delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
 
                 qk = _kept_scores(
                     tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
@@ -639,7 +657,7 @@ def _attn_bwd_dq(
         for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_N)):
             n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
             k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
-                                    HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M)
+                                    HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M, EDGE)
             qk = _kept_scores(
                 tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
                 q_pos, k_idx, q_len, kv_len, num_sink, window,
@@ -751,6 +769,17 @@ def _smem_bytes(kind, bm, bn, bd, stages, elem):
     return (2 * bn * bd + stages * 2 * bm * bd + 2 * bm * bn) * elem
 
 
+def _min_block_n(kind, m):
+    """Narrowest key tile worth launching for groups of M.
+
+    With G = BLOCK_N / M >= 8 a group's members differ only in register bits of the
+    accumulator's column index; below that, splitting the tile moves data between threads.
+    The dK/dV kernel is the exception at M = 16: its 128-wide tiles spill, which costs more
+    than the data movement of 64-wide ones (236 against 182 TFLOPS fwd+bwd, H200 sweep).
+    """
+    return 4 * m if (kind == "dkdv" and m == 16) else 8 * m
+
+
 def _prune(configs, named_args, kind, **kwargs):
     args = {**named_args, **kwargs}
     m, sparse, d = args["SPARSITY_M"], args["SPARSITY_N"] > 0, args["BLOCK_D"]
@@ -766,9 +795,7 @@ def _prune(configs, named_args, kind, **kwargs):
 
     def fits(cfg):
         bm, bn, _, stages = shape(cfg)
-        # With G = BLOCK_N / M >= 8 a group's members differ only in register bits of the
-        # accumulator's column index; below that, splitting the tile moves data between threads.
-        if sparse and bn < 8 * m:
+        if sparse and bn < _min_block_n(kind, m):
             return False
         if _smem_bytes(kind, bm, bn, d, stages, elem) > _SMEM_LIMIT:
             return False
