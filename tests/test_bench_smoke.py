@@ -124,6 +124,15 @@ def test_flops_and_verdicts():
     assert line["status"] == "PASS"
 
 
+def test_main_head_dim_targets_are_not_verdicts_at_other_head_dims():
+    """A run without D=128 reports the D=128 lines at its own head dim for information;
+    only the lines that name that head dim carry a target there."""
+    rows = [{"mode": "fwd", "causal": True, "seq_len": 4096, "head_dim": 64, "impl": impl,
+             "status": "ok", "tflops": t} for impl, t in (("dense", 100.0), ("flex", 93.0))]
+    lines = [r for r in compute_ratios(rows) if r["label"] == "causal fwd D=64: dense vs FlexAttention"]
+    assert sorted((r["status"], r["target"]) for r in lines) == [("PASS", 1.05), ("info", None)]
+
+
 def test_console_script_runs_the_benchmark(tmp_path, capsys):
     from modelopt_sparse.cli import main
 
