@@ -109,6 +109,23 @@ def test_exact_ties_through_interior_tiles(tie_break, n, m):
     assert max(errs) < TOL[torch.float32], errs
 
 
+@pytest.mark.parametrize("n", [0, 2])
+def test_lazy_rescale_matches_reference(n, monkeypatch):
+    """The experimental lazy rescale (MODELOPT_SPARSE_LAZY_RESCALE=1): keys whose scale grows
+    along the sequence make row maxima jump by more than the slack several times, so both
+    the skipped and the taken rescale run."""
+    monkeypatch.setenv("MODELOPT_SPARSE_LAZY_RESCALE", "1")
+    lens = [150, 70]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(sum(lens), 2, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(sum(lens), 1, 16, generator=g, dtype=torch.float64)
+    k *= torch.cat([torch.linspace(0.2, 6.0, length) for length in lens])[:, None, None].double()
+    v = torch.randn(sum(lens), 1, 16, generator=g, dtype=torch.float64)
+    errs, _ = _compare(lens, lens, 2, 1, 16, torch.float32, (q, k, v), sparsity_n=n, sparsity_m=4,
+                       num_sink_tokens=1, dense_window_size=5)
+    assert max(errs) < 1e-4, errs
+
+
 def _probe(qk, q_len, kv_len, params, block_m, block_n, by_keys=False):
     from modelopt_sparse.kernels.triton_attention import kernel_kept_mask
 

@@ -29,6 +29,8 @@ import triton.language as tl
 from .api import interpreting
 
 NEG_INF = tl.constexpr(float("-inf"))
+# Log2-domain growth of a row max that the forward absorbs without rescaling (LAZY_RESCALE).
+RESCALE_SLACK = tl.constexpr(8.0)
 # Compiled kernels may use inline PTX; the interpreter cannot run it.
 PTX = tl.constexpr(not interpreting())
 LOG2E = 1.4426950408889634  # host-side only
@@ -457,7 +459,7 @@ def _attn_fwd(
     max_q_bucket,  # autotune key only
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr,
+    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -499,9 +501,27 @@ def _attn_fwd(
             # A group's maximum always survives selection, so the row max of the allowed
             # scores is the row max of the kept ones; taking it first keeps the selection
             # off the reduction's critical path.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_shift)
+            m_tile = tl.max(qk, 1) * qk_scale
+            if LAZY_RESCALE:
+                # Keep the exponent offset m_i until some row's max passes it by more than
+                # RESCALE_SLACK (p then stays below 2**RESCALE_SLACK): after the first tiles
+                # of a row it rarely moves, and the rescale of acc (one multiply per
+                # accumulator element, as many as the scores at BLOCK_N = 64) is skipped.
+                if tl.max(tl.where(m_tile > m_i + RESCALE_SLACK, 1, 0), 0) > 0:
+                    m_grown = tl.maximum(m_i, m_tile)
+                    grow = tl.math.exp2(m_i - tl.where(m_grown == NEG_INF, 0.0, m_grown))
+                    acc = acc * grow[:, None]
+                    l_i = l_i * grow
+                    if WITH_STATS:
+                        l_dropped = l_dropped * grow
+                    m_i = m_grown
+                m_new = m_i
+                m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+                alpha = tl.full([BLOCK_M], 1.0, tl.float32)  # multiplications by it fold away
+            else:
+                m_new = tl.maximum(m_i, m_tile)
+                m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_shift)
             if WITH_STATS:
                 p_allowed = tl.math.exp2(qk * qk_scale - m_shift[:, None])
                 n_allowed += tl.sum((qk > NEG_INF).to(tl.int32), 1)
@@ -827,9 +847,16 @@ def _autotuned(kernel, kind, length_key, extra_keys=()):
     )(kernel)
 
 
-_fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
+_fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS", "LAZY_RESCALE"])
 _dkdv = _autotuned(_attn_bwd_dkdv, "dkdv", "max_k_bucket")
 _dq = _autotuned(_attn_bwd_dq, "dq", "max_q_bucket")
+
+
+def _lazy_rescale() -> bool:
+    """Experimental (MODELOPT_SPARSE_LAZY_RESCALE=1): skip the forward's rescale of the
+    accumulator while no row max grows by more than 2**RESCALE_SLACK. Exact up to
+    rounding; off by default until the H200 shows it pays (docs/performance.md)."""
+    return os.environ.get("MODELOPT_SPARSE_LAZY_RESCALE", "0") == "1"
 
 
 def _bucket(n: int) -> int:
@@ -873,6 +900,7 @@ class _TritonSparseAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 _bucket(max_q),
                 WITH_STATS=stats is not None,
+                LAZY_RESCALE=_lazy_rescale(),
                 **consts,
             )
         if stats is not None:
