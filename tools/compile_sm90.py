@@ -4,6 +4,12 @@ Catches compile-only errors before spending device time, and counts instructions
 tensor-core ops, shared-memory traffic and local-memory spills per kernel variant:
 
     python tools/compile_sm90.py              # every kernel, a few N:M variants
+    HEAD_DIM=64 python tools/compile_sm90.py
+
+Each variant is compiled with the config a launch would take with autotuning off. Register
+allocation depends on the Triton version: to see what the H200 (triton 3.6) runs, install
+that version beside the project's (``python -m venv --system-site-packages /tmp/t36 &&
+/tmp/t36/bin/pip install triton==3.6.0``) and run this file with that interpreter.
 """
 
 from __future__ import annotations
@@ -68,22 +74,33 @@ def sass_summary(compiled) -> str:
             f"sts={sass.count('STS'):3d} spills(ldl/stl)={sass.count('LDL')}/{sass.count('STL')}")
 
 
+def default_config(kind, n, m, head_dim):
+    """The config a launch with autotuning off would take (the kernels' own pruning)."""
+    import torch
+
+    os.environ["MODELOPT_SPARSE_AUTOTUNE"] = "0"
+    args = {"Q": torch.empty(1, dtype=torch.bfloat16), "SPARSITY_N": n, "SPARSITY_M": m, "BLOCK_D": head_dim}
+    cfg = ta._prune(ta._configs(kind), args, kind)[0]
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+
 def main():
-    base = dict(GROUPS=4, HEAD_DIM=128, BLOCK_D=128, IS_CAUSAL=True, TIE_INDEX=False,
+    head_dim = int(os.environ.get("HEAD_DIM", 128))
+    base = dict(GROUPS=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, IS_CAUSAL=True, TIE_INDEX=False,
                 UPCAST=False, DOT_PRECISION="tf32")
     variants = [(0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (2, 4, True)]
     plans = [
-        ("fwd", ta._attn_fwd, dict(WITH_STATS=False, LAZY_RESCALE=False), (128, 128, 8, 3)),
-        ("dkdv", ta._attn_bwd_dkdv, {}, (64, 64, 8, 1)),
-        ("dq", ta._attn_bwd_dq, {}, (64, 128, 8, 2)),
+        ("fwd", ta._attn_fwd, dict(WITH_STATS=False, LAZY_RESCALE=False)),
+        ("dkdv", ta._attn_bwd_dkdv, {}),
+        ("dq", ta._attn_bwd_dq, {}),
     ]
-    for kind, kernel, extra, (bm, bn, warps, stages) in plans:
+    for kind, kernel, extra in plans:
         for n, m, tie in variants:
-            consts = dict(base, **extra, SPARSITY_N=n, SPARSITY_M=m, TIE_INDEX=tie,
-                          BLOCK_M=bm, BLOCK_N=max(bn, 8 * m) if n else bn)
+            bm, bn, warps, stages = default_config(kind, n, m, head_dim)
+            consts = dict(base, **extra, SPARSITY_N=n, SPARSITY_M=m, TIE_INDEX=tie, BLOCK_M=bm, BLOCK_N=bn)
             compiled = compile_kernel(kernel, consts, warps, stages)
-            label = f"{kind:<5} {n}:{m}{' index' if tie else '      '} BM={bm} BN={consts['BLOCK_N']}"
-            print(f"{label:<34} {sass_summary(compiled)}")
+            label = f"{kind:<5} {n}:{m}{' index' if tie else '      '} {bm}x{bn} w{warps} s{stages}"
+            print(f"{label:<36} {sass_summary(compiled)}")
 
 
 if __name__ == "__main__":
