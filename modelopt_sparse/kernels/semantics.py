@@ -4,9 +4,10 @@ docs/semantics.md is the prose version of this module. Every backend implements 
 this rule:
 
 * the PyTorch reference calls :func:`kept_mask` below;
-* the Triton kernels call ``_masked_scores`` in ``triton_attention.py``, which the forward,
-  the dK/dV and the dQ kernels share, and which the test-suite compares element for
-  element with :func:`kept_mask` (``tests/test_triton_attention.py``).
+* the Triton kernels call ``_allowed_scores``, ``_dense_region`` and ``_nm_sparsify`` in
+  ``triton_attention.py``, which the forward, the dK/dV and the dQ kernels share, and which
+  the test-suite compares element for element with :func:`kept_mask` through a mask probe
+  (``tests/test_kernel_triton.py``), for several tile shapes and both tile classifications.
 
 Pattern validation (the N:M values, tie rules, token counts) also lives here, so that the
 kernel API and the plugin configs reject bad values with the same words.
