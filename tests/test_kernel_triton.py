@@ -126,6 +126,29 @@ def test_lazy_rescale_matches_reference(n, monkeypatch):
     assert max(errs) < 1e-4, errs
 
 
+@pytest.mark.parametrize("gaps", [True, False])
+def test_rows_outside_every_sequence_read_as_zero(gaps):
+    """Packed rows that belong to no sequence get 0 in the output and in every gradient
+    (the kernels skip the zero fill only when the sequences cover every row)."""
+    starts, lens = ([3, 40], [30, 20]) if gaps else ([0, 30], [30, 20])
+    total = 65 if gaps else 50
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(total, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    st = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    ln = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = attention(q, k, v, st, ln, 30, sparsity_n=2, sparsity_m=4, backend="triton")
+    out.backward(torch.ones_like(out))
+    inside = torch.zeros(total, dtype=torch.bool)
+    for start, length in zip(starts, lens):
+        inside[start:start + length] = True
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+        assert (t[~inside.to(t.device)] == 0).all()
+    want = attention(*(t.detach().cpu().double() for t in (q, k, v)), st.cpu(), ln.cpu(), 30,
+                     sparsity_n=2, sparsity_m=4, backend="torch")
+    assert rel_err(out.detach().cpu(), want) < TOL[torch.float32]
+
+
 def _probe(qk, q_len, kv_len, params, block_m, block_n, by_keys=False):
     from modelopt_sparse.kernels.triton_attention import kernel_kept_mask
 

@@ -128,11 +128,14 @@ def attention(
     else:
         from .triton_attention import triton_attention
 
+        # Sequences never share rows (checked above), so they cover every packed row exactly
+        # when their lengths add up to it; then no output needs zero-filling first.
+        covered = (sum(s.q_len for s in segments) == q.shape[0], sum(s.k_len for s in segments) == k.shape[0])
         out = triton_attention(
             q, k, v,
             b_start_loc, b_seq_len, max_input_len,
             b_start_loc_k, b_seq_len_k, max_input_len_k,
-            params, stats,
+            params, stats, covered=covered,
         )
     return (out, stats) if return_stats else out
 

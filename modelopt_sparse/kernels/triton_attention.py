@@ -560,6 +560,23 @@ def _attn_fwd(
 # Backward
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA, total,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_lt, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """delta = rowsum(o * do) in fp32 for every row and head: the softmax-gradient term both
+    backward kernels subtract. One pass over o and do, no fp32 copies of them in memory."""
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    head = tl.program_id(1)
+    dim = tl.arange(0, BLOCK_D)
+    valid = rows < total
+    o = _load_rows(O + head * stride_oh, rows, valid, stride_ot, dim, HEAD_DIM, True)
+    do = _load_rows(DO + head * stride_doh, rows, valid, stride_dot, dim, HEAD_DIM, True)
+    tl.store(DELTA + rows * stride_lt + head * stride_lh, tl.sum(o * do, 1), mask=valid)
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     Q_START, Q_LEN, K_START, K_LEN,
@@ -881,10 +898,10 @@ def _common_constexprs(q, groups, params):
 class _TritonSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, params, stats):
-        q_start, q_len, max_q, k_start, k_len, max_k = meta
+        q_start, q_len, max_q, k_start, k_len, max_k, covered = meta
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         hq, hkv = q.shape[1], k.shape[1]
-        out = torch.zeros_like(q)  # rows outside every sequence read as 0
+        out = _output_like(q, covered[0])
         lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
         row_stats = (
             torch.zeros(q.shape[0], hq, 3, dtype=torch.float32, device=q.device) if stats is not None else lse
@@ -906,7 +923,7 @@ class _TritonSparseAttention(torch.autograd.Function):
         if stats is not None:
             _reduce_row_stats(row_stats, q_start, q_len, stats)
         ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
-        ctx.max_q, ctx.max_k, ctx.params = max_q, max_k, params
+        ctx.max_q, ctx.max_k, ctx.params, ctx.covered = max_q, max_k, params, covered
         return out
 
     @staticmethod
@@ -914,13 +931,20 @@ class _TritonSparseAttention(torch.autograd.Function):
         q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
         params = ctx.params
         do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        delta = (out.float() * do.float()).sum(-1)
         hq, hkv = q.shape[1], k.shape[1]
-        # Keys outside every sequence get no gradient: start from zeros.
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
+        q_covered, k_covered = ctx.covered
+        dq, dk, dv = _output_like(q, q_covered), _output_like(k, k_covered), _output_like(v, k_covered)
         consts = _common_constexprs(q, hq // hkv, params)
         scale = params.softmax_scale
         with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+            if q.shape[0]:
+                block_t = 64
+                _attn_bwd_delta[(triton.cdiv(q.shape[0], block_t), hq)](
+                    out, do, delta, q.shape[0],
+                    out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), delta.stride(1),
+                    HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_T=block_t, num_warps=4,
+                )
             _dkdv[lambda cfg: (triton.cdiv(ctx.max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv)](
                 q, k, v, do, lse, delta, dk, dv,
                 q_start, q_len, k_start, k_len,
@@ -941,6 +965,11 @@ class _TritonSparseAttention(torch.autograd.Function):
                 **consts,
             )
         return dq, dk, dv, None, None, None
+
+
+def _output_like(x, covered):
+    """The kernels write every row of every sequence; rows outside all sequences read as 0."""
+    return torch.empty_like(x) if covered else torch.zeros_like(x)
 
 
 class _nullcontext:
@@ -965,9 +994,13 @@ def _reduce_row_stats(row_stats, q_start, q_len, stats):
     stats["dropped_mass"] += rs[..., 2].sum(0)
 
 
-def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, stats=None):
-    """Launch the fused kernels; inputs are validated by :func:`modelopt_sparse.kernels.attention`."""
-    meta = (q_start, q_len, max(int(max_q), 1), k_start, k_len, max(int(max_k), 1))
+def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, stats=None,
+                     covered=(False, False)):
+    """Launch the fused kernels; inputs are validated by :func:`modelopt_sparse.kernels.attention`.
+
+    ``covered``: whether the sequences cover every packed query / key row; rows outside
+    every sequence read as 0 in the output and gradients, which then needs a zero fill."""
+    meta = (q_start, q_len, max(int(max_q), 1), k_start, k_len, max(int(max_k), 1), tuple(covered))
     return _TritonSparseAttention.apply(q, k, v, meta, params, stats)
 
 
