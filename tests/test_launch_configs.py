@@ -45,3 +45,21 @@ def test_defaults_follow_the_measured_order():
     sparse = ta._prune(_all_configs(), {**args, "SPARSITY_N": 2}, "fwd")[0]
     assert (dense.kwargs["BLOCK_M"], dense.kwargs["BLOCK_N"], dense.num_stages) == (128, 128, 3)
     assert (sparse.kwargs["BLOCK_M"], sparse.kwargs["BLOCK_N"], sparse.num_warps) == (64, 64, 4)
+
+
+@pytest.mark.parametrize("name", ["MODELOPT_SPARSE_AUTOTUNE", "MODELOPT_SPARSE_LAZY_RESCALE"])
+def test_switches_take_only_0_or_1(name, monkeypatch):
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name} must be 0 or 1, got 'yes'"):
+        ta._env_flag(name, False)
+    monkeypatch.setenv(name, "1")
+    assert ta._env_flag(name, False) is True
+    monkeypatch.delenv(name)
+    assert ta._env_flag(name, True) is True
+
+
+def test_bad_autotune_switch_fails_before_any_launch(monkeypatch):
+    monkeypatch.setenv("MODELOPT_SPARSE_AUTOTUNE", "off")
+    args = {"Q": torch.empty(1, dtype=torch.bfloat16), "SPARSITY_N": 0, "SPARSITY_M": 4, "BLOCK_D": 128}
+    with pytest.raises(ValueError, match="MODELOPT_SPARSE_AUTOTUNE"):
+        ta._prune(_all_configs(), args, "fwd")

@@ -67,29 +67,23 @@ def _patterns(value: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        number = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text.strip()!r}") from None
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+    return number
+
+
 def _int_list(value: str) -> list[int]:
     """``4`` or ``0,4``: several values may follow one flag, or be comma-separated."""
-    out = []
-    for part in value.split(","):
-        part = part.strip()
-        try:
-            number = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {part!r}") from None
-        if number < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-        out.append(number)
-    return out
+    return [_int_at_least(part, 0) for part in value.split(",")]
 
 
 def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+    return _int_at_least(value, 1)
 
 
 def _max_windows(value: str):

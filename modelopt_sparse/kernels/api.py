@@ -110,7 +110,7 @@ def attention(
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
-    segments = _check_metadata(
+    segments, covered = _check_metadata(
         q, k, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k
     )
     params = SparseParams(
@@ -128,9 +128,6 @@ def attention(
     else:
         from .triton_attention import triton_attention
 
-        # Sequences never share rows (checked above), so they cover every packed row exactly
-        # when their lengths add up to it; then no output needs zero-filling first.
-        covered = (sum(s.q_len for s in segments) == q.shape[0], sum(s.k_len for s in segments) == k.shape[0])
         out = triton_attention(
             q, k, v,
             b_start_loc, b_seq_len, max_input_len,
@@ -228,7 +225,9 @@ class _ValidatedMetadata:
 _validated = _ValidatedMetadata()
 
 
-def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> list[Segment]:
+def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple[list[Segment], tuple[bool, bool]]:
+    """The sequences, and whether they cover every packed query / key row (then no output
+    needs a zero fill first); checked, and remembered per metadata tensor version."""
     for name, t in (
         ("b_start_loc", start_q), ("b_seq_len", len_q),
         ("b_start_loc_k", start_k), ("b_seq_len_k", len_k),
@@ -256,8 +255,11 @@ def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> list[
     if cached is not None:
         return cached
     segments = _check_metadata_values(q, k, tensors, max_q, max_k)
-    _validated.put(tensors, extra, segments)
-    return segments
+    # Sequences never share rows (checked), so they cover every row exactly when their
+    # lengths add up to the row count.
+    covered = (sum(s.q_len for s in segments) == q.shape[0], sum(s.k_len for s in segments) == k.shape[0])
+    _validated.put(tensors, extra, (segments, covered))
+    return segments, covered
 
 
 def _check_metadata_values(q, k, tensors, max_q, max_k) -> list[Segment]:

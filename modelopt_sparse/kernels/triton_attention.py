@@ -847,7 +847,7 @@ def _prune(configs, named_args, kind, **kwargs):
             if bn >= (m if sparse else 16) and _smem_bytes(kind, bm, bn, d, 1, elem) <= _SMEM_LIMIT:
                 kept = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
                 break
-    if os.environ.get("MODELOPT_SPARSE_AUTOTUNE", "1") == "0":
+    if not _env_flag("MODELOPT_SPARSE_AUTOTUNE", True):
         # Tests compile many shape/pattern combinations; tuning each would take minutes.
         return kept[:1]
     return kept
@@ -873,7 +873,17 @@ def _lazy_rescale() -> bool:
     """Experimental (MODELOPT_SPARSE_LAZY_RESCALE=1): skip the forward's rescale of the
     accumulator while no row max grows by more than 2**RESCALE_SLACK. Exact up to
     rounding; off by default until the H200 shows it pays (docs/performance.md)."""
-    return os.environ.get("MODELOPT_SPARSE_LAZY_RESCALE", "0") == "1"
+    return _env_flag("MODELOPT_SPARSE_LAZY_RESCALE", False)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """A 0/1 environment switch; anything else is a mistake worth hearing about."""
+    value = os.environ.get(name, "").strip()
+    if value == "":
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _bucket(n: int) -> int:
