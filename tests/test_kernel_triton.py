@@ -110,11 +110,9 @@ def test_exact_ties_through_interior_tiles(tie_break, n, m):
 
 
 @pytest.mark.parametrize("n", [0, 2])
-def test_lazy_rescale_matches_reference(n, monkeypatch):
-    """The experimental lazy rescale (MODELOPT_SPARSE_LAZY_RESCALE=1): keys whose scale grows
-    along the sequence make row maxima jump by more than the slack several times, so both
-    the skipped and the taken rescale run."""
-    monkeypatch.setenv("MODELOPT_SPARSE_LAZY_RESCALE", "1")
+def test_growing_row_max_matches_reference(n):
+    """Keys whose scale grows along the sequence make every row's running max jump many
+    times, so the online softmax rescales its accumulator over and over."""
     lens = [150, 70]
     g = torch.Generator().manual_seed(3)
     q = torch.randn(sum(lens), 2, 16, generator=g, dtype=torch.float64)
@@ -160,16 +158,25 @@ PROBE_SHAPES = [(37, 37), (5, 61), (1, 20), (150, 150), (60, 200)]
 PROBE_TILES = [(16, 32), (32, 64), (16, 128)]
 
 
+# Scores at the ends of the float32 range: subnormals one ulp apart, signed zeros, values
+# near the largest float. The kernels' interior kept test is arithmetic on the FMA pipe
+# (``_drop_below_floor``), which must agree with ``>=`` on all of them.
+EXTREME_SCORES = torch.tensor([0.0, -0.0, 1e-45, 3e-45, -1e-45, 1.2e-38, 1e-30, -1e-30, 1.0, -1.0,
+                               1e30, -1e30, 3.4e38, -3.4e38, 2.0**95, 2.0**96])
+
+
 @pytest.mark.parametrize("n,m,tie_break", [(2, 4, "threshold"), (2, 4, "index"), (1, 2, "index"),
                                            (3, 8, "threshold"), (6, 16, "index"), (8, 16, "threshold")])
-@pytest.mark.parametrize("integer_scores", [True, False])
-def test_kernel_mask_equals_semantics_for_any_tile(n, m, tie_break, integer_scores):
+@pytest.mark.parametrize("scores", ["integers", "normal", "extreme"])
+def test_kernel_mask_equals_semantics_for_any_tile(n, m, tie_break, scores):
     g = torch.Generator().manual_seed(n + m)
     for (q_len, kv_len), causal in itertools.product(PROBE_SHAPES, [True, False]):
-        if integer_scores:
+        if scores == "integers":
             qk = torch.randint(-2, 3, (q_len, kv_len), generator=g).float()
-        else:
+        elif scores == "normal":
             qk = torch.randn(q_len, kv_len, generator=g)
+        else:
+            qk = EXTREME_SCORES[torch.randint(0, len(EXTREME_SCORES), (q_len, kv_len), generator=g)]
         params = SparseParams(causal, 1.0, n, m, 3, 4, tie_break)
         want = kept_mask(qk.double(), q_len, kv_len, is_causal=causal, sparsity_n=n, sparsity_m=m,
                          num_sink_tokens=3, dense_window_size=4, tie_break=tie_break)

@@ -90,7 +90,7 @@ def main():
                 UPCAST=False, DOT_PRECISION="tf32")
     variants = [(0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (2, 4, True)]
     plans = [
-        ("fwd", ta._attn_fwd, dict(WITH_STATS=False, LAZY_RESCALE=False)),
+        ("fwd", ta._attn_fwd, dict(WITH_STATS=False)),
         ("dkdv", ta._attn_bwd_dkdv, {}),
         ("dq", ta._attn_bwd_dq, {}),
     ]

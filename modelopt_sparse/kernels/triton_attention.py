@@ -11,7 +11,7 @@ the logical key index, so the rule never depends on the tile size; permuting the
 contraction index of P·V is harmless because V's rows are permuted the same way.
 
 The rule itself (docs/semantics.md) lives in ``_allowed_scores``, ``_dense_region`` and
-``_nm_sparsify``. ``_key_tile_segments`` and ``_query_block_segments`` split the tiles into
+``_selection_exponent``. ``_key_tile_segments`` and ``_query_block_segments`` split the tiles into
 interior ones, which provably need neither of the first two tests and run a loop body
 without them, and edge ones. The forward, both backward kernels and the mask probe share
 all of these.
@@ -28,9 +28,8 @@ import triton.language as tl
 
 from .api import interpreting
 
-NEG_INF = tl.constexpr(float("-inf"))
-# Log2-domain growth of a row max that the forward absorbs without rescaling (LAZY_RESCALE).
-RESCALE_SLACK = tl.constexpr(8.0)
+# -inf is written as a literal in the kernels, not as a global constexpr: torch.compile
+# (Inductor) re-emits a kernel's globals with repr(), and repr(-inf) is not Python.
 # Compiled kernels may use inline PTX; the interpreter cannot run it.
 PTX = tl.constexpr(not interpreting())
 LOG2E = 1.4426950408889634  # host-side only
@@ -194,7 +193,7 @@ def _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL: tl.constexpr):
     allowed = (k_idx < kv_len)[None, :]
     if IS_CAUSAL:
         allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
-    return tl.where(allowed, qk, NEG_INF)
+    return tl.where(allowed, qk, float("-inf"))
 
 
 @triton.jit
@@ -320,28 +319,31 @@ def _in_interior(n, a_lo, a_hi, b_lo, b_hi):
 
 
 @triton.jit
-def _nm_sparsify(
-    qk, q_pos, k_idx, q_len, num_sink, window,
+def _selection_exponent(
+    qk, arg, q_pos, k_idx, q_len, num_sink, window,
     EDGE: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr, TIE_INDEX: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Drop (to -inf) the scores that N:M selection removes outside the dense region.
+    """``arg`` (the softmax exponent of the raw scores ``qk``) where N:M selection keeps the
+    score, and an exponent whose exp2 is exactly 0 (-inf, or below -2**42) where it drops it.
 
-    ``qk`` must already hold -inf on disallowed entries (``_allowed_scores``), which then
-    count as -inf in their group. On interior tiles (``EDGE`` false) the dense region is
-    empty by construction.
+    On edge tiles ``qk`` and ``arg`` already hold -inf on disallowed entries
+    (``_allowed_scores``), which then count as -inf in their group. On interior tiles
+    (``EDGE`` false) the dense region is empty and no score is -inf, by construction.
 
-    The kept test is one compare against the group's N-th largest, broadcast to its
-    members. No i1 tensor may cross a branch: Triton packs it into integer bitmasks and
-    unpacks it again, which once cost more than the selection itself. That is also why
-    the interior/edge split is made by loop, not by a branch inside one loop body.
+    A score is kept when it is at or above its group's N-th largest (``_group_floor``).
+    Interior tiles evaluate that test with ``_drop_below_floor``, on the FMA pipe, since
+    the selection network already fills the compare/min/max pipe. No i1 tensor may cross a
+    branch: Triton packs it into integer bitmasks and unpacks it again, which once cost
+    more than the selection itself. That is also why the interior/edge split is made by
+    loop, not by a branch inside one loop body.
     """
     if SPARSITY_N > 0:
         if EDGE:
             scores = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N) if TIE_INDEX else qk
             kept = scores >= _group_floor(scores, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N)
             kept = kept | _dense_region(q_pos, k_idx, q_len, num_sink, window)
-            qk = tl.where(kept, qk, NEG_INF)
+            arg = tl.where(kept, arg, float("-inf"))
         elif TIE_INDEX:
             # The rules differ only in a group whose N-th and (N+1)-th largest are equal.
             # Interior tiles hold no -inf, so such exact ties are rare: test the tile for
@@ -349,33 +351,34 @@ def _nm_sparsify(
             nth, nxt = _group_nth_largest(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N, True)
             if tl.max(tl.where(nth == nxt, 1, 0)) > 0:
                 keys = _index_ordered_keys(qk, SPARSITY_M, ROWS, BLOCK_N)
-                qk = _keep_at_or_above(qk, keys, _group_floor(keys, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N), True)
+                arg = tl.where(keys >= _group_floor(keys, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N), arg, float("-inf"))
             else:
-                qk = _keep_at_or_above(qk, qk, _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N), False)
+                arg = _drop_below_floor(arg, qk, _broadcast_to_members(nth, SPARSITY_M, ROWS, BLOCK_N))
         else:
-            qk = _keep_at_or_above(qk, qk, _group_floor(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N), False)
-    return qk
+            arg = _drop_below_floor(arg, qk, _group_floor(qk, SPARSITY_N, SPARSITY_M, ROWS, BLOCK_N))
+    return arg
 
 
 @triton.jit
-def _keep_at_or_above(qk, scores, floor, INT_KEYS: tl.constexpr):
-    """``where(scores >= floor, qk, -inf)``, as one compare and one select per element.
+def _drop_below_floor(arg, scores, floor):
+    """``arg`` where ``scores >= floor``, else ``arg - 2**127 * sat((floor - scores) * 2**64)``.
 
-    Written as ``tl.where``, LLVM vectorises the 64 compares of a thread into one
-    ``<64 x i1>`` value and the backend packs it into integer bitmasks and unpacks it
-    again: three to four extra instructions per score, more than the selection network.
+    For finite scores this is the kept test ``scores >= floor`` computed by three FMA-pipe
+    instructions (sub, mul.sat, fma) instead of a compare and a select on the pipe that
+    runs the selection network. Kept: floor - scores <= 0 saturates to 0 and ``arg`` is
+    returned unchanged. Dropped: floor - scores is at least the smallest subnormal
+    (2**-149, no flush to zero), so the saturated value is at least 2**-85 (or 1 on
+    overflow) and the exponent falls by at least 2**42: exp2 gives exactly 0. Every
+    product is by a power of two, hence exact, so the interpreter's version below rounds
+    the same way.
     """
     if PTX:
-        if INT_KEYS:
-            asm: tl.constexpr = "{ .reg .pred p; setp.ge.s64 p, $2, $3; selp.b32 $0, $1, 0xff800000, p; }"
-            constraints: tl.constexpr = "=r,r,l,l"
-        else:
-            asm: tl.constexpr = "{ .reg .pred p; setp.ge.f32 p, $2, $3; selp.b32 $0, $1, 0xff800000, p; }"
-            constraints: tl.constexpr = "=r,r,r,r"
-        return tl.inline_asm_elementwise(asm, constraints, [qk, scores, floor], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 d; sub.f32 d, $3, $2; mul.sat.f32 d, d, 0f5F800000; fma.rn.f32 $0, d, 0fFF000000, $1; }",
+            "=r,r,r,r", [arg, scores, floor], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return tl.where(scores >= floor, qk, NEG_INF)
+        below = tl.minimum(tl.maximum((floor - scores) * 18446744073709551616.0, 0.0), 1.0)
+        return arg - below * 1.7014118346046923e38
 
 
 @triton.jit
@@ -431,21 +434,6 @@ def _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
     return k_idx, k, v
 
 
-@triton.jit
-def _kept_scores(
-    qk, q_pos, k_idx, q_len, kv_len, num_sink, window,
-    EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Raw scores q·kᵀ of one tile with every dropped entry at -inf."""
-    if EDGE:
-        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
-    return _nm_sparsify(
-        qk, q_pos, k_idx, q_len, num_sink, window,
-        EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-    )
-
-
 # --------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------
@@ -459,7 +447,7 @@ def _attn_fwd(
     max_q_bucket,  # autotune key only
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -480,7 +468,7 @@ def _attn_fwd(
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh
 
-    m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if WITH_STATS:
@@ -502,39 +490,30 @@ def _attn_fwd(
             # scores is the row max of the kept ones; taking it first keeps the selection
             # off the reduction's critical path.
             m_tile = tl.max(qk, 1) * qk_scale
-            if LAZY_RESCALE:
-                # Keep the exponent offset m_i until some row's max passes it by more than
-                # RESCALE_SLACK (p then stays below 2**RESCALE_SLACK): after the first tiles
-                # of a row it rarely moves, and the rescale of acc (one multiply per
-                # accumulator element, as many as the scores at BLOCK_N = 64) is skipped.
-                if tl.max(tl.where(m_tile > m_i + RESCALE_SLACK, 1, 0), 0) > 0:
-                    m_grown = tl.maximum(m_i, m_tile)
-                    grow = tl.math.exp2(m_i - tl.where(m_grown == NEG_INF, 0.0, m_grown))
-                    acc = acc * grow[:, None]
-                    l_i = l_i * grow
-                    if WITH_STATS:
-                        l_dropped = l_dropped * grow
-                    m_i = m_grown
-                m_new = m_i
-                m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-                alpha = tl.full([BLOCK_M], 1.0, tl.float32)  # multiplications by it fold away
-            else:
-                m_new = tl.maximum(m_i, m_tile)
-                m_shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_shift)
+            m_new = tl.maximum(m_i, m_tile)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_shift)
+            arg = qk * qk_scale - m_shift[:, None]
             if WITH_STATS:
-                p_allowed = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-                n_allowed += tl.sum((qk > NEG_INF).to(tl.int32), 1)
-            qk = _nm_sparsify(
-                qk, q_pos, k_idx, q_len, num_sink, window,
-                EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-            )
-            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-            if WITH_STATS:
-                kept = qk > NEG_INF
+                # The selection applied to an all-zero exponent gives a 1/0 kept indicator
+                # whatever the scores' range.
+                p_allowed = tl.math.exp2(arg)
+                allowed = qk > float("-inf")
+                kept_01 = tl.math.exp2(_selection_exponent(
+                    qk, tl.where(allowed, 0.0, float("-inf")), q_pos, k_idx, q_len, num_sink, window,
+                    EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+                ))
+                kept = kept_01 > 0.0
+                p = tl.where(kept, p_allowed, 0.0)
+                n_allowed += tl.sum(allowed.to(tl.int32), 1)
                 n_kept += tl.sum(kept.to(tl.int32), 1)
                 # Summing only the dropped terms keeps dense attention at exactly 0.
-                l_dropped = l_dropped * alpha + tl.sum(tl.where(kept, 0.0, p_allowed), 1)
+                l_dropped = l_dropped * alpha + tl.sum(p_allowed - p, 1)
+            else:
+                p = tl.math.exp2(_selection_exponent(
+                    qk, arg, q_pos, k_idx, q_len, num_sink, window,
+                    EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+                ))
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
@@ -543,7 +522,7 @@ def _attn_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = O + (q_start + rows[:, None]) * stride_ot + head * stride_oh + dim[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :])
-    lse = tl.where(empty, NEG_INF, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + (q_start + rows) * stride_lt + head * stride_lh, lse, mask=row_valid)
     if WITH_STATS:
         # Per row: allowed count, kept count, dropped softmax mass; reduced on the host.
@@ -632,14 +611,15 @@ def _attn_bwd_dkdv(
                     lse = tl.load(LSE + lse_ptr)
                     delta = tl.load(DELTA + lse_ptr)
                 # Rows with no key at all have p = 0 whatever finite value stands in.
-                lse = tl.where(lse == NEG_INF, 0.0, lse)
+                lse = tl.where(lse == float("-inf"), 0.0, lse)
 
-                qk = _kept_scores(
-                    tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
-                    q_pos, k_idx, q_len, kv_len, num_sink, window,
-                    EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-                )
-                p = tl.math.exp2(qk * qk_scale - lse[:, None])
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                if EDGE:
+                    qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+                p = tl.math.exp2(_selection_exponent(
+                    qk, qk * qk_scale - lse[:, None], q_pos, k_idx, q_len, num_sink, window,
+                    EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+                ))
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])
@@ -683,7 +663,7 @@ def _attn_bwd_dq(
     do = _load_rows(DO + q_start * stride_dot + head * stride_doh, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST)
     lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
     lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
-    lse = tl.where(lse == NEG_INF, 0.0, lse)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh
@@ -695,12 +675,13 @@ def _attn_bwd_dq(
             n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
             k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
                                     HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M, EDGE)
-            qk = _kept_scores(
-                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
-                q_pos, k_idx, q_len, kv_len, num_sink, window,
-                EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-            )
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if EDGE:
+                qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+            p = tl.math.exp2(_selection_exponent(
+                qk, qk * qk_scale - lse[:, None], q_pos, k_idx, q_len, num_sink, window,
+                EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+            ))
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -732,13 +713,17 @@ def _kept_mask_probe(
     k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
     mask = row_valid[:, None] & (k_idx < kv_len)[None, :]
     qk = tl.load(QK + rows[:, None] * kv_len + k_idx[None, :], mask=mask, other=0.0)
+    # The selection applied to an all-zero exponent, then exp2, as the kernels apply it: 1 on
+    # kept entries, and 0 on dropped ones only if the drop really zeroes the probability.
     if interior:
-        qk = _kept_scores(qk, q_pos, k_idx, q_len, kv_len, num_sink, window, False,
-                          IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
+        arg = _selection_exponent(qk, tl.zeros_like(qk), q_pos, k_idx, q_len, num_sink, window, False,
+                                  SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
     else:
-        qk = _kept_scores(qk, q_pos, k_idx, q_len, kv_len, num_sink, window, True,
-                          IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
-    tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], (qk > NEG_INF).to(tl.int8), mask=mask)
+        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        arg = _selection_exponent(qk, tl.where(qk > float("-inf"), 0.0, float("-inf")), q_pos, k_idx,
+                                  q_len, num_sink, window, True, SPARSITY_N, SPARSITY_M, TIE_INDEX,
+                                  BLOCK_M, BLOCK_N)
+    tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], (tl.math.exp2(arg) > 0.0).to(tl.int8), mask=mask)
     tl.store(INTERIOR + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), interior.to(tl.int8))
 
 
@@ -864,16 +849,9 @@ def _autotuned(kernel, kind, length_key, extra_keys=()):
     )(kernel)
 
 
-_fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS", "LAZY_RESCALE"])
+_fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
 _dkdv = _autotuned(_attn_bwd_dkdv, "dkdv", "max_k_bucket")
 _dq = _autotuned(_attn_bwd_dq, "dq", "max_q_bucket")
-
-
-def _lazy_rescale() -> bool:
-    """Experimental (MODELOPT_SPARSE_LAZY_RESCALE=1): skip the forward's rescale of the
-    accumulator while no row max grows by more than 2**RESCALE_SLACK. Exact up to
-    rounding; off by default until the H200 shows it pays (docs/performance.md)."""
-    return _env_flag("MODELOPT_SPARSE_LAZY_RESCALE", False)
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -927,7 +905,6 @@ class _TritonSparseAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 _bucket(max_q),
                 WITH_STATS=stats is not None,
-                LAZY_RESCALE=_lazy_rescale(),
                 **consts,
             )
         if stats is not None:
