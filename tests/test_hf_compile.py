@@ -68,16 +68,44 @@ for kernel in kernels:
             for ins in dis.Bytecode(fn.fn):
                 if ins.opname == "LOAD_GLOBAL":
                     assert ins.argval in vars(module) or hasattr(builtins, ins.argval), (name, ins.argval)
+
+# Inductor launches with Python floats typed fp64 and ints typed i64 (a plain launch: fp32,
+# i32). Compile the three attention kernels for sm_90 with those types: no GPU needed.
+import inspect
+from triton.backends.compiler import GPUTarget
+
+launched = [(ta._attn_fwd, dict(WITH_STATS=False)), (ta._attn_bwd_dkdv, {}), (ta._attn_bwd_dq, {})]
+for kernel, extra in launched:
+    consts = dict(GROUPS=1, HEAD_DIM=64, BLOCK_D=64, IS_CAUSAL=True, SPARSITY_N=2, SPARSITY_M=4,
+                  TIE_INDEX=False, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, **extra)
+    names = list(inspect.signature(kernel.fn).parameters)
+    def arg_type(name):
+        if name in consts:
+            return "constexpr"
+        if name in ("Q_START", "Q_LEN", "K_START", "K_LEN"):
+            return "*i32"
+        if name in ("LSE", "STATS", "DELTA"):
+            return "*fp32"
+        if name.isupper():
+            return "*bf16"
+        return "fp64" if name.endswith("scale") else "i64"
+    source = triton.compiler.ASTSource(
+        fn=kernel, signature={name: arg_type(name) for name in names},
+        constexprs={(names.index(k),): v for k, v in consts.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
 print("checked", len(kernels))
 """
 
 
-def test_inductor_can_regenerate_the_kernel_sources(tmp_path):
+def test_inductor_can_regenerate_and_launch_the_kernels(tmp_path):
     """Under torch.compile, Inductor rebuilds each user Triton kernel from its source plus
-    the globals it reads (constexprs re-emitted with repr()); a global such as
-    tl.constexpr(float("-inf")) came back as the undefined name ``inf`` and broke the
-    compiled GPU path. Rebuild every kernel that way and check each name it loads resolves.
-    A subprocess, because under TRITON_INTERPRET the kernels are not JITFunctions."""
+    the globals it reads (constexprs re-emitted with repr()), and launches it with fp64
+    float scalars. Both broke the compiled GPU path once: a global
+    tl.constexpr(float("-inf")) came back as the undefined name ``inf``, and an fp64
+    ``qk_scale`` turned the forward's running max into fp64. Rebuild every kernel that way
+    and check each name it loads resolves, then compile the kernels for sm_90 with
+    Inductor's argument types. A subprocess, because under TRITON_INTERPRET the kernels are
+    not JITFunctions."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", _INDUCTOR_SOURCE_CHECK, str(tmp_path)],

@@ -451,6 +451,9 @@ def _attn_fwd(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel;
+    # the softmax runs in fp32 either way.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUPS
@@ -570,6 +573,9 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
+    # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     kv_len = tl.load(K_LEN + seq)
@@ -646,6 +652,9 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUPS
