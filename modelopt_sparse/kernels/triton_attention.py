@@ -153,6 +153,19 @@ def _group_nth_largest(x, N: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, 
 
 
 @triton.jit
+def _row_max(qk, EDGE: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row max of a score tile. On interior sparse tiles it is the max of the group maxima,
+    which the selection network computes anyway: the compiler shares those comparisons
+    with ``_group_floor``, and the row reduction shrinks from BLOCK_N to BLOCK_N / M
+    values."""
+    if SPARSITY_N > 0 and not EDGE:
+        return tl.max(_group_nth_largest(qk, 1, SPARSITY_M, ROWS, BLOCK_N), 1)
+    else:
+        return tl.max(qk, 1)
+
+
+@triton.jit
 def _broadcast_to_members(t, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     """[ROWS, WIDTH/M] per-group values -> [ROWS, WIDTH], repeated on every member column."""
     G: tl.constexpr = WIDTH // M
@@ -490,9 +503,8 @@ def _attn_fwd(
             if EDGE:
                 qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
             # A group's maximum always survives selection, so the row max of the allowed
-            # scores is the row max of the kept ones; taking it first keeps the selection
-            # off the reduction's critical path.
-            m_tile = tl.max(qk, 1) * qk_scale
+            # scores is the row max of the kept ones.
+            m_tile = _row_max(qk, EDGE, SPARSITY_N, SPARSITY_M, BLOCK_M, BLOCK_N) * qk_scale
             m_new = tl.maximum(m_i, m_tile)
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_shift)
