@@ -2,7 +2,7 @@
 
 The attention function validates metadata on the host, so Dynamo breaks the graph around
 it; what must hold is that compiling changes nothing but speed. On CPU the reference
-backend runs; on CUDA (gpu-marked) the Triton kernels do.
+backend and the interpreted Triton kernels run; on CUDA (gpu-marked) the compiled kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import modelopt_sparse as mts
+from modelopt_sparse.kernels import interpreting
 
 from .hf_tiny import logits, sparse_cfg, tiny_model, token_ids
 
@@ -38,6 +39,13 @@ def _check(device, backend, dtype, atol):
 
 def test_compiled_sparsified_model_matches_eager_on_cpu():
     _check("cpu", "torch", torch.float32, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not interpreting(), reason="CPU with TRITON_INTERPRET=1")
+def test_compiled_sparsified_model_matches_eager_interpreted_triton():
+    """The Triton kernels sit behind torch.library custom ops, so torch.compile treats them
+    as one opaque call; on CPU the interpreter then runs them inside a compiled model."""
+    _check("cpu", "triton", torch.float32, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -98,9 +106,10 @@ print("checked", len(kernels))
 
 
 def test_inductor_can_regenerate_and_launch_the_kernels(tmp_path):
-    """Under torch.compile, Inductor rebuilds each user Triton kernel from its source plus
-    the globals it reads (constexprs re-emitted with repr()), and launches it with fp64
-    float scalars. Both broke the compiled GPU path once: a global
+    """Our kernels reach torch.compile only behind custom ops, but a user Triton kernel that
+    Dynamo does trace is rebuilt by Inductor from its source plus the globals it reads
+    (constexprs re-emitted with repr()) and launched with fp64 float scalars, and both
+    broke the compiled GPU path once, before the custom ops: a global
     tl.constexpr(float("-inf")) came back as the undefined name ``inf``, and an fp64
     ``qk_scale`` turned the forward's running max into fp64. Rebuild every kernel that way
     and check each name it loads resolves, then compile the kernels for sm_90 with

@@ -328,3 +328,24 @@ def test_gpu_large_head_dims(d):
     errs, _ = _compare(lens, lens, 8, 2, d, torch.bfloat16, inputs, sparsity_n=4, sparsity_m=8,
                        num_sink_tokens=4, dense_window_size=64)
     assert max(errs) < TOL[torch.bfloat16], errs
+
+
+def test_strided_inputs_match_reference():
+    """A q sliced out of a packed qkv tensor (used in place) and a k whose head dim is not
+    the innermost axis (copied once before the launch): same results and gradients."""
+    lens = [40, 25]
+    total, hq, hkv, d = sum(lens), 4, 2, 16
+    g = torch.Generator().manual_seed(11)
+    qkv64 = torch.randn(total, hq + 2 * hkv, d, generator=g, dtype=torch.float64)
+    sq, lq, mq, _ = varlen(lens, DEVICE)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        qkv = qkv64.to(DEVICE, dtype).requires_grad_()
+        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not q.is_contiguous() and q.stride(-1) == 1 and k.stride(-1) != 1
+        out = attention(q, k, v, sq, lq, mq, sparsity_n=2, sparsity_m=4, dense_window_size=3, backend=backend)
+        (grad,) = torch.autograd.grad(out.square().sum(), qkv)
+        results.append((out, grad))
+    for got, want in zip(*results):
+        assert rel_err(got, want) < TOL[torch.float32]

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .api import interpreting
+from .reference import SparseParams
 
 # -inf is written as a literal in the kernels, not as a global constexpr: torch.compile
 # (Inductor) re-emits a kernel's globals with repr(), and repr(-inf) is not Python.
@@ -915,75 +916,121 @@ def _common_constexprs(q, groups, params):
     )
 
 
-class _TritonSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, meta, params, stats):
-        q_start, q_len, max_q, k_start, k_len, max_k, covered = meta
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        hq, hkv = q.shape[1], k.shape[1]
-        out = _output_like(q, covered[0])
-        lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
-        row_stats = (
-            torch.zeros(q.shape[0], hq, 3, dtype=torch.float32, device=q.device) if stats is not None else lse
+# The kernels run behind two torch.library custom ops: torch.compile then sees one opaque
+# call with a fake (shape-only) implementation instead of tracing into the Triton launch,
+# which Inductor would otherwise rebuild and re-type, and the interpreter (CPU) path
+# compiles too. Params travel as the op's scalar arguments, in SparseParams field order.
+@torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+    max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
+    is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, per-row stats [rows, heads, 3] or an empty tensor)."""
+    params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
+                          dense_window_size, tie_break)
+    q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
+    hq, hkv = q.shape[1], k.shape[1]
+    out = _output_like(q, q_covered)
+    lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
+    row_stats = torch.zeros(q.shape[0] if with_stats else 0, hq, 3, dtype=torch.float32, device=q.device)
+    consts = _common_constexprs(q, hq // hkv, params)
+    grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _fwd[grid](
+            q, k, v, out, lse, row_stats if with_stats else lse,
+            q_start, q_len, k_start, k_len,
+            params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            _bucket(max_q),
+            WITH_STATS=with_stats,
+            **consts,
         )
-        consts = _common_constexprs(q, hq // hkv, params)
-        grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
-        with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-            _fwd[grid](
-                q, k, v, out, lse, row_stats,
-                q_start, q_len, k_start, k_len,
-                params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                _bucket(max_q),
-                WITH_STATS=stats is not None,
-                **consts,
-            )
-        if stats is not None:
-            _reduce_row_stats(row_stats, q_start, q_len, stats)
-        ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
-        ctx.max_q, ctx.max_k, ctx.params, ctx.covered = max_q, max_k, params, covered
-        return out
+    return out, lse, row_stats
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
-        params = ctx.params
-        do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        hq, hkv = q.shape[1], k.shape[1]
-        delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
-        q_covered, k_covered = ctx.covered
-        dq, dk, dv = _output_like(q, q_covered), _output_like(k, k_covered), _output_like(v, k_covered)
-        consts = _common_constexprs(q, hq // hkv, params)
-        scale = params.softmax_scale
-        with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-            if q.shape[0]:
-                block_t = 64
-                _attn_bwd_delta[(triton.cdiv(q.shape[0], block_t), hq)](
-                    out, do, delta, q.shape[0],
-                    out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), delta.stride(1),
-                    HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_T=block_t, num_warps=4,
-                )
-            _dkdv[lambda cfg: (triton.cdiv(ctx.max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv)](
-                q, k, v, do, lse, delta, dk, dv,
-                q_start, q_len, k_start, k_len,
-                scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
-                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                _bucket(ctx.max_k),
-                **consts,
+
+@_forward_op.register_fake
+def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params):
+    lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+    return torch.empty_like(_unit_stride_rows(q)), lse, q.new_empty(q.shape[0] if with_stats else 0, q.shape[1], 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("modelopt_sparse::nm_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+    max_q: int, max_k: int, q_covered: bool, k_covered: bool,
+    is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's inputs, output and lse."""
+    params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
+                          dense_window_size, tie_break)
+    q, k, v, do = (_unit_stride_rows(t) for t in (q, k, v, grad_out))
+    hq, hkv = q.shape[1], k.shape[1]
+    delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
+    dq, dk, dv = _output_like(q, q_covered), _output_like(k, k_covered), _output_like(v, k_covered)
+    consts = _common_constexprs(q, hq // hkv, params)
+    scale = params.softmax_scale
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        if q.shape[0]:
+            block_t = 64
+            _attn_bwd_delta[(triton.cdiv(q.shape[0], block_t), hq)](
+                out, do, delta, q.shape[0],
+                out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), delta.stride(1),
+                HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_T=block_t, num_warps=4,
             )
-            _dq[lambda cfg: (triton.cdiv(ctx.max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)](
-                q, k, v, do, lse, delta, dq,
-                q_start, q_len, k_start, k_len,
-                scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
-                _bucket(ctx.max_q),
-                **consts,
-            )
-        return dq, dk, dv, None, None, None
+        _dkdv[lambda cfg: (triton.cdiv(max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv)](
+            q, k, v, do, lse, delta, dk, dv,
+            q_start, q_len, k_start, k_len,
+            scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            _bucket(max_k),
+            **consts,
+        )
+        _dq[lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)](
+            q, k, v, do, lse, delta, dq,
+            q_start, q_len, k_start, k_len,
+            scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
+            _bucket(max_q),
+            **consts,
+        )
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, *rest):
+    return tuple(torch.empty_like(_unit_stride_rows(t)) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, _with_stats, *params = inputs
+    out, lse, row_stats = output
+    ctx.mark_non_differentiable(lse, row_stats)
+    ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
+    ctx.scalars = (max_q, max_k, q_covered, k_covered, *params)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_stats):
+    q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * 16
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _unit_stride_rows(t):
+    """The kernels need unit stride along the head dim; anything else is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _output_like(x, covered):
@@ -1019,8 +1066,16 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
 
     ``covered``: whether the sequences cover every packed query / key row; rows outside
     every sequence read as 0 in the output and gradients, which then needs a zero fill."""
-    meta = (q_start, q_len, max(int(max_q), 1), k_start, k_len, max(int(max_k), 1), tuple(covered))
-    return _TritonSparseAttention.apply(q, k, v, meta, params, stats)
+    p = params
+    out, _lse, row_stats = _forward_op(
+        q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
+        bool(covered[0]), bool(covered[1]), stats is not None,
+        bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
+        int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break),
+    )
+    if stats is not None:
+        _reduce_row_stats(row_stats, q_start, q_len, stats)
+    return out
 
 
 __all__ = ["triton_attention", "kernel_kept_mask"]
