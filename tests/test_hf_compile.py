@@ -82,7 +82,7 @@ for kernel in kernels:
 import inspect
 from triton.backends.compiler import GPUTarget
 
-launched = [(ta._attn_fwd, dict(WITH_STATS=False)), (ta._attn_bwd_dkdv, {}), (ta._attn_bwd_dq, {})]
+launched = [(ta._attn_fwd, dict(WITH_STATS=False)), (ta._attn_bwd_dkdv, dict(TMA=False)), (ta._attn_bwd_dq, {})]
 for kernel, extra in launched:
     consts = dict(GROUPS=1, HEAD_DIM=64, BLOCK_D=64, IS_CAUSAL=True, SPARSITY_N=2, SPARSITY_M=4,
                   TIE_INDEX=False, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, **extra)

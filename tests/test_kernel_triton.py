@@ -98,6 +98,24 @@ def test_separated_inputs_through_interior_tiles(causal, n, m, tie_break):
     assert max(errs) < TOL[torch.float32], errs
 
 
+@pytest.mark.parametrize("n,m", [(0, 4), (2, 4)])
+def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
+    """The experimental dK/dV path with tensor-descriptor loads (MODELOPT_SPARSE_TMA=1):
+    interior query blocks of two packed sequences (the second starts mid-tensor, so a
+    descriptor whose block crossed its end would read the wrong rows), GQA."""
+    from modelopt_sparse.kernels import triton_attention as ta
+
+    monkeypatch.setenv("MODELOPT_SPARSE_TMA", "1")
+    probe = torch.empty(8, 2, 16, device=DEVICE, dtype=torch.float32)
+    if not ta._use_tma(probe):
+        pytest.skip("tensor descriptors need sm_90+")
+    lens_q, lens_k = [150, 100], [200, 100]
+    inputs = separated_inputs(lens_q, lens_k, 4, 2, 16, m, torch.float64, seed=7 + n)
+    errs, _ = _compare(lens_q, lens_k, 4, 2, 16, torch.float32, inputs, sparsity_n=n, sparsity_m=m,
+                       num_sink_tokens=2, dense_window_size=5)
+    assert max(errs) < TOL[torch.float32], errs
+
+
 @pytest.mark.parametrize("tie_break", ["threshold", "index"])
 @pytest.mark.parametrize("n,m", [(2, 4), (5, 8)])
 def test_exact_ties_through_interior_tiles(tie_break, n, m):

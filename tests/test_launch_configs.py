@@ -47,8 +47,8 @@ def test_defaults_follow_the_measured_order():
     assert (sparse.kwargs["BLOCK_M"], sparse.kwargs["BLOCK_N"], sparse.num_warps) == (64, 64, 4)
 
 
-def test_switches_take_only_0_or_1(monkeypatch):
-    name = "MODELOPT_SPARSE_AUTOTUNE"
+@pytest.mark.parametrize("name", ["MODELOPT_SPARSE_AUTOTUNE", "MODELOPT_SPARSE_TMA"])
+def test_switches_take_only_0_or_1(name, monkeypatch):
     monkeypatch.setenv(name, "yes")
     with pytest.raises(ValueError, match=f"{name} must be 0 or 1, got 'yes'"):
         ta._env_flag(name, False)

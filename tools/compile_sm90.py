@@ -5,6 +5,7 @@ tensor-core ops, shared-memory traffic and local-memory spills per kernel varian
 
     python tools/compile_sm90.py              # every kernel, a few N:M variants
     HEAD_DIM=64 python tools/compile_sm90.py
+    TMA=1 python tools/compile_sm90.py      # dK/dV with tensor-descriptor loads
 
 Each variant is compiled with the config a launch would take with autotuning off. Register
 allocation depends on the Triton version: to see what the H200 (triton 3.6) runs, install
@@ -91,7 +92,7 @@ def main():
     variants = [(0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (2, 4, True)]
     plans = [
         ("fwd", ta._attn_fwd, dict(WITH_STATS=False)),
-        ("dkdv", ta._attn_bwd_dkdv, {}),
+        ("dkdv", ta._attn_bwd_dkdv, dict(TMA=os.environ.get("TMA", "0") == "1")),
         ("dq", ta._attn_bwd_dq, {}),
     ]
     for kind, kernel, extra in plans:

@@ -126,11 +126,14 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--narrow", action="store_true", help="also sparse tiles with BLOCK_N < 8*M")
+    p.add_argument("--tma", action="store_true",
+                   help="dK/dV with tensor-descriptor loads (experimental, MODELOPT_SPARSE_TMA=1)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     global NARROW
     NARROW = args.narrow
     os.environ["MODELOPT_SPARSE_AUTOTUNE"] = "0"
+    os.environ["MODELOPT_SPARSE_TMA"] = "1" if args.tma else "0"
     jobs = [j for j in _jobs() if j[0] in args.kinds and j[1] in args.variants]
     import multiprocessing as mp
 

@@ -600,7 +600,7 @@ def _attn_bwd_dkdv(
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
     TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel.
@@ -630,13 +630,24 @@ def _attn_bwd_dkdv(
         head = kv_head * GROUPS + g
         q_base = Q + q_start * stride_qt + head * stride_qh
         do_base = DO + q_start * stride_dot + head * stride_doh
+        if TMA:
+            # Tensor-memory-accelerator copies take the address arithmetic of the two
+            # biggest loads off the threads (experimental, MODELOPT_SPARSE_TMA=1).
+            q_desc = tl.make_tensor_descriptor(q_base, [q_len, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(do_base, [q_len, HEAD_DIM], [stride_dot, 1], [BLOCK_M, BLOCK_D])
         for EDGE in tl.static_range(2):
             for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_M)):
                 start_m = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_M)
                 rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
-                # Interior query blocks are whole blocks: no row predicates on their loads.
-                q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST, not EDGE)
-                do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST, not EDGE)
+                if TMA and not EDGE:
+                    q = q_desc.load([start_m, 0])
+                    do = do_desc.load([start_m, 0])
+                    if UPCAST:
+                        q, do = q.to(tl.float32), do.to(tl.float32)
+                else:
+                    # Interior query blocks are whole blocks: no row predicates on their loads.
+                    q = _load_rows(q_base, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST, not EDGE)
+                    do = _load_rows(do_base, rows, row_valid, stride_dot, dim, HEAD_DIM, UPCAST, not EDGE)
                 lse_ptr = (q_start + rows) * stride_lt + head * stride_lh
                 if EDGE:
                     # Rows past the sequence get lse = +inf, hence p = 0 and no gradient,
@@ -883,7 +894,7 @@ def _autotuned(kernel, kind, length_key, extra_keys=()):
 
 
 _fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
-_dkdv = _autotuned(_attn_bwd_dkdv, "dkdv", "max_k_bucket")
+_dkdv = _autotuned(_attn_bwd_dkdv, "dkdv", "max_k_bucket", ["TMA"])
 _dq = _autotuned(_attn_bwd_dq, "dq", "max_q_bucket")
 
 
@@ -992,6 +1003,7 @@ def _backward_op(
             do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             _bucket(max_k),
+            TMA=_use_tma(q, do),
             **consts,
         )
         _dq[lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)](
@@ -1026,6 +1038,29 @@ def _backward(ctx, grad_out, _grad_lse, _grad_stats):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _use_tma(*tensors) -> bool:
+    """Experimental (MODELOPT_SPARSE_TMA=1): the dK/dV kernel loads its interior Q and dO
+    blocks through tensor descriptors. Needs sm_90+ (or the interpreter) and 16-byte aligned
+    bases, head offsets and row strides; otherwise the pointer loads run. On the GPU it
+    installs a Triton allocator for the descriptors (``triton.set_allocator``), replacing
+    any other."""
+    if not _env_flag("MODELOPT_SPARSE_TMA", False):
+        return False
+    if not interpreting() and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
+        return False
+    for t in tensors:
+        elem = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * elem) % 16 or (t.stride(1) * elem) % 16 or t.stride(2) != 1:
+            return False
+    if not interpreting():
+        triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _unit_stride_rows(t):
