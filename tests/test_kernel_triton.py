@@ -109,6 +109,9 @@ def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
     probe = torch.empty(8, 2, 16, device=DEVICE, dtype=torch.float32)
     if not ta._use_tma(probe):
         pytest.skip("tensor descriptors need sm_90+")
+    ta._tma_declined.cache_clear()
+    with pytest.warns(RuntimeWarning, match="MODELOPT_SPARSE_TMA=1 ignored: q or grad_out is not 16-byte"):
+        assert not ta._use_tma(probe[:, :, 1:])  # base 4 bytes past an aligned one
     lens_q, lens_k = [150, 100], [200, 100]
     inputs = separated_inputs(lens_q, lens_k, 4, 2, 16, m, torch.float64, seed=7 + n)
     errs, _ = _compare(lens_q, lens_k, 4, 2, 16, torch.float32, inputs, sparsity_n=n, sparsity_m=m,

@@ -19,8 +19,10 @@ all of these.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import warnings
 
 import torch
 import triton
@@ -1043,20 +1045,27 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def _use_tma(*tensors) -> bool:
     """Experimental (MODELOPT_SPARSE_TMA=1): the dK/dV kernel loads its interior Q and dO
     blocks through tensor descriptors. Needs sm_90+ (or the interpreter) and 16-byte aligned
-    bases, head offsets and row strides; otherwise the pointer loads run. On the GPU it
-    installs a Triton allocator for the descriptors (``triton.set_allocator``), replacing
-    any other."""
+    bases, head offsets and row strides; otherwise the pointer loads run, with a warning
+    (once per reason). On the GPU it installs a Triton allocator for the descriptors
+    (``triton.set_allocator``), replacing any other."""
     if not _env_flag("MODELOPT_SPARSE_TMA", False):
         return False
     if not interpreting() and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
-        return False
+        return _tma_declined("it needs compute capability 9.0 or newer")
     for t in tensors:
         elem = t.element_size()
         if t.data_ptr() % 16 or (t.stride(0) * elem) % 16 or (t.stride(1) * elem) % 16 or t.stride(2) != 1:
-            return False
+            return _tma_declined("q or grad_out is not 16-byte aligned (base, head or row stride)")
     if not interpreting():
         triton.set_allocator(_descriptor_scratch)
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_declined(reason: str) -> bool:
+    warnings.warn(f"MODELOPT_SPARSE_TMA=1 ignored: {reason}; the dK/dV kernel uses pointer loads",
+                  RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
