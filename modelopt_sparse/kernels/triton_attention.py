@@ -929,12 +929,14 @@ def _common_constexprs(q, groups, params):
     )
 
 
-# The kernels run behind two torch.library custom ops: torch.compile then sees one opaque
-# call with a fake (shape-only) implementation instead of tracing into the Triton launch,
-# which Inductor would otherwise rebuild and re-type, and the interpreter (CPU) path
-# compiles too. Params travel as the op's scalar arguments, in SparseParams field order.
-@torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())
-def _forward_op(
+# Two launch functions hold the whole host side. Eager calls reach them through a plain
+# autograd.Function; under torch.compile they sit behind two torch.library custom ops, so
+# that Dynamo sees one opaque call with a fake (shape-only) implementation instead of
+# tracing into the Triton launch, which Inductor would otherwise rebuild and re-type. The
+# custom-op wrapper is not used in eager mode: on torch 2.11 it cost ~1 ms of host time per
+# forward+backward, which made 4k-token layers host-bound (docs/performance.md, item 19).
+# Params travel as scalar arguments, in SparseParams field order.
+def _launch_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
     max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
@@ -965,14 +967,16 @@ def _forward_op(
     return out, lse, row_stats
 
 
+_forward_op = torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())(_launch_forward)
+
+
 @_forward_op.register_fake
 def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params):
     lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
     return torch.empty_like(_unit_stride_rows(q)), lse, q.new_empty(q.shape[0] if with_stats else 0, q.shape[1], 3, dtype=torch.float32)
 
 
-@torch.library.custom_op("modelopt_sparse::nm_attention_backward", mutates_args=())
-def _backward_op(
+def _launch_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
@@ -1020,6 +1024,9 @@ def _backward_op(
     return dq, dk, dv
 
 
+_backward_op = torch.library.custom_op("modelopt_sparse::nm_attention_backward", mutates_args=())(_launch_backward)
+
+
 @_backward_op.register_fake
 def _(grad_out, q, k, v, *rest):
     return tuple(torch.empty_like(_unit_stride_rows(t)) for t in (q, k, v))
@@ -1033,13 +1040,30 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = (max_q, max_k, q_covered, k_covered, *params)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_stats):
+def _gradients(ctx, grad_out, launch_backward):
     q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
+    dq, dk, dv = launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
     return (dq, dk, dv) + (None,) * 16
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(
+    lambda ctx, grad_out, _grad_lse, _grad_stats: _gradients(ctx, grad_out, _backward_op),
+    setup_context=_setup_context,
+)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The eager path: the same launches as the custom ops, without their wrapper."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _launch_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse, _grad_stats):
+        return _gradients(ctx, grad_out, _launch_backward)
 
 
 def _use_tma(*tensors) -> bool:
@@ -1111,7 +1135,8 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
     ``covered``: whether the sequences cover every packed query / key row; rows outside
     every sequence read as 0 in the output and gradients, which then needs a zero fill."""
     p = params
-    out, _lse, row_stats = _forward_op(
+    forward = _forward_op if torch.compiler.is_compiling() else _EagerAttention.apply
+    out, _lse, row_stats = forward(
         q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
         bool(covered[0]), bool(covered[1]), stats is not None,
         bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
