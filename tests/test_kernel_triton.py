@@ -351,6 +351,31 @@ def test_gpu_large_head_dims(d):
     assert max(errs) < TOL[torch.bfloat16], errs
 
 
+def test_second_derivative_raises_instead_of_dropping_a_term():
+    """The Triton backward is not differentiable. With create_graph=True the first
+    gradient still matches the reference, and differentiating it again must raise, not
+    return a second derivative that silently lacks the attention term."""
+    lens = [24]
+    sq, lq, mq, _ = varlen(lens, DEVICE)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(24, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=2)
+    grads = {}
+    for backend in ("triton", "torch"):
+        out = attention(q, k, v, sq, lq, mq, backend=backend, **kw)
+        (grads[backend],) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    assert rel_err(grads["triton"], grads["torch"]) < TOL[torch.float32]
+    # q also reaches the loss directly, so the second derivative has a graph to follow and
+    # only the attention term could go missing.
+    second = grads["triton"].square().sum() + q.square().sum()
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(second, q)
+    # Without create_graph the gradients carry no graph at all.
+    out = attention(q, k, v, sq, lq, mq, backend="triton", **kw)
+    (plain,) = torch.autograd.grad(out.square().sum(), q)
+    assert plain.grad_fn is None and torch.equal(plain, grads["triton"].detach())
+
+
 def test_strided_inputs_match_reference():
     """A q sliced out of a packed qkv tensor (used in place) and a k whose head dim is not
     the innermost axis (copied once before the launch): same results and gradients."""

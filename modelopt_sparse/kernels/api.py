@@ -81,7 +81,8 @@ def attention(
 
     Returns:
         ``[total_q, Hq, D]`` in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
-        (the mask is held fixed). Rows with no kept key are 0. With ``return_stats``, the
+        (the mask is held fixed; with the Triton backend, first derivatives only: a second
+        derivative through it raises). Rows with no kept key are 0. With ``return_stats``, the
         pair ``(out, stats)``.
 
     Raises:

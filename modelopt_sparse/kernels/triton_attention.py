@@ -1063,7 +1063,30 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
-        return _gradients(ctx, grad_out, _launch_backward)
+        with torch.no_grad():
+            dq, dk, dv, *nones = _gradients(ctx, grad_out, _launch_backward)
+        if torch.is_grad_enabled():  # create_graph=True
+            q, k, v = ctx.saved_tensors[:3]
+            dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v, grad_out)
+        return (dq, dk, dv, *nones)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Marks gradients from the Triton backward as not differentiable. It hangs off the
+    real graph inputs (unlike ``once_differentiable``, whose error node
+    ``torch.autograd.grad(..., inputs=q)`` prunes away), so differentiating them again
+    raises instead of returning a second derivative that silently lacks this term."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *graph_inputs):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "modelopt_sparse: the Triton attention backward is not differentiable, so second "
+            "derivatives through it are not available; use backend='torch' for them"
+        )
 
 
 def _use_tma(*tensors) -> bool:
