@@ -1,7 +1,9 @@
 """Compile the Triton kernels for sm_90 on any machine (no GPU needed) and summarise SASS.
 
 Catches compile-only errors before spending device time, and counts instructions,
-tensor-core ops, shared-memory traffic and local-memory spills per kernel variant:
+tensor-core ops, shared-memory traffic and local-memory spills per kernel variant, and
+the instructions of each loop that issues tensor-core ops (``loops=size/hgmma``: the
+interior loop body first, then the edge loop), which is what a tile costs:
 
     python tools/compile_sm90.py              # every kernel, a few N:M variants
     HEAD_DIM=64 python tools/compile_sm90.py
@@ -72,7 +74,27 @@ def sass_summary(compiled) -> str:
     os.unlink(f.name)
     count = len(re.findall(r"^\s+/\*[0-9a-f]{4,6}\*/", sass, re.M))
     return (f"instr={count:5d} hgmma={sass.count('HGMMA'):3d} lds={sass.count('LDS'):3d} "
-            f"sts={sass.count('STS'):3d} spills(ldl/stl)={sass.count('LDL')}/{sass.count('STL')}")
+            f"sts={sass.count('STS'):3d} spills(ldl/stl)={sass.count('LDL')}/{sass.count('STL')}"
+            f" loops={_mma_loops(sass)}")
+
+
+def _mma_loops(sass: str) -> str:
+    """Instruction counts of the loops that issue tensor-core ops (a loop: a branch back to
+    an earlier address), innermost first, as size/hgmma; these bodies are what a tile costs."""
+    instrs = [(int(a, 16), text) for a, text in re.findall(r"^\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", sass, re.M)]
+    address = [a for a, _ in instrs]
+    loops = []
+    for i, (a, text) in enumerate(instrs):
+        m = re.search(r"\bBRA\b[^0-9]*0x([0-9a-f]+)", text)
+        if not m:
+            continue
+        t = int(m.group(1), 16)
+        if t < a and t in address:
+            body = instrs[address.index(t): i + 1]
+            mma = sum("HGMMA" in x for _, x in body)
+            if mma:
+                loops.append((len(body), mma))
+    return ",".join(f"{n}/{h}" for n, h in sorted(set(loops))) or "-"
 
 
 def default_config(kind, n, m, head_dim):
