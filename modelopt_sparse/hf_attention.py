@@ -253,18 +253,22 @@ def _layout(query, key, attention_mask, kwargs) -> _Layout:
     shape_key = (batch, q_len, kv_len, device)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-        layout = _cached(
-            (cu_q, cu_k), (*shape_key, kwargs.get("max_length_q"), kwargs.get("max_length_k")),
-            lambda: _packed_layout(query, key, kwargs),
-        )
-        if attention_mask is not None:
-            if attention_mask.dim() != 4:
-                raise ValueError(
-                    "modelopt_sparse: pass either cu_seq_lens_q/k (packed sequences) or a padding "
-                    "attention_mask, not both"
-                )
-            _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k")
-        return layout
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4):
+            raise ValueError(
+                "modelopt_sparse: pass either cu_seq_lens_q/k (packed sequences) or a padding "
+                "attention_mask, not both"
+            )
+
+        def packed():
+            layout = _packed_layout(query, key, kwargs)
+            if attention_mask is not None:
+                _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k")
+            return layout
+
+        # The mask check is part of the memo: a verified mask stays verified while neither
+        # it nor the sequence tensors change.
+        anchors = (cu_q, cu_k) if attention_mask is None else (cu_q, cu_k, attention_mask)
+        return _cached(anchors, (*shape_key, kwargs.get("max_length_q"), kwargs.get("max_length_k")), packed)
     if attention_mask is None:
         if q_len > kv_len:
             raise ValueError(f"modelopt_sparse: {q_len} queries but only {kv_len} keys")
@@ -277,9 +281,15 @@ def _layout(query, key, attention_mask, kwargs) -> _Layout:
     if attention_mask.dim() == 2:
         return _cached((attention_mask,), shape_key, lambda: _padded_layout(attention_mask, *shape_key))
     if attention_mask.dim() == 4:
-        layout, source = _position_ids_layout(kwargs.get("position_ids"), batch, q_len, kv_len, device)
-        _verify_dense_mask(attention_mask, layout, q_len, kv_len, source)
-        return layout
+        position_ids = kwargs.get("position_ids")
+
+        def block_causal():
+            layout, source = _position_ids_layout(position_ids, batch, q_len, kv_len, device)
+            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source)
+            return layout
+
+        anchors = (attention_mask,) if position_ids is None else (attention_mask, position_ids)
+        return _cached(anchors, shape_key, block_causal)
     raise ValueError(f"modelopt_sparse: attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
 
 
@@ -409,18 +419,26 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source) -> None:
 def _block_causal(layout: _Layout, batch, q_len, kv_len, device) -> torch.Tensor:
     """[B, 1, S, Skv] bool: query sees key iff same sequence and key position <= query position."""
     meta = layout.batch
-    seq_q = torch.full((batch * q_len,), -1, dtype=torch.long, device=device)
-    seq_k = torch.full((batch * kv_len,), -2, dtype=torch.long, device=device)
-    pos_q = torch.zeros(batch * q_len, dtype=torch.long, device=device)
-    pos_k = torch.zeros(batch * kv_len, dtype=torch.long, device=device)
-    rows = torch.stack([meta.b_start_loc, meta.b_seq_len, meta.b_start_loc_k, meta.b_seq_len_k]).tolist()
-    for s, (sq, lq, sk, lk) in enumerate(zip(*rows)):
-        seq_q[sq : sq + lq] = s
-        seq_k[sk : sk + lk] = s
-        # bottom-right alignment: query i of a sequence sits at key position i + lk - lq
-        pos_q[sq : sq + lq] = torch.arange(lq, device=device) + (lk - lq)
-        pos_k[sk : sk + lk] = torch.arange(lk, device=device)
+    seq_q, pos_q = _sequence_positions(meta.b_start_loc, meta.b_seq_len, batch * q_len, device)
+    seq_k, pos_k = _sequence_positions(meta.b_start_loc_k, meta.b_seq_len_k, batch * kv_len, device)
+    # Bottom-right alignment: query i of a sequence sits at key position i + lk - lq.
+    shift = (meta.b_seq_len_k - meta.b_seq_len).long()
+    pos_q = pos_q + torch.where(seq_q >= 0, shift[seq_q.clamp(min=0)], 0)
+    seq_k = torch.where(seq_k >= 0, seq_k, -2)  # rows outside every sequence see nothing
     seq_q, pos_q = seq_q.view(batch, q_len), pos_q.view(batch, q_len)
     seq_k, pos_k = seq_k.view(batch, kv_len), pos_k.view(batch, kv_len)
     same = seq_q[:, :, None] == seq_k[:, None, :]
     return (same & (pos_k[:, None, :] <= pos_q[:, :, None]))[:, None]
+
+
+def _sequence_positions(starts, lens, total, device):
+    """Per packed row: its sequence's index (-1 outside every sequence) and its position in
+    it, without a host round trip or a loop over sequences (they never overlap, checked)."""
+    starts, lens = starts.to(device).long(), lens.to(device).long()
+    ids = torch.arange(1, starts.shape[0] + 1, device=device)
+    step = torch.zeros(total + 1, dtype=torch.long, device=device)
+    step.index_add_(0, starts, ids)
+    step.index_add_(0, starts + lens, -ids)
+    seq = step.cumsum(0)[:total] - 1
+    rows = torch.arange(total, device=device)
+    return seq, rows - torch.where(seq >= 0, starts[seq.clamp(min=0)], rows)

@@ -223,3 +223,66 @@ def test_enable_disable_and_summary_argument_errors(sparse, llama, capsys):
         mts.enable(sparse, 3)
     assert "not sparsified" in mts.print_summary(copy.deepcopy(llama))
     assert "not sparsified" in capsys.readouterr().out
+
+
+def _block_causal_by_loop(starts_q, lens_q, starts_k, lens_k, batch, q_len, kv_len):
+    """The block-causal mask written out sequence by sequence, as docs/semantics.md states it."""
+    keep = torch.zeros(batch * q_len, batch * kv_len, dtype=torch.bool)
+    for sq, lq, sk, lk in zip(starts_q, lens_q, starts_k, lens_k):
+        for i in range(lq):
+            for j in range(lk):
+                keep[sq + i, sk + j] = j <= i + lk - lq
+    # Rows of one batch entry only ever see keys of the same entry.
+    return torch.stack([keep[b * q_len:(b + 1) * q_len, b * kv_len:(b + 1) * kv_len] for b in range(batch)])[:, None]
+
+
+@pytest.mark.parametrize(
+    "batch,q_len,kv_len,seqs",
+    [
+        (1, 12, 12, [(0, 5, 0, 5), (5, 0, 5, 0), (5, 7, 5, 7)]),  # a zero-length sequence between two
+        (2, 6, 6, [(0, 6, 0, 6), (6, 2, 6, 2), (9, 3, 9, 3)]),  # row 8 of entry 1 is in no sequence
+        (2, 3, 7, [(0, 3, 0, 7), (3, 2, 7, 5)]),  # chunked: queries end-aligned to their keys
+    ],
+)
+def test_block_causal_mask_matches_a_loop_over_sequences(batch, q_len, kv_len, seqs):
+    from modelopt_sparse import PackedBatch
+    from modelopt_sparse.hf_attention import _block_causal, _Layout
+
+    sq, lq, sk, lk = (list(col) for col in zip(*seqs))
+    meta = PackedBatch(*(torch.tensor(x, dtype=torch.int32) for x in (sq, lq)), max(lq),
+                       *(torch.tensor(x, dtype=torch.int32) for x in (sk, lk)), max(lk))
+    got = _block_causal(_Layout(meta, kv_len), batch, q_len, kv_len, "cpu")
+    assert torch.equal(got, _block_causal_by_loop(sq, lq, sk, lk, batch, q_len, kv_len))
+
+
+def test_packed_mask_is_checked_once_per_forward(sparse, monkeypatch):
+    """position_ids that restart make transformers pass a 4-D block-causal mask to every
+    layer; its layout and its check are computed once and reused by the other layers."""
+    from modelopt_sparse import hf_attention
+
+    calls = []
+    original = hf_attention._verify_dense_mask
+    monkeypatch.setattr(hf_attention, "_verify_dense_mask", lambda *a: calls.append(1) or original(*a))
+    ids = token_ids(1, 14)
+    pos = torch.cat([torch.arange(6), torch.arange(8)])[None]
+    logits(sparse, ids, position_ids=pos)
+    assert len(calls) == 1 and len(sparse.model.layers) == 2
+
+
+def test_packed_mask_memo_follows_in_place_writes(sparse):
+    """The memo of a verified 4-D mask is keyed by the mask *and* position_ids: rewriting the
+    positions in place re-derives the sequences, and a mask that no longer fits is refused."""
+    module = sparse.model.layers[0].self_attn
+    q, k, v = _qkv(1, 8)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    from modelopt_sparse import PackedBatch
+    from modelopt_sparse.hf_attention import _block_causal, _Layout
+
+    meta = PackedBatch(torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3, 5], dtype=torch.int32), 5,
+                       torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3, 5], dtype=torch.int32), 5)
+    mask = _block_causal(_Layout(meta, 8), 1, 8, 8, "cpu")
+    sparse_attention_forward(module, q, k, v, mask, position_ids=pos)
+    sparse_attention_forward(module, q, k, v, mask, position_ids=pos)  # memo hit
+    pos[0, 3:] = torch.arange(3, 8)  # one sequence now: the two-block mask is wrong for it
+    with pytest.raises(NotImplementedError, match="not the causal mask"):
+        sparse_attention_forward(module, q, k, v, mask, position_ids=pos)
