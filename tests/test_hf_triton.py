@@ -78,6 +78,40 @@ def test_triton_packed_equals_separate(base):
     torch.testing.assert_close(got[0, 9:], logits(triton_model, seqs[1][None])[0], atol=1e-4, rtol=0)
 
 
+def test_triton_training_with_gradient_checkpointing_matches_reference(base, monkeypatch):
+    """A training step through the Triton kernels, with HF gradient checkpointing (each
+    layer's forward runs again during backward), gives the reference backend's loss and
+    parameter gradients on a padded batch."""
+    from modelopt_sparse.kernels import triton_attention
+
+    launches = []
+    original = triton_attention._launch_forward
+    monkeypatch.setattr(triton_attention, "_launch_forward", lambda *a: launches.append(1) or original(*a))
+    grads, losses = {}, {}
+    for name, model in zip(("triton", "torch"), _pair(base, 2, 4, 1, 4)):
+        model.train()
+        if name == "triton":
+            # transformers >= 5.24 renamed it (the old name warns); the GPU image has 5.17.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = token_ids(2, 24, seed=7).to(DEVICE)
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        losses[name] = loss.detach()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # Every layer's forward ran twice through the kernel: once, and again during backward.
+    assert len(launches) == 2 * base.config.num_hidden_layers
+    assert grads["triton"].keys() == grads["torch"].keys() and len(grads["torch"]) > 10
+    torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-5, rtol=0)
+    for n, g in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][n], g, atol=2e-5, rtol=1e-3, msg=n)
+    assert any(g.abs().max() > 0 for n, g in grads["triton"].items() if "q_proj" in n)
+
+
 # --------------------------------------------------------------------------------------
 # GPU only: bf16 through the compiled kernel
 # --------------------------------------------------------------------------------------
