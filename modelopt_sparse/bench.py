@@ -366,6 +366,29 @@ def _time_ms(prep: Prepared, cfg: BenchConfig, device) -> float:
     return statistics.median(times) * 1e3
 
 
+# A row whose host side takes this share of its measured time or more is host-bound: the
+# GPU waits for launches, and the kernel itself is faster than the number shows.
+HOST_BOUND_SHARE = 0.9
+
+
+def _host_enqueue_ms(prep: Prepared, reps: int = 20) -> float:
+    """Host time to issue one call on CUDA, without waiting for the GPU (the queue holds far
+    more than ``reps`` calls' launches, so nothing blocks)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        for t in prep.grads:
+            t.grad = None
+        prep.fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e3
+
+
+def _host_bound(row: dict) -> bool:
+    return row.get("host_ms") is not None and row["ms"] and row["host_ms"] >= HOST_BOUND_SHARE * row["ms"]
+
+
 def _short(exc: BaseException, limit: int = 400) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if not lines:
@@ -418,6 +441,7 @@ def _new_row(case: Case, impl: str, cfg: BenchConfig) -> dict:
         "flops": case.flops,
         "status": "n/a",
         "ms": None,
+        "host_ms": None,  # CUDA: host time to enqueue one call (see HOST_BOUND_SHARE)
         "tflops": None,
         "reason": None,
         "detail": None,
@@ -437,9 +461,11 @@ def _measure(case: Case, impl: str, cfg: BenchConfig, device, dtype) -> tuple[di
             grad_mode = torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext()
             with prep.context(), grad_mode:
                 ms = _time_ms(prep, cfg, device)
+                host_ms = _host_enqueue_ms(prep) if device.type == "cuda" else None
             if not (math.isfinite(ms) and ms > 0):
                 raise RuntimeError(f"the timer returned {ms} ms")
-            row.update(status="ok", ms=ms, tflops=case.flops / (ms * 1e-3) / 1e12, note=prep.note)
+            row.update(status="ok", ms=ms, host_ms=host_ms, tflops=case.flops / (ms * 1e-3) / 1e12,
+                       note=prep.note)
         except Exception as exc:
             row["reason"] = _short(exc)
             row["detail"] = _detail(exc)
@@ -614,20 +640,25 @@ def format_report(rows: list[dict], ratios: list[dict], cfg: BenchConfig, env: d
     for r in rows:
         case = Case(r["mode"], r["causal"], r["seq_len"], r["head_dim"], r["heads"], r["kv_heads"])
         by_case.setdefault(case.label, {})[r["impl"]] = r
-    body = [
-        [label] + [_fmt_tflops(cells[i]["tflops"]) if i in cells and cells[i]["status"] == "ok" else "n/a"
-                   for i in impls]
-        for label, cells in by_case.items()
-    ]
+    def cell(r):
+        if r is None or r["status"] != "ok":
+            return "n/a"
+        return _fmt_tflops(r["tflops"]) + ("*" if _host_bound(r) else "")
+
+    body = [[label] + [cell(cells.get(i)) for i in impls] for label, cells in by_case.items()]
     where = env.get("gpu") or f"CPU ({env.get('cpu')})"
     out = [
         f"Effective TFLOPS ({cfg.dtype}, H={cfg.heads}, Hkv={cfg.kv_heads}, "
         f"window={cfg.dense_window_size}, sinks={cfg.num_sink_tokens}) on {where}; "
         f"ours = {', '.join(cfg.variants) or '-'} (backend={cfg.backend})",
         _format_table(["config"] + impls, body),
-        "",
-        "Ratios (same run; worst sequence length decides)",
     ]
+    if any(_host_bound(r) for r in rows if r["status"] == "ok"):
+        out.append(
+            f"* host-bound: issuing one call takes >= {HOST_BOUND_SHARE:.0%} of its measured time, so the "
+            "GPU waits for launches and the kernels are faster than shown (host_ms in the JSON)"
+        )
+    out += ["", "Ratios (same run; worst sequence length decides)"]
     rbody = []
     for r in ratios:
         detail = ", ".join(f"S={p['seq_len']}: {p['ratio']:.2f}" for p in r["per_seq_len"])

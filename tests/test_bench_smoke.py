@@ -142,3 +142,24 @@ def test_console_script_runs_the_benchmark(tmp_path, capsys):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["complete"] and {r["impl"] for r in doc["rows"]} == {"dense", "2:4"}
     assert all(r["status"] == "ok" and r["tflops"] > 0 for r in doc["rows"])
+
+
+def test_host_bound_rows_are_marked():
+    """A CUDA row whose host side takes >= 90 % of its time carries a '*' and a footnote:
+    the number then measures launches, not the kernel (found at S=4096 on the H200)."""
+    from modelopt_sparse.bench import BenchConfig, format_report, resolve_config
+
+    cfg = resolve_config(BenchConfig(device="cpu", quick=True, modes=("fwdbwd",), causal=(True,),
+                                      variants=("dense", "2:4"), peers=("sdpa-math",)))
+
+    def row(impl, ms, host_ms):
+        return {"mode": "fwdbwd", "causal": True, "seq_len": 256, "head_dim": 64, "heads": 2, "kv_heads": 2,
+                "impl": impl, "status": "ok", "ms": ms, "host_ms": host_ms, "tflops": 1e3 / ms}
+
+    rows = [row("dense", 1.0, 0.95), row("2:4", 1.0, 0.5), row("sdpa-math", 2.0, None)]
+    text = format_report(rows, compute_ratios(rows), cfg, {"cpu": "x86"})
+    line = next(ln for ln in text.splitlines() if ln.startswith("fwdbwd"))
+    assert line.split()[-3:] == ["1000.0*", "1000.0", "500.0"]
+    assert "* host-bound" in text
+    rows[0]["host_ms"] = 0.5
+    assert "*" not in format_report(rows, compute_ratios(rows), cfg, {"cpu": "x86"})
