@@ -163,3 +163,20 @@ def test_host_bound_rows_are_marked():
     assert "* host-bound" in text
     rows[0]["host_ms"] = 0.5
     assert "*" not in format_report(rows, compute_ratios(rows), cfg, {"cpu": "x86"})
+
+
+def test_host_enqueue_timer_resets_grads_and_counts_calls(monkeypatch):
+    import torch
+
+    from modelopt_sparse import bench
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    leaf = torch.ones(3, requires_grad=True)
+    seen = []
+
+    def step():
+        seen.append(leaf.grad)
+        (leaf * 2).sum().backward()
+
+    ms = bench._host_enqueue_ms(bench.Prepared(fn=step, grads=[leaf]), reps=4)
+    assert ms > 0 and len(seen) == 4 and all(g is None for g in seen)
