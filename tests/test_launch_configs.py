@@ -63,3 +63,49 @@ def test_bad_autotune_switch_fails_before_any_launch(monkeypatch):
     args = {"Q": torch.empty(1, dtype=torch.bfloat16), "SPARSITY_N": 0, "SPARSITY_M": 4, "BLOCK_D": 128}
     with pytest.raises(ValueError, match="MODELOPT_SPARSE_AUTOTUNE"):
         ta._prune(_all_configs(), args, "fwd")
+
+
+class _RecordingJit:
+    """Stands in for the compiled kernel: records the meta-parameters of every launch."""
+
+    def __init__(self, arg_names):
+        self.arg_names, self.launches = arg_names, []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.launches.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+def test_tuned_kernel_launches_the_autotuners_choice_per_key(monkeypatch):
+    """After the first launch of a key, ``_TunedKernel`` skips triton.autotune's per-call
+    bookkeeping; it must launch exactly the config the autotuner chose for that key, keep
+    keys apart, and start over after ``forget()`` (tools/sweep_configs.py pins configs)."""
+    monkeypatch.setenv("MODELOPT_SPARSE_AUTOTUNE", "0")
+    monkeypatch.setattr(ta, "interpreting", lambda: False)  # the GPU's multi-config autotuner
+    tuned = ta._TunedKernel(ta._attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
+    jit = tuned.autotuner.fn = _RecordingJit(tuned.autotuner.fn.arg_names)
+    # Triton 3.6 times even a single remaining config (3.9 does not); nothing to time here.
+    monkeypatch.setattr(tuned.autotuner, "_bench", lambda *args, config, **meta: [1.0, 1.0, 1.0])
+    q = torch.empty(64, 2, 128, dtype=torch.bfloat16)
+    pointers = [q] * 10  # Q .. K_LEN: only Q's dtype matters to the pruning
+    scalars = [1.0, 0, 0] + [1] * 10 + [16384]
+
+    def launch(n, m):
+        consts = dict(GROUPS=1, HEAD_DIM=128, BLOCK_D=128, IS_CAUSAL=True, SPARSITY_N=n, SPARSITY_M=m,
+                      TIE_INDEX=False, UPCAST=False, DOT_PRECISION="tf32", WITH_STATS=False)
+        tuned(lambda cfg: (1, 1, 1), ("key", n, m), *pointers, *scalars, **consts)
+        return jit.launches[-1]
+
+    def expected(n, m):
+        cfg = ta._prune(ta._configs("fwd"), {"Q": q, "SPARSITY_N": n, "SPARSITY_M": m, "BLOCK_D": 128}, "fwd")[0]
+        return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+    dense, sparse = expected(0, 4), expected(2, 4)
+    assert dense != sparse
+    assert [launch(0, 4), launch(2, 4), launch(0, 4), launch(2, 4)] == [dense, sparse, dense, sparse]
+    assert set(tuned._chosen) == {("key", 0, 4), ("key", 2, 4)}
+    tuned.autotuner.configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    tuned.forget()
+    assert launch(0, 4) == (32, 64, 4, 1)

@@ -42,8 +42,8 @@ def _pin(kind, shape):
 
     tuner = {"fwd": ta._fwd, "dkdv": ta._dkdv, "dq": ta._dq}[kind]
     bm, bn, w, s = shape
-    tuner.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
-    tuner.cache.clear()
+    tuner.autotuner.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+    tuner.forget()
 
 
 def _pin_defaults():

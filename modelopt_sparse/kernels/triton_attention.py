@@ -887,17 +887,44 @@ def _prune(configs, named_args, kind, **kwargs):
 _SHARED_KEYS = ["GROUPS", "HEAD_DIM", "IS_CAUSAL", "SPARSITY_N", "SPARSITY_M", "TIE_INDEX", "DOT_PRECISION"]
 
 
-def _autotuned(kernel, kind, length_key, extra_keys=()):
-    return triton.autotune(
-        _configs(kind),
-        key=[length_key, *_SHARED_KEYS, *extra_keys],
-        prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, kind, **kw)},
-    )(kernel)
+class _TunedKernel:
+    """An autotuned kernel that remembers the config chosen for each launch key.
+
+    The first launch of a key goes through ``triton.autotune`` (which tunes, or takes the
+    pruned default); later ones call the JIT function with that config directly. The
+    autotuner's own per-call bookkeeping over some forty arguments cost about as much host
+    time as the rest of the launch, which shows on short sequences (docs/performance.md,
+    item 21). ``key`` must determine the config: it holds the autotune key's values, the
+    dtype and the device.
+    """
+
+    def __init__(self, kernel, kind, length_key, extra_keys=()):
+        self.autotuner = triton.autotune(
+            _configs(kind),
+            key=[length_key, *_SHARED_KEYS, *extra_keys],
+            prune_configs_by={
+                "early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, kind, **kw)
+            },
+        )(kernel)
+        self._chosen = {}
+
+    def __call__(self, grid, key, *args, **kwargs):
+        config = self._chosen.get(key)
+        if config is None:
+            self.autotuner[grid](*args, **kwargs)
+            self._chosen[key] = self.autotuner.best_config
+        else:
+            self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+    def forget(self):
+        """Drop every chosen config (after the autotuner's configs were changed)."""
+        self._chosen.clear()
+        self.autotuner.cache.clear()
 
 
-_fwd = _autotuned(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
-_dkdv = _autotuned(_attn_bwd_dkdv, "dkdv", "max_k_bucket", ["TMA"])
-_dq = _autotuned(_attn_bwd_dq, "dq", "max_q_bucket")
+_fwd = _TunedKernel(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
+_dkdv = _TunedKernel(_attn_bwd_dkdv, "dkdv", "max_k_bucket", ["TMA"])
+_dq = _TunedKernel(_attn_bwd_dq, "dq", "max_q_bucket")
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -915,7 +942,17 @@ def _bucket(n: int) -> int:
 
 
 def _common_constexprs(q, groups, params):
-    head_dim = q.shape[-1]
+    return _constexprs(q.dtype, q.shape[-1], groups, params, interpreting())
+
+
+def _launch_key(q, groups, params):
+    """What decides a launch's config besides its length bucket and kernel switches."""
+    return q.dtype, q.device, q.shape[-1], groups, params
+
+
+@functools.lru_cache(maxsize=256)
+def _constexprs(dtype, head_dim, groups, params, upcast):
+    """Shared by every launch of one (dtype, head dim, GQA, params): callers must not mutate it."""
     return dict(
         GROUPS=groups,
         HEAD_DIM=head_dim,
@@ -924,8 +961,8 @@ def _common_constexprs(q, groups, params):
         SPARSITY_N=params.sparsity_n,
         SPARSITY_M=params.sparsity_m,
         TIE_INDEX=params.tie_break == "index",
-        UPCAST=interpreting(),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=upcast,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
 
@@ -954,7 +991,8 @@ def _launch_forward(
     consts = _common_constexprs(q, hq // hkv, params)
     grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _fwd[grid](
+        _fwd(
+            grid, (*_launch_key(q, hq // hkv, params), _bucket(max_q), with_stats),
             q, k, v, out, lse, row_stats if with_stats else lse,
             q_start, q_len, k_start, k_len,
             params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
@@ -992,6 +1030,8 @@ def _launch_backward(
     delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
     dq, dk, dv = _output_like(q, q_covered), _output_like(k, k_covered), _output_like(v, k_covered)
     consts = _common_constexprs(q, hq // hkv, params)
+    key = _launch_key(q, hq // hkv, params)
+    tma = _use_tma(q, do)
     scale = params.softmax_scale
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         if q.shape[0]:
@@ -1001,7 +1041,8 @@ def _launch_backward(
                 out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), delta.stride(1),
                 HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_T=block_t, num_warps=4,
             )
-        _dkdv[lambda cfg: (triton.cdiv(max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv)](
+        _dkdv(
+            lambda cfg: (triton.cdiv(max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv), (*key, _bucket(max_k), tma),
             q, k, v, do, lse, delta, dk, dv,
             q_start, q_len, k_start, k_len,
             scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
@@ -1009,10 +1050,11 @@ def _launch_backward(
             do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             _bucket(max_k),
-            TMA=_use_tma(q, do),
+            TMA=tma,
             **consts,
         )
-        _dq[lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)](
+        _dq(
+            lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq), (*key, _bucket(max_q)),
             q, k, v, do, lse, delta, dq,
             q_start, q_len, k_start, k_len,
             scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
