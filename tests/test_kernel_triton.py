@@ -332,6 +332,29 @@ def test_gpu_random_inputs_rarely_flip():
     assert (row_err > 0.05).float().mean().item() < 0.01
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_matches_eager():
+    """After one eager call has validated the metadata tensors, the forward can be captured
+    in a CUDA graph (no host sync, no host-side read of the lengths) and replayed on new
+    values in the same buffers."""
+    lens = [300, 77]
+    sq, lq, mq, total = varlen(lens, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(total, h, 64, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2))
+    kw = dict(sparsity_n=2, sparsity_m=4, num_sink_tokens=1, dense_window_size=8)
+    attention(q, k, v, sq, lq, mq, **kw)  # eager warm-up: compiles, validates the metadata
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = attention(q, k, v, sq, lq, mq, **kw)
+    for seed in (4, 5):
+        g.manual_seed(seed)
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=g))
+        graph.replay()
+        assert torch.equal(static_out, attention(q, k, v, sq, lq, mq, **kw))
+
+
 @pytest.mark.parametrize("d", [16, 80, 200, 256])
 def test_head_dims_at_the_edges(d):
     lens = [33, 17]
