@@ -376,6 +376,22 @@ def _selection_exponent(
 
 
 @triton.jit
+def _kept_entries(
+    qk, q_pos, k_idx, q_len, num_sink, window,
+    EDGE: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr, TIE_INDEX: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Bool: the entries of a score tile (disallowed ones already -inf) that the softmax
+    keeps. The selection is applied to an all-zero exponent, then exp2, exactly as the
+    kernels apply it: 1 where kept, and 0 where dropped only if the drop really zeroes the
+    probability, whatever the scores' range."""
+    zero = tl.where(qk > float("-inf"), 0.0, float("-inf"))
+    return tl.math.exp2(_selection_exponent(
+        qk, zero, q_pos, k_idx, q_len, num_sink, window, EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, ROWS, BLOCK_N,
+    )) > 0.0
+
+
+@triton.jit
 def _drop_below_floor(arg, scores, floor):
     """``arg`` where ``scores >= floor``, else ``arg - 2**127 * sat((floor - scores) * 2**64)``.
 
@@ -513,17 +529,11 @@ def _attn_fwd(
             alpha = tl.math.exp2(m_i - m_shift)
             arg = qk * qk_scale - m_shift[:, None]
             if WITH_STATS:
-                # The selection applied to an all-zero exponent gives a 1/0 kept indicator
-                # whatever the scores' range.
                 p_allowed = tl.math.exp2(arg)
-                allowed = qk > float("-inf")
-                kept_01 = tl.math.exp2(_selection_exponent(
-                    qk, tl.where(allowed, 0.0, float("-inf")), q_pos, k_idx, q_len, num_sink, window,
-                    EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
-                ))
-                kept = kept_01 > 0.0
+                kept = _kept_entries(qk, q_pos, k_idx, q_len, num_sink, window,
+                                     EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
                 p = tl.where(kept, p_allowed, 0.0)
-                n_allowed += tl.sum(allowed.to(tl.int32), 1)
+                n_allowed += tl.sum((qk > float("-inf")).to(tl.int32), 1)
                 n_kept += tl.sum(kept.to(tl.int32), 1)
                 # Summing only the dropped terms keeps dense attention at exactly 0.
                 l_dropped = l_dropped * alpha + tl.sum(p_allowed - p, 1)
@@ -759,17 +769,14 @@ def _kept_mask_probe(
     k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
     mask = row_valid[:, None] & (k_idx < kv_len)[None, :]
     qk = tl.load(QK + rows[:, None] * kv_len + k_idx[None, :], mask=mask, other=0.0)
-    # The selection applied to an all-zero exponent, then exp2, as the kernels apply it: 1 on
-    # kept entries, and 0 on dropped ones only if the drop really zeroes the probability.
     if interior:
-        arg = _selection_exponent(qk, tl.zeros_like(qk), q_pos, k_idx, q_len, num_sink, window, False,
-                                  SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
+        kept = _kept_entries(qk, q_pos, k_idx, q_len, num_sink, window, False,
+                             SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
     else:
         qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
-        arg = _selection_exponent(qk, tl.where(qk > float("-inf"), 0.0, float("-inf")), q_pos, k_idx,
-                                  q_len, num_sink, window, True, SPARSITY_N, SPARSITY_M, TIE_INDEX,
-                                  BLOCK_M, BLOCK_N)
-    tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], (tl.math.exp2(arg) > 0.0).to(tl.int8), mask=mask)
+        kept = _kept_entries(qk, q_pos, k_idx, q_len, num_sink, window, True,
+                             SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
+    tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], kept.to(tl.int8), mask=mask)
     tl.store(INTERIOR + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), interior.to(tl.int8))
 
 
