@@ -568,13 +568,15 @@ def _attn_fwd(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _recomputed_probabilities(
-    q, k, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window,
+    qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window,
     EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    TIE_INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The forward's softmax probabilities of one tile, rebuilt from its lse (log2 domain):
-    exp2(q·kᵀ·qk_scale - lse) on kept entries, exactly 0 on the others."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    """The forward's softmax probabilities of one tile, rebuilt from its raw scores q·kᵀ and
+    its lse (log2 domain): exp2(q·kᵀ·qk_scale - lse) on kept entries, exactly 0 on the others.
+
+    Callers issue dO·vᵀ right after q·kᵀ, so that the tensor cores compute it while this
+    runs on the other pipes (docs/performance.md, item 22)."""
     if EDGE:
         qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
     return tl.math.exp2(_selection_exponent(
@@ -672,12 +674,16 @@ def _attn_bwd_dkdv(
                 # Rows with no key at all have p = 0 whatever finite value stands in.
                 lse = tl.where(lse == float("-inf"), 0.0, lse)
 
+                # dO·vᵀ does not need p: issued here, it runs on the tensor cores while p
+                # is rebuilt (item 22: +3-4 % fwd+bwd; the sparse variants spill a little
+                # more from the two live score tiles and still gain).
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 p = _recomputed_probabilities(
-                    q, k, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, EDGE,
-                    IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                    qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, EDGE,
+                    IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
                 )
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
@@ -734,11 +740,12 @@ def _attn_bwd_dq(
             n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
             k_idx, k, v = _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
                                     HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M, EDGE)
-            p = _recomputed_probabilities(
-                q, k, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, EDGE,
-                IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, DOT_PRECISION, BLOCK_M, BLOCK_N,
-            )
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = _recomputed_probabilities(
+                qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, EDGE,
+                IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+            )
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
