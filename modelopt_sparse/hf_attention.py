@@ -65,6 +65,26 @@ def sparse_attention_mask(
     **kwargs,
 ):
     """transformers mask-interface function; see the module docstring for what it returns."""
+    return _outside_inference_mode(_sparse_attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset,
+                                   mask_function, attention_mask, **kwargs)
+
+
+def _outside_inference_mode(build, *args, **kwargs):
+    """``build(*args, **kwargs)``, with inference mode switched off if it is on.
+
+    Tensors made under ``torch.inference_mode()`` have no version counter, so the memos of
+    the layout (here) and of the metadata check (the kernel API) could not tell whether
+    they were rewritten, and would re-derive and re-check them in every layer (a device
+    sync each). Masks and layouts built outside inference mode keep their counters.
+    """
+    if not torch.is_inference_mode_enabled():
+        return build(*args, **kwargs)
+    with torch.inference_mode(False):
+        return build(*args, **kwargs)
+
+
+def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                           **kwargs):
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if mask_function is not None and mask_function is not causal_mask_function:
@@ -105,7 +125,9 @@ def sparse_attention_mask(
     valid = attention_mask[:, kv_offset : kv_offset + q_end].to(torch.bool)
     if q_end == kv_length and bool(valid.all()):
         return None
-    return valid
+    # A bool inference-mode mask comes back as a view of itself: copy it (a few bytes per
+    # token), so that the memo never keys on a tensor without a version counter.
+    return valid.clone() if valid.is_inference() else valid
 
 
 # --------------------------------------------------------------------------------------
@@ -249,6 +271,10 @@ def _metadata(q_lens: torch.Tensor, kv_lens: torch.Tensor, q_stride: int | None,
 
 
 def _layout(query, key, attention_mask, kwargs) -> _Layout:
+    return _outside_inference_mode(_derived_layout, query, key, attention_mask, kwargs)
+
+
+def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
     batch, q_len, kv_len, device = query.shape[0], query.shape[2], key.shape[2], query.device
     shape_key = (batch, q_len, kv_len, device)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:

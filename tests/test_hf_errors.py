@@ -269,6 +269,26 @@ def test_packed_mask_is_checked_once_per_forward(sparse, monkeypatch):
     assert len(calls) == 1 and len(sparse.model.layers) == 2
 
 
+@pytest.mark.parametrize("mask_dtype", [None, torch.int64, torch.bool])
+def test_inference_mode_checks_metadata_once_per_forward(sparse, monkeypatch, mask_dtype):
+    """Under torch.inference_mode() the mask and the layout are built outside inference mode,
+    so that they keep version counters: the kernel's metadata check (a device sync) runs once
+    per forward, not once per layer, and the logits are those of torch.no_grad()."""
+    from modelopt_sparse import hf_attention
+    from modelopt_sparse.kernels import api
+
+    hf_attention._dense_layout.cache_clear()  # its tensors were built by earlier tests
+    checks = []
+    original = api._check_metadata_values
+    monkeypatch.setattr(api, "_check_metadata_values", lambda *a: checks.append(1) or original(*a))
+    ids = token_ids(2, 12)
+    mask = None if mask_dtype is None else torch.tensor([[1] * 12, [0] * 3 + [1] * 9], dtype=mask_dtype)
+    with torch.inference_mode():
+        got = sparse(input_ids=ids, use_cache=False, attention_mask=None if mask is None else mask.clone()).logits
+    assert len(sparse.model.layers) == 2 and len(checks) == 1
+    torch.testing.assert_close(got, logits(sparse, ids, attention_mask=mask), rtol=0, atol=0)
+
+
 def test_packed_mask_memo_follows_in_place_writes(sparse):
     """The memo of a verified 4-D mask is keyed by the mask *and* position_ids: rewriting the
     positions in place re-derives the sequences, and a mask that no longer fits is refused."""
