@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks on the lent H200: install the carried wheels, run the GPU tests, then the
 # benchmark, with logs in $OUT and a short summary printed last. Before the call, here:
-#   git rev-parse HEAD > .commit        (the copy shipped to the GPU host has no usable git)
+#   bash tools/stamp_commit.sh          (.commit: HEAD and a code fingerprint; the copy shipped
+#                                        to the GPU host has no usable git history)
 #   device run: bash tools/device_check.sh          (carry: .whl .commit)
 # Tests (310-430 s cold, compile-bound) and the full benchmark (~350 s) do not fit one 600 s
 # call together: run them as two calls, SKIP_BENCH=1 then SKIP_TESTS=1.
@@ -19,8 +20,14 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 export MODELOPT_SPARSE_AUTOTUNE=${MODELOPT_SPARSE_AUTOTUNE:-0}
+source tools/code_fingerprint.sh
+read -r stamped_commit stamped_print < .commit 2>/dev/null || stamped_commit="(no .commit)"
+if [[ "${stamped_print:-}" != "$(code_fingerprint)" ]]; then
+  echo "WARNING: .commit ($stamped_commit) does not match this tree: run tools/stamp_commit.sh before the call" \
+    | tee "$OUT/STALE_COMMIT"
+fi
 {
-  date -u; cat .commit 2>/dev/null
+  date -u; echo "commit $stamped_commit"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton, transformers, pydantic; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
