@@ -77,7 +77,9 @@ def _outside_inference_mode(build, *args, **kwargs):
     they were rewritten, and would re-derive and re-check them in every layer (a device
     sync each). Masks and layouts built outside inference mode keep their counters.
     """
-    if not torch.is_inference_mode_enabled():
+    # Dynamo cannot trace is_inference_mode_enabled (a graph break per layer): compiled
+    # code keeps the previous behaviour.
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
         return build(*args, **kwargs)
     with torch.inference_mode(False):
         return build(*args, **kwargs)
