@@ -38,10 +38,14 @@ def _case(variant, s, d, heads, causal, mode):
     length = torch.full((1,), s, dtype=torch.int32, device="cuda")
     grad_out = torch.randn_like(q)
 
-    def fn():
+    def fn(split=None):
+        t0 = time.perf_counter()
         out = attention(q, k, v, start, length, s, is_causal=causal, **OUR_VARIANTS[variant])
+        t1 = time.perf_counter()
         if train:
             out.backward(grad_out)
+        if split is not None:
+            split.append((t1 - t0, time.perf_counter() - t1))
 
     return fn, ([q, k, v] if train else [])
 
@@ -64,12 +68,14 @@ def main():
         ms = triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grads or None, return_mode="median")
         torch.cuda.synchronize()
         reps = 30
+        split = []
         t0 = time.perf_counter()
         for _ in range(reps):
             for g in grads:
                 g.grad = None
-            fn()
+            fn(split)
         host_ms = (time.perf_counter() - t0) / reps * 1e3
+        host_fwd_ms, host_bwd_ms = (sum(x) / reps * 1e3 for x in zip(*split))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -93,6 +99,7 @@ def main():
             elif any(e.name.startswith(s.strip()) for s in SYNC_CALLS):
                 syncs[e.name] += 1 / 5
         print(f"\n[{variant}] do_bench {ms:.3f} ms ({flops / ms / 1e9:.1f} TF)   host enqueue {host_ms:.3f} ms/call"
+              f" (forward {host_fwd_ms:.3f}, backward {host_bwd_ms:.3f})"
               f"   back-to-back wall {wall_ms:.3f} ms/call   GPU kernels {sum(gpu.values()):.3f} ms")
         for name, t in gpu.most_common(8):
             print(f"    {t:8.3f} ms  {name}")
