@@ -15,17 +15,7 @@
 # Never wait on a background job with `pgrep -f NAME` in the device command: it matches the
 # command's own shell and waits forever.
 set -u -o pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-export MODELOPT_SPARSE_AUTOTUNE=${MODELOPT_SPARSE_AUTOTUNE:-0}
-source tools/code_fingerprint.sh
-read -r stamped_commit stamped_print < .commit 2>/dev/null || stamped_commit="(no .commit)"
-if [[ "${stamped_print:-}" != "$(code_fingerprint)" ]]; then
-  echo "WARNING: .commit ($stamped_commit) does not match this tree: run tools/stamp_commit.sh before the call" \
-    | tee "$OUT/STALE_COMMIT"
-fi
+source tools/device_env.sh || exit 1
 {
   date -u; echo "commit $stamped_commit"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
