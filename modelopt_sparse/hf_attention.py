@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .kernels.semantics import aligned_query_position
 from .methods import PackedBatch
 
 __all__ = ["ATTN_IMPLEMENTATION", "register_with_transformers", "sparse_attention_forward", "sparse_attention_mask"]
@@ -449,9 +450,9 @@ def _block_causal(layout: _Layout, batch, q_len, kv_len, device) -> torch.Tensor
     meta = layout.batch
     seq_q, pos_q = _sequence_positions(meta.b_start_loc, meta.b_seq_len, batch * q_len, device)
     seq_k, pos_k = _sequence_positions(meta.b_start_loc_k, meta.b_seq_len_k, batch * kv_len, device)
-    # Bottom-right alignment: query i of a sequence sits at key position i + lk - lq.
-    shift = (meta.b_seq_len_k - meta.b_seq_len).long()
-    pos_q = pos_q + torch.where(seq_q >= 0, shift[seq_q.clamp(min=0)], 0)
+    seq = seq_q.clamp(min=0)
+    lens_q, lens_k = meta.b_seq_len.to(device).long()[seq], meta.b_seq_len_k.to(device).long()[seq]
+    pos_q = torch.where(seq_q >= 0, aligned_query_position(pos_q, lens_q, lens_k), pos_q)
     seq_k = torch.where(seq_k >= 0, seq_k, -2)  # rows outside every sequence see nothing
     seq_q, pos_q = seq_q.view(batch, q_len), pos_q.view(batch, q_len)
     seq_k, pos_k = seq_k.view(batch, kv_len), pos_k.view(batch, kv_len)

@@ -52,13 +52,19 @@ def check_pattern(
         raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
 
 
-def query_positions(q_len: int, kv_len: int, device=None) -> torch.Tensor:
-    """Absolute key-space position of each query row: the queries are the last q_len keys.
+def aligned_query_position(index, q_len, kv_len):
+    """Key-space position of query ``index`` (0-based) of a sequence with ``q_len`` queries
+    and ``kv_len`` keys: the queries are the last q_len keys. Elementwise on tensors.
 
     This bottom-right alignment makes one rule cover prefill (q_len == kv_len), chunked
     prefill after a cached prefix (q_len < kv_len) and single-token decode (q_len == 1).
     """
-    return torch.arange(q_len, device=device) + (kv_len - q_len)
+    return index + (kv_len - q_len)
+
+
+def query_positions(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Absolute key-space position of each query row of one sequence."""
+    return aligned_query_position(torch.arange(q_len, device=device), q_len, kv_len)
 
 
 def kept_mask(
