@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import modelopt_sparse as mts
+from modelopt_sparse.kernels import attention
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "finetune_fsdp.py"
@@ -95,6 +96,50 @@ def test_finetune_fsdp_two_gpus_nccl(tmp_path):
     s = _run_finetune(tmp_path / "out", "--backend", "nccl", "--device", "cuda", "--steps", "5", timeout=600)
     _check_summary(s, steps=5)
     assert (s["strategy"], s["backend"], s["attn_backend"]) == ("fsdp", "nccl", "triton")
+
+
+# --------------------------------------------------------------------------------------
+# The kernel on a GPU other than the current one
+# --------------------------------------------------------------------------------------
+def _gpu_inputs(device, seed=5):
+    lens = [700, 129, 1]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(sum(lens), h, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for h in (8, 2, 2))
+    starts = torch.tensor([0, 700, 829], dtype=torch.int32, device=device)
+    lengths = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k, v, starts, lengths, max(lens)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_kernel_launches_on_the_device_of_its_inputs():
+    """With cuda:0 current, a call on cuda:1 tensors runs there and gives, bit for bit, what
+    the same call gives on cuda:0 (same kernels, same GPU model), forward and backward."""
+    kw = dict(sparsity_n=2, sparsity_m=4, num_sink_tokens=2, dense_window_size=16, backend="triton")
+    torch.cuda.set_device(0)
+    results = {}
+    for dev in ("cuda:0", "cuda:1"):
+        q, k, v, s, l, m = _gpu_inputs(dev)
+        out = attention(q, k, v, s, l, m, **kw)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev, out.dtype)
+        out.backward(grad)
+        assert out.device == q.grad.device == k.grad.device == torch.device(dev)
+        assert torch.cuda.current_device() == 0
+        results[dev] = [t.detach().cpu() for t in (out, q.grad, k.grad, v.grad)]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        assert torch.isfinite(a.float()).all()
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_inputs_spread_over_two_gpus_are_rejected():
+    q, k, v, s, l, m = _gpu_inputs("cuda:1")
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, k.to("cuda:0"), v, s, l, m, sparsity_n=2)
+    with pytest.raises(ValueError, match="is on cuda:0 but q is on cuda:1"):
+        attention(q, k, v, s.to("cuda:0"), l, m, sparsity_n=2)
 
 
 # --------------------------------------------------------------------------------------
