@@ -239,7 +239,10 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     else:
         device = torch.device("cpu")
-    dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.timeout))
+    # Binding the process group to this rank's GPU tells NCCL which device each
+    # collective (and barrier) uses instead of leaving it to guess from the current one.
+    dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.timeout),
+                            device_id=device if device.type == "cuda" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     if GLOBAL_BATCH % world:
         raise SystemExit(f"the global batch of {GLOBAL_BATCH} sequences does not split over {world} ranks")
