@@ -97,12 +97,13 @@ def _mma_loops(sass: str) -> str:
     return ",".join(f"{n}/{h}" for n, h in sorted(set(loops))) or "-"
 
 
-def default_config(kind, n, m, head_dim):
+def default_config(kind, n, m, head_dim, tie_index):
     """The config a launch with autotuning off would take (the kernels' own pruning)."""
     import torch
 
     os.environ["MODELOPT_SPARSE_AUTOTUNE"] = "0"
-    args = {"Q": torch.empty(1, dtype=torch.bfloat16), "SPARSITY_N": n, "SPARSITY_M": m, "BLOCK_D": head_dim}
+    args = {"Q": torch.empty(1, dtype=torch.bfloat16), "SPARSITY_N": n, "SPARSITY_M": m, "BLOCK_D": head_dim,
+            "TIE_INDEX": tie_index}
     cfg = ta._prune(ta._configs(kind), args, kind)[0]
     return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
 
@@ -119,7 +120,7 @@ def main():
     ]
     for kind, kernel, extra in plans:
         for n, m, tie in variants:
-            bm, bn, warps, stages = default_config(kind, n, m, head_dim)
+            bm, bn, warps, stages = default_config(kind, n, m, head_dim, tie)
             consts = dict(base, **extra, SPARSITY_N=n, SPARSITY_M=m, TIE_INDEX=tie, BLOCK_M=bm, BLOCK_N=bn)
             compiled = compile_kernel(kernel, consts, warps, stages)
             label = f"{kind:<5} {n}:{m}{' index' if tie else '      '} {bm}x{bn} w{warps} s{stages}"

@@ -2,8 +2,8 @@
 
 The autotuner only reports the winner; this prints the whole grid so that the defaults and
 the pruning rules can be chosen from numbers. Forward configs are timed on the forward
-alone; a backward config is timed as fwd+bwd minus the forward (with the forward pinned to
-its default), with the other backward kernel pinned to its default.
+alone; a backward config is timed as fwd+bwd (and fwd+bwd minus the forward), with the
+forward and the other backward kernel on the configs they take with autotuning off.
 
 Compilation dominates a cold run, so phase 1 compiles every (kernel, variant, config) in a
 pool of processes on a small problem (same specialisation as the large one), and phase 2
@@ -47,8 +47,13 @@ def _pin(kind, shape):
 
 
 def _pin_defaults():
-    for kind in GRID:
-        _pin(kind, GRID[kind][0])
+    """Every kernel back on the configs a launch with autotuning off would take (the
+    kernels' own preference order and pruning, which depend on head dim and pattern)."""
+    from modelopt_sparse.kernels import triton_attention as ta
+
+    for kind, tuner in (("fwd", ta._fwd), ("dkdv", ta._dkdv), ("dq", ta._dq)):
+        tuner.autotuner.configs = ta._configs(kind)
+        tuner.forget()
 
 
 def _inputs(seq, heads, head_dim, causal, train):
@@ -86,7 +91,8 @@ def _run(kind, variant, shape, seq, heads, head_dim, causal, time_it):
     from modelopt_sparse.kernels import attention
 
     _pin_defaults()
-    _pin(kind, shape)
+    if shape is not None:
+        _pin(kind, shape)
     train = kind != "fwd"
     q, k, v, start, length = _inputs(seq, heads, head_dim, causal, train)
     kw = dict(VARIANTS[variant], is_causal=causal)
@@ -143,7 +149,7 @@ def main():
     base_fwd = {}
     rows = []
     for variant in args.variants:
-        base_fwd[variant] = _run("fwd", variant, GRID["fwd"][0], args.seq_len, args.heads, args.head_dim, args.causal, True)
+        base_fwd[variant] = _run("fwd", variant, None, args.seq_len, args.heads, args.head_dim, args.causal, True)
     for job in jobs:
         kind, variant, shape = job
         row = dict(kind=kind, variant=variant, shape=shape)
