@@ -45,6 +45,7 @@ def tied_inputs(lens_q, lens_k, hq, hkv, d, dtype, device="cpu", seed=0, levels=
     return [t.to(dtype).to(device) for t in (q, k, v)]
 
 
-def rel_err(a, b):
+def rel_err(a, b, floor=1e-30):
+    """||a - b|| / ||b||, with ||b|| raised to ``floor`` when b (nearly) vanishes."""
     a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
