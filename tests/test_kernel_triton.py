@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -119,6 +120,27 @@ def test_separated_inputs_through_interior_tiles(causal, n, m, tie_break):
                        sparsity_n=n, sparsity_m=m, tie_break=tie_break, num_sink_tokens=3,
                        dense_window_size=7)
     assert max(errs) < TOL[torch.float32], errs
+
+
+def test_descriptor_allocator_keeps_a_callers_own():
+    """The TMA path needs a Triton allocator; it installs one only where none was set."""
+    import contextvars
+
+    from modelopt_sparse.kernels import triton_attention as ta
+    from triton.runtime._allocation import _allocator
+
+    def callers(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    def run(preset):
+        if preset is not None:
+            triton.set_allocator(preset)
+        ta._ensure_allocator()
+        return _allocator.get()
+
+    # Fresh contexts: the test must not leave an allocator behind.
+    assert contextvars.Context().run(run, None) is ta._descriptor_scratch
+    assert contextvars.Context().run(run, callers) is callers
 
 
 @pytest.mark.parametrize("n,m", [(0, 4), (2, 4)])

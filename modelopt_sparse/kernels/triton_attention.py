@@ -1149,8 +1149,9 @@ def _use_tma(*tensors) -> bool:
     """Experimental (MODELOPT_SPARSE_TMA=1): the dK/dV kernel loads its interior Q and dO
     blocks through tensor descriptors. Needs sm_90+ (or the interpreter) and 16-byte aligned
     bases, head offsets and row strides; otherwise the pointer loads run, with a warning
-    (once per reason). On the GPU it installs a Triton allocator for the descriptors
-    (``triton.set_allocator``), replacing any other."""
+    (once per reason). On the GPU the descriptors need a Triton allocator: a caller's own
+    (``triton.set_allocator``) is used as it is, else one backed by PyTorch's caching
+    allocator is installed."""
     if not _env_flag("MODELOPT_SPARSE_TMA", False):
         return False
     if not interpreting() and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
@@ -1160,8 +1161,19 @@ def _use_tma(*tensors) -> bool:
         if t.data_ptr() % 16 or (t.stride(0) * elem) % 16 or (t.stride(1) * elem) % 16 or t.stride(2) != 1:
             return _tma_declined("q or grad_out is not 16-byte aligned (base, head or row stride)")
     if not interpreting():
-        triton.set_allocator(_descriptor_scratch)
+        _ensure_allocator()
     return True
+
+
+def _ensure_allocator():
+    """Install ``_descriptor_scratch`` unless the caller set a Triton allocator already."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:  # a Triton without the context variable: the public setter only
+        triton.set_allocator(_descriptor_scratch)
+        return
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
 
 
 @functools.lru_cache(maxsize=None)
