@@ -54,6 +54,20 @@ class Broken(mts.SparseAttentionMethod):
         return kw
 
 
+@mts.register_method("test_extra_key")
+class ExtraKey(mts.SparseAttentionMethod):
+    def kernel_kwargs(self, module_name, module):
+        return {**super().kernel_kwargs(module_name, module), "softcap": 30.0}
+
+
+@mts.register_method("test_missing_key")
+class MissingKey(mts.SparseAttentionMethod):
+    def kernel_kwargs(self, module_name, module):
+        kw = super().kernel_kwargs(module_name, module)
+        del kw["tie_break"]
+        return kw
+
+
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model("llama")
@@ -88,6 +102,16 @@ def test_invalid_kernel_kwargs_fail_at_conversion(llama):
     model = copy.deepcopy(llama)
     with pytest.raises(ValueError, match=r"Broken.kernel_kwargs\(\) for 'model.layers.0.self_attn'.*0 <= N < M"):
         mts.sparsify(model, {"sparse_cfg": {"default": {"method": "test_broken"}}})
+    assert not mts.is_sparsified(model)
+
+
+@pytest.mark.parametrize("method", ["test_extra_key", "test_missing_key"])
+def test_kernel_kwargs_must_have_exactly_the_kernel_keys(llama, method):
+    """A key the kernel does not take (or a missing one) is named at conversion, not left
+    to fail as a bare TypeError/KeyError inside the first forward."""
+    model = copy.deepcopy(llama)
+    with pytest.raises(ValueError, match=r"kernel_kwargs\(\) for 'model.layers.0.self_attn' must return a dict with keys"):
+        mts.sparsify(model, {"sparse_cfg": {"default": {"method": method}}})
     assert not mts.is_sparsified(model)
 
 

@@ -48,7 +48,10 @@ def test_save_restore_gives_identical_logits(sparse, ids, tmp_path):
     assert not torch.equal(logits(fresh, ids), want)
     mts.restore(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh, ids), want, atol=0, rtol=0)
-    assert mts.sparse_state(fresh)["modules"] == mts.sparse_state(sparse)["modules"]
+    # The whole state survives, the user's pattern config included, so a second save of
+    # the restored model records what the first one did.
+    assert mts.sparse_state(fresh) == mts.sparse_state(sparse)
+    assert mts.sparse_state(fresh)["config"] is not None
     assert not fresh.model.layers[0].self_attn._mts_state.config.enable  # the disabled flag survives
 
 
@@ -84,6 +87,7 @@ def test_sparse_state_round_trip(sparse, ids):
     fresh = copy.deepcopy(tiny_model("llama", seed=0))
     mts.restore_from_state(fresh, state)
     torch.testing.assert_close(logits(fresh, ids), logits(sparse, ids), atol=0, rtol=0)
+    assert mts.sparse_state(fresh) == mts.sparse_state(sparse)
 
 
 def test_save_pretrained_round_trip(sparse, ids, tmp_path):
@@ -189,6 +193,8 @@ def test_tampered_state(saved, target):
             "the method's code changed")
     attempt(lambda s: s["modules"]["model.layers.1.self_attn"].update({"class": "Qwen2Attention"}),
             "architecture mismatch at 'model.layers.1.self_attn'")
+    attempt(lambda s: s["modules"]["model.layers.0.self_attn"].update(patterns="default"),
+            "'patterns' must be a list of strings")
 
 
 def test_mismatched_architecture(saved):
@@ -207,6 +213,46 @@ def test_mismatched_architecture(saved):
     with pytest.raises(ValueError, match="records 'LlamaAttention', the model has 'MistralAttention'"):
         mts.restore(other, saved)
     _assert_untouched(other, reference)
+
+
+def test_extra_tensor_in_the_file_is_refused_before_loading(saved, target):
+    """safetensors' strict load would copy the known tensors before it complains about an
+    unknown one; the check must come first, so the model is left as it was."""
+    from safetensors.torch import load_file, save_file
+
+    model, reference = target
+    weights = load_file(saved / WEIGHTS_FILE)
+    weights["extra.weight"] = torch.zeros(3)
+    save_file(weights, saved / WEIGHTS_FILE)
+    record = json.loads((saved / STATE_FILE).read_text())
+    record["weights"]["sha256"] = mts.save_restore._sha256(str(saved / WEIGHTS_FILE))
+    (saved / STATE_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"architecture mismatch.*not in the model: \['extra.weight'\]"):
+        mts.restore(model, saved)
+    _assert_untouched(model, reference)
+
+
+def test_state_is_not_restored_onto_unsupported_attention():
+    """The same checks as sparsify: a sliding-window model must not silently run full causal."""
+    state = mts.sparse_state(mts.sparsify(tiny_model("mistral"), CFG))
+    windowed = tiny_model("mistral", sliding_window=16)
+    with pytest.raises(NotImplementedError, match="sliding_window=16"):
+        mts.restore_from_state(windowed, state)
+    assert not mts.is_sparsified(windowed)
+
+
+def test_sharded_weights_are_refused(sparse, saved, tmp_path):
+    # Stands in for an FSDP2 DTensor: the check goes by the class name, as torch's own
+    # DTensor would need an initialised process group to build.
+    class DTensor(torch.nn.Parameter):
+        pass
+
+    sparse.lm_head.weight = DTensor(sparse.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match=r"sharded \(FSDP2 DTensor\)"):
+        mts.save(sparse, tmp_path / "sharded_ckpt")
+    assert not (tmp_path / "sharded_ckpt").exists()
+    with pytest.raises(ValueError, match=r"sharded \(FSDP2 DTensor\)"):
+        mts.restore(sparse, saved)
 
 
 def test_state_module_names_must_match(sparse):
