@@ -96,6 +96,7 @@ def test_training_dropout_is_refused():
         ({"output_attentions": True}, "output_attentions=True"),
         ({"is_causal": False}, "is_causal=False"),
         ({"dropout": 0.2}, r"dropout=0\.2"),
+        ({"head_mask": torch.ones(4)}, "head_mask is not supported"),
     ],
 )
 def test_unsupported_kwargs_raise(sparse, kwargs, match):
