@@ -7,8 +7,10 @@ kept set with a pairwise rank rule written from docs/semantics.md, and applies s
 
 from __future__ import annotations
 
+import copy
 import inspect
 
+import pytest
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -43,6 +45,15 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float64, **over
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model.to(dtype).eval()
+
+
+def attention_inputs(batch: int = 1, seq: int = 8):
+    """q [batch, 4, seq, 16] and k = v [batch, 2, seq, 16], float64: what transformers hands
+    the attention function of a tiny model's layer (GQA 4/2, head dim 16)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 4, seq, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, 2, seq, 16, generator=g, dtype=torch.float64)
+    return q, k, k.clone()
 
 
 def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -126,3 +137,18 @@ def sparse_cfg(n=2, m=4, sinks=0, window=64, tie_break="threshold", method="trit
 @torch.no_grad()
 def logits(model, ids, **kwargs):
     return model(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures shared by the adapter tests (import them by name into a test module)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture()
+def sparse(llama):
+    import modelopt_sparse as mts
+
+    return mts.sparsify(copy.deepcopy(llama), sparse_cfg(2, 4, 0, 2))

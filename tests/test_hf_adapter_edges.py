@@ -12,26 +12,10 @@ from transformers import StaticCache
 import modelopt_sparse as mts
 from modelopt_sparse.hf_attention import sparse_attention_forward
 
-from .hf_tiny import CACHE_KW, logits, sparse_cfg, tiny_model, token_ids
+from .hf_tiny import llama, sparse  # noqa: F401  (shared fixtures)
+from .hf_tiny import attention_inputs, CACHE_KW, logits, sparse_cfg, tiny_model, token_ids
 
 ATOL = 1e-10
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture()
-def sparse(llama):
-    return mts.sparsify(copy.deepcopy(llama), sparse_cfg(2, 4, 0, 2))
-
-
-def _qkv(batch=1, seq=8):
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, 4, seq, 16, generator=g, dtype=torch.float64)
-    k = torch.randn(batch, 2, seq, 16, generator=g, dtype=torch.float64)
-    return q, k, k.clone()
 
 
 # --------------------------------------------------------------------------------------
@@ -41,7 +25,7 @@ def test_layout_memo_is_keyed_by_query_length(sparse):
     """One 2-D mask object reused with fewer queries: the memo of the 8-query layout must
     not be served for 4 queries."""
     module = sparse.model.layers[0].self_attn
-    q, k, v = _qkv(2)
+    q, k, v = attention_inputs(2)
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, :3] = False
     sparse_attention_forward(module, q, k, v, mask)  # memoizes the 8-query layout on `mask`
@@ -56,7 +40,7 @@ def test_packed_mask_memo_is_keyed_by_position_ids_object(sparse):
     """A block-causal mask verified for two packed sequences must be checked again when it
     comes with a different position_ids tensor (one sequence): it is not that causal mask."""
     module = sparse.model.layers[0].self_attn
-    q, k, v = _qkv(1, 8)
+    q, k, v = attention_inputs(1, 8)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     causal = torch.tril(torch.ones(8, 8, dtype=torch.bool))
     mask = torch.zeros(8, 8, dtype=torch.bool)
@@ -73,7 +57,7 @@ def test_packed_mask_memo_is_keyed_by_position_ids_object(sparse):
 # --------------------------------------------------------------------------------------
 def test_all_true_4d_mask_with_cu_seq_lens_is_refused(sparse):
     module = sparse.model.layers[0].self_attn
-    q, k, v = _qkv(1, 8)
+    q, k, v = attention_inputs(1, 8)
     cu = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="not the causal mask of cu_seq_lens_q/k"):
         sparse_attention_forward(module, q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool),
@@ -133,7 +117,7 @@ def test_two_token_chunk_after_prefill_is_sparse(llama):
 # Packing metadata
 # --------------------------------------------------------------------------------------
 def test_packed_sequence_with_more_queries_than_keys_is_refused(sparse):
-    q, k, v = _qkv(1, 8)
+    q, k, v = attention_inputs(1, 8)
     with pytest.raises(ValueError, match="a packed sequence has more queries than keys"):
         sparse_attention_forward(
             sparse.model.layers[0].self_attn, q, k, v, None,

@@ -11,24 +11,8 @@ import transformers
 import modelopt_sparse as mts
 from modelopt_sparse.hf_attention import ATTN_IMPLEMENTATION, register_with_transformers, sparse_attention_forward
 
-from .hf_tiny import logits, sparse_cfg, tiny_model, token_ids
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture()
-def sparse(llama):
-    return mts.sparsify(copy.deepcopy(llama), sparse_cfg(2, 4, 0, 2))
-
-
-def _qkv(batch=1, seq=8):
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, 4, seq, 16, generator=g, dtype=torch.float64)
-    k = torch.randn(batch, 2, seq, 16, generator=g, dtype=torch.float64)
-    return q, k, k.clone()
+from .hf_tiny import llama, sparse  # noqa: F401  (shared fixtures)
+from .hf_tiny import attention_inputs, logits, sparse_cfg, tiny_model, token_ids
 
 
 def _untouched(model, reference):
@@ -101,13 +85,13 @@ def test_training_dropout_is_refused():
 )
 def test_unsupported_kwargs_raise(sparse, kwargs, match):
     module = sparse.model.layers[0].self_attn
-    q, k, v = _qkv()
+    q, k, v = attention_inputs()
     with pytest.raises(NotImplementedError, match=match):
         sparse_attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
 
 
 def test_unknown_kwarg_warns(sparse):
-    q, k, v = _qkv()
+    q, k, v = attention_inputs()
     with pytest.warns(RuntimeWarning, match="mystery_flag"):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, None, mystery_flag=True)
 
@@ -148,14 +132,14 @@ def test_custom_4d_masks(sparse):
     ],
 )
 def test_bad_packing_metadata(sparse, batch, kwargs, match):
-    q, k, v = _qkv(batch)
+    q, k, v = attention_inputs(batch)
     kwargs = {key: torch.tensor(val, dtype=torch.int32) if isinstance(val, list) else val for key, val in kwargs.items()}
     with pytest.raises(ValueError, match=match):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, None, **kwargs)
 
 
 def test_packing_plus_padding_mask_is_refused(sparse):
-    q, k, v = _qkv()
+    q, k, v = attention_inputs()
     cu = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match="not both"):
         sparse_attention_forward(
@@ -174,7 +158,7 @@ def test_packing_plus_padding_mask_is_refused(sparse):
     ],
 )
 def test_bad_masks(sparse, mask, match):
-    q, k, v = _qkv()
+    q, k, v = attention_inputs()
     with pytest.raises((ValueError, TypeError), match=match):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, mask)
 
@@ -182,13 +166,13 @@ def test_bad_masks(sparse, mask, match):
 def test_bad_stats_sink(sparse):
     module = sparse.model.layers[0].self_attn
     module._mts_stats = {}
-    q, k, v = _qkv()
+    q, k, v = attention_inputs()
     with pytest.raises(TypeError, match="_mts_stats must be a list or None"):
         sparse_attention_forward(module, q, k, v, None)
 
 
 def test_bad_shapes(sparse):
-    q, k, v = _qkv()
+    q, k, v = attention_inputs()
     with pytest.raises(ValueError, match="4-D query/key/value"):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q[0], k, v, None)
     with pytest.raises(ValueError, match="only 4 keys"):
@@ -210,7 +194,7 @@ def test_layout_is_computed_once_per_forward(sparse, monkeypatch):
 
 def test_layout_memo_follows_in_place_writes(sparse):
     module = sparse.model.layers[0].self_attn
-    q, k, v = _qkv(2)
+    q, k, v = attention_inputs(2)
     mask = torch.ones(2, 8, dtype=torch.bool)
     first = sparse_attention_forward(module, q, k, v, mask)[0]
     mask[1, :3] = False  # same tensor object, new version
@@ -294,7 +278,7 @@ def test_packed_mask_memo_follows_in_place_writes(sparse):
     """The memo of a verified 4-D mask is keyed by the mask *and* position_ids: rewriting the
     positions in place re-derives the sequences, and a mask that no longer fits is refused."""
     module = sparse.model.layers[0].self_attn
-    q, k, v = _qkv(1, 8)
+    q, k, v = attention_inputs(1, 8)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     from modelopt_sparse import PackedBatch
     from modelopt_sparse.hf_attention import _block_causal, _Layout
