@@ -10,9 +10,11 @@ On CPU about 1.6 s an example. A failure prints the shrunk example and a seed to
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
+import torch
 
-import torch  # noqa: E402
+# Before any kernel module is imported: without a GPU the kernels run in the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -281,7 +281,7 @@ def _query_block_segments(
     """Query blocks (starts, multiples of BLOCK_M) that see the key tile starting at n0,
     split into interior and edge: the same tiles as ``_key_tile_segments``, seen from the
     key side, except that a partial last block is always edge."""
-    offset = kv_len - q_len
+    offset = _first_query_position(q_len, kv_len)
     s = 0
     if IS_CAUSAL:
         s = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M  # first block reaching key n0
@@ -444,11 +444,18 @@ def _load_rows(base, rows, row_valid, stride_t, dim, HEAD_DIM: tl.constexpr, UPC
 
 
 @triton.jit
+def _first_query_position(q_len, kv_len):
+    """Key-space position of a sequence's first query: the queries are the last q_len keys
+    (the Triton side of ``semantics.aligned_query_position``)."""
+    return kv_len - q_len
+
+
+@triton.jit
 def _query_rows(start_m, q_len, kv_len, BLOCK_M: tl.constexpr):
     """Rows of a query block, their validity and key-space positions, and the positions of
     its first and last valid rows."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    offset = kv_len - q_len
+    offset = _first_query_position(q_len, kv_len)
     p_hi = tl.minimum(start_m + BLOCK_M, q_len) - 1 + offset
     return rows, rows < q_len, rows + offset, start_m + offset, p_hi
 
@@ -629,7 +636,6 @@ def _attn_bwd_dkdv(
     q_start = tl.load(Q_START + seq).to(tl.int64)
     q_len = tl.load(Q_LEN + seq)
     k_start = tl.load(K_START + seq).to(tl.int64)
-    offset = kv_len - q_len
     dim = tl.arange(0, BLOCK_D)
 
     k_idx, k, v = _key_tile(K + k_start * stride_kt + kv_head * stride_kh,
@@ -1165,14 +1171,16 @@ def _use_tma(*tensors) -> bool:
     return True
 
 
+try:  # the context variable behind triton.set_allocator (triton 3.6 to 3.9)
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _triton_allocator
+except ImportError:
+    _triton_allocator = None
+
+
 def _ensure_allocator():
     """Install ``_descriptor_scratch`` unless the caller set a Triton allocator already."""
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-    except ImportError:  # a Triton without the context variable: the public setter only
-        triton.set_allocator(_descriptor_scratch)
-        return
-    if isinstance(_allocator.get(), NullAllocator):
+    if _triton_allocator is None or isinstance(_triton_allocator.get(), _NullAllocator):
         triton.set_allocator(_descriptor_scratch)
 
 
