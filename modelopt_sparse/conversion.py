@@ -5,11 +5,14 @@ original class (``LlamaAttention`` -> ``SparseLlamaAttention``). The subclass ad
 parameters and no ``forward``: parameter names and state_dict keys stay the same, and the
 module's own forward reaches our attention function through transformers' dispatch on
 ``config._attn_implementation``. Everything sparse lives on the module instance
-(``_mts_state``, ``_mts_stats``), so two models, or two threads, never share flags.
+(``_mts_state``, ``_mts_stats``), so two models, or two threads, never share flags. The HF
+configs that conversion changes are copied first, so models that shared a config object
+with the converted one keep running as before.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import sys
 from dataclasses import dataclass, replace
@@ -130,6 +133,7 @@ def apply_states(model: torch.nn.Module, states: dict[str, ModuleSparseState], c
     Everything that can fail on bad input has been checked by the caller.
     """
     register_with_transformers()
+    _own_configs(model)
     modules = dict(model.named_modules())
     for name, state in states.items():
         module = modules[name]
@@ -140,6 +144,35 @@ def apply_states(model: torch.nn.Module, states: dict[str, ModuleSparseState], c
     _set_attn_implementation(model, [modules[n] for n in states])
     model._mts_config_record = config_record
     sync_hf_config(model)
+
+
+def _own_configs(model: torch.nn.Module) -> None:
+    """Give ``model`` private copies of the HF configs its modules hold, before we mutate them.
+
+    Models built from one config object share it (``LlamaForCausalLM(cfg)`` twice); switching
+    ``_attn_implementation`` on a shared config would make the other model dispatch to us
+    unconverted, and its save_pretrained would write our record. One deepcopy of all held
+    configs with a shared memo maps every original (sub-configs such as ``text_config``
+    included) to exactly one copy, so the links between them survive.
+    """
+    from transformers import PretrainedConfig
+
+    modules = list(model.modules())
+    held = {id(v): v for m in modules for v in vars(m).values() if isinstance(v, PretrainedConfig)}
+    top = getattr(model, "config", None)
+    if isinstance(top, PretrainedConfig):
+        held.setdefault(id(top), top)
+    owned = {id(c) for c in getattr(model, "_mts_own_configs", ())}
+    if not held or held.keys() <= owned:
+        return  # copied by an earlier conversion of this model (deepcopy/pickle keep the link)
+    memo: dict[int, Any] = {}
+    copy.deepcopy(list(held.values()), memo)
+    for module in modules:
+        for key, value in list(vars(module).items()):
+            if isinstance(value, PretrainedConfig) and id(value) in memo:
+                setattr(module, key, memo[id(value)])
+    # Every config copied (sub-configs too), so a later conversion finds them all owned.
+    model._mts_own_configs = tuple(c for c in memo.values() if isinstance(c, PretrainedConfig))
 
 
 def _set_attn_implementation(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
@@ -204,6 +237,7 @@ def _set_enabled(model: torch.nn.Module, value: bool, pattern: Pattern | None) -
         raise ValueError(
             f"pattern {pattern!r} matches no sparse attention module; modules are named like {converted[0][0]!r}"
         )
+    _own_configs(model)
     for _, module in chosen:
         state = module._mts_state
         module._mts_state = replace(state, config=state.config.model_copy(update={"enable": value}))
