@@ -60,14 +60,49 @@ class SparseAttentionModule:
     """Marker base of converted attention modules (mixed into the dynamic subclasses)."""
 
 
+# Pickle stores classes by reference (module + qualname) and cannot be told to do otherwise,
+# so torch.save(model), pickle and multiprocessing need the dynamic classes to be found by
+# name. Their qualname encodes the original class's import path ("/" for "." so that pickle
+# does not split it; neither "/" nor ":" occurs in Python names), and the module __getattr__
+# below rebuilds the class from it in any process. __name__ stays readable.
+_ENCODED_PREFIX = "Sparse<"
+
+
+def _encoded_qualname(cls: type) -> str:
+    return f"{_ENCODED_PREFIX}{cls.__module__.replace('.', '/')}:{cls.__qualname__.replace('.', '/')}>"
+
+
 def _sparse_class(cls: type) -> type:
     if issubclass(cls, SparseAttentionModule):
         return cls
     sparse_cls = _SPARSE_CLASSES.get(cls)
     if sparse_cls is None:
         sparse_cls = type(f"Sparse{cls.__name__}", (cls, SparseAttentionModule), {"__module__": __name__})
+        sparse_cls.__qualname__ = _encoded_qualname(cls)
         _SPARSE_CLASSES[cls] = sparse_cls
     return sparse_cls
+
+
+def __getattr__(name: str) -> type:
+    """Module attribute lookup of last resort: the converted classes, by their encoded qualname."""
+    if not (name.startswith(_ENCODED_PREFIX) and name.endswith(">") and ":" in name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module_path, _, qualname = name[len(_ENCODED_PREFIX):-1].partition(":")
+    try:
+        original: Any = importlib.import_module(module_path.replace("/", "."))
+        for part in qualname.split("/"):
+            original = getattr(original, part)
+    except (ImportError, AttributeError) as err:
+        # AttributeError, not ImportError, so that hasattr() and pickle report it as a lookup failure.
+        raise AttributeError(f"cannot rebuild {name}: the original class is not importable ({err})") from None
+    if not (isinstance(original, type) and issubclass(original, torch.nn.Module)):
+        raise AttributeError(f"cannot rebuild {name}: {original!r} is not a torch.nn.Module class")
+    # An unpickled model dispatches to our attention function by name: register it here,
+    # as a fresh process may not have converted anything yet.
+    register_with_transformers()
+    return _sparse_class(original)
 
 
 def original_class_name(module: torch.nn.Module) -> str:
