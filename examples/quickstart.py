@@ -3,7 +3,7 @@
 Run: python examples/quickstart.py
 
 A real checkpoint works the same way: replace the tiny random model with
-``AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="cuda")``.
+``AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")``.
 On CUDA the preset runs the fused Triton kernel; on CPU ("auto" backend) it runs the
 PyTorch reference, which computes the same thing.
 """
