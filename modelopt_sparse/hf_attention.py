@@ -5,20 +5,32 @@ Both are registered under :data:`ATTN_IMPLEMENTATION` in transformers' global
 one, transformers hands custom attention functions ``attention_mask=None`` even for padded
 batches.
 
+Nothing here reads a device value on the host for unpadded batches, left- or right-padded
+2-D masks, packed ``cu_seq_lens`` or decode steps: every layout is computed on the device
+with static shapes, so the path costs no synchronisation in eager mode and traces into one
+graph under ``torch.compile(fullgraph=True)``. Checks of device values (a padding mask
+with holes, inconsistent ``cu_seq_lens``) are device flags: on the CPU they raise at once;
+on CUDA they are read back without blocking and raise at the next call after the GPU has
+computed them (:mod:`modelopt_sparse.lazy_checks`).
+
 What the mask function returns (and so what the attention function receives):
 
 * ``None``: no padding, and the keys end at the last query (the common case).
-* a 2-D bool tensor ``[B, L]``: ``True`` where key position ``j < L`` holds a real token.
-  ``L`` is the key position just past the last query, so keys at ``>= L`` (empty slots of
-  a static cache) are dropped; the queries are the last ``S`` of those ``L`` positions.
+* a 2-D int32 tensor ``[B, L]`` of *token codes*, one per key slot ``j < L``: ``0`` for no
+  real token (padding, or an empty slot of a static cache), ``1`` for a real token that is
+  not one of this call's queries, ``2 + r`` for the real token of query row ``r``. It stays
+  a plain 2-D tensor because transformers feeds a precomputed mask back into the mask
+  function (static-cache ``generate``); turned into bool there it means "real token",
+  which is still right.
 * a 4-D bool tensor ``[B, 1, S, Skv]``, only when transformers composed a mask that is not
   plain causal (packed sequences found from ``position_ids``, sliding windows, custom
   overlays). The attention function accepts it only if it is exactly the block-causal mask
-  of the sequences it derives itself, and raises otherwise.
+  of the sequences it derives itself, and raises otherwise (this check reads the mask).
 
-The attention function packs the valid tokens into the varlen layout of
-:func:`modelopt_sparse.attention`, lets the module's method run the kernel, and scatters
-the result back, with zeros in padded query rows.
+The attention function runs prefill through the module's method on the padded rows in
+place (each row's real tokens are one sequence of the varlen layout: no gather, and padded
+query rows come out as zeros), and decode steps (one query per row, which the rule keeps
+dense) through PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from typing import Any
 
 import torch
 
+from . import lazy_checks
 from .kernels.semantics import aligned_query_position
 from .methods import PackedBatch
 
@@ -41,6 +54,9 @@ _HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "la
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # kwargs that _reject_unsupported inspects (harmless when None / False).
 _CHECKED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias", "head_mask", "output_attentions", "is_causal")
+# Token codes (see the module docstring).
+_CODES_DTYPE = torch.int32
+_FIRST_QUERY_CODE = 2
 
 
 def register_with_transformers() -> None:
@@ -73,13 +89,12 @@ def sparse_attention_mask(
 def _outside_inference_mode(build, *args, **kwargs):
     """``build(*args, **kwargs)``, with inference mode switched off if it is on.
 
-    Tensors made under ``torch.inference_mode()`` have no version counter, so the memos of
-    the layout (here) and of the metadata check (the kernel API) could not tell whether
-    they were rewritten, and would re-derive and re-check them in every layer (a device
-    sync each). Masks and layouts built outside inference mode keep their counters.
+    Tensors made under ``torch.inference_mode()`` have no version counter, so the memo of
+    the layout could not tell whether they were rewritten, and would re-derive it in every
+    layer. Masks and layouts built outside inference mode keep their counters.
     """
-    # Dynamo cannot trace is_inference_mode_enabled (a graph break per layer): compiled
-    # code keeps the previous behaviour.
+    # Dynamo cannot trace is_inference_mode_enabled (a graph break per layer), and compiled
+    # code keeps no memo anyway.
     if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
         return build(*args, **kwargs)
     with torch.inference_mode(False):
@@ -90,6 +105,7 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                            **kwargs):
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    lazy_checks.raise_failed()
     if mask_function is not None and mask_function is not causal_mask_function:
         # Not plain causal: materialize it, and let the attention function check that it is
         # a pattern it reproduces exactly (packing) or refuse it.
@@ -103,34 +119,67 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
         )
     if q_offset is None:
         cache_position = kwargs.get("cache_position")
-        q_offset = int(cache_position[0]) if cache_position is not None else 0
-    # A static cache gives a tensor that is later updated in place: read it now.
-    q_offset = int(q_offset)
+        q_offset = cache_position[0] if cache_position is not None else 0
+    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
     kv_offset = int(kv_offset)
-    q_end = q_offset + q_length - kv_offset  # key slots up to and including the last query
-    if not q_length <= q_end <= kv_length:
-        raise ValueError(
-            f"modelopt_sparse: cannot place {q_length} queries at offset {q_offset} among {kv_length} "
-            f"keys (kv_offset {kv_offset})"
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"modelopt_sparse: expected a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
+        if attention_mask.shape[0] != batch_size:
+            raise ValueError(
+                f"modelopt_sparse: the 2-D attention_mask has {attention_mask.shape[0]} rows for a batch of {batch_size}"
+            )
+    if isinstance(q_offset, torch.Tensor):
+        # A static cache keeps its length on the device: so does everything derived from it.
+        first_query = q_offset.to(device=device, dtype=torch.int64).reshape(()) - kv_offset
+        lazy_checks.require(
+            (first_query >= 0) & (first_query + q_length <= kv_length),
+            lambda: f"modelopt_sparse: cannot place {q_length} queries at offset {int(q_offset)} among "
+                    f"{kv_length} keys (kv_offset {kv_offset})",
         )
-    device = kwargs.get("device", None)
-    if attention_mask is None:
-        if q_end == kv_length:
+        if attention_mask is not None:
+            lazy_checks.require(
+                attention_mask.shape[-1] >= kv_offset + first_query + q_length,
+                lambda: f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but "
+                        f"the queries reach position {int(q_offset) + q_length}",
+            )
+    else:
+        first_query = int(q_offset) - kv_offset
+        q_end = first_query + q_length  # key slots up to and including the last query
+        if not q_length <= q_end <= kv_length:
+            raise ValueError(
+                f"modelopt_sparse: cannot place {q_length} queries at offset {int(q_offset)} among {kv_length} "
+                f"keys (kv_offset {kv_offset})"
+            )
+        if attention_mask is None and q_end == kv_length:
             return None
-        return torch.ones(batch_size, q_end, dtype=torch.bool, device=device)
-    if attention_mask.dim() != 2:
-        raise ValueError(f"modelopt_sparse: expected a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
-    if attention_mask.shape[-1] < kv_offset + q_end:
-        raise ValueError(
-            f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but the "
-            f"queries reach position {kv_offset + q_end}"
-        )
-    valid = attention_mask[:, kv_offset : kv_offset + q_end].to(torch.bool)
-    if q_end == kv_length and bool(valid.all()):
-        return None
-    # A bool inference-mode mask comes back as a view of itself: copy it (a few bytes per
-    # token), so that the memo never keys on a tensor without a version counter.
-    return valid.clone() if valid.is_inference() else valid
+        if attention_mask is not None and attention_mask.shape[-1] < kv_offset + q_end:
+            raise ValueError(
+                f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but the "
+                f"queries reach position {kv_offset + q_end}"
+            )
+    return token_codes(batch_size, q_length, kv_length, first_query, kv_offset, attention_mask, device)
+
+
+def token_codes(batch, q_len, width, first_query, kv_offset=0, padding=None, device=None) -> torch.Tensor:
+    """``[batch, width]`` int32 token codes (module docstring) of ``q_len`` queries whose first
+    sits at key slot ``first_query`` (an int, or a 0-d device tensor), with ``padding[b,
+    kv_offset + j]`` saying whether slot ``j`` holds a real token (``None``: every slot up to
+    the last query does). Device ops only."""
+    if padding is not None:
+        device = padding.device if device is None else device
+        if padding.dtype.is_floating_point:
+            raise TypeError("modelopt_sparse: a 2-D attention_mask must be bool or integer 0/1, not floating point")
+    slots = torch.arange(width, device=device, dtype=torch.int64)
+    row = slots - first_query  # the query row a slot holds; negative before the first query
+    real = (row < q_len)[None, :]  # slots after the last query hold no token yet
+    if padding is not None:
+        pad = padding[:, kv_offset : kv_offset + width].to(device=device, dtype=torch.bool)
+        if pad.shape[-1] < width:  # a static cache is longer than the mask: its tail is empty
+            pad = torch.nn.functional.pad(pad, (0, width - pad.shape[-1]), value=False)
+        real = real & pad
+    codes = torch.where(real, torch.where(row >= 0, row + _FIRST_QUERY_CODE, 1), 0)
+    return codes.to(_CODES_DTYPE).expand(batch, width).contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -151,7 +200,8 @@ def sparse_attention_forward(
     Args:
         module: a module converted by :func:`modelopt_sparse.sparsify`.
         query: ``[B, Hq, S, D]``; key, value: ``[B, Hkv, Skv, D]`` (not repeated for GQA).
-        attention_mask: what :func:`sparse_attention_mask` produced (or ``None``).
+        attention_mask: what :func:`sparse_attention_mask` produced (or ``None``); a 2-D bool
+            or 0/1 padding mask ``[B, L]`` (queries the last ``S`` of ``L <= Skv`` slots) works too.
         scaling: softmax scale (default ``1/sqrt(D)``).
         dropout: must be 0.
         **kwargs: ``cu_seq_lens_q/k`` and ``max_length_q/k`` for packed sequences;
@@ -178,24 +228,26 @@ def sparse_attention_forward(
             f"modelopt_sparse: key/value shapes {tuple(key.shape)}/{tuple(value.shape)} do not match "
             f"query {tuple(query.shape)}"
         )
-
-    layout = _layout(query, key, attention_mask, kwargs)
-    key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
-    q_rows = query.transpose(1, 2)  # [B, S, Hq, D]
-    k_rows, v_rows = key.transpose(1, 2), value.transpose(1, 2)
-    if layout.q_valid is None:
-        q = q_rows.reshape(batch * q_len, *q_rows.shape[2:])
-        k = k_rows.reshape(batch * layout.kv_len, *k_rows.shape[2:])
-        v = v_rows.reshape(batch * layout.kv_len, *v_rows.shape[2:])
-    else:
-        q, k, v = q_rows[layout.q_valid], k_rows[layout.kv_valid], v_rows[layout.kv_valid]
-
-    kernel_kwargs = dict(state.kernel_kwargs)
-    if not state.config.enable:
-        kernel_kwargs["sparsity_n"] = 0
     stats_sink = getattr(module, "_mts_stats", None)
     if stats_sink is not None and not isinstance(stats_sink, list):
         raise TypeError(f"{state.name}._mts_stats must be a list or None, got {type(stats_sink).__name__}")
+    lazy_checks.raise_failed()
+    packed = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    if q_len == 1 and stats_sink is None and not packed and _is_padding_or_none(attention_mask):
+        return _dense_decode(module, query, key, value, attention_mask, scaling), None
+
+    layout = _layout(query, key, attention_mask, kwargs)
+    key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
+    q_rows, k_rows, v_rows = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D]
+    if layout.take_q is None:
+        # [B, S, H, D] -> [B * S, H, D]: a view for batch 1, one copy otherwise.
+        q = q_rows.reshape(batch * q_len, query.shape[1], query.shape[3])
+        k = k_rows.reshape(batch * layout.kv_len, key.shape[1], key.shape[3])
+        v = v_rows.reshape(batch * layout.kv_len, value.shape[1], value.shape[3])
+    else:
+        q, k, v = q_rows[layout.take_q], k_rows[layout.take_k], v_rows[layout.take_k]
+
+    kernel_kwargs = state.kernel_kwargs if state.config.enable else {**state.kernel_kwargs, "sparsity_n": 0}
     result = state.method.attention(
         module, q, k, v, layout.batch,
         softmax_scale=scaling, kernel_kwargs=kernel_kwargs, return_stats=stats_sink is not None,
@@ -205,12 +257,38 @@ def sparse_attention_forward(
         stats_sink.append(stats)
     else:
         out = result
+    # Query rows outside every sequence (padding) come back as zeros.
+    if layout.put_q is not None:
+        out = out[layout.put_q]
+    return out.view(batch, q_len, out.shape[1], out.shape[2]), None
 
-    if layout.q_valid is None:
-        return out.reshape(batch, q_len, *out.shape[1:]), None
-    full = out.new_zeros(batch, q_len, *out.shape[1:])
-    full[layout.q_valid] = out
-    return full, None
+
+def _is_padding_or_none(mask) -> bool:
+    return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+
+
+def _dense_decode(module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """One query per row: the rule keeps every key, so this is dense attention, and the
+    fastest exact dense path for it is PyTorch's SDPA, called as transformers' own SDPA
+    integration calls it (GQA, backends, contiguity). Padded query rows are zero."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
+
+    if attention_mask is None:
+        if key.shape[2] < 1:
+            raise ValueError("modelopt_sparse: 1 query but no keys")
+        return sdpa(module, query, key, value, None, dropout=0.0, scaling=scaling, is_causal=False)[0]
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    keys_real, query_real, width = _outside_inference_mode(
+        lambda: _cached((attention_mask,), ("decode", batch, q_len, kv_len, query.device),
+                        lambda: _decode_masks(_as_codes(attention_mask, batch, q_len, kv_len, query.device))))
+    out = sdpa(module, query, key[:, :, :width], value[:, :, :width], keys_real,
+               dropout=0.0, scaling=scaling, is_causal=False)[0]
+    return torch.where(query_real, out, 0)
+
+
+def _decode_masks(codes):
+    """SDPA's boolean key mask [B, 1, 1, L], the real-query selector [B, 1, 1, 1], and L."""
+    return (codes > 0)[:, None, None, :], (codes >= _FIRST_QUERY_CODE).any(1)[:, None, None, None], codes.shape[-1]
 
 
 def _reject_unsupported(module, dropout, kwargs) -> None:
@@ -252,25 +330,15 @@ def _reject_unsupported(module, dropout, kwargs) -> None:
 
 
 class _Layout:
-    """Where the real tokens are: the packed metadata and the row selectors."""
+    """Where the real tokens are: the packed metadata, how many key slots it reads, and for
+    padded batches the gathers that pack query and key rows and the one that unpacks the
+    output (``None``: rows are used in place)."""
 
-    __slots__ = ("batch", "kv_len", "q_valid", "kv_valid")
+    __slots__ = ("batch", "kv_len", "take_q", "take_k", "put_q")
 
-    def __init__(self, batch: PackedBatch, kv_len: int, q_valid=None, kv_valid=None):
-        self.batch, self.kv_len, self.q_valid, self.kv_valid = batch, kv_len, q_valid, kv_valid
-
-
-def _metadata(q_lens: torch.Tensor, kv_lens: torch.Tensor, q_stride: int | None, kv_stride: int | None) -> PackedBatch:
-    """int32 varlen metadata; a stride means fixed-size rows (no gather), else rows are packed."""
-    q_lens, kv_lens = q_lens.to(torch.int32), kv_lens.to(torch.int32)
-
-    def starts(lens, stride):
-        if stride is not None:
-            return torch.arange(lens.shape[0], dtype=torch.int32, device=lens.device) * stride
-        return (torch.cumsum(lens, 0, dtype=torch.int32) - lens).to(torch.int32)
-
-    max_q, max_kv = torch.stack([q_lens.max(), kv_lens.max()]).tolist()
-    return PackedBatch(starts(q_lens, q_stride), q_lens, int(max_q), starts(kv_lens, kv_stride), kv_lens, int(max_kv))
+    def __init__(self, batch: PackedBatch, kv_len: int, take_q=None, take_k=None, put_q=None):
+        self.batch, self.kv_len = batch, kv_len
+        self.take_q, self.take_k, self.put_q = take_q, take_k, put_q
 
 
 def _layout(query, key, attention_mask, kwargs) -> _Layout:
@@ -308,7 +376,8 @@ def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
             "let transformers build it with attn_implementation='modelopt_sparse'"
         )
     if attention_mask.dim() == 2:
-        return _cached((attention_mask,), shape_key, lambda: _padded_layout(attention_mask, *shape_key))
+        return _cached((attention_mask,), shape_key,
+                       lambda: _codes_layout(_as_codes(attention_mask, *shape_key), q_len))
     if attention_mask.dim() == 4:
         position_ids = kwargs.get("position_ids")
 
@@ -322,58 +391,100 @@ def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
     raise ValueError(f"modelopt_sparse: attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
 
 
-# Every layer of one forward receives the same mask (or packing) tensors. Computing the
-# layout once and reusing it saves the per-layer host syncs, and hands the kernel the very
-# same metadata tensors, whose validation it caches.
+# Every layer of one forward receives the same mask (or packing) tensors. Deriving the
+# layout once and reusing it saves the per-layer device work and launches, and hands the
+# kernel the very same metadata tensors.
 _LAYOUT_ATTR = "_mts_layout"
 
 
-def _cached(anchors, key, build) -> _Layout:
-    """Layout memoized on ``anchors[0]``, valid while the anchors are the same tensor objects
-    at the same version (in-place writes bump it). Inference tensors keep no version: no memo."""
-    if any(a is None or a.is_inference() for a in anchors):
+def _cached(anchors, key, build):
+    """``build()`` memoized on ``anchors[0]``, valid while the anchors are the same tensor
+    objects at the same version (in-place writes bump it). Inference tensors keep no
+    version, and compiled code keeps no Python state: no memo there."""
+    if torch.compiler.is_compiling() or any(a is None or a.is_inference() for a in anchors):
         return build()
     versions = tuple(a._version for a in anchors)
     hit = getattr(anchors[0], _LAYOUT_ATTR, None)
     if hit is not None:
-        hit_key, hit_others, hit_versions, layout = hit
-        if hit_key == key and hit_versions == versions and all(a is b for a, b in zip(hit_others, anchors[1:])):
-            return layout
-    layout = build()
-    # The memo holds the other anchors themselves, so their ids cannot be reused while it lives.
-    setattr(anchors[0], _LAYOUT_ATTR, (key, anchors[1:], versions, layout))
-    return layout
+        for hit_key, hit_others, hit_versions, value in hit:
+            if hit_key == key and hit_versions == versions and all(a is b for a, b in zip(hit_others, anchors[1:])):
+                return value
+    value = build()
+    # The memo holds the other anchors themselves, so their ids cannot be reused while it
+    # lives. A decode-mask entry and a layout entry can share one mask: keep a few.
+    entries = [e for e in (hit or ()) if e[2] == versions][-3:]
+    setattr(anchors[0], _LAYOUT_ATTR, (*entries, (key, anchors[1:], versions, value)))
+    return value
 
 
-@functools.lru_cache(maxsize=64)
 def _dense_layout(batch, q_len, kv_len, device) -> _Layout:
-    """Unpadded rows; cached by shape because its tensors are never written after creation."""
-    full = torch.full((batch,), q_len, dtype=torch.int32, device=device)
-    return _Layout(_metadata(full, torch.full_like(full, kv_len), q_len, kv_len), kv_len)
+    """Unpadded rows, queries at the end of their keys."""
+    if torch.compiler.is_compiling():
+        return _build_dense_layout(batch, q_len, kv_len, device)
+    return _cached_dense_layout(batch, q_len, kv_len, device)
 
 
-def _padded_layout(mask, batch, q_len, kv_len, device) -> _Layout:
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point:
-            raise TypeError("modelopt_sparse: a 2-D attention_mask must be bool or integer 0/1, not floating point")
-        mask = mask != 0
-    end = mask.shape[-1]
-    if mask.shape[0] != batch or not q_len <= end <= kv_len:
+def _build_dense_layout(batch, q_len, kv_len, device) -> _Layout:
+    rows = torch.arange(batch, dtype=torch.int32, device=device)
+    meta = PackedBatch(rows * q_len, torch.full((batch,), q_len, dtype=torch.int32, device=device), q_len,
+                       rows * kv_len, torch.full((batch,), kv_len, dtype=torch.int32, device=device), kv_len,
+                       trusted=True)
+    return _Layout(meta, kv_len)
+
+
+# Cached by shape because its tensors are never written after creation.
+_cached_dense_layout = functools.lru_cache(maxsize=64)(_build_dense_layout)
+
+
+def _as_codes(mask, batch, q_len, kv_len, device) -> torch.Tensor:
+    """Token codes from what reached the attention function: the mask function's codes
+    (int32), or a plain 2-D padding mask whose last ``q_len`` slots are the queries."""
+    if mask.dtype == _CODES_DTYPE:
+        if mask.shape[0] != batch or mask.shape[-1] > kv_len:
+            raise ValueError(
+                f"modelopt_sparse: token codes of shape {tuple(mask.shape)} do not fit batch {batch} and {kv_len} keys"
+            )
+        return mask.to(device)
+    width = mask.shape[-1]
+    if mask.shape[0] != batch or not q_len <= width <= kv_len:
         raise ValueError(
             f"modelopt_sparse: 2-D attention_mask of shape {tuple(mask.shape)} does not fit batch {batch}, "
             f"{q_len} queries and {kv_len} keys"
         )
-    kv_valid = mask.to(device)
-    # The queries are the last q_len of the `end` key positions, so a query row is real
-    # exactly when its own key position is.
-    q_valid = kv_valid[:, end - q_len :]
-    if bool(kv_valid.all()):
-        return _dense_layout(batch, q_len, end, device)
-    meta = _metadata(q_valid.sum(1), kv_valid.sum(1), None, None)
-    return _Layout(meta, end, q_valid, kv_valid)
+    return token_codes(batch, q_len, width, width - q_len, 0, mask, device)
+
+
+def _codes_layout(codes, q_len) -> _Layout:
+    """Every batch row's real tokens as one sequence of the varlen layout.
+
+    The rows are compacted by gathers with static shapes: a stable sort moves each row's
+    real tokens (and, among the query rows, its real queries) to the front, in order. Any
+    padding pattern works, holes included, with no host read. Batch rows of more than one
+    token were copied into the packed layout before anyway, so this costs no extra pass
+    there; ``put_q`` is the inverse permutation that brings the output rows back.
+    """
+    batch, width = codes.shape
+    device = codes.device
+    real = codes > 0
+    # Query row r of batch row b is real iff some slot of row b holds code 2 + r.
+    query_row = torch.where(codes >= _FIRST_QUERY_CODE, codes - _FIRST_QUERY_CODE, q_len).to(torch.int64)
+    q_real = torch.zeros(batch, q_len + 1, dtype=torch.bool, device=device).scatter_(1, query_row, True)[:, :q_len]
+    k_order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
+    q_order = torch.sort((~q_real).to(torch.int8), dim=1, stable=True).indices
+    rows = torch.arange(batch, device=device)
+    take_q = (rows[:, None].expand(batch, q_len).flatten(), q_order.flatten())
+    take_k = (rows[:, None].expand(batch, width).flatten(), k_order.flatten())
+    packed_q = (rows[:, None] * q_len + q_order).flatten()
+    put_q = torch.empty_like(packed_q).scatter_(0, packed_q, torch.arange(batch * q_len, device=device))
+    rows32 = rows.to(torch.int32)
+    meta = PackedBatch(rows32 * q_len, q_real.sum(1, dtype=torch.int32), q_len,
+                       rows32 * width, real.sum(1, dtype=torch.int32), width, trusted=True)
+    return _Layout(meta, width, take_q, take_k, put_q)
 
 
 def _packed_layout(query, key, kwargs) -> _Layout:
+    """Packed sequences from transformers' flash-attention kwargs, without host reads: the
+    values are checked on the device, the bounds are ``max_length_q/k`` or the row counts."""
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None or cu_k is None:
@@ -385,23 +496,31 @@ def _packed_layout(query, key, kwargs) -> _Layout:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2 or t.dtype.is_floating_point:
             raise ValueError(f"modelopt_sparse: {name} must be a 1-D integer tensor [num_seqs + 1]")
         t = t.to(device=query.device, dtype=torch.int32)
-        values = t.tolist()
-        if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(
-                f"modelopt_sparse: {name}={values} must rise from 0 to the {total} packed tokens"
-            )
+        lazy_checks.require(
+            (t[0] == 0) & (t[-1] == total) & (t.diff() >= 0).all(),
+            functools.partial(lambda n, v, tot: f"modelopt_sparse: {n}={v.tolist()} must rise from 0 to the {tot} "
+                                                "packed tokens", name, t, total),
+        )
         cu.append(t)
     if cu[0].numel() != cu[1].numel():
         raise ValueError("modelopt_sparse: cu_seq_lens_q and cu_seq_lens_k describe different numbers of sequences")
     lens_q, lens_k = cu[0].diff(), cu[1].diff()
-    if bool((lens_q > lens_k).any()):
-        raise ValueError("modelopt_sparse: a packed sequence has more queries than keys")
-    max_q, max_k = torch.stack([lens_q.max(), lens_k.max()]).tolist()
-    for name, given, actual in (("max_length_q", kwargs.get("max_length_q"), max_q),
-                                ("max_length_k", kwargs.get("max_length_k"), max_k)):
-        if given is not None and int(given) < actual:
-            raise ValueError(f"modelopt_sparse: {name}={int(given)} is below the longest sequence ({actual})")
-    meta = PackedBatch(cu[0][:-1].contiguous(), lens_q, int(max_q), cu[1][:-1].contiguous(), lens_k, int(max_k))
+    lazy_checks.require((lens_q <= lens_k).all(),
+                        lambda: "modelopt_sparse: a packed sequence has more queries than keys")
+    bounds = []
+    for name, given, lens, total in (("max_length_q", kwargs.get("max_length_q"), lens_q, q_len),
+                                     ("max_length_k", kwargs.get("max_length_k"), lens_k, kv_len)):
+        if given is None or isinstance(given, torch.Tensor):
+            bounds.append(total)  # a bound that needs no host read; only the grid grows
+            continue
+        given = int(given)
+        lazy_checks.require(
+            lens.max() <= given,
+            functools.partial(lambda n, g, ls: f"modelopt_sparse: {n}={g} is below the longest sequence "
+                                               f"({int(ls.max())})", name, given, lens),
+        )
+        bounds.append(min(given, total))
+    meta = PackedBatch(cu[0][:-1], lens_q, bounds[0], cu[1][:-1], lens_k, bounds[1], trusted=True)
     return _Layout(meta, kv_len)
 
 

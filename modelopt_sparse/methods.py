@@ -45,7 +45,9 @@ class PackedBatch:
     """Varlen metadata of one attention call, in the layout of :func:`modelopt_sparse.attention`.
 
     ``q`` holds ``[total_q, Hq, D]`` rows, ``k``/``v`` ``[total_kv, Hkv, D]`` rows; the int32
-    tensors live on the device of ``q``.
+    tensors live on the device of ``q``. ``trusted`` marks metadata that is valid by
+    construction (the HuggingFace adapter derives it on the device from the mask, and checks
+    the mask itself): the kernel then skips reading it back, which would cost a device sync.
     """
 
     b_start_loc: torch.Tensor
@@ -54,6 +56,7 @@ class PackedBatch:
     b_start_loc_k: torch.Tensor
     b_seq_len_k: torch.Tensor
     max_input_len_k: int
+    trusted: bool = False
 
 
 class SparseAttentionMethod:
@@ -104,6 +107,10 @@ class SparseAttentionMethod:
     ):
         """Attention of packed sequences; returns ``out`` or ``(out, stats)`` like the kernel.
 
+        ``q``, ``k`` and ``v`` may hold rows outside every sequence (a padded batch keeps
+        one block of rows per entry, real tokens first); their output rows must be zero,
+        as the kernel makes them.
+
         ``kernel_kwargs`` is what :meth:`kernel_kwargs` returned, with ``sparsity_n=0`` when
         the module is disabled.
         """
@@ -114,6 +121,7 @@ class SparseAttentionMethod:
             batch.b_start_loc_k, batch.b_seq_len_k, batch.max_input_len_k,
             backend=self.select_backend(q.device),
             return_stats=return_stats,
+            check_metadata=not batch.trusted,
             **kernel_kwargs,
         )
 

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import torch
 
-from .reference import Segment, SparseParams, reference_attention
+from .reference import Segment, SparseParams, host_segments, reference_attention, reference_attention_op
 from .semantics import check_pattern
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,6 +42,7 @@ def attention(
     tie_break: str = "threshold",
     backend: str = "auto",
     return_stats: bool = False,
+    check_metadata: bool = True,
 ):
     r"""Flash attention with N:M structured sparse softmax on varlen packed sequences.
 
@@ -78,6 +79,14 @@ def attention(
             ``[Hq]`` tensors ``allowed`` and ``kept`` (score counts), ``rows`` (query rows
             with at least one allowed key) and ``dropped_mass`` (sum over those rows of
             ``1 - Z_kept / Z_allowed``).
+        check_metadata: read the metadata values back and validate them (bounds, overlaps,
+            ``max_input_len``). That costs one device synchronisation per new metadata
+            tensor (checked tensors are remembered until written in place). ``False`` skips
+            it for metadata that is valid by construction: the Triton backend then reads no
+            device value on the host (CUDA graphs, ``torch.compile(fullgraph=True)``), and
+            rows outside every sequence are zero-filled. Invalid metadata is then undefined
+            behaviour, as in FlashAttention's varlen API. Types, shapes and devices are
+            always checked.
 
     Returns:
         ``[total_q, Hq, D]`` in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
@@ -111,9 +120,15 @@ def attention(
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
-    segments, covered = _check_metadata(
-        q, k, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k
-    )
+    if not isinstance(check_metadata, bool):
+        raise TypeError(f"check_metadata must be a bool, got {type(check_metadata).__name__}")
+    if check_metadata:
+        segments, covered = _check_metadata(
+            q, k, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k
+        )
+    else:
+        _check_metadata_types(q, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k)
+        segments, covered = None, (False, False)
     params = SparseParams(
         is_causal=is_causal,
         softmax_scale=float(softmax_scale),
@@ -125,7 +140,13 @@ def attention(
     )
     stats = _new_stats(q) if return_stats else None
     if backend == "torch":
-        out, _ = reference_attention(q, k, v, segments, params, stats)
+        if torch.compiler.is_compiling():
+            # One opaque op for Dynamo: the reference loops over host-side sequence bounds.
+            out = reference_attention_op(q, k, v, b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k, params, stats)
+        else:
+            if segments is None:
+                segments = host_segments(b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k)
+            out, _ = reference_attention(q, k, v, segments, params, stats)
     else:
         from .triton_attention import triton_attention
 
@@ -226,9 +247,8 @@ class _ValidatedMetadata:
 _validated = _ValidatedMetadata()
 
 
-def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple[list[Segment], tuple[bool, bool]]:
-    """The sequences, and whether they cover every packed query / key row (then no output
-    needs a zero fill first); checked, and remembered per metadata tensor version."""
+def _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k) -> None:
+    """Types, shapes and devices of the metadata: everything checkable without its values."""
     for name, t in (
         ("b_start_loc", start_q), ("b_seq_len", len_q),
         ("b_start_loc_k", start_k), ("b_seq_len_k", len_k),
@@ -248,8 +268,14 @@ def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple
         if t.shape[0] != batch:
             raise ValueError(f"{name} has {t.shape[0]} entries but b_start_loc has {batch}")
     for name, value in (("max_input_len", max_q), ("max_input_len_k", max_k)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple[list[Segment], tuple[bool, bool]]:
+    """The sequences, and whether they cover every packed query / key row (then no output
+    needs a zero fill first); checked, and remembered per metadata tensor version."""
+    _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k)
     tensors = (start_q, len_q, start_k, len_k)
     extra = (q.shape[0], k.shape[0], max_q, max_k)
     cached = _validated.get(tensors, extra)

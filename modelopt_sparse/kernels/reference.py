@@ -168,3 +168,72 @@ def _accumulate_stats(stats, q_c, k_b, seg, r0, params: SparseParams, keep, z_ke
 def reference_attention(q, k, v, segments, params: SparseParams, stats=None):
     """Returns (out [total_q, Hq, D] in q's dtype, lse [total_q, Hq] natural-log, compute dtype)."""
     return _ReferenceAttention.apply(q, k, v, tuple(segments), params, stats)
+
+
+# Under torch.compile the reference runs as one custom op: its loop over sequences needs
+# their bounds as host integers, which Dynamo could only get by breaking the graph. Params
+# travel as scalars in SparseParams field order; the backward recomputes through autograd.
+def _reference_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+    is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+) -> torch.Tensor:
+    params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens, dense_window_size,
+                          tie_break)
+    return reference_attention(q, k, v, host_segments(q_start, q_len, k_start, k_len), params)[0]
+
+
+def _reference_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+    is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = _reference_forward(*leaves, q_start, q_len, k_start, k_len, is_causal, softmax_scale, sparsity_n,
+                                 sparsity_m, num_sink_tokens, dense_window_size, tie_break)
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+    return dq, dk, dv
+
+
+def host_segments(q_start, q_len, k_start, k_len) -> list[Segment]:
+    """The sequences as host integers (one read of the device values, unchecked)."""
+    return [Segment(*row) for row in torch.stack((q_start, q_len, k_start, k_len), 1).tolist()]
+
+
+_forward_op = torch.library.custom_op("modelopt_sparse::reference_attention", mutates_args=())(_reference_forward)
+_backward_op = torch.library.custom_op("modelopt_sparse::reference_attention_backward",
+                                       mutates_args=())(_reference_backward)
+
+
+@_forward_op.register_fake
+def _(q, k, v, *rest):
+    return torch.empty_like(q)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.scalars = inputs[7:]
+
+
+def _backward(ctx, grad_out):
+    return (*_backward_op(grad_out, *ctx.saved_tensors, *ctx.scalars), *([None] * 11))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reference_attention_op(q, k, v, q_start, q_len, k_start, k_len, params: SparseParams, stats=None):
+    """:func:`reference_attention`'s output as one custom op (what compiled code calls)."""
+    if stats is not None:
+        raise NotImplementedError("return_stats=True is not supported under torch.compile on the torch backend")
+    return _forward_op(q, k, v, q_start, q_len, k_start, k_len, bool(params.is_causal), float(params.softmax_scale),
+                       int(params.sparsity_n), int(params.sparsity_m), int(params.num_sink_tokens),
+                       int(params.dense_window_size), str(params.tie_break))
