@@ -145,6 +145,17 @@ def _check_module_supported(name: str, module: torch.nn.Module) -> None:
         raise NotImplementedError(f"{name}: is_causal=False (bidirectional attention) is not supported")
 
 
+def check_convertible(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The attention modules :func:`sparsify` would convert; raises as it would if it cannot.
+
+    Changes nothing: callers can refuse a model before spending time on anything else.
+    """
+    found = find_attention_modules(model)
+    for name, module in found:
+        _check_module_supported(name, module)
+    return found
+
+
 def build_state(
     name: str,
     module: torch.nn.Module,
@@ -237,8 +248,7 @@ def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> to
     """
     config = SparseAttentionConfig.coerce(config)
     states = {}
-    for name, module in find_attention_modules(model):
-        _check_module_supported(name, module)
+    for name, module in check_convertible(model):
         attr, patterns = config.resolve(name)
         if attr is None:
             attr, patterns = SparseAttentionAttributeConfig(enable=False), []

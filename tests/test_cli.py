@@ -213,7 +213,7 @@ def test_text_shorter_than_one_window(tiny_model, tmp_path, capsys):
     assert code == 2 and "fewer than --seq-len 64" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    code, _, err = _run(capsys, "--model", tiny_model["dir"], "--text-file", empty)
+    code, _, err = _run(capsys, "--model", tiny_model["dir"], "--text-file", empty, "--seq-len", 64)
     assert code == 2 and "the file is empty" in err
 
 
@@ -300,17 +300,25 @@ def test_readme_starts_with_the_eval_quick_start():
 
 
 def test_unsupported_architecture_and_missing_tokenizer(tiny_model, tmp_path, capsys):
+    import shutil
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
-    code, _, err = _run(capsys, "--model", gpt2, "--text-file", tiny_model["text"], "--seq-len", 32,
-                        "--device", "cpu", "--out", tmp_path)
-    assert code == 2 and "tokenizer files" in err
     tiny_model["tokenizer"].save_pretrained(gpt2)
     code, _, err = _run(capsys, "--model", gpt2, "--text-file", tiny_model["text"], "--seq-len", 32,
                         "--max-windows", 1, "--device", "cpu", "--out", tmp_path)
-    assert code == 2 and "cannot sparsify GPT2LMHeadModel" in err and "supported attention classes" in err
+    assert code == 2 and "no supported attention module in GPT2LMHeadModel" in err
+    assert "supported attention classes" in err
+    # A supported model whose directory lacks the tokenizer files.
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model["dir"] / name, bare / name)
+    code, _, err = _run(capsys, "--model", bare, "--text-file", tiny_model["text"], "--seq-len", 32,
+                        "--device", "cpu", "--out", tmp_path)
+    assert code == 2 and "tokenizer files" in err
 
 
 def test_triton_backend_gives_the_reference_perplexity(tiny_model, tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_text, make_windows, tokenize
+from .data import check_text_file, load_text, make_windows, tokenize
 from .errors import EvalError
 from .models import (
     DEFAULT_MODEL_LABEL,
@@ -162,6 +162,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_sparsifiable(model: torch.nn.Module, label: str) -> None:
+    """Refuse a model that sparsify would refuse, before the text is read and tokenized."""
+    from ..conversion import check_convertible
+
+    try:
+        check_convertible(model)
+    except (ValueError, NotImplementedError) as err:
+        raise EvalError(f"--model {label}: {err}") from None
+
+
 def _flatten(values, default):
     return default if values is None else [v for group in values for v in group]
 
@@ -185,7 +195,7 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
     if max_windows is None:
         max_windows = "all" if device.type == "cuda" else DEFAULT_CPU_WINDOWS
     stats_windows = None if args.stats_windows == "all" else args.stats_windows
-    text = load_text(args.text_file)
+    check_text_file(args.text_file)  # read only once the model is known to be usable
     source = resolve_model(args.model)
     if args.seq_len < 2:
         raise EvalError("--seq-len must be at least 2 (a window predicts seq_len - 1 tokens)")
@@ -206,6 +216,8 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
                         f"(max_position_embeddings = {limit}); use --seq-len {limit} or less")
 
     model, tokenizer = load_model(source, config, device, dtype)
+    check_sparsifiable(model, source.label)
+    text = load_text(args.text_file)
     ids = tokenize(tokenizer, text.text)
     windows = make_windows(ids, args.seq_len, None if max_windows == "all" else max_windows)
     available = ids.numel() // args.seq_len

@@ -30,15 +30,23 @@ def default_text() -> Text:
     return Text("\n\n".join(topics.values()), DEFAULT_TEXT_LABEL)
 
 
-def load_text(path: str | Path | None) -> Text:
-    """The text of ``path`` (UTF-8), or the default text when ``path`` is None."""
+def check_text_file(path: str | Path | None) -> None:
+    """Fail at once on a ``--text-file`` that is missing, without reading it (that comes later)."""
     if path is None:
-        return default_text()
+        return
     p = Path(path).expanduser()
     if not p.exists():
         raise EvalError(f"--text-file {path}: no such file")
     if not p.is_file():
         raise EvalError(f"--text-file {path}: not a regular file")
+
+
+def load_text(path: str | Path | None) -> Text:
+    """The text of ``path`` (UTF-8), or the default text when ``path`` is None."""
+    if path is None:
+        return default_text()
+    check_text_file(path)
+    p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -46,7 +46,7 @@ def apply_setting(model: torch.nn.Module, setting: Setting, backend: str) -> Non
     try:
         mts.sparsify(model, setting.sparse_cfg(backend))
     except (ValueError, NotImplementedError) as err:
-        raise EvalError(f"cannot sparsify {type(model).__name__} for {setting.label}: {err}") from None
+        raise EvalError(f"{type(model).__name__}: cannot apply the configuration {setting.label!r}: {err}") from None
 
 
 def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
