@@ -42,6 +42,12 @@ def _version() -> str:
     return __version__
 
 
+def _first(items: list, limit: int = 4) -> str:
+    """``items`` cut to ``limit`` entries for a message, saying how many were left out."""
+    more = len(items) - limit
+    return f"{items[:limit]}" + (f" and {more} more" if more > 0 else "")
+
+
 def sparse_state(model: torch.nn.Module) -> dict[str, Any]:
     """The conversion state of ``model`` as a JSON-able dict (no weights).
 
@@ -98,8 +104,8 @@ def _plan(model: torch.nn.Module, state: Any) -> dict[str, ModuleSparseState]:
         raise ValueError(
             f"architecture mismatch: the sparse state has {len(entries)} attention modules and "
             f"{type(model).__name__} has {len(found)}"
-            + (f"; not in the model: {missing[:4]}" if missing else "")
-            + (f"; not in the state: {extra[:4]}" if extra else "")
+            + (f"; not in the model: {_first(missing)}" if missing else "")
+            + (f"; not in the state: {_first(extra)}" if extra else "")
         )
     plan = {}
     for name, entry in entries.items():
@@ -261,11 +267,12 @@ def _check_weights_fit(model: torch.nn.Module, weights_path: str) -> None:
     if unexpected or wrong or missing:
         details = []
         if missing:
-            details.append(f"missing from the file: {missing[:4]}")
+            details.append(f"missing from the file: {_first(missing)}")
         if unexpected:
-            details.append(f"not in the model: {unexpected[:4]}")
+            details.append(f"not in the model: {_first(unexpected)}")
         if wrong:
-            details.append("shape mismatch: " + ", ".join(f"{k} {shapes[k]} vs {tuple(own[k].shape)}" for k in wrong[:4]))
+            shown = ", ".join(f"{k} {shapes[k]} vs {tuple(own[k].shape)}" for k in wrong[:4])
+            details.append(f"shape mismatch: {shown}" + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""))
         raise ValueError(
             f"architecture mismatch between {weights_path} and {type(model).__name__}: " + "; ".join(details)
         )
