@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Attention TFLOPS against SDPA and FlexAttention: ``modelopt-sparse bench`` as a script.
 
-The benchmark lives in ``modelopt_sparse/bench.py`` so that the installed console script
+The benchmark lives in ``modelopt_sparse/bench/`` so that the installed console script
 runs it; this file runs the copy in this checkout and re-exports its API for scripts that
 ``from benchmarks.bench_attention import run_benchmarks``.
 """

@@ -1,0 +1,184 @@
+"""``modelopt-sparse bench`` (the kernel benchmark): options, and the run that prints and saves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .cases import DTYPES, MODES, OUR_VARIANTS, PEERS, BenchConfig, Case, cases, implementations, resolve_config
+from .env import collect_env
+from .report import compute_ratios, fmt_tflops, format_report, reasons, save_plot
+from .runner import run_benchmarks
+
+DESCRIPTION = (
+            "Forward and forward+backward effective TFLOPS of modelopt_sparse N:M sparse "
+            "attention (dense, 2:4, 4:8, 8:16, 2:4 index tie-break) against PyTorch SDPA "
+            "(flash, cuDNN) and compiled FlexAttention, on one varlen-packed sequence. "
+            "FLOPs = 4*S^2*H*D, /2 when causal, x3.5 for fwd+bwd, the same for every "
+            "implementation, so TFLOPS ratios are speed ratios."
+)
+EPILOG = (
+    "Lists take commas or spaces: --seq-lens 4096,16384. Examples:\n"
+    "  modelopt-sparse bench --out bench_out                    # the full H200 sweep\n"
+    "  modelopt-sparse bench --modes fwd --causal causal --head-dims 128\n"
+    "  modelopt-sparse bench --quick --device cpu               # smoke test, no GPU"
+)
+
+
+def build_parser(prog: str = "modelopt-sparse bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    fill_parser(p)
+    p.set_defaults(handler=lambda args: run_from_args(args, p))
+    return p
+
+
+def _list_arg(convert):
+    def parse(text: str):
+        return [convert(x) for x in text.replace(",", " ").split() if x]
+
+    return parse
+
+
+def _flatten(values) -> list:
+    return [x for chunk in values for x in chunk] if values else []
+
+
+def fill_parser(p: argparse.ArgumentParser) -> None:
+    shapes = p.add_argument_group("shapes")
+    shapes.add_argument("--seq-lens", nargs="+", type=_list_arg(int), metavar="S",
+                        help="sequence lengths (default 4096,16384; --quick: 256)")
+    shapes.add_argument("--head-dims", nargs="+", type=_list_arg(int), metavar="D",
+                        help="head dims (default 64,128; --quick: 64)")
+    shapes.add_argument("--heads", type=int, help="query heads H (default 32; --quick: 2)")
+    shapes.add_argument("--gqa", type=int, default=1, metavar="R",
+                        help="query heads per K/V head: Hkv = H / R (default 1, i.e. MHA)")
+    shapes.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default bf16")
+
+    what = p.add_argument_group("what to run")
+    what.add_argument("--modes", nargs="+", type=_list_arg(str), metavar="MODE",
+                      help="fwd, fwdbwd or both (default fwd,fwdbwd)")
+    what.add_argument("--causal", choices=("both", "causal", "noncausal"), default="both",
+                      help="default both")
+    what.add_argument("--variants", nargs="+", type=_list_arg(str), metavar="V",
+                      help=f"our variants, a subset of {','.join(OUR_VARIANTS)} (default all); 'none' for none")
+    what.add_argument("--peers", nargs="+", type=_list_arg(str), metavar="P",
+                      help=f"peers, a subset of {','.join(PEERS)}; default sdpa-flash,sdpa-cudnn,flex on CUDA "
+                           "and sdpa-math,flex (flex reported n/a) on CPU; 'none' for none")
+    what.add_argument("--backend", choices=("triton", "torch", "auto"),
+                      help="backend= for our attention() (default triton on CUDA, torch on CPU)")
+    what.add_argument("--dense-window-size", type=int, default=64, help="default 64")
+    what.add_argument("--num-sink-tokens", type=int, default=0, help="default 0")
+    what.add_argument("--flex-compile-mode", default=None,
+                      help="torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs "
+                           "(default: torch.compile's default)")
+
+    run = p.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
+    run.add_argument("--quick", action="store_true",
+                     help="tiny shapes (S=256, H=2, D=64) and short timing: a smoke test, not a measurement")
+    run.add_argument("--warmup-ms", type=float, help="do_bench warmup in ms (default 100; --quick: 25)")
+    run.add_argument("--rep-ms", type=float, help="do_bench repetition time in ms (default 500; --quick: 100)")
+    run.add_argument("--cpu-reps", type=int, default=5, help="timed repetitions per measurement on CPU (default 5)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", type=Path, metavar="DIR",
+                     help="write DIR/results.json (updated after every measurement) and DIR/tflops.png")
+
+
+def _subset(values, allowed, what, parser) -> tuple[str, ...] | None:
+    if not values:
+        return None
+    if values == ["none"]:
+        return ()
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        parser.error(f"unknown {what} {bad}; choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(values))
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
+    variants = _subset(_flatten(args.variants), tuple(OUR_VARIANTS), "variants", parser)
+    return BenchConfig(
+        seq_lens=tuple(_flatten(args.seq_lens)) or None,
+        head_dims=tuple(_flatten(args.head_dims)) or None,
+        heads=args.heads,
+        gqa=args.gqa,
+        modes=_subset(_flatten(args.modes), MODES, "modes", parser) or MODES,
+        causal={"both": (True, False), "causal": (True,), "noncausal": (False,)}[args.causal],
+        variants=tuple(OUR_VARIANTS) if variants is None else variants,
+        peers=_subset(_flatten(args.peers), PEERS, "peers", parser),
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        dense_window_size=args.dense_window_size,
+        num_sink_tokens=args.num_sink_tokens,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        cpu_reps=args.cpu_reps,
+        flex_compile_mode=args.flex_compile_mode,
+        seed=args.seed,
+        quick=args.quick,
+    )
+
+
+def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        cfg = resolve_config(config_from_args(args, parser))
+    except ValueError as exc:
+        parser.error(str(exc))
+    on_cpu = torch.device(cfg.device).type != "cuda"
+    if on_cpu and not cfg.quick:
+        print("note: full-size shapes on CPU run the PyTorch reference and can take hours; "
+              "use --quick for a smoke test", file=sys.stderr)
+    env = collect_env(cfg.device)
+    total = len(cases(cfg)) * len(implementations(cfg))
+    results_path = None
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        results_path = args.out / "results.json"
+
+    def dump(rows, ratios, complete):
+        if results_path is None:
+            return
+        doc = {"complete": complete, "env": env, "settings": asdict(cfg), "rows": rows, "ratios": ratios}
+        tmp = results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(results_path)  # a reader never sees half a file
+
+    done: list[dict] = []
+
+    def progress(row):
+        done.append(row)
+        what = (f"{fmt_tflops(row['tflops']):>8} TFLOPS ({row['ms']:.3f} ms)" if row["status"] == "ok"
+                else f"n/a: {row['reason']}")
+        print(f"[{len(done)}/{total}] {Case.of_row(row).label}  {row['impl']:<10} {what}", file=sys.stderr,
+              flush=True)
+        dump(done, None, False)  # a crash midway still leaves what was measured
+
+    print(f"benchmarking on {env['gpu'] or 'CPU'}: torch {env['torch']}, triton {env['triton']}, "
+          f"commit {(env['git_commit'] or 'unknown')[:12]}", file=sys.stderr, flush=True)
+    rows = run_benchmarks(cfg, on_row=progress)
+    ratios = compute_ratios(rows)
+    dump(rows, ratios, True)
+
+    notes = []
+    if results_path is not None:
+        notes.append(f"wrote {results_path}")
+        skipped = save_plot(rows, cfg, args.out / "tflops.png")
+        notes.append(skipped or f"wrote {args.out / 'tflops.png'}")
+    why = reasons(rows)
+    if why:
+        notes.append("n/a reasons:")
+        notes.extend(why)
+    if on_cpu:
+        notes.append("NOTE: CPU run: these numbers only prove that the script works end to end; they say "
+                     "nothing about GPU kernel speed.")
+    print("\n".join(notes))
+    print()
+    print(format_report(rows, ratios, cfg, env))
+    return 0
