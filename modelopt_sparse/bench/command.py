@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .cases import DTYPES, MODES, OUR_VARIANTS, PEERS, BenchConfig, Case, cases, implementations, resolve_config
+from .cases import DTYPES, MODES, OUR_VARIANTS, PEERS, QUICK_SHAPES, BenchConfig, Case, cases, implementations
+from .cases import resolve_config, resolve_device
 from .env import collect_env
 from .report import compute_ratios, fmt_tflops, format_report, reasons, save_plot
 from .runner import run_benchmarks
@@ -26,7 +27,8 @@ EPILOG = (
     "Lists take commas or spaces: --seq-lens 4096,16384. Examples:\n"
     "  modelopt-sparse bench --out bench_out                    # the full H200 sweep\n"
     "  modelopt-sparse bench --modes fwd --causal causal --head-dims 128\n"
-    "  modelopt-sparse bench --quick --device cpu               # smoke test, no GPU"
+    "  modelopt-sparse bench --quick --device cpu               # smoke test, no GPU\n"
+    "Without CUDA, --quick is the default (--full forces the full sweep: hours on a CPU)."
 )
 
 
@@ -80,8 +82,12 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
 
     run = p.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
-    run.add_argument("--quick", action="store_true",
-                     help="tiny shapes (S=256, H=2, D=64) and short timing: a smoke test, not a measurement")
+    size = run.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="tiny shapes (S=256, H=2, D=64) and short timing: a smoke test, not a measurement "
+                           "(the default without CUDA)")
+    size.add_argument("--full", action="store_true",
+                      help="the full-size defaults even on a CPU (hours there; the default on CUDA)")
     run.add_argument("--warmup-ms", type=float, help="do_bench warmup in ms (default 100; --quick: 25)")
     run.add_argument("--rep-ms", type=float, help="do_bench repetition time in ms (default 500; --quick: 100)")
     run.add_argument("--cpu-reps", type=int, default=5, help="timed repetitions per measurement on CPU (default 5)")
@@ -126,7 +132,25 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     )
 
 
+def _cpu_default_to_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Without CUDA the full sweep runs the PyTorch reference for hours: make --quick the
+    default there, and say so in one line."""
+    if args.quick or args.full:
+        return
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if torch.device(device).type == "cuda":
+        return
+    args.quick = True
+    print(f"note: no CUDA device: running the quick smoke test (--quick: S={QUICK_SHAPES['seq_lens'][0]}, "
+          f"H={QUICK_SHAPES['heads']}, D={QUICK_SHAPES['head_dims'][0]}); --full runs the full sweep "
+          "(hours on a CPU)", file=sys.stderr, flush=True)
+
+
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _cpu_default_to_quick(args, parser)
     try:
         cfg = resolve_config(config_from_args(args, parser))
     except ValueError as exc:
@@ -163,7 +187,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     print(f"benchmarking on {env['gpu'] or 'CPU'}: torch {env['torch']}, triton {env['triton']}, "
           f"commit {(env['git_commit'] or 'unknown')[:12]}", file=sys.stderr, flush=True)
     rows = run_benchmarks(cfg, on_row=progress)
-    ratios = compute_ratios(rows)
+    ratios = compute_ratios(rows, gpu=not on_cpu)
     dump(rows, ratios, True)
 
     notes = []

@@ -11,6 +11,9 @@ from .timing import HOST_BOUND_SHARE, host_bound
 
 # The head dim the un-annotated target lines are judged at; the D=64 lines name theirs.
 MAIN_HEAD_DIM = 128
+# Status of a target line measured on a CPU: the targets are H200 targets, and a CPU
+# smoke run says nothing about them.
+GPU_TARGET = "n/a (GPU target)"
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,12 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-def compute_ratios(rows: Iterable[dict], targets: Sequence[Target] = TARGETS) -> list[dict]:
+def compute_ratios(rows: Iterable[dict], targets: Sequence[Target] = TARGETS, *, gpu: bool = True) -> list[dict]:
     """Each target line: the speed ratio at every measured sequence length, and the worst one.
 
     The verdict uses the worst sequence length, so a win at one length cannot hide a
-    regression at another.
+    regression at another. With ``gpu=False`` (a CPU run) a line with a target gets no
+    verdict, only its value: the targets are H200 targets.
     """
     rows = list(rows)
     tflops = {
@@ -80,6 +84,8 @@ def compute_ratios(rows: Iterable[dict], targets: Sequence[Target] = TARGETS) ->
             status = "n/a"
         elif target is None:
             status = "info"
+        elif not gpu:
+            status = GPU_TARGET
         else:
             status = "PASS" if value >= target else "MISS"
         out.append({
@@ -132,6 +138,8 @@ def format_report(rows: list[dict], ratios: list[dict], cfg: BenchConfig, env: d
             "GPU waits for launches and the kernels are faster than shown (host_ms in the JSON)"
         )
     out += ["", "Ratios (same run; worst sequence length decides)"]
+    if any(r["status"] == GPU_TARGET for r in ratios):
+        out.append("CPU run: the targets are for the H200; their lines show the value without a verdict")
     rbody = []
     for r in ratios:
         detail = ", ".join(f"S={p['seq_len']}: {p['ratio']:.2f}" for p in r["per_seq_len"])
