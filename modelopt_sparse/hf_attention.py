@@ -358,7 +358,10 @@ def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
 
         def packed():
             layout = _packed_layout(query, key, kwargs)
-            if attention_mask is not None:
+            # transformers also builds a 4-D mask from position_ids; eager code checks that it
+            # agrees. Compiled code cannot read it back and, like the flash-attention path,
+            # follows cu_seq_lens.
+            if attention_mask is not None and not torch.compiler.is_compiling():
                 _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k")
             return layout
 

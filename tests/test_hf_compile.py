@@ -1,8 +1,11 @@
-"""A sparsified model under ``torch.compile`` gives the eager model's logits.
+"""A sparsified model under ``torch.compile`` gives the eager model's logits, in one graph.
 
-The attention function validates metadata on the host, so Dynamo breaks the graph around
-it; what must hold is that compiling changes nothing but speed. On CPU the reference
-backend and the interpreted Triton kernels run; on CUDA (gpu-marked) the compiled kernels.
+The attention and mask functions read no device value on the host, so
+``torch.compile(model, fullgraph=True)`` traces a whole prefill (no mask, a padded mask,
+packed ``cu_seq_lens``) with zero graph breaks, counted by ``torch._dynamo.explain``. On
+CPU the reference backend (one custom op) and the interpreted Triton kernels run; on CUDA
+(gpu-marked) the compiled kernels, CUDA graphs (``mode="reduce-overhead"``) and the
+static-cache ``generate()`` fast path.
 """
 
 from __future__ import annotations
@@ -35,6 +38,106 @@ def _check(device, backend, dtype, atol):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=0)
     dense = logits(base, ids, attention_mask=mask)
     assert (got[mask.bool()] - dense[mask.bool()]).abs().max() > 10 * atol  # sparsity really applied
+
+
+_PACKED = torch.tensor([0, 30, 80], dtype=torch.int32)
+# (input shape, forward kwargs): what a user compiles for prefill.
+_PREFILL_CASES = {
+    "no_mask": ((2, 40), {}),
+    "padded": ((2, 40), {"attention_mask": "left_padded"}),
+    "packed": ((1, 80), {"cu_seq_lens_q": _PACKED, "cu_seq_lens_k": _PACKED, "max_length_q": 50, "max_length_k": 50,
+                         "use_cache": False}),
+}
+
+
+def _prefill_inputs(case, device):
+    shape, kwargs = _PREFILL_CASES[case]
+    ids = token_ids(2, 40).reshape(shape).to(device)
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    if kwargs.get("attention_mask") == "left_padded":
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        kwargs["attention_mask"] = mask
+    return ids, kwargs
+
+
+def _check_fullgraph(device, backend, dtype, atol, case):
+    torch._dynamo.reset()
+    base = tiny_model("llama", dtype=dtype).to(device)
+    model = mts.sparsify(copy.deepcopy(base), sparse_cfg(2, 4, sinks=1, window=4, backend=backend))
+    ids, kwargs = _prefill_inputs(case, device)
+    explained = torch._dynamo.explain(lambda: model(input_ids=ids, **kwargs).logits)()
+    assert explained.graph_break_count == 0, [str(r.reason)[:500] for r in explained.break_reasons]
+    with torch.no_grad():
+        want = model(input_ids=ids, **kwargs).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids, **kwargs).logits
+    real = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else torch.ones_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(got[real], want[real], atol=atol, rtol=0)
+    with torch.no_grad():
+        dense = base(input_ids=ids, **{k: v for k, v in kwargs.items() if k == "attention_mask"}).logits
+    if case != "packed":  # sparsity really applied
+        assert (got[real] - dense[real]).abs().max() > 10 * atol
+
+
+@pytest.mark.parametrize("case", list(_PREFILL_CASES))
+def test_fullgraph_prefill_has_no_graph_break_on_cpu(case):
+    _check_fullgraph("cpu", "torch", torch.float32, 1e-4, case)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not interpreting(), reason="CPU with TRITON_INTERPRET=1")
+def test_fullgraph_prefill_interpreted_triton():
+    _check_fullgraph("cpu", "triton", torch.float32, 1e-3, "padded")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(_PREFILL_CASES))
+def test_fullgraph_prefill_has_no_graph_break_triton(case):
+    _check_fullgraph("cuda", "triton", torch.float32, 1e-3, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["no_mask", "padded"])
+def test_cuda_graphs_give_the_eager_logits(case):
+    """mode="reduce-overhead" captures the compiled forward in CUDA graphs: nothing on the
+    attention path may read the device back or allocate outside the graph pool."""
+    torch._dynamo.reset()
+    model = mts.sparsify(tiny_model("llama", dtype=torch.bfloat16).cuda(), sparse_cfg(2, 4, sinks=1, window=4))
+    ids, kwargs = _prefill_inputs(case, "cuda")
+    kwargs["use_cache"] = False
+    with torch.no_grad():
+        want = model(input_ids=ids, **kwargs).logits.float()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # record, then replay
+            got = compiled(input_ids=ids, **kwargs).logits.float().clone()
+    real = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else torch.ones_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(got[real], want[real], atol=5e-2, rtol=0)
+
+
+def _greedy(model, ids, mask, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_static_cache_compiled_generate_matches_eager(device):
+    """transformers' documented fast path: a static cache and a compiled forward. Prefill runs
+    sparse, decode steps dense through SDPA; the tokens equal eager generate()'s."""
+    torch._dynamo.reset()
+    dtype = torch.float32
+    model = mts.sparsify(tiny_model("llama", dtype=dtype).to(device), sparse_cfg(2, 4, sinks=1, window=4,
+                                                                               backend="auto"))
+    ids = token_ids(2, 24).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = _greedy(model, ids, mask)
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    got = _greedy(model, ids, mask)
+    assert torch.equal(got, want)
 
 
 def test_compiled_sparsified_model_matches_eager_on_cpu():
