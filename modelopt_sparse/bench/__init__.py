@@ -14,7 +14,8 @@ TFLOPS numbers is a ratio of speeds. A peer or variant that cannot run is report
 
 Run ``modelopt-sparse bench --help`` (or ``python benchmarks/bench_attention.py --help`` from
 a checkout); benchmarks/README.md explains the output. Other scripts can
-``from modelopt_sparse.bench import run_benchmarks``.
+``from modelopt_sparse.bench import run_benchmarks``. Whole models against SDPA:
+``modelopt-sparse bench model`` (:mod:`modelopt_sparse.bench.model`).
 
 The modules: ``cases`` (what is measured), ``prepare`` (what each implementation runs),
 ``timing``, ``runner`` (the loop), ``report`` (ratios, tables, chart), ``env`` (versions and
@@ -60,8 +61,23 @@ __all__ = [
 ]
 
 
+def _add_model_subcommand(p: argparse.ArgumentParser) -> None:
+    # `bench` alone is the kernel benchmark; `bench model` is a sub-subcommand with its own
+    # options and handler (argparse copies the subparser's handler over the kernel one).
+    from .model.command import add_arguments as add_model_arguments
+
+    sub = p.add_subparsers(
+        dest="bench_command", metavar="[model]", title="whole-model benchmark",
+        description="'bench model' times HuggingFace models (SmolLM2-135M, a Llama-3-8B shape, generate)\n"
+                    "with SDPA against mts.sparsify; its options: modelopt-sparse bench model --help",
+    )
+    add_model_arguments(sub.add_parser("model"))
+
+
 def build_parser(prog: str = "modelopt-sparse bench") -> argparse.ArgumentParser:
-    return _build_kernel_parser(prog)
+    p = _build_kernel_parser(prog)
+    _add_model_subcommand(p)
+    return p
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     fill_parser(p)
     p.set_defaults(handler=lambda args: run_from_args(args, p))
+    _add_model_subcommand(p)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "modelopt-sparse bench") -> int:

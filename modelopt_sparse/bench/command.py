@@ -28,7 +28,8 @@ EPILOG = (
     "  modelopt-sparse bench --out bench_out                    # the full H200 sweep\n"
     "  modelopt-sparse bench --modes fwd --causal causal --head-dims 128\n"
     "  modelopt-sparse bench --quick --device cpu               # smoke test, no GPU\n"
-    "Without CUDA, --quick is the default (--full forces the full sweep: hours on a CPU)."
+    "Without CUDA, --quick is the default (--full forces the full sweep: hours on a CPU).\n"
+    "Whole models (SmolLM2, Llama-8B, generate) against SDPA: modelopt-sparse bench model --help"
 )
 
 

@@ -1,0 +1,299 @@
+"""How one implementation is timed on one setting: build, convert, run, time.
+
+Every function here returns the fields of one result row (``ms``, ``compile_s``, ``note``,
+...) or raises; the runner records an exception as that row's error and goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+
+import torch
+
+from ..errors import detail
+from ..timing import median_ms, sync, wall_ms
+from .cases import MODELS, Setting
+
+# sparsify() configs of our implementations. Dense is the same kernel with N=0: it measures
+# what the plugin costs, the sparse one what the sparsity gains on top.
+DENSE_CFG = {"sparse_cfg": {"default": {"sparsity_n": 0}}}
+
+
+def sparse_config(impl: str):
+    import modelopt_sparse as mts
+
+    return {"dense": DENSE_CFG, "2:4": mts.SPARSE_SOFTMAX_DEFAULT}[impl]
+
+
+def build_model(model: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
+    """A random-weight ``LlamaForCausalLM`` of the named shape, with SDPA attention, in eval mode.
+
+    The weights are drawn on ``device`` (an 8B-wide model initialises in seconds there, not
+    minutes on the host), from ``seed``, so a rebuild gives the same weights.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(MODELS[model]["tiny" if tiny else "full"])
+    theta = fields.pop("rope_theta")
+    # rope_parameters is the 5.x spelling; 5.17 and 5.24 both read it.
+    config = LlamaConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    # Parameters are created in the target dtype, as from_pretrained(dtype=...) does: casting
+    # afterwards would also cast the fp32 RoPE frequencies, which no real model has.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            net = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    net = net.to(dtype).eval()  # a no-op for every parameter; the buffers keep their dtype
+    if net.config._attn_implementation != "sdpa":
+        net.set_attn_implementation("sdpa")
+    # No early stop: every generate call produces exactly the tokens asked for.
+    net.generation_config.eos_token_id = None
+    return net
+
+
+def implementation(base, impl: str):
+    """A copy of ``base`` running ``impl``: SDPA as built, or converted by ``mts.sparsify``."""
+    model = copy.deepcopy(base)
+    if impl == "sdpa":
+        return model
+    import modelopt_sparse as mts
+
+    return mts.sparsify(model, sparse_config(impl))
+
+
+def token_ids(setting: Setting, vocab: int, device, seed: int) -> torch.Tensor:
+    # Drawn on the CPU from a fixed seed: the same prompt on every device and in every run.
+    # Ids 0-2 (pad, bos, eos of the default config) are left out, so no id reads as padding.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (setting.batch, setting.length), generator=gen).to(device)
+
+
+def _last_logits(out) -> torch.Tensor:
+    return out.logits[:, -1].float().cpu()
+
+
+def _graph_stats() -> dict:
+    """Dynamo's graph-break and graph counts since the last reset (private counters: None if
+    this torch has none)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {"graph_breaks": int(sum(counters["graph_break"].values())),
+                "graphs": int(counters["stats"]["unique_graphs"])}
+    except Exception:
+        return {"graph_breaks": None, "graphs": None}
+
+
+def compile_failure(exc: BaseException) -> str:
+    """One line on why Dynamo could not capture a whole graph: its complaint, the operator,
+    and the last line of user code it was tracing (Dynamo's message puts the stack between)."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    what = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    context = next((ln for ln in lines if ln.startswith("Developer debug context:")), None)
+    if context and context.removeprefix("Developer debug context:").strip():
+        what += f" ({context.removeprefix('Developer debug context:').strip()})"
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(\S.*)', text)
+    if frames:
+        path, line, func, code = frames[-1]
+        what += f" at {os.path.basename(path)}:{line} in {func}: {code.strip()}"
+    return what if len(what) <= 500 else what[:497] + "..."
+
+
+def _reset_dynamo() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+    except Exception:
+        pass
+
+
+def forward_eager(model, ids, call_kw, device, warmup, reps) -> dict:
+    def call():
+        return model(ids, **call_kw)
+
+    ms = median_ms(call, device, warmup, reps)
+    return {"ms": ms, "_last_logits": _last_logits(call())}
+
+
+def forward_compiled(model, ids, call_kw, device, warmup, reps, backend) -> dict:
+    """``torch.compile(model, fullgraph=True)``; if that cannot capture the model, the error is
+    kept in ``note`` and the model is compiled again with ``fullgraph=False``."""
+    failure = {}
+    for fullgraph in (True, False):
+        _reset_dynamo()
+        compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
+        start = time.perf_counter()
+        try:
+            out = compiled(ids, **call_kw)
+            sync(device)
+        except Exception as exc:
+            if not fullgraph:
+                raise
+            failure = {"note": "fullgraph=True failed; compiled again with fullgraph=False",
+                       "fullgraph_error": compile_failure(exc), "fullgraph_error_detail": detail(exc)}
+            continue
+        compile_s = time.perf_counter() - start
+        stats = _graph_stats()
+        break
+    del out
+    ms = median_ms(lambda: compiled(ids, **call_kw), device, warmup, reps)
+    last = _last_logits(compiled(ids, **call_kw))
+    _reset_dynamo()  # frees the compiled graphs before the next model is compiled
+    return {"ms": ms, "compile_s": compile_s, "fullgraph": fullgraph, **stats, **failure, "_last_logits": last}
+
+
+def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
+    """One forward captured in a ``torch.cuda.CUDAGraph`` (static input, warm-up on a side
+    stream as the PyTorch docs prescribe); ``graph.replay()`` is timed."""
+    static_ids = ids.clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(3, warmup)):
+            model(static_ids, **call_kw)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_ids, **call_kw)
+    ms = median_ms(graph.replay, device, warmup, reps)
+    graph.replay()
+    replayed = _last_logits(static_out)
+    eager = _last_logits(model(static_ids, **call_kw))
+    # A graph that baked in host-side state would replay something else than eager runs.
+    diff = float((replayed - eager).abs().max())
+    del graph, static_out
+    return {"ms": ms, "replay_vs_eager_max_abs": diff, "_last_logits": replayed}
+
+
+def generate(model, ids, setting: Setting, mode: str, device, warmup, reps, backend) -> dict:
+    """Greedy ``model.generate`` of exactly ``setting.new_tokens`` tokens; tokens/s is
+    batch x new tokens over the median wall time of a whole call (prefill included).
+
+    ``static-compiled``: ``cache_implementation="static"`` with a ``CompileConfig``. On CUDA,
+    transformers 5.x then compiles the decode step itself (``_valid_auto_compile_criteria``
+    and ``get_compiled_call`` in generation/utils.py and modeling_utils.py; the prefill runs
+    eagerly). On the CPU that needs ``CompileConfig._compile_all_devices``.
+    """
+    from transformers import CompileConfig, GenerationConfig
+
+    n = setting.new_tokens
+    mask = torch.ones_like(ids)
+
+    def config(fullgraph):
+        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                               eos_token_id=None, pad_token_id=0)
+        if mode == "static-compiled":
+            compile_config = CompileConfig(fullgraph=fullgraph, backend=backend)
+            if torch.device(device).type != "cuda":
+                compile_config._compile_all_devices = True
+            gen.cache_implementation = "static"
+            gen.compile_config = compile_config
+        return gen
+
+    failure, fullgraph, compile_s, stats = {}, None, None, {}
+    gen_config = config(True)
+    if mode == "static-compiled":
+        for fullgraph in (True, False):
+            _reset_dynamo()
+            for attr in ("_compiled_call", "_last_compile_config"):
+                if attr in vars(model):
+                    delattr(model, attr)
+            gen_config = config(fullgraph)
+            start = time.perf_counter()
+            try:
+                model.generate(ids, attention_mask=mask, generation_config=gen_config)
+                sync(device)
+            except Exception as exc:
+                if not fullgraph:
+                    raise
+                failure = {"note": "fullgraph=True failed; compiled again with fullgraph=False",
+                           "fullgraph_error": compile_failure(exc), "fullgraph_error_detail": detail(exc)}
+                continue
+            compile_s = time.perf_counter() - start
+            stats = _graph_stats()
+            if "_compiled_call" not in vars(model):
+                note = "transformers did not compile the decode step (generate ran eagerly)"
+                failure["note"] = f"{failure['note']}; {note}" if failure else note
+            break
+        warmup = max(0, warmup - 1)  # the compiling call above was the first warm-up
+
+    def call():
+        return model.generate(ids, attention_mask=mask, generation_config=gen_config)
+
+    for _ in range(warmup):
+        call()
+    outputs = []
+    times = wall_ms(lambda: outputs.append(call()), device, reps)
+    new = outputs[-1][:, ids.shape[1]:]
+    if new.shape[1] != n:
+        raise RuntimeError(f"generate returned {new.shape[1]} new tokens, not {n}")
+    ms = sorted(times)[len(times) // 2]
+    result = {"ms": ms, "tokens_per_s": setting.batch * n / (ms / 1e3), "_tokens": new.tolist(), **failure}
+    if mode == "static-compiled":
+        result.update(compile_s=compile_s, fullgraph=fullgraph, **stats)
+        _reset_dynamo()
+    return result
+
+
+def host_call(impl: str, grad: bool, device, calls: int, warmup: int) -> dict:
+    """µs per call of ``calls`` back-to-back attention calls at a tiny shape (1 sequence of 16
+    tokens, 4 heads, D=64, bf16), synchronised only before the first and after the last: the
+    GPU work is a few µs, so the wall time per call is the host's cost of issuing it.
+
+    ``dense`` and ``2:4`` are ``mts.attention`` on ``[16, 4, 64]`` with N=0 and with the
+    default preset's pattern (2:4, window 64: at 16 tokens every key is in the window);
+    ``sdpa`` is ``F.scaled_dot_product_attention`` on ``[1, 4, 16, 64]`` with ``is_causal=True``.
+    """
+    import torch.nn.functional as F
+
+    import modelopt_sparse as mts
+
+    s, h, d, dtype = 16, 4, 64, torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    if impl == "sdpa":
+        q, k, v = randn(1, h, s, d), randn(1, h, s, d), randn(1, h, s, d)
+
+        def call():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        q, k, v = randn(s, h, d), randn(s, h, d), randn(s, h, d)
+        start = torch.zeros(1, dtype=torch.int32, device=device)
+        lens = torch.full((1,), s, dtype=torch.int32, device=device)
+
+        pattern = {"dense": 0, "2:4": 2}[impl]
+        # What sparsify's "auto" picks: the Triton kernel on CUDA, the reference elsewhere
+        # (attention()'s own "auto" would take the Triton interpreter under TRITON_INTERPRET=1).
+        backend = "triton" if torch.device(device).type == "cuda" else "torch"
+
+        def call():
+            return mts.attention(q, k, v, start, lens, s, is_causal=True, sparsity_n=pattern, sparsity_m=4,
+                                 num_sink_tokens=0, dense_window_size=64, backend=backend)
+
+    with torch.set_grad_enabled(grad):
+        for _ in range(warmup):
+            call()
+        sync(device)
+        start_t = time.perf_counter()
+        for _ in range(calls):
+            call()
+        sync(device)
+        elapsed = time.perf_counter() - start_t
+    return {"us_per_call": elapsed / calls * 1e6, "ms": elapsed / calls * 1e3, "calls": calls}

@@ -1,0 +1,256 @@
+"""``modelopt-sparse bench model`` on the CPU: the tiny smoke run end to end, the verdict
+logic, and the refusals of bad options.
+
+The smoke run proves the harness (every case gives numbers or a recorded reason, files are
+written, the summary comes last); it says nothing about speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from modelopt_sparse import cli
+from modelopt_sparse.bench.model import CASES, GROUPS, TARGET_LINES
+from modelopt_sparse.bench.model.report import annotate, summary
+
+CPU_SKIPPED = {"smollm2-cudagraphs", "smollm2-compiled", "generate-static"}
+
+
+def _run(capsys, *argv):
+    code = cli.main(["bench", "model", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny CPU run of every case (the compiled and CUDA-graph ones are skipped there)."""
+    out_dir = tmp_path_factory.mktemp("bench_model")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    # capsys is per test; this run serves several.
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["bench", "model", "--device", "cpu", "--cases", "all", "--reps", "1", "--warmup", "0",
+                         "--host-calls", "20", "--out", str(out_dir)])
+    return {"code": code, "out": stdout.getvalue(), "err": stderr.getvalue(), "dir": out_dir,
+            "doc": json.loads((out_dir / "model_results.json").read_text())}
+
+
+def test_tiny_cpu_run_has_every_case(tiny_run):
+    assert tiny_run["code"] == 0, tiny_run["err"][-3000:]
+    doc = tiny_run["doc"]
+    assert doc["complete"] is True and doc["running"] is None
+    assert list(doc["cases"]) == list(CASES)
+    rows = doc["rows"]
+    for name, spec in CASES.items():
+        mine = [r for r in rows if r["case"] == name]
+        # Every implementation on every setting (the host case: in both grad modes).
+        assert len(mine) == 3 * len(spec.tiny) * (2 if name == "host" else 1), name
+        assert {r["impl"] for r in mine} == {"sdpa", "dense", "2:4"}
+        if name in CPU_SKIPPED:
+            assert doc["cases"][name]["status"] == "skipped" and doc["cases"][name]["reason"]
+            assert all(r["status"] == "skipped" and r["reason"] and r["ms"] is None for r in mine)
+            continue
+        assert doc["cases"][name]["status"] == "ok", doc["cases"][name]
+        for r in mine:
+            assert r["status"] == "ok", r
+            assert math.isfinite(r["ms"]) and r["ms"] > 0
+            assert r["elapsed_s"] >= 0
+            if spec.kind == "generate":
+                assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["new_tokens"] / (r["ms"] / 1e3))
+            if spec.kind == "host":
+                assert r["us_per_call"] == pytest.approx(r["ms"] * 1e3) and r["calls"] == 20
+            if r["impl"] != "sdpa":
+                assert r["ratio_vs_sdpa"] > 0
+    # Our dense path computes what SDPA computes (bf16 rounding apart), and generates the same
+    # tokens; the comparison fields are there for every one of our rows.
+    for r in rows:
+        if r["status"] == "ok" and r["impl"] == "dense" and r["kind"] == "forward":
+            assert r["logits_vs_sdpa_max_abs"] < 0.05, r
+        if r["status"] == "ok" and r["impl"] != "sdpa" and r["kind"] == "generate":
+            assert isinstance(r["tokens_equal"], bool) and 0 <= r["token_match_fraction"] <= 1
+    # Tensors and token lists used for the comparisons stay out of the file.
+    assert not any(key.startswith("_") for r in rows for key in r)
+    env = doc["env"]
+    for key in ("torch", "triton", "transformers", "gpu", "git_commit", "date"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["gpu"] is None
+    assert doc["settings"]["tiny"] is True and doc["settings"]["autotune"] is not None
+
+
+def test_tiny_cpu_run_output(tiny_run):
+    out, err = tiny_run["out"], tiny_run["err"]
+    # One progress line per row, and a header per case.
+    assert err.count("\n[") + err.startswith("[") == len(tiny_run["doc"]["rows"])
+    assert all(f"-- {name}:" in err for name in CASES)
+    # No verdicts on a CPU: the targets are H200 targets.
+    assert "MISS" not in out and "PASS" not in out
+    statuses = {s["status"] for s in tiny_run["doc"]["summary"]}
+    assert statuses <= {"n/a (GPU target)", "n/a"} and "n/a (GPU target)" in statuses
+    assert len(tiny_run["doc"]["summary"]) == len(TARGET_LINES)
+    # The summary table comes last, its lines in TARGET_LINES order.
+    lines = out.rstrip().splitlines()
+    assert lines[-1].startswith("host µs/call mts.attention dense/SDPA, autograd")
+    assert out.rindex("case ") < out.rindex("Summary") < out.rindex("target line")
+    md = (tiny_run["dir"] / "model_table.md").read_text()
+    assert "| case | setting | mode | unit | sdpa | dense | 2:4 | dense/SDPA | 2:4/SDPA |" in md
+    assert "| target line | value | target | status |" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "skipping the plot" in out
+    else:
+        assert (tiny_run["dir"] / "model_speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _row(case, setting, impl, status="ok", **fields):
+    spec = CASES[case]
+    return {"case": case, "setting": setting, "mode": fields.pop("mode", spec.mode), "impl": impl,
+            "kind": spec.kind, "status": status, "reason": fields.pop("reason", None), **fields}
+
+
+def test_verdicts_follow_the_direction_of_each_line():
+    rows = [
+        _row("smollm2-eager", "1x1024", "sdpa", ms=10.0), _row("smollm2-eager", "1x1024", "dense", ms=10.5),
+        _row("smollm2-eager", "1x1024", "2:4", ms=12.0),
+        _row("generate-eager", "1x512+128", "sdpa", tokens_per_s=100.0),
+        _row("generate-eager", "1x512+128", "dense", tokens_per_s=90.0),
+        _row("llama8b", "1x16384", "sdpa", status="error", reason="OOM"),
+        _row("llama8b", "1x16384", "dense", ms=5.0),
+    ]
+    cases = ["smollm2-eager", "generate-eager", "llama8b"]
+    lines = {s["label"]: s for s in summary(rows, cases, tiny=False, gpu=True)}
+    assert lines["SmolLM2 1x1024 eager dense/SDPA"]["status"] == "PASS"  # 1.05 <= 1.10
+    assert lines["SmolLM2 1x1024 eager 2:4/SDPA"]["status"] == "MISS"  # 1.20 > 1.15
+    assert lines["SmolLM2 generate b1 eager tok/s dense/SDPA"]["status"] == "MISS"  # 0.90 < 0.95
+    assert lines["SmolLM2 generate b1 eager tok/s dense/SDPA"]["value"] == pytest.approx(0.9)
+    assert lines["Llama-8B 1x16384 eager dense/SDPA"]["status"] == "n/a"
+    assert lines["Llama-8B 1x16384 eager dense/SDPA"]["why"] == "OOM"
+    assert lines["SmolLM2 1x1024 compiled dense/SDPA"]["status"] == "not run"
+    cpu = {s["label"]: s for s in summary(rows, cases, tiny=False, gpu=False)}
+    assert cpu["SmolLM2 1x1024 eager 2:4/SDPA"]["status"] == "n/a (GPU target)"
+    assert cpu["SmolLM2 1x1024 eager 2:4/SDPA"]["value"] == pytest.approx(1.2)
+
+
+def test_generated_tokens_are_compared_with_sdpa():
+    rows = [_row("generate-eager", "2x512+128", "sdpa", tokens_per_s=1.0, _tokens=[[1, 2, 3], [4, 5, 6]]),
+            _row("generate-eager", "2x512+128", "dense", tokens_per_s=1.0, _tokens=[[1, 2, 3], [4, 5, 6]]),
+            _row("generate-eager", "2x512+128", "2:4", tokens_per_s=2.0, _tokens=[[1, 2, 3], [4, 9, 9]])]
+    annotate(rows)
+    assert rows[1]["tokens_equal"] is True and rows[1]["token_match_fraction"] == 1.0
+    assert rows[1]["first_token_mismatch"] is None
+    assert rows[2]["tokens_equal"] is False and rows[2]["token_match_fraction"] == pytest.approx(4 / 6)
+    assert rows[2]["first_token_mismatch"] == 1 and rows[2]["ratio_vs_sdpa"] == 2.0
+    assert "tokens_equal" not in rows[0]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "cpu", "--cases", "smollm2-eager,nope"], "argument --cases: unknown case(s) ['nope']"),
+        (["--device", "cpu", "--impls", "flash"], "argument --impls: unknown ['flash']"),
+        ([], "no CUDA device: this benchmark measures GPU speed. --device cpu runs every case"),
+        (["--device", "cuda"], "argument --device: 'cuda' asked for, but CUDA is not available"),
+        (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+        (["--device", "meta"], "this benchmark runs on cuda or, as a smoke test, cpu"),
+        (["--device", "cpu", "--reps", "0"], "argument --reps: must be >= 1, got 0"),
+        (["--device", "cpu", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+        (["--device", "cpu", "--time-budget", "0"], "argument --time-budget: must be > 0"),
+        (["--device", "cpu", "--compile-backend", "nope"], "argument --compile-backend: unknown backend 'nope'"),
+        (["--device", "cpu", "extra"], "unrecognized arguments: extra"),
+    ],
+)
+def test_bad_options_are_argument_errors(argv, message, no_cuda, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "model", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_tiny_is_refused_on_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for argv in (["--tiny"], ["--tiny", "--device", "cuda"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["bench", "model", *argv])
+        assert exc.value.code == 2
+        assert "argument --tiny: the tiny shapes are the CPU smoke test" in capsys.readouterr().err
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "model", "--device", "cpu", "--out", str(target)])
+    assert exc.value.code == 2
+    assert f"argument --out: {target} exists and is not a directory" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_cuda_plan_anywhere(no_cuda, tmp_path, capsys):
+    code, out, err = _run(capsys, "--dry-run", "--cases", "default,generate-static", "--out", tmp_path / "o")
+    assert code == 0 and not (tmp_path / "o").exists()
+    for name in GROUPS["default"] + ("generate-static",):
+        assert f"  {name} " in err
+    assert "1x1024, 8x1024" in err and "1x512+128, 8x512+128" in err
+    assert "estimate: ~" in err and "min on an H200" in err
+    assert "not selected: smollm2-compiled" in err
+    # Tiny CPU plan of the same.
+    code, _, err = _run(capsys, "--dry-run", "--device", "cpu")
+    assert code == 0 and "tiny CPU shapes" in err and "1x64, 2x64" in err
+
+
+def test_help_lists_cases_groups_and_the_split(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "model", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for name in list(CASES) + list(GROUPS):
+        assert f"\n  {name} " in text
+    for needle in ("--cases smollm2-compiled --time-budget", "--device cpu", "MODELOPT_SPARSE_AUTOTUNE"):
+        assert needle in text
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "modelopt-sparse bench model --help" in capsys.readouterr().out
+
+
+def test_kernel_bench_entry_point_dispatches_model(no_cuda, capsys):
+    """benchmarks/bench_attention.py's main() takes the sub-subcommand too."""
+    from modelopt_sparse.bench import main
+
+    assert main(["model", "--dry-run", "--device", "cpu"]) == 0
+    assert "tiny CPU shapes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_paths_on_cpu_with_dynamo_only(tmp_path, capsys):
+    """The compiled forward (fullgraph=True, then the fallback) and transformers' compiled
+    static-cache generate, through Dynamo's eager backend: the code paths the H200 run takes
+    with inductor."""
+    code, out, err = _run(capsys, "--device", "cpu", "--cases", "compiled", "--impls", "sdpa,dense",
+                          "--compile-backend", "eager", "--reps", "1", "--warmup", "1", "--out", tmp_path)
+    assert code == 0, err[-3000:]
+    doc = json.loads((tmp_path / "model_results.json").read_text())
+    rows = doc["rows"]
+    assert len(rows) == 2 * 2 * 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["compile_s"] > 0 and r["fullgraph"] in (True, False) and r["graphs"] >= 1
+        if r["fullgraph"] is False:
+            # The fallback keeps why the whole-graph capture failed.
+            assert r["note"].startswith("fullgraph=True failed") and r["fullgraph_error"]
+    sdpa = [r for r in rows if r["impl"] == "sdpa"]
+    assert all(r["fullgraph"] is True and r["graph_breaks"] == 0 for r in sdpa)
+    generate = [r for r in rows if r["case"] == "generate-static" and r["impl"] == "dense"]
+    assert all(isinstance(r["tokens_equal"], bool) for r in generate)
+    assert "transformers did not compile" not in json.dumps(rows)
