@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..errors import detail
+from ..errors import detail, short
 from ..timing import median_ms, sync, wall_ms
 from .cases import MODELS, Setting
 
@@ -157,7 +157,13 @@ def forward_compiled(model, ids, call_kw, device, warmup, reps, backend) -> dict
 
 def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
     """One forward captured in a ``torch.cuda.CUDAGraph`` (static input, warm-up on a side
-    stream as the PyTorch docs prescribe); ``graph.replay()`` is timed."""
+    stream as the PyTorch docs prescribe); ``graph.replay()`` is timed.
+
+    transformers builds its masks differently while a stream captures (it skips the checks
+    that read tensors back), so the capture runs a path the eager warm-up did not; a first
+    capture that fails is tried once more, in case it failed on one-time set-up, and its
+    error is kept in ``note``.
+    """
     static_ids = ids.clone()
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -166,9 +172,28 @@ def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
             model(static_ids, **call_kw)
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = model(static_ids, **call_kw)
+    note = None
+    for attempt in range(2):
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.graph(graph):
+                static_out = model(static_ids, **call_kw)
+            break
+        except Exception as exc:
+            # torch.cuda.graph's exit ends the capture and raises its own "capture invalidated"
+            # error, leaving the capture stream current: restore it, and report the error that
+            # broke the capture (the exit's exception carries it as __context__).
+            torch.cuda.set_stream(stream)
+            cause = exc.__context__ if exc.__context__ is not None else exc
+            message = f"CUDA graph capture failed: {short(cause, 300)}"
+            if cause is not exc:
+                message += f" (then {short(exc, 150)})"
+            if attempt == 1:
+                raise RuntimeError(message) from exc
+            note = f"first capture failed, the second one worked: {message}"
+            del graph
+            torch.cuda.synchronize(device)
     ms = median_ms(graph.replay, device, warmup, reps)
     graph.replay()
     replayed = _last_logits(static_out)
@@ -176,7 +201,7 @@ def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
     # A graph that baked in host-side state would replay something else than eager runs.
     diff = float((replayed - eager).abs().max())
     del graph, static_out
-    return {"ms": ms, "replay_vs_eager_max_abs": diff, "_last_logits": replayed}
+    return {"ms": ms, "replay_vs_eager_max_abs": diff, "note": note, "_last_logits": replayed}
 
 
 def generate(model, ids, setting: Setting, mode: str, device, warmup, reps, backend) -> dict:
