@@ -204,7 +204,9 @@ def test_dry_run_prints_the_cuda_plan_anywhere(no_cuda, tmp_path, capsys):
         assert f"  {name} " in err
     assert "1x1024, 8x1024" in err and "1x512+128, 8x512+128" in err
     assert "estimate: ~" in err and "min on an H200" in err
-    assert "not selected: smollm2-compiled" in err
+    assert "not selected: smollm2-compiled" in err and "use_cache=False" in err
+    code, _, err = _run(capsys, "--dry-run", "--use-cache")
+    assert code == 0 and "model(ids, use_cache=True)" in err
     # Tiny CPU plan of the same.
     code, _, err = _run(capsys, "--dry-run", "--device", "cpu")
     assert code == 0 and "tiny CPU shapes" in err and "1x64, 2x64" in err

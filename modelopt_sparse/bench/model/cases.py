@@ -85,7 +85,7 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in (
              "host time of one mts.attention call vs one SDPA call at 1x16 tokens, 4 heads, D=64",
              est_s=1),
     CaseSpec("smollm2-eager", "smollm2", "forward", "eager", **_SMOLLM2_SETTINGS,
-             help="SmolLM2-135M forward (no mask, use_cache=False), eager", est_s=15),
+             help="SmolLM2-135M forward (no mask, use_cache=False unless --use-cache), eager", est_s=15),
     CaseSpec("llama8b", "llama8b", "forward", "eager",
              full=(Setting(1, 4096), Setting(1, 16384)), tiny=(Setting(1, 64), Setting(1, 128)),
              help="Llama-3-8B shape, 4 layers: prefill (logits of the last token), eager", est_s=20,

@@ -103,6 +103,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="skip (and record) every measurement that would end past this many seconds, by the "
                         "H200 estimate (default: no limit)")
+    p.add_argument("--use-cache", action="store_true",
+                   help="forward cases call model(ids) with its default DynamicCache instead of use_cache=False. "
+                        "Without a cache and a mask, transformers detects packed sequences from position_ids; "
+                        "under torch.compile and CUDA-graph capture it cannot, and hands every attention a "
+                        "materialized 4-D mask (SDPA then runs its masked kernel, ours its packed-sequence path)")
     p.add_argument("--host-calls", type=_positive_int,
                    help="back-to-back calls timed in the host case (default 2000; --tiny: 200)")
     p.add_argument("--seed", type=int, default=0, help="weights and token ids (default 0)")
@@ -173,7 +178,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
         cases=tuple(cases), impls=impls, device=str(dev), tiny=tiny, warmup=warmup, reps=reps,
         gen_warmup=1 if warmup else 0, gen_reps=max(1, reps // 10),
         host_calls=args.host_calls or (200 if tiny else 2000), compile_backend=backend,
-        time_budget_s=args.time_budget, seed=args.seed,
+        time_budget_s=args.time_budget, use_cache=args.use_cache, seed=args.seed,
     )
 
 
@@ -181,7 +186,7 @@ def _plan(cfg, detailed: bool = False) -> list[str]:
     est = estimate_s(list(cfg.cases), cfg.impls)
     left_out = [c for c in CASES if c not in cfg.cases]
     lines = [f"cases: {', '.join(cfg.cases)}; implementations: {', '.join(cfg.impls)}"
-             + ("; tiny CPU shapes" if cfg.tiny else "")]
+             + ("; tiny CPU shapes" if cfg.tiny else "") + f"; forward cases call model(ids, use_cache={cfg.use_cache})"]
     if detailed:
         for name in cfg.cases:
             spec = CASES[name]

@@ -35,6 +35,7 @@ class ModelBenchConfig:
     host_calls: int = 2000
     compile_backend: str | None = "inductor"  # None: compiled cases are skipped
     time_budget_s: float | None = None
+    use_cache: bool = False  # forward cases: model(ids, use_cache=...) (see command.py, --use-cache)
     seed: int = 0
     dtype: str = "bf16"
     extra: dict = field(default_factory=dict)  # recorded in the JSON, not used here
@@ -105,7 +106,7 @@ def _run_one(spec: CaseSpec, impl_model, impl: str, setting: Setting, mode: str,
     if spec.kind == "generate":
         return measure.generate(impl_model, ids, setting, mode, device, cfg.gen_warmup, cfg.gen_reps,
                                 cfg.compile_backend)
-    call_kw = {"use_cache": False}
+    call_kw = {"use_cache": cfg.use_cache}
     if spec.prefill:
         call_kw["logits_to_keep"] = 1
     with torch.no_grad():
