@@ -137,6 +137,58 @@ def test_verdicts_follow_the_direction_of_each_line():
     assert cpu["SmolLM2 1x1024 eager 2:4/SDPA"]["value"] == pytest.approx(1.2)
 
 
+def test_report_of_a_gpu_like_run(tmp_path):
+    """Rows a CPU run never produces (CUDA-graph and compiled numbers, errors, verdicts) go
+    through every output: the summary, both tables, the markdown and the chart."""
+    from modelopt_sparse.bench.model.cases import Setting
+    from modelopt_sparse.bench.model.report import (
+        markdown_report, public, results_table, save_plot, summary_table)
+    from modelopt_sparse.bench.model.runner import new_row
+
+    rows = []
+    for name, spec in CASES.items():
+        for i, setting in enumerate(spec.full):
+            for impl in ("sdpa", "dense", "2:4"):
+                for mode in (("no_grad", "autograd") if spec.kind == "host" else (spec.mode,)):
+                    row = new_row(spec, impl, setting, mode)
+                    if name == "llama8b" and impl == "dense" and i == 1:
+                        row.update(status="error", reason="OutOfMemoryError: CUDA out of memory", elapsed_s=1.0)
+                    elif name == "generate-static" and impl == "dense" and i == 1:
+                        row.update(reason="not run: --time-budget 540 s")
+                    else:
+                        ms = {"sdpa": 10.0, "dense": 10.4, "2:4": 12.0}[impl]
+                        row.update(status="ok", ms=ms, elapsed_s=2.0, _last_logits=torch.zeros(setting.batch, 8))
+                        if spec.kind == "generate":
+                            row.update(tokens_per_s=1000.0 / ms, _tokens=[[1, 2]] * setting.batch)
+                        if spec.kind == "host":
+                            row.update(us_per_call=ms * 1e3)
+                        if spec.compiles:
+                            row.update(compile_s=40.0, fullgraph=impl == "sdpa", graph_breaks=0 if impl == "sdpa" else 30)
+                    rows.append(row)
+    annotate(rows)
+    lines = summary(rows, list(CASES), tiny=False, gpu=True)
+    assert {s["status"] for s in lines} >= {"PASS", "MISS", "n/a"}
+    by_label = {s["label"]: s for s in lines}
+    assert by_label["SmolLM2 1x1024 CUDA graphs dense/SDPA"]["status"] == "PASS"  # 1.04 <= 1.05
+    assert by_label["SmolLM2 1x1024 eager 2:4/SDPA"]["status"] == "MISS"  # 1.2 > 1.15
+    assert by_label["SmolLM2 generate b1 static tok/s dense/SDPA"]["status"] == "PASS"  # 0.96 >= 0.95
+    assert by_label["Llama-8B 1x16384 eager dense/SDPA"]["why"].startswith("OutOfMemoryError")
+    assert by_label["SmolLM2 generate b8 static tok/s dense/SDPA"]["why"] == "not run: --time-budget 540 s"
+    doc = {"env": {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0",
+                   "git_commit": "0" * 40},
+           "settings": {"dtype": "bf16", "warmup": 5, "reps": 30, "gen_reps": 3, "autotune": "0",
+                        "impls": ["sdpa", "dense", "2:4"]},
+           "rows": [public(r) for r in rows], "summary": lines}
+    md = markdown_report(doc)
+    assert "NVIDIA H200, torch 2.11.0" in md and "| smollm2-cudagraphs | 1x1024 | cudagraphs | ms |" in md
+    table = results_table(rows, ("sdpa", "dense", "2:4"))
+    assert "n/a" in table and "skipped" in table
+    assert "MISS" in summary_table(lines)
+    json.dumps([public(r) for r in rows])  # what the JSON holds is serialisable
+    assert save_plot(rows, ("sdpa", "dense", "2:4"), tmp_path / "p.png", "title") in (
+        None, "matplotlib is not installed; skipping the plot")
+
+
 def test_generated_tokens_are_compared_with_sdpa():
     rows = [_row("generate-eager", "2x512+128", "sdpa", tokens_per_s=1.0, _tokens=[[1, 2, 3], [4, 5, 6]]),
             _row("generate-eager", "2x512+128", "dense", tokens_per_s=1.0, _tokens=[[1, 2, 3], [4, 5, 6]]),

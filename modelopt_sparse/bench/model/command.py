@@ -234,6 +234,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     os.environ.setdefault("MODELOPT_SPARSE_AUTOTUNE", "0")
 
     from ..env import collect_env
+    from ..errors import short
     from .cases import CASES as SPECS
     from .report import annotate, markdown_report, public, results_table, save_plot, summary, summary_table
     from .runner import _jobs, run_model_bench, skip_reason
@@ -297,13 +298,21 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
           file=sys.stderr, flush=True)
     run_model_bench(cfg, on_row=on_row, on_case=on_case, on_start=on_start)
     doc = dump(True)
-    md_path.write_text(markdown_report(doc))
-    title = (f"{env['gpu'] or 'CPU (tiny shapes, smoke test)'}: torch {env['torch']}, "
-             f"transformers {env['transformers']}, commit {(env['git_commit'] or 'unknown')[:12]}")
-    skipped_plot = save_plot(rows, cfg.impls, png_path, title)
-
-    notes = [f"wrote {json_path}", f"wrote {md_path}", skipped_plot or f"wrote {png_path}",
-             f"took {doc['elapsed_s']:.0f} s"]
+    notes = [f"wrote {json_path}"]
+    # The measurements are saved by now: a failure in the extras below must not cost the
+    # tables printed after them.
+    try:
+        md_path.write_text(markdown_report(doc))
+        notes.append(f"wrote {md_path}")
+    except Exception as exc:
+        notes.append(f"the markdown table failed: {short(exc)}")
+    try:
+        title = (f"{env['gpu'] or 'CPU (tiny shapes, smoke test)'}: torch {env['torch']}, "
+                 f"transformers {env['transformers']}, commit {(env['git_commit'] or 'unknown')[:12]}")
+        notes.append(save_plot(rows, cfg.impls, png_path, title) or f"wrote {png_path}")
+    except Exception as exc:
+        notes.append(f"the plot failed: {short(exc)}")
+    notes.append(f"took {doc['elapsed_s']:.0f} s")
     if cfg.tiny:
         notes.append("NOTE: CPU smoke run on tiny shapes: the numbers prove the harness works end to end; "
                      "they say nothing about GPU speed, and the targets get no verdict here.")

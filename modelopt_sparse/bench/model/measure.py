@@ -51,7 +51,7 @@ def build_model(model: str, tiny: bool, device: torch.device, dtype: torch.dtype
             net = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    net = net.to(dtype).eval()  # a no-op for every parameter; the buffers keep their dtype
+    net.eval()  # no .to(dtype): it would cast the float32 RoPE buffers too
     if net.config._attn_implementation != "sdpa":
         net.set_attn_implementation("sdpa")
     # No early stop: every generate call produces exactly the tokens asked for.

@@ -248,6 +248,8 @@ def save_plot(rows: list[dict], impls: tuple[str, ...], path: Path, title: str) 
         ax.barh(ys, [x or 0.0 for x in xs], height, color=f"C{j}", label=f"ours {name}")
         for y, x in zip(ys, xs):
             ax.text((x or 0.0) + 0.01, y, "n/a" if x is None else f"{x:.2f}", va="center", fontsize=7)
+    largest = max((x for values in bars for _, x in values if x is not None), default=1.0)
+    ax.set_xlim(0, max(1.15, largest * 1.15))  # room for the value labels right of the bars
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=8)

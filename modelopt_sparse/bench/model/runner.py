@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,7 +38,6 @@ class ModelBenchConfig:
     use_cache: bool = False  # forward cases: model(ids, use_cache=...) (see command.py, --use-cache)
     seed: int = 0
     dtype: str = "bf16"
-    extra: dict = field(default_factory=dict)  # recorded in the JSON, not used here
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
