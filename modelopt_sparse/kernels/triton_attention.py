@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .api import interpreting
 from .reference import SparseParams
+from .triton_launch import DirectLauncher
 
 # -inf is written as a literal in the kernels, not as a global constexpr: torch.compile
 # (Inductor) re-emits a kernel's globals with repr(), and repr(-inf) is not Python.
@@ -927,19 +928,24 @@ class _TunedKernel:
             },
         )(kernel)
         self._chosen = {}
+        self.launcher = None if interpreting() else DirectLauncher(kernel)
 
     def __call__(self, grid, key, *args, **kwargs):
         config = self._chosen.get(key)
         if config is None:
             self.autotuner[grid](*args, **kwargs)
             self._chosen[key] = self.autotuner.best_config
-        else:
+        elif self.launcher is None or not _env_flag("MODELOPT_SPARSE_DIRECT_LAUNCH", True):
             self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+        else:
+            self.launcher(grid(config.kwargs), key, args, {**kwargs, **config.all_kwargs()})
 
     def forget(self):
         """Drop every chosen config (after the autotuner's configs were changed)."""
         self._chosen.clear()
         self.autotuner.cache.clear()
+        if self.launcher is not None:
+            self.launcher.clear()
 
 
 _fwd = _TunedKernel(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
@@ -1010,7 +1016,7 @@ def _launch_forward(
     row_stats = torch.zeros(q.shape[0] if with_stats else 0, hq, 3, dtype=torch.float32, device=q.device)
     consts = _common_constexprs(q, hq // hkv, params)
     grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with _on_device(q):
         _fwd(
             grid, (*_launch_key(q, hq // hkv, params), _bucket(max_q), with_stats),
             q, k, v, out, lse, row_stats if with_stats else lse,
@@ -1053,7 +1059,7 @@ def _launch_backward(
     key = _launch_key(q, hq // hkv, params)
     tma = _use_tma(q, do)
     scale = params.softmax_scale
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with _on_device(q):
         if q.shape[0]:
             block_t = 64
             _attn_bwd_delta[(triton.cdiv(q.shape[0], block_t), hq)](
@@ -1213,6 +1219,17 @@ class _nullcontext:
         return False
 
 
+_NULL = _nullcontext()
+
+
+def _on_device(t):
+    """Make ``t``'s GPU current for the launches, unless it already is (switching costs a
+    few microseconds of host time on every call)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NULL
+
+
 def _reduce_row_stats(row_stats, q_start, q_len, stats):
     """Sum per-row statistics of the rows that belong to a sequence into per-head totals."""
     total = row_stats.shape[0]
@@ -1234,7 +1251,12 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
     ``covered``: whether the sequences cover every packed query / key row; rows outside
     every sequence read as 0 in the output and gradients, which then needs a zero fill."""
     p = params
-    forward = _forward_op if torch.compiler.is_compiling() else _EagerAttention.apply
+    if torch.compiler.is_compiling():
+        forward = _forward_op
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        forward = _EagerAttention.apply
+    else:  # inference: no autograd node to build
+        forward = _launch_forward
     out, _lse, row_stats = forward(
         q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
         bool(covered[0]), bool(covered[1]), stats is not None,

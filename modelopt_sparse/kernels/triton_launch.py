@@ -1,0 +1,103 @@
+"""Launching a compiled Triton kernel directly, without ``JITFunction.run``'s per-call work.
+
+``JITFunction.run`` binds some forty arguments, works out how each one specializes the
+kernel (dtype, 16-byte alignment, 32/64-bit, the value 1), hashes that into a cache key
+and checks the kernel's globals, every launch. For a small layer that host work is a
+large part of the call. :class:`DirectLauncher` does it once per (launch key, argument
+signature): the first launch goes through ``run`` and returns the compiled kernel, later
+ones call its launcher with the same arguments in the same order.
+
+The argument signature below is at least as fine as Triton's specialization (it splits on
+everything Triton splits on, sometimes more), so a hit never reuses a kernel compiled for
+other assumptions. ``MODELOPT_SPARSE_VERIFY_LAUNCH=1`` makes every hit also ask
+``JITFunction.run(..., warmup=True)`` for its kernel and raise if it differs (the GPU
+tests run with it). Anything unusual (launch hooks installed, the interpreter, an API
+this Triton does not have) takes the ordinary path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_I32 = (-(2**31), 2**31 - 1)
+
+
+def _arg_signature(args) -> tuple:
+    """What Triton may specialize on, per runtime argument."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            sig.append(bool)
+        elif isinstance(a, int):
+            sig.append((a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1], a >= 2**63))
+        elif isinstance(a, float):
+            sig.append(float)
+        else:
+            sig.append((type(a), a))
+    return tuple(sig)
+
+
+def _runtime_hooks_set() -> bool:
+    try:
+        from triton import knobs
+    except ImportError:  # Triton without knobs: never take the direct path
+        return True
+    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
+class DirectLauncher:
+    """``launcher(grid, key, args, kwargs)`` launches ``fn[grid](*args, **kwargs)``.
+
+    ``args`` are the kernel's leading runtime parameters, positionally; ``kwargs`` the rest
+    (constexprs and launch options such as ``num_warps``). ``key`` must determine every
+    value in ``kwargs`` and the device.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._entries: dict = {}
+        self._verify = os.environ.get("MODELOPT_SPARSE_VERIFY_LAUNCH", "0") == "1"
+        self.direct_launches = 0
+
+    def __call__(self, grid, key, args, kwargs) -> None:
+        if not torch.cuda.is_available() or _runtime_hooks_set():
+            self.fn[grid](*args, **kwargs)
+            return
+        entry_key = (key, _arg_signature(args))
+        entry = self._entries.get(entry_key)
+        if entry is None:
+            kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+            tail = self._tail(len(args), kwargs)
+            if tail is not None and hasattr(kernel, "packed_metadata") and not hasattr(kernel, "result"):
+                self._entries[entry_key] = (kernel, tail)
+            return
+        kernel, tail = entry
+        if self._verify:
+            expected = self.fn.run(*args, grid=grid, warmup=True, **kwargs)
+            if expected is not kernel:
+                raise RuntimeError(f"direct launch of {self.fn.__name__} would run another kernel than Triton picks")
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                   *args, *tail)
+        self.direct_launches += 1
+
+    def _tail(self, n_args, kwargs):
+        """The values of the parameters after the runtime ones, in signature order (None if a
+        parameter has neither a value nor a default: then the ordinary path stays)."""
+        tail = []
+        for param in self.fn.params[n_args:]:
+            name = param.name
+            if name in kwargs:
+                tail.append(kwargs[name])
+            elif getattr(param, "has_default", False):
+                tail.append(param.default)
+            else:
+                return None
+        return tuple(tail)
+
+    def clear(self) -> None:
+        self._entries.clear()
