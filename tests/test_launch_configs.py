@@ -45,6 +45,11 @@ def test_defaults_follow_the_measured_order():
     sparse = ta._prune(_all_configs(), {**args, "SPARSITY_N": 2}, "fwd")[0]
     assert (dense.kwargs["BLOCK_M"], dense.kwargs["BLOCK_N"], dense.num_stages) == (128, 128, 3)
     assert (sparse.kwargs["BLOCK_M"], sparse.kwargs["BLOCK_N"], sparse.num_warps) == (64, 64, 4)
+    # dK/dV: 128-key tiles at D <= 64, 64-key tiles above (H200 sweeps).
+    for d, want in [(64, (128, 128, 2)), (32, (128, 128, 2)), (128, (128, 64, 2))]:
+        for n in (0, 2):
+            cfg = ta._prune(_all_configs(), {**args, "BLOCK_D": d, "SPARSITY_N": n}, "dkdv")[0]
+            assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages) == want, (d, n)
 
 
 @pytest.mark.parametrize("name", ["MODELOPT_SPARSE_AUTOTUNE", "MODELOPT_SPARSE_TMA"])
