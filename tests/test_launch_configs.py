@@ -50,6 +50,8 @@ def test_defaults_follow_the_measured_order():
         for n in (0, 2):
             cfg = ta._prune(_all_configs(), {**args, "BLOCK_D": d, "SPARSITY_N": n}, "dkdv")[0]
             assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages) == want, (d, n)
+    index = ta._prune(_all_configs(), {**args, "BLOCK_D": 64, "SPARSITY_N": 2, "TIE_INDEX": True}, "dkdv")[0]
+    assert (index.kwargs["BLOCK_M"], index.kwargs["BLOCK_N"], index.num_stages) == (128, 64, 3)
 
 
 @pytest.mark.parametrize("name", ["MODELOPT_SPARSE_AUTOTUNE", "MODELOPT_SPARSE_TMA"])
