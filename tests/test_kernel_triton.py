@@ -10,6 +10,7 @@ whatever the tile shape.
 """
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_descriptor_allocator_keeps_a_callers_own():
 
 @pytest.mark.parametrize("n,m", [(0, 4), (2, 4)])
 def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
-    """The experimental dK/dV path with tensor-descriptor loads (MODELOPT_SPARSE_TMA=1):
+    """The dK/dV path with tensor-descriptor loads (the GPU default; MODELOPT_SPARSE_TMA=1):
     interior query blocks of two packed sequences (the second starts mid-tensor, so a
     descriptor whose block crossed its end would read the wrong rows), GQA."""
     from modelopt_sparse.kernels import triton_attention as ta
@@ -154,7 +155,7 @@ def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
     probe = torch.empty(8, 2, 16, device=DEVICE, dtype=torch.float32)
     if not ta._use_tma(probe):
         pytest.skip("tensor descriptors need sm_90+")
-    ta._tma_declined.cache_clear()
+    ta._warn_tma_declined.cache_clear()
     with pytest.warns(RuntimeWarning, match="MODELOPT_SPARSE_TMA=1 ignored: q or grad_out is not 16-byte"):
         assert not ta._use_tma(probe[:, :, 1:])  # base 4 bytes past an aligned one
     lens_q, lens_k = [150, 100], [200, 100]
@@ -162,6 +163,22 @@ def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
     errs, _ = _compare(lens_q, lens_k, 4, 2, 16, torch.float32, inputs, sparsity_n=n, sparsity_m=m,
                        num_sink_tokens=2, dense_window_size=5)
     assert max(errs) < TOL[torch.float32], errs
+
+
+def test_tensor_descriptors_are_the_gpu_default_and_quietly_declined(monkeypatch):
+    """Without MODELOPT_SPARSE_TMA the GPU uses descriptors (the interpreter does not), and
+    unaligned inputs fall back to pointer loads without a warning nobody asked for."""
+    from modelopt_sparse.kernels import triton_attention as ta
+
+    monkeypatch.delenv("MODELOPT_SPARSE_TMA", raising=False)
+    probe = torch.empty(8, 2, 16, device=DEVICE, dtype=torch.float32)
+    assert ta._use_tma(probe) == (DEVICE == "cuda" and torch.cuda.get_device_capability() >= (9, 0))
+    ta._warn_tma_declined.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ta._use_tma(probe[:, :, 1:])
+    monkeypatch.setenv("MODELOPT_SPARSE_TMA", "0")
+    assert not ta._use_tma(probe)
 
 
 @pytest.mark.parametrize("tie_break", ["threshold", "index"])

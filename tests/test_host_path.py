@@ -1,0 +1,157 @@
+"""The host path: no device-to-host synchronisation, cheap launches, lazy device checks.
+
+On CUDA the attention and mask functions run under ``torch.cuda.set_sync_debug_mode
+("error")``, which raises on any synchronising call, for every input kind the adapter
+promises to handle without one. The direct launcher is checked against
+``JITFunction.run`` and against ordinary launches bit for bit. CPU tests cover the parts
+that need no GPU: the argument signature and the immediate form of the device checks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AttentionInterface, StaticCache
+from transformers.masking_utils import AttentionMaskInterface
+
+import modelopt_sparse as mts
+from modelopt_sparse import hf_attention, lazy_checks
+from modelopt_sparse.kernels.triton_launch import _arg_signature
+
+from .hf_tiny import CACHE_KW, sparse_cfg, tiny_model, token_ids
+
+def test_argument_signature_splits_on_what_triton_specializes():
+    base = torch.empty(64)
+    assert _arg_signature((base,)) != _arg_signature((base[1:],))  # 16-byte alignment
+    assert _arg_signature((base,)) != _arg_signature((base.half(),))  # dtype
+    assert len({_arg_signature((x,)) for x in (1, 2, 16, 32, 2**31, -(2**31) - 1)}) == 5  # 1, %16, 32/64-bit
+    assert _arg_signature((True,)) != _arg_signature((1,))
+    assert _arg_signature((3, 0.5)) == _arg_signature((5, 0.25))
+
+
+def test_device_checks_raise_at_once_on_cpu():
+    with pytest.raises(ValueError, match="bad thing"):
+        lazy_checks.require(torch.tensor([True, False]), lambda: "bad thing")
+    lazy_checks.require(torch.tensor([True, True]), lambda: "never")
+    assert lazy_checks.pending() == 0
+
+
+def _strict(fn):
+    """``fn`` with every synchronising CUDA call turned into an error."""
+
+    def wrapped(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    return wrapped
+
+
+@pytest.fixture
+def strict_sparse_model():
+    model = mts.sparsify(tiny_model("llama", dtype=torch.bfloat16).cuda(), sparse_cfg(2, 4, sinks=1, window=4))
+    AttentionInterface.register(hf_attention.ATTN_IMPLEMENTATION, _strict(hf_attention.sparse_attention_forward))
+    AttentionMaskInterface.register(hf_attention.ATTN_IMPLEMENTATION, _strict(hf_attention.sparse_attention_mask))
+    yield model
+    hf_attention.register_with_transformers()
+
+
+def _padded(ids, side):
+    mask = torch.ones_like(ids)
+    if side == "left":
+        mask[1, :5] = 0
+    elif side == "right":
+        mask[1, -5:] = 0
+    return mask
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["unpadded", "left", "right", "packed", "inference_mode"])
+def test_prefill_never_synchronises(strict_sparse_model, case):
+    model = strict_sparse_model
+    ids = token_ids(2, 40).cuda()
+    kwargs = {"use_cache": False}
+    if case in ("left", "right"):
+        kwargs["attention_mask"] = _padded(ids, case)
+    if case == "packed":
+        ids = ids.reshape(1, 80)
+        cu = torch.tensor([0, 30, 80], dtype=torch.int32, device="cuda")
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=50, max_length_k=50,
+                      position_ids=torch.cat([torch.arange(30), torch.arange(50)])[None].cuda())
+    context = torch.inference_mode() if case == "inference_mode" else torch.no_grad()
+    for _ in range(2):  # the first call compiles and tunes, which may synchronise
+        with context:
+            model(input_ids=ids, **kwargs)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_decode_never_synchronises(strict_sparse_model, cache_kind):
+    model = strict_sparse_model
+    ids = token_ids(2, 24).cuda()
+    mask = _padded(ids, "left")
+    cache = StaticCache(config=model.config, max_cache_len=40) if cache_kind == "static" else None
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **({CACHE_KW: cache} if cache else {}))
+        cache = out.past_key_values
+        for step in range(3):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{CACHE_KW: cache})
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bad_cu_seq_lens_raise_at_the_next_call():
+    model = mts.sparsify(tiny_model("llama", dtype=torch.bfloat16).cuda(), sparse_cfg(2, 4))
+    ids = token_ids(1, 80).cuda()
+    bad = torch.tensor([0, 50, 30, 80], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        model(input_ids=ids, cu_seq_lens_q=bad, cu_seq_lens_k=bad, use_cache=False)
+        with pytest.raises(ValueError, match=r"cu_seq_lens_q=\[0, 50, 30, 80\] must rise .*earlier call"):
+            lazy_checks.wait_and_raise()
+    assert lazy_checks.pending() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
+    """Unaligned and aligned inputs, forward and backward: the direct launcher picks the
+    kernel JITFunction.run picks (checked on every hit) and gives the same bits."""
+    from modelopt_sparse.kernels import triton_attention as ta
+
+    for tuned in (ta._fwd, ta._dkdv, ta._dq):
+        monkeypatch.setattr(tuned.launcher, "_verify", True)
+    base = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    model = mts.sparsify(copy.deepcopy(base), sparse_cfg(2, 4, sinks=1, window=4))
+    results = {}
+    for direct in ("1", "0"):
+        monkeypatch.setenv("MODELOPT_SPARSE_DIRECT_LAUNCH", direct)
+        got = []
+        for offset in (0, 1):  # q/k/v views 2 bytes past an aligned base on the second pass
+            g = torch.Generator(device="cuda").manual_seed(offset)
+            buf = torch.randn(300 * 4 * 16 + 8, generator=g, device="cuda", dtype=torch.bfloat16)
+            q = buf[offset:offset + 300 * 4 * 16].view(300, 4, 16).requires_grad_()
+            k = torch.randn(300, 2, 16, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(300, 2, 16, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            lens = torch.tensor([200, 100], dtype=torch.int32, device="cuda")
+            starts = torch.tensor([0, 200], dtype=torch.int32, device="cuda")
+            for _ in range(2):
+                out = mts.attention(q, k, v, starts, lens, 200, sparsity_n=2, sparsity_m=4)
+                out.float().square().sum().backward()
+            got.append([out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
+            with torch.no_grad():
+                got.append([model(input_ids=token_ids(2, 40).cuda()).logits])
+        results[direct] = got
+    assert ta._fwd.launcher.direct_launches > 0 and ta._dq.launcher.direct_launches > 0
+    for a, b in zip(results["1"], results["0"]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
