@@ -17,7 +17,7 @@ from . import __version__
 # (name, one-line help, module with add_arguments(parser)), in the order --help lists them.
 _SUBCOMMANDS = (
     ("eval", "perplexity of a model with N:M sparse attention, swept over patterns", "modelopt_sparse.eval.command"),
-    ("bench", "attention TFLOPS of the N:M kernels against SDPA and FlexAttention", "modelopt_sparse.bench"),
+    ("bench", "speed against SDPA: attention TFLOPS (bench), whole HF models (bench model)", "modelopt_sparse.bench"),
 )
 
 
