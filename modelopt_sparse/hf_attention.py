@@ -358,10 +358,9 @@ def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
 
         def packed():
             layout = _packed_layout(query, key, kwargs)
-            # transformers also builds a 4-D mask from position_ids; eager code checks that it
-            # agrees. Compiled code cannot read it back and, like the flash-attention path,
-            # follows cu_seq_lens.
-            if attention_mask is not None and not torch.compiler.is_compiling():
+            # transformers also builds a 4-D mask from position_ids: it must agree (a device
+            # check, so no sync; compiled code cannot read it and follows cu_seq_lens).
+            if attention_mask is not None:
                 _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k")
             return layout
 
@@ -555,16 +554,18 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source) -> None:
         keep = mask
     else:
         keep = mask == 0
-        if not bool((keep | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
-            raise NotImplementedError("modelopt_sparse: additive attention biases in attention_mask are not supported")
+        lazy_checks.require(keep | (mask <= torch.finfo(mask.dtype).min / 2),
+                            lambda: "modelopt_sparse: additive attention biases in attention_mask are not supported",
+                            NotImplementedError)
     expected = _block_causal(layout, batch, q_len, kv_len, mask.device)
     if keep.shape[1] != 1:
         expected = expected.expand_as(keep)
-    if not torch.equal(keep.expand_as(expected), expected):
-        raise NotImplementedError(
-            f"modelopt_sparse: transformers built an attention mask that is not the causal mask of "
-            f"{source}: sliding windows, bidirectional or custom mask overlays are not supported"
-        )
+    lazy_checks.require(
+        keep.expand_as(expected) == expected,
+        lambda: f"modelopt_sparse: transformers built an attention mask that is not the causal mask of "
+                f"{source}: sliding windows, bidirectional or custom mask overlays are not supported",
+        NotImplementedError,
+    )
 
 
 def _block_causal(layout: _Layout, batch, q_len, kv_len, device) -> torch.Tensor:

@@ -24,22 +24,22 @@ import torch
 __all__ = ["require", "raise_failed", "pending"]
 
 _lock = threading.Lock()
-_pending: list[tuple[torch.cuda.Event, torch.Tensor, Callable[[], str]]] = []
+_pending: list[tuple[torch.cuda.Event, torch.Tensor, Callable[[], str], type[Exception]]] = []
 
 
-def require(ok: torch.Tensor | bool, message: Callable[[], str]) -> None:
-    """Raise ``ValueError(message())`` if ``ok`` is false, now (CPU, Python bools) or at the
-    next :func:`raise_failed` once the GPU has computed it (CUDA)."""
+def require(ok: torch.Tensor | bool, message: Callable[[], str], error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message())`` if ``ok`` (or any element of it) is false, now (CPU, Python
+    bools) or at the next :func:`raise_failed` once the GPU has computed it (CUDA)."""
     if isinstance(ok, bool):
         if not ok:
-            raise ValueError(message())
+            raise error(message())
         return
     if torch.compiler.is_compiling():
         return
     ok = ok.all() if ok.dim() else ok
     if ok.device.type != "cuda":
         if not bool(ok):
-            raise ValueError(message())
+            raise error(message())
         return
     if torch.cuda.is_current_stream_capturing():
         return
@@ -48,7 +48,7 @@ def require(ok: torch.Tensor | bool, message: Callable[[], str]) -> None:
     done = torch.cuda.Event()
     done.record()
     with _lock:
-        _pending.append((done, host, message))
+        _pending.append((done, host, message, error))
 
 
 def raise_failed() -> None:
@@ -59,14 +59,15 @@ def raise_failed() -> None:
     with _lock:
         keep = []
         for entry in _pending:
-            done, host, message = entry
+            done, host, message, error = entry
             if not done.query():
                 keep.append(entry)
             elif not bool(host) and failed is None:
-                failed = message
+                failed = (message, error)
         _pending[:] = keep
     if failed is not None:
-        raise ValueError(f"{failed} (found by a device-side check after an earlier call had returned; "
+        message, error = failed
+        raise error(f"{message()} (found by a device-side check after an earlier call had returned; "
                          "that call's output is not valid)")
 
 
@@ -78,6 +79,6 @@ def pending() -> int:
 def wait_and_raise() -> None:
     """Wait for every pending check, then :func:`raise_failed` (tests, and code that wants the
     errors of what it just ran)."""
-    for done, _, _ in list(_pending):
+    for done, *_ in list(_pending):
         done.synchronize()
     raise_failed()

@@ -103,16 +103,19 @@ def test_cuda_graphs_give_the_eager_logits(case):
     """mode="reduce-overhead" captures the compiled forward in CUDA graphs: nothing on the
     attention path may read the device back or allocate outside the graph pool."""
     torch._dynamo.reset()
-    model = mts.sparsify(tiny_model("llama", dtype=torch.bfloat16).cuda(), sparse_cfg(2, 4, sinks=1, window=4))
+    # float32: in bf16 Inductor's fused norms round differently from eager, and with this
+    # tiny model's peaked scores that flips N:M choices (a real but uninteresting change).
+    model = mts.sparsify(tiny_model("llama", dtype=torch.float32).cuda(), sparse_cfg(2, 4, sinks=1, window=4))
+    # With the default cache: without one and without a mask, transformers looks for packing
+    # in position_ids and hands over a 4-D mask, whose path reads the device.
     ids, kwargs = _prefill_inputs(case, "cuda")
-    kwargs["use_cache"] = False
     with torch.no_grad():
         want = model(input_ids=ids, **kwargs).logits.float()
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # record, then replay
             got = compiled(input_ids=ids, **kwargs).logits.float().clone()
     real = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else torch.ones_like(ids, dtype=torch.bool)
-    torch.testing.assert_close(got[real], want[real], atol=5e-2, rtol=0)
+    torch.testing.assert_close(got[real], want[real], atol=1e-3, rtol=0)
 
 
 def _greedy(model, ids, mask, **kwargs):

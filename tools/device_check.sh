@@ -6,7 +6,7 @@
 #   device run: bash tools/device_check.sh          (carry: .whl .commit)
 # Tests (310-430 s cold, compile-bound) and the full benchmark (~350 s) do not fit one 600 s
 # call together: run them as two calls, SKIP_BENCH=1 then SKIP_TESTS=1.
-# Environment knobs: TESTS (pytest paths/-k; default: kernel, launch-config, compiled-model
+# Environment knobs: MODEL_BENCH_ARGS (run `bench model` with them), TESTS (pytest paths/-k; default: kernel, launch-config, compiled-model
 # and HF-on-GPU tests), PRECOMPILE_ARGS, SKIP_TESTS, SKIP_BENCH, BENCH_ARGS (default: every
 # target line of the speed issue: S=16384, D=64 and 128, causal and non-causal, fwd and
 # fwd+bwd), TEST_TIMEOUT / BENCH_TIMEOUT in seconds. Tests get SIGINT at their timeout so
@@ -31,6 +31,13 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
     > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests rc=$? ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -n 1))")
   grep -E "^FAILED" "$OUT/gpu_tests.log" | head -n 10
+fi
+if [[ -n "${MODEL_BENCH_ARGS:-}" ]]; then
+  # Whole models against SDPA (modelopt-sparse bench model); its table prints last.
+  timeout "${MODEL_BENCH_TIMEOUT:-300}" python3 -m modelopt_sparse.cli bench model $MODEL_BENCH_ARGS --out "$OUT/model" \
+    > "$OUT/bench_model.log" 2>&1
+  summary+=("bench model rc=$?")
+  tail -n 25 "$OUT/bench_model.log"
 fi
 if [[ -z "${SKIP_BENCH:-}" ]]; then
   python3 tools/precompile.py ${PRECOMPILE_ARGS:---head-dims 64 128 --causal both} 2>&1 | tail -n 3

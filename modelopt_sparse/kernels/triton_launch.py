@@ -46,7 +46,9 @@ def _runtime_hooks_set() -> bool:
         from triton import knobs
     except ImportError:  # Triton without knobs: never take the direct path
         return True
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    # Triton 3.6 keeps the hooks as HookChain objects, empty unless someone added a hook.
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
 class DirectLauncher:
