@@ -101,8 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile backend of the compiled cases (default inductor on CUDA; on a CPU they "
                         "are skipped unless this is given, e.g. eager for Dynamo's capture alone)")
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
-                   help="skip (and record) every measurement that would end past this many seconds, by the "
-                        "H200 estimate (default: no limit)")
+                   help="skip (and record) every measurement that would end past this many seconds after the "
+                        "first one started, by the H200 estimate (default: no limit)")
     p.add_argument("--use-cache", action="store_true",
                    help="forward cases call model(ids) with its default DynamicCache instead of use_cache=False. "
                         "Without a cache and a mask, transformers detects packed sequences from position_ids; "
@@ -191,7 +191,8 @@ def _plan(cfg, detailed: bool = False) -> list[str]:
         for name in cfg.cases:
             spec = CASES[name]
             shapes = ", ".join(s.label for s in spec.settings(cfg.tiny))
-            lines.append(f"  {name:<18} {shapes:<22} ~{spec.est_s * len(cfg.impls):.0f} s on an H200")
+            cost = "" if cfg.tiny else f"~{spec.est_s * len(cfg.impls):.0f} s on an H200"
+            lines.append(f"  {name:<18} {shapes:<22} {cost}".rstrip())
     if not cfg.tiny:
         lines.append(f"estimate: ~{est / 60:.1f} min on an H200 (a rough guess, compiles dominate; the JSON "
                      "records the real time of every measurement)"

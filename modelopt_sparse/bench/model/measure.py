@@ -253,6 +253,7 @@ def generate(model, ids, setting: Setting, mode: str, device, warmup, reps, back
             if "_compiled_call" not in vars(model):
                 note = "transformers did not compile the decode step (generate ran eagerly)"
                 failure["note"] = f"{failure['note']}; {note}" if failure else note
+                fullgraph = None
             break
         warmup = max(0, warmup - 1)  # the compiling call above was the first warm-up
 
