@@ -114,10 +114,10 @@ def test_bad_cu_seq_lens_raise_at_the_next_call():
     model = mts.sparsify(tiny_model("llama", dtype=torch.bfloat16).cuda(), sparse_cfg(2, 4))
     ids = token_ids(1, 80).cuda()
     bad = torch.tensor([0, 50, 30, 80], dtype=torch.int32, device="cuda")
-    with torch.no_grad():
+    # Raised by a later layer of the same forward, or once the GPU has caught up.
+    with torch.no_grad(), pytest.raises(ValueError, match=r"cu_seq_lens_q=\[0, 50, 30, 80\] must rise .*earlier call"):
         model(input_ids=ids, cu_seq_lens_q=bad, cu_seq_lens_k=bad, use_cache=False)
-        with pytest.raises(ValueError, match=r"cu_seq_lens_q=\[0, 50, 30, 80\] must rise .*earlier call"):
-            lazy_checks.wait_and_raise()
+        lazy_checks.wait_and_raise()
     assert lazy_checks.pending() == 0
 
 
