@@ -211,37 +211,36 @@ class _ValidatedMetadata:
     of a 4k-token layer). A model calls attention once per layer with the same metadata
     tensors, and a benchmark or a CUDA graph replays them, so the check runs once per
     tensor *version*: an entry matches only the very same tensor objects (held here, so
-    their memory cannot be reused) at the same ``_version``, which every in-place write
-    through PyTorch bumps.
+    their ids cannot be reused) at the same ``_version``, which every in-place write
+    through PyTorch bumps. A hit also skips the type checks: a tensor object keeps its
+    dtype and device, and a resize bumps its version. Inference tensors keep no version
+    counter and are never remembered. A hit is a few microseconds: it is on every call.
     """
 
     def __init__(self, capacity: int = 32):
-        self._entries: OrderedDict = OrderedDict()
+        self._entries: dict = {}
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _key(tensors, extra):
-        return tuple((id(t), t._version) for t in tensors) + extra
-
     def get(self, tensors, extra):
-        if any(t.is_inference() for t in tensors):
-            return None  # inference tensors keep no version counter: always check
-        key = self._key(tensors, extra)
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is None or not all(a is b for a, b in zip(hit[0], tensors)):
-                return None
-            self._entries.move_to_end(key)
-            return hit[1]
+        hit = self._entries.get((id(tensors[0]), id(tensors[1]), id(tensors[2]), id(tensors[3])))
+        if hit is None:
+            return None
+        held, versions, hit_extra, value = hit
+        if hit_extra != extra or any(a is not b for a, b in zip(held, tensors)):
+            return None
+        if versions != (tensors[0]._version, tensors[1]._version, tensors[2]._version, tensors[3]._version):
+            return None
+        return value
 
-    def put(self, tensors, extra, segments):
+    def put(self, tensors, extra, value):
         if any(t.is_inference() for t in tensors):
             return
+        versions = tuple(t._version for t in tensors)
         with self._lock:
-            self._entries[self._key(tensors, extra)] = (tuple(tensors), segments)
+            self._entries[tuple(id(t) for t in tensors)] = (tuple(tensors), versions, extra, value)
             while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+                self._entries.pop(next(iter(self._entries)))
 
 
 _validated = _ValidatedMetadata()
@@ -275,12 +274,13 @@ def _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k) -> No
 def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple[list[Segment], tuple[bool, bool]]:
     """The sequences, and whether they cover every packed query / key row (then no output
     needs a zero fill first); checked, and remembered per metadata tensor version."""
-    _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k)
     tensors = (start_q, len_q, start_k, len_k)
-    extra = (q.shape[0], k.shape[0], max_q, max_k)
-    cached = _validated.get(tensors, extra)
-    if cached is not None:
-        return cached
+    extra = (q.shape[0], k.shape[0], max_q, max_k, q.device)
+    if all(type(t) is torch.Tensor for t in tensors):
+        cached = _validated.get(tensors, extra)
+        if cached is not None:
+            return cached
+    _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k)
     segments = _check_metadata_values(q, k, tensors, max_q, max_k)
     # Sequences never share rows (checked), so they cover every row exactly when their
     # lengths add up to the row count.

@@ -22,10 +22,13 @@ import os
 import torch
 
 _I32 = (-(2**31), 2**31 - 1)
+_current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else torch.cuda.current_device
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _arg_signature(args) -> tuple:
-    """What Triton may specialize on, per runtime argument."""
+    """What Triton may specialize on, per runtime argument: a tensor's dtype and 16-byte
+    alignment; an int's value 1, divisibility by 16 and width; a bool or float's type."""
     sig = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -41,14 +44,22 @@ def _arg_signature(args) -> tuple:
     return tuple(sig)
 
 
-def _runtime_hooks_set() -> bool:
-    try:
-        from triton import knobs
-    except ImportError:  # Triton without knobs: never take the direct path
-        return True
+try:
+    from triton import knobs as _knobs
+except ImportError:  # Triton without knobs: never take the direct path
+    _knobs = None
+
+
+def _hook_set(hook) -> bool:
     # Triton 3.6 keeps the hooks as HookChain objects, empty unless someone added a hook.
-    return any(hook is not None and bool(getattr(hook, "calls", True))
-               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _runtime_hooks_set() -> bool:
+    if _knobs is None:
+        return True
+    runtime = _knobs.runtime
+    return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
 class DirectLauncher:
@@ -66,7 +77,7 @@ class DirectLauncher:
         self.direct_launches = 0
 
     def __call__(self, grid, key, args, kwargs) -> None:
-        if not torch.cuda.is_available() or _runtime_hooks_set():
+        if _runtime_hooks_set():
             self.fn[grid](*args, **kwargs)
             return
         entry_key = (key, _arg_signature(args))
@@ -82,7 +93,7 @@ class DirectLauncher:
             expected = self.fn.run(*args, grid=grid, warmup=True, **kwargs)
             if expected is not kernel:
                 raise RuntimeError(f"direct launch of {self.fn.__name__} would run another kernel than Triton picks")
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        stream = _current_stream(_current_device())
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
                    *args, *tail)
         self.direct_launches += 1

@@ -1,0 +1,82 @@
+"""Where the host time of one small ``mts.attention`` call goes (GPU machine).
+
+Times N back-to-back calls at a tiny shape (host-bound: the GPU finishes each kernel long
+before the next launch is issued), for SDPA and for our call with parts of the path
+switched off, then prints the top functions of a cProfile run. Usage:
+
+    python tools/host_cost.py [--calls 2000] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+
+import torch
+
+
+def _per_call_us(fn, calls):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    import modelopt_sparse as mts
+    from modelopt_sparse.kernels import api
+    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.reference import SparseParams
+
+    q, k, v = (torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    starts = torch.zeros(1, dtype=torch.int32, device="cuda")
+    lens = torch.full((1,), 16, dtype=torch.int32, device="cuda")
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    params = SparseParams(True, 0.125, 0, 4, 0, 64, "threshold")
+    fwd_args = (q, k, v, starts, lens, starts, lens, 16, 16, True, True, False,
+                True, 0.125, 0, 4, 0, 64, "threshold")
+    rows = []
+    with torch.no_grad():
+        rows.append(("sdpa", _per_call_us(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True), args.calls)))
+        rows.append(("mts.attention dense", _per_call_us(
+            lambda: mts.attention(q, k, v, starts, lens, 16), args.calls)))
+        rows.append(("mts.attention dense, check_metadata=False", _per_call_us(
+            lambda: mts.attention(q, k, v, starts, lens, 16, check_metadata=False), args.calls)))
+        rows.append(("mts.attention 2:4", _per_call_us(
+            lambda: mts.attention(q, k, v, starts, lens, 16, sparsity_n=2, sparsity_m=4), args.calls)))
+        rows.append(("triton_attention (after validation)", _per_call_us(
+            lambda: ta.triton_attention(q, k, v, starts, lens, 16, starts, lens, 16, params), args.calls)))
+        rows.append(("_launch_forward", _per_call_us(lambda: ta._launch_forward(*fwd_args), args.calls)))
+        os.environ["MODELOPT_SPARSE_DIRECT_LAUNCH"] = "0"
+        rows.append(("_launch_forward, JITFunction.run", _per_call_us(lambda: ta._launch_forward(*fwd_args),
+                                                                        args.calls)))
+        os.environ.pop("MODELOPT_SPARSE_DIRECT_LAUNCH")
+        rows.append(("validation only (api checks)", _per_call_us(lambda: (
+            api._check_tensors(q, k, v), api._check_metadata(q, k, starts, lens, 16, starts, lens, 16)), args.calls)))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.calls):
+            mts.attention(q, k, v, starts, lens, 16)
+        profiler.disable()
+        torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
+    print(f"{'path':45s} {'us/call':>8s}")
+    for name, us in rows:
+        print(f"{name:45s} {us:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
