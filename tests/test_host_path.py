@@ -128,13 +128,15 @@ def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
     kernel JITFunction.run picks (checked on every hit) and gives the same bits."""
     from modelopt_sparse.kernels import triton_attention as ta
 
-    for tuned in (ta._fwd, ta._dkdv, ta._dq):
-        monkeypatch.setattr(tuned.launcher, "_verify", True)
+    launchers = {tuned: tuned.launcher for tuned in (ta._fwd, ta._dkdv, ta._dq)}
+    for launcher in launchers.values():
+        monkeypatch.setattr(launcher, "_verify", True)
     base = tiny_model("llama", dtype=torch.bfloat16).cuda()
     model = mts.sparsify(copy.deepcopy(base), sparse_cfg(2, 4, sinks=1, window=4))
     results = {}
     for direct in ("1", "0"):
-        monkeypatch.setenv("MODELOPT_SPARSE_DIRECT_LAUNCH", direct)
+        for tuned, launcher in launchers.items():  # what MODELOPT_SPARSE_DIRECT_LAUNCH=0 does at import
+            monkeypatch.setattr(tuned, "launcher", launcher if direct == "1" else None)
         got = []
         for offset in (0, 1):  # q/k/v views 2 bytes past an aligned base on the second pass
             g = torch.Generator(device="cuda").manual_seed(offset)
@@ -151,7 +153,7 @@ def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
             with torch.no_grad():
                 got.append([model(input_ids=token_ids(2, 40).cuda()).logits])
         results[direct] = got
-    assert ta._fwd.launcher.direct_launches > 0 and ta._dq.launcher.direct_launches > 0
+    assert launchers[ta._fwd].direct_launches > 0 and launchers[ta._dq].direct_launches > 0
     for a, b in zip(results["1"], results["0"]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)

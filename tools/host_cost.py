@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
 import time
 
@@ -60,10 +59,10 @@ def main() -> None:
         rows.append(("triton_attention (after validation)", _per_call_us(
             lambda: ta.triton_attention(q, k, v, starts, lens, 16, starts, lens, 16, params), args.calls)))
         rows.append(("_launch_forward", _per_call_us(lambda: ta._launch_forward(*fwd_args), args.calls)))
-        os.environ["MODELOPT_SPARSE_DIRECT_LAUNCH"] = "0"
+        launcher, ta._fwd.launcher = ta._fwd.launcher, None  # as MODELOPT_SPARSE_DIRECT_LAUNCH=0
         rows.append(("_launch_forward, JITFunction.run", _per_call_us(lambda: ta._launch_forward(*fwd_args),
                                                                         args.calls)))
-        os.environ.pop("MODELOPT_SPARSE_DIRECT_LAUNCH")
+        ta._fwd.launcher = launcher
         rows.append(("validation only (api checks)", _per_call_us(lambda: (
             api._check_tensors(q, k, v), api._check_metadata(q, k, starts, lens, 16, starts, lens, 16)), args.calls)))
         profiler = cProfile.Profile()

@@ -937,14 +937,16 @@ class _TunedKernel:
             },
         )(kernel)
         self._chosen = {}
-        self.launcher = None if interpreting() else DirectLauncher(kernel)
+        # MODELOPT_SPARSE_DIRECT_LAUNCH=0 (read at import) keeps every launch on JITFunction.run.
+        direct = not interpreting() and _env_flag("MODELOPT_SPARSE_DIRECT_LAUNCH", True)
+        self.launcher = DirectLauncher(kernel) if direct else None
 
     def __call__(self, grid, key, *args, **kwargs):
         config = self._chosen.get(key)
         if config is None:
             self.autotuner[grid](*args, **kwargs)
             self._chosen[key] = self.autotuner.best_config
-        elif self.launcher is None or not _env_flag("MODELOPT_SPARSE_DIRECT_LAUNCH", True):
+        elif self.launcher is None:
             self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
         else:
             self.launcher(grid(config.kwargs), key, args, {**kwargs, **config.all_kwargs()})
@@ -970,6 +972,12 @@ def _env_flag(name: str, default: bool) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a JIT function: calling it from Python
+    costs microseconds per launch)."""
+    return -(-a // b)
 
 
 def _bucket(n: int) -> int:
@@ -1022,9 +1030,10 @@ def _launch_forward(
     hq, hkv = q.shape[1], k.shape[1]
     out = _output_like(q, q_covered)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
-    row_stats = torch.zeros(q.shape[0] if with_stats else 0, hq, 3, dtype=torch.float32, device=q.device)
+    row_stats = (torch.zeros(q.shape[0], hq, 3, dtype=torch.float32, device=q.device) if with_stats
+                 else torch.empty(0, hq, 3, dtype=torch.float32, device=q.device))
     consts = _common_constexprs(q, hq // hkv, params)
-    grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
+    grid = lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
     with _on_device(q):
         _fwd(
             grid, (*_launch_key(q, hq // hkv, params), _bucket(max_q), with_stats),
@@ -1071,13 +1080,13 @@ def _launch_backward(
     with _on_device(q):
         if q.shape[0]:
             block_t = 64
-            _attn_bwd_delta[(triton.cdiv(q.shape[0], block_t), hq)](
+            _attn_bwd_delta[(_cdiv(q.shape[0], block_t), hq)](
                 out, do, delta, q.shape[0],
                 out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), delta.stride(1),
                 HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_T=block_t, num_warps=4,
             )
         _dkdv(
-            lambda cfg: (triton.cdiv(max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv), (*key, _bucket(max_k), tma),
+            lambda cfg: (_cdiv(max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv), (*key, _bucket(max_k), tma),
             q, k, v, do, lse, delta, dk, dv,
             q_start, q_len, k_start, k_len,
             scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
@@ -1089,7 +1098,7 @@ def _launch_backward(
             **consts,
         )
         _dq(
-            lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq), (*key, _bucket(max_q)),
+            lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq), (*key, _bucket(max_q)),
             q, k, v, do, lse, delta, dq,
             q_start, q_len, k_start, k_len,
             scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,

@@ -26,21 +26,35 @@ _current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
+_INT_SIGNATURES: dict[int, tuple] = {}
+
+
 def _arg_signature(args) -> tuple:
     """What Triton may specialize on, per runtime argument: a tensor's dtype and 16-byte
-    alignment; an int's value 1, divisibility by 16 and width; a bool or float's type."""
+    alignment; an int's value 1, divisibility by 16 and width; a bool or float's type.
+    Exact-type tests first: ``isinstance(x, torch.Tensor)`` goes through a metaclass hook
+    and this runs for every argument of every launch."""
     sig = []
+    ints = _INT_SIGNATURES
     for a in args:
-        if isinstance(a, torch.Tensor):
+        kind = type(a)
+        if kind is int:
+            known = ints.get(a)
+            if known is None:
+                known = (a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1], a >= 2**63)
+                if len(ints) < 4096:  # strides and lengths repeat; the cap bounds odd workloads
+                    ints[a] = known
+            sig.append(known)
+        elif kind is torch.Tensor:
             sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool):
-            sig.append(bool)
-        elif isinstance(a, int):
+        elif kind is float or kind is bool:
+            sig.append(kind)
+        elif isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, int) and not isinstance(a, bool):
             sig.append((a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1], a >= 2**63))
-        elif isinstance(a, float):
-            sig.append(float)
         else:
-            sig.append((type(a), a))
+            sig.append((kind, a))
     return tuple(sig)
 
 
