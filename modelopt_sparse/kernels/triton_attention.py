@@ -1026,23 +1026,30 @@ def _launch_forward(
     """(out, lse, per-row stats [rows, heads, 3] or an empty tensor)."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
                           dense_window_size, tie_break)
+    return _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, with_stats, params)
+
+
+def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, with_stats, params):
+    """The forward launch proper; eager calls come here with their params object."""
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
-    hq, hkv = q.shape[1], k.shape[1]
+    rows, hq = q.shape[0], q.shape[1]
+    groups = hq // k.shape[1]
     out = _output_like(q, q_covered)
-    lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
-    row_stats = (torch.zeros(q.shape[0], hq, 3, dtype=torch.float32, device=q.device) if with_stats
+    lse = torch.empty(rows, hq, dtype=torch.float32, device=q.device)
+    row_stats = (torch.zeros(rows, hq, 3, dtype=torch.float32, device=q.device) if with_stats
                  else torch.empty(0, hq, 3, dtype=torch.float32, device=q.device))
-    consts = _common_constexprs(q, hq // hkv, params)
+    consts = _common_constexprs(q, groups, params)
     grid = lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
+    (sq_t, sq_h, _), (sk_t, sk_h, _), (sv_t, sv_h, _), (so_t, so_h, _) = q.stride(), k.stride(), v.stride(), out.stride()
+    bucket = _bucket(max_q)
     with _on_device(q):
         _fwd(
-            grid, (*_launch_key(q, hq // hkv, params), _bucket(max_q), with_stats),
+            grid, (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats),
             q, k, v, out, lse, row_stats if with_stats else lse,
             q_start, q_len, k_start, k_len,
             params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            _bucket(max_q),
+            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, hq, 1,
+            bucket,
             WITH_STATS=with_stats,
             **consts,
         )
@@ -1281,8 +1288,13 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
         forward = _forward_op
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         forward = _EagerAttention.apply
-    else:  # inference: no autograd node to build
-        forward = _launch_forward
+    else:  # inference: no autograd node to build, and the params object as it is
+        out, _lse, row_stats = _forward_launch(
+            q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
+            bool(covered[0]), stats is not None, p)
+        if stats is not None:
+            _reduce_row_stats(row_stats, q_start, q_len, stats)
+        return out
     out, _lse, row_stats = forward(
         q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
         bool(covered[0]), bool(covered[1]), stats is not None,
