@@ -938,7 +938,7 @@ class _TunedKernel:
         )(kernel)
         self._chosen = {}
         # MODELOPT_SPARSE_DIRECT_LAUNCH=0 (read at import) keeps every launch on JITFunction.run.
-        direct = not interpreting() and _env_flag("MODELOPT_SPARSE_DIRECT_LAUNCH", True)
+        direct = not interpreting() and os.environ.get("MODELOPT_SPARSE_DIRECT_LAUNCH", "1").strip() != "0"
         self.launcher = DirectLauncher(kernel) if direct else None
 
     def __call__(self, grid, key, *args, **kwargs):
