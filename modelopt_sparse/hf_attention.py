@@ -430,7 +430,7 @@ def _build_dense_layout(batch, q_len, kv_len, device) -> _Layout:
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     meta = PackedBatch(rows * q_len, torch.full((batch,), q_len, dtype=torch.int32, device=device), q_len,
                        rows * kv_len, torch.full((batch,), kv_len, dtype=torch.int32, device=device), kv_len,
-                       trusted=True)
+                       trusted=True, rows_covered=True)
     return _Layout(meta, kv_len)
 
 

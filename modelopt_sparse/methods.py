@@ -48,6 +48,8 @@ class PackedBatch:
     tensors live on the device of ``q``. ``trusted`` marks metadata that is valid by
     construction (the HuggingFace adapter derives it on the device from the mask, and checks
     the mask itself): the kernel then skips reading it back, which would cost a device sync.
+    ``rows_covered`` (trusted metadata only) says the sequences cover every packed row, so
+    outputs need no zero fill.
     """
 
     b_start_loc: torch.Tensor
@@ -57,6 +59,7 @@ class PackedBatch:
     b_seq_len_k: torch.Tensor
     max_input_len_k: int
     trusted: bool = False
+    rows_covered: bool = False
 
 
 class SparseAttentionMethod:
@@ -122,6 +125,7 @@ class SparseAttentionMethod:
             backend=self.select_backend(q.device),
             return_stats=return_stats,
             check_metadata=not batch.trusted,
+            rows_covered=batch.trusted and batch.rows_covered,
             **kernel_kwargs,
         )
 

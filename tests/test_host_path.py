@@ -157,3 +157,31 @@ def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
     for a, b in zip(results["1"], results["0"]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unchecked_metadata_gives_the_checked_result(backend):
+    """check_metadata=False reads nothing back; rows outside every sequence come out 0
+    unless rows_covered vouches that there are none (then they are not written at all)."""
+    from modelopt_sparse.kernels import interpreting
+
+    if backend == "triton" and not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(40, 4, 16, generator=g).to(device) for _ in range(3))
+    starts = torch.tensor([0, 24], dtype=torch.int32, device=device)
+    lens = torch.tensor([20, 16], dtype=torch.int32, device=device)  # rows 20..23 are in no sequence
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=2, backend=backend)
+    checked = mts.attention(q, k, v, starts, lens, 20, **kw)
+    unchecked = mts.attention(q, k, v, starts, lens, 20, check_metadata=False, **kw)
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
+    assert unchecked[20:24].abs().max() == 0
+    full = torch.tensor([0, 20], dtype=torch.int32, device=device), torch.tensor([20, 20], dtype=torch.int32,
+                                                                                  device=device)
+    covered = mts.attention(q, k, v, *full, 20, check_metadata=False, rows_covered=True, **kw)
+    torch.testing.assert_close(covered, mts.attention(q, k, v, *full, 20, **kw), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="rows_covered must be a bool"):
+        mts.attention(q, k, v, *full, 20, check_metadata=False, rows_covered=1, **kw)
+    with pytest.raises(TypeError, match="check_metadata must be a bool"):
+        mts.attention(q, k, v, *full, 20, check_metadata="no", **kw)

@@ -43,6 +43,7 @@ def attention(
     backend: str = "auto",
     return_stats: bool = False,
     check_metadata: bool = True,
+    rows_covered: bool = False,
 ):
     r"""Flash attention with N:M structured sparse softmax on varlen packed sequences.
 
@@ -87,6 +88,10 @@ def attention(
             rows outside every sequence are zero-filled. Invalid metadata is then undefined
             behaviour, as in FlashAttention's varlen API. Types, shapes and devices are
             always checked.
+        rows_covered: with ``check_metadata=False``, the caller also guarantees that the
+            sequences cover every packed query and key row, so no output or gradient needs
+            a zero fill first (one memset less per tensor). Ignored when the metadata is
+            checked, which finds this out itself.
 
     Returns:
         ``[total_q, Hq, D]`` in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
@@ -127,8 +132,10 @@ def attention(
             q, k, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k
         )
     else:
+        if not isinstance(rows_covered, bool):
+            raise TypeError(f"rows_covered must be a bool, got {type(rows_covered).__name__}")
         _check_metadata_types(q, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k)
-        segments, covered = None, (False, False)
+        segments, covered = None, (rows_covered, rows_covered)
     params = SparseParams(
         is_causal=is_causal,
         softmax_scale=float(softmax_scale),
