@@ -237,7 +237,8 @@ def sparse_attention_forward(
         return _dense_decode(module, query, key, value, attention_mask, scaling), None
 
     layout = _layout(query, key, attention_mask, kwargs)
-    key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
+    if layout.kv_len != key.shape[2]:  # a static cache's empty tail
+        key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
     q_rows, k_rows, v_rows = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D]
     if layout.take_q is None:
         # [B, S, H, D] -> [B * S, H, D]: a view for batch 1, one copy otherwise.
