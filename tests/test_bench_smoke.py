@@ -247,3 +247,15 @@ def test_quick_and_full_exclude_each_other(monkeypatch, capsys):
         main(["bench", "--device", "cuda"])
     assert exc.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_code_fingerprint_matches_the_shell_tool():
+    """bench/env.py labels results with .commit only when its fingerprint is this tree's;
+    the Python fingerprint must equal tools/code_fingerprint.sh's, which wrote it."""
+    import subprocess
+
+    from modelopt_sparse.bench import env
+
+    shell = subprocess.run(["bash", "-c", "source tools/code_fingerprint.sh && code_fingerprint"],
+                           cwd=env.REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    assert env.code_fingerprint() == shell

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -26,18 +27,35 @@ def git(*args: str) -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
+def code_fingerprint(root: Path = REPO_ROOT) -> str:
+    """tools/code_fingerprint.sh in Python: one hash over the package, tools, tests and
+    benchmarks as they are on disk (sha1sum lines of the sorted files, hashed again)."""
+    paths = sorted(
+        path.relative_to(root).as_posix()
+        for folder in ("modelopt_sparse", "tools", "tests", "benchmarks")
+        for path in (root / folder).rglob("*")
+        if path.is_file() and path.suffix in (".py", ".sh")
+    )
+    listing = "".join(f"{hashlib.sha1((root / p).read_bytes()).hexdigest()}  {p}\n" for p in paths)
+    return hashlib.sha1(listing.encode()).hexdigest()[:12]
+
+
+def stamped_commit(root: Path = REPO_ROOT) -> str | None:
+    """The commit in ``.commit`` (tools/stamp_commit.sh), if its fingerprint is this tree's."""
+    try:
+        commit, fingerprint = (root / ".commit").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return commit if fingerprint == code_fingerprint(root) else None
+
+
 def git_commit() -> str | None:
-    commit = git("rev-parse", "HEAD")
+    # A copy shipped to the GPU machine carries the commit in .commit, written just before
+    # shipping; a .git folder there is a stale snapshot. A .commit left over from an older
+    # tree does not match the fingerprint and is ignored.
+    commit = stamped_commit() or git("rev-parse", "HEAD")
     if commit:
         return commit
-    # A copy shipped to a host without git (the GPU machine) carries the commit in a file
-    # written just before shipping; a .git folder there may be stale.
-    try:
-        commit = (REPO_ROOT / ".commit").read_text().strip()
-        if commit:
-            return commit
-    except OSError:
-        pass
     # No git binary: read the ref by hand.
     git_dir = REPO_ROOT / ".git"
     try:
