@@ -82,7 +82,7 @@ class _ReferenceAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segments, params: SparseParams, stats):
         cdt = _compute_dtype(q.dtype)
-        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        hq, hkv = q.shape[1], k.shape[1]
         groups = hq // hkv
         qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
         out = torch.zeros(q.shape, dtype=cdt, device=q.device)
