@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from . import lazy_checks
-from .kernels.semantics import aligned_query_position
+from .kernels.semantics import aligned_query_position, selection_applies
 from .methods import PackedBatch
 
 __all__ = ["ATTN_IMPLEMENTATION", "register_with_transformers", "sparse_attention_forward", "sparse_attention_mask"]
@@ -233,7 +233,9 @@ def sparse_attention_forward(
         raise TypeError(f"{state.name}._mts_stats must be a list or None, got {type(stats_sink).__name__}")
     lazy_checks.raise_failed()
     packed = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
-    if q_len == 1 and stats_sink is None and not packed and _is_padding_or_none(attention_mask):
+    if (not selection_applies(1, q_len) and stats_sink is None and not packed
+            and _is_padding_or_none(attention_mask)):
+        # One query per row: the rule keeps every key (the decode guard), whatever the pattern.
         return _dense_decode(module, query, key, value, attention_mask, scaling), None
 
     layout = _layout(query, key, attention_mask, kwargs)

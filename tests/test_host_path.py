@@ -183,5 +183,7 @@ def test_unchecked_metadata_gives_the_checked_result(backend):
     torch.testing.assert_close(covered, mts.attention(q, k, v, *full, 20, **kw), rtol=0, atol=0)
     with pytest.raises(TypeError, match="rows_covered must be a bool"):
         mts.attention(q, k, v, *full, 20, check_metadata=False, rows_covered=1, **kw)
+    with pytest.raises(ValueError, match="rows_covered=True needs check_metadata=False"):
+        mts.attention(q, k, v, *full, 20, rows_covered=True, **kw)
     with pytest.raises(TypeError, match="check_metadata must be a bool"):
         mts.attention(q, k, v, *full, 20, check_metadata="no", **kw)

@@ -89,8 +89,8 @@ def attention(
             always checked.
         rows_covered: with ``check_metadata=False``, the caller also guarantees that the
             sequences cover every packed query and key row, so no output or gradient needs
-            a zero fill first (one memset less per tensor). Ignored when the metadata is
-            checked, which finds this out itself.
+            a zero fill first (one memset less per tensor). Only with
+            ``check_metadata=False``: checked metadata finds this out itself.
 
     Returns:
         ``[total_q, Hq, D]`` in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
@@ -127,6 +127,8 @@ def attention(
     if not isinstance(check_metadata, bool):
         raise TypeError(f"check_metadata must be a bool, got {type(check_metadata).__name__}")
     if check_metadata:
+        if rows_covered:
+            raise ValueError("rows_covered=True needs check_metadata=False (checked metadata finds it out itself)")
         segments, covered = _check_metadata(
             q, k, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k
         )

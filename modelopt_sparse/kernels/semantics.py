@@ -67,6 +67,12 @@ def query_positions(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return aligned_query_position(torch.arange(q_len, device=device), q_len, kv_len)
 
 
+def selection_applies(sparsity_n: int, q_len: int) -> bool:
+    """Whether N:M selection runs for a sequence at all: not for dense patterns, and not for
+    a single query (decode), which always keeps every allowed key."""
+    return sparsity_n > 0 and q_len > 1
+
+
 def kept_mask(
     qk: torch.Tensor,
     q_len: int,
@@ -99,7 +105,7 @@ def kept_mask(
         allowed = k_idx[None, :] <= q_pos[:, None]
     allowed = allowed.expand(qk.shape)
     # Decode guard: a single query token never goes through selection.
-    if sparsity_n == 0 or q_len == 1:
+    if not selection_applies(sparsity_n, q_len):
         return allowed
 
     m, n = sparsity_m, sparsity_n
