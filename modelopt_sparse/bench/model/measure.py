@@ -128,27 +128,39 @@ def forward_eager(model, ids, call_kw, device, warmup, reps) -> dict:
     return {"ms": ms, "_last_logits": _last_logits(call())}
 
 
-def forward_compiled(model, ids, call_kw, device, warmup, reps, backend) -> dict:
-    """``torch.compile(model, fullgraph=True)``; if that cannot capture the model, the error is
-    kept in ``note`` and the model is compiled again with ``fullgraph=False``."""
+def _compile_fullgraph_first(attempt):
+    """``attempt(fullgraph)`` with ``fullgraph=True``, and again with ``False`` if that raised.
+
+    Returns ``(its value, fullgraph, seconds of the attempt that worked, graph stats,
+    failure)``, where ``failure`` keeps the fullgraph error for the report (empty if none).
+    """
     failure = {}
     for fullgraph in (True, False):
         _reset_dynamo()
-        compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
         start = time.perf_counter()
         try:
-            out = compiled(ids, **call_kw)
-            sync(device)
+            value = attempt(fullgraph)
         except Exception as exc:
             if not fullgraph:
                 raise
             failure = {"note": "fullgraph=True failed; compiled again with fullgraph=False",
                        "fullgraph_error": compile_failure(exc), "fullgraph_error_detail": detail(exc)}
             continue
-        compile_s = time.perf_counter() - start
-        stats = _graph_stats()
-        break
-    del out
+        return value, fullgraph, time.perf_counter() - start, _graph_stats(), failure
+    raise AssertionError("unreachable: the fullgraph=False attempt returns or raises")
+
+
+def forward_compiled(model, ids, call_kw, device, warmup, reps, backend) -> dict:
+    """``torch.compile(model, fullgraph=True)``; if that cannot capture the model, the error is
+    kept in ``note`` and the model is compiled again with ``fullgraph=False``."""
+
+    def attempt(fullgraph):
+        compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
+        compiled(ids, **call_kw)
+        sync(device)
+        return compiled
+
+    compiled, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt)
     ms = median_ms(lambda: compiled(ids, **call_kw), device, warmup, reps)
     last = _last_logits(compiled(ids, **call_kw))
     _reset_dynamo()  # frees the compiled graphs before the next model is compiled
@@ -232,29 +244,20 @@ def generate(model, ids, setting: Setting, mode: str, device, warmup, reps, back
     failure, fullgraph, compile_s, stats = {}, None, None, {}
     gen_config = config(True)
     if mode == "static-compiled":
-        for fullgraph in (True, False):
-            _reset_dynamo()
+        def attempt(fullgraph):
             for attr in ("_compiled_call", "_last_compile_config"):
                 if attr in vars(model):
                     delattr(model, attr)
-            gen_config = config(fullgraph)
-            start = time.perf_counter()
-            try:
-                model.generate(ids, attention_mask=mask, generation_config=gen_config)
-                sync(device)
-            except Exception as exc:
-                if not fullgraph:
-                    raise
-                failure = {"note": "fullgraph=True failed; compiled again with fullgraph=False",
-                           "fullgraph_error": compile_failure(exc), "fullgraph_error_detail": detail(exc)}
-                continue
-            compile_s = time.perf_counter() - start
-            stats = _graph_stats()
-            if "_compiled_call" not in vars(model):
-                note = "transformers did not compile the decode step (generate ran eagerly)"
-                failure["note"] = f"{failure['note']}; {note}" if failure else note
-                fullgraph = None
-            break
+            compiled_config = config(fullgraph)
+            model.generate(ids, attention_mask=mask, generation_config=compiled_config)
+            sync(device)
+            return compiled_config
+
+        gen_config, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt)
+        if "_compiled_call" not in vars(model):
+            note = "transformers did not compile the decode step (generate ran eagerly)"
+            failure["note"] = f"{failure['note']}; {note}" if failure else note
+            fullgraph = None
         warmup = max(0, warmup - 1)  # the compiling call above was the first warm-up
 
     def call():
