@@ -236,13 +236,19 @@ def sparse_attention_forward(
     if (not selection_applies(1, q_len) and stats_sink is None and not packed
             and _is_padding_or_none(attention_mask)):
         # One query per row: the rule keeps every key (the decode guard), whatever the pattern.
+        if query.is_cuda and state.method.select_backend(query.device) == "triton":
+            return _triton_decode(query, key, value, attention_mask, scaling), None
         return _dense_decode(module, query, key, value, attention_mask, scaling), None
 
     layout = _layout(query, key, attention_mask, kwargs)
     if layout.kv_len != key.shape[2]:  # a static cache's empty tail
         key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
     q_rows, k_rows, v_rows = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D]
-    if layout.take_q is None:
+    if layout.batched:
+        # One sequence per batch row: the kernel reads the rows in place (no copy) and
+        # returns [B, S, H, D], the layout transformers wants.
+        q, k, v = q_rows, k_rows, v_rows
+    elif layout.take_q is None:
         # [B, S, H, D] -> [B * S, H, D]: a view for batch 1, one copy otherwise.
         q = q_rows.reshape(batch * q_len, query.shape[1], query.shape[3])
         k = k_rows.reshape(batch * layout.kv_len, key.shape[1], key.shape[3])
@@ -260,6 +266,8 @@ def sparse_attention_forward(
         stats_sink.append(stats)
     else:
         out = result
+    if layout.batched:
+        return out, None
     # Query rows outside every sequence (padding) come back as zeros.
     if layout.put_q is not None:
         out = out[layout.put_q]
@@ -289,6 +297,25 @@ def _dense_decode(module, query, key, value, attention_mask, scaling) -> torch.T
     return torch.where(query_real, out, 0)
 
 
+def _triton_decode(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """Decode on the GPU: one fused kernel reads the cache in place, with the token codes as
+    its key mask (a nonzero code is a real token) and zeros for padded query rows."""
+    from .kernels.triton_decode import decode_attention
+
+    if attention_mask is None:
+        return decode_attention(query, key, value, softmax_scale=scaling)
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    codes, query_real = _outside_inference_mode(
+        lambda: _cached((attention_mask,), ("decode-codes", batch, q_len, kv_len, query.device),
+                        lambda: _decode_codes(_as_codes(attention_mask, batch, q_len, kv_len, query.device))))
+    return decode_attention(query, key, value, codes, query_real, softmax_scale=scaling)
+
+
+def _decode_codes(codes):
+    """The codes as the key mask, and whether each row's query is a real token."""
+    return codes, (codes >= _FIRST_QUERY_CODE).any(1)
+
+
 def _decode_masks(codes):
     """SDPA's boolean key mask [B, 1, 1, L], the real-query selector [B, 1, 1, 1], and L."""
     return (codes > 0)[:, None, None, :], (codes >= _FIRST_QUERY_CODE).any(1)[:, None, None, None], codes.shape[-1]
@@ -296,6 +323,13 @@ def _decode_masks(codes):
 
 def _reject_unsupported(module, dropout, kwargs) -> None:
     """Raise, naming the argument, for every transformers feature the kernel does not implement."""
+    if not dropout and getattr(module, "is_causal", True) is not False:
+        # The common call (every layer of every forward) passes only harmless kwargs.
+        for name, value in kwargs.items():
+            if value is not None and name not in _HARMLESS_KWARGS and name not in _PACKING_KWARGS:
+                break
+        else:
+            return
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(
             f"modelopt_sparse: sliding_window={kwargs['sliding_window']} (sliding-window attention) is not "
@@ -337,14 +371,20 @@ class _Layout:
     padded batches the gathers that pack query and key rows and the one that unpacks the
     output (``None``: rows are used in place)."""
 
-    __slots__ = ("batch", "kv_len", "take_q", "take_k", "put_q")
+    __slots__ = ("batch", "kv_len", "take_q", "take_k", "put_q", "batched")
 
-    def __init__(self, batch: PackedBatch, kv_len: int, take_q=None, take_k=None, put_q=None):
+    def __init__(self, batch: PackedBatch, kv_len: int, take_q=None, take_k=None, put_q=None, batched=False):
         self.batch, self.kv_len = batch, kv_len
         self.take_q, self.take_k, self.put_q = take_q, take_k, put_q
+        # batched: the metadata places sequence b in batch row b of [B, S, H, D] tensors.
+        self.batched = batched
 
 
 def _layout(query, key, attention_mask, kwargs) -> _Layout:
+    if attention_mask is None and kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
+        hit = _DENSE_LAYOUTS.get((query.shape[0], query.shape[2], key.shape[2], query.device))
+        if hit is not None and not torch.compiler.is_compiling():
+            return hit
     return _outside_inference_mode(_derived_layout, query, key, attention_mask, kwargs)
 
 
@@ -426,19 +466,27 @@ def _dense_layout(batch, q_len, kv_len, device) -> _Layout:
     """Unpadded rows, queries at the end of their keys."""
     if torch.compiler.is_compiling():
         return _build_dense_layout(batch, q_len, kv_len, device)
-    return _cached_dense_layout(batch, q_len, kv_len, device)
+    key = (batch, q_len, kv_len, device)
+    layout = _DENSE_LAYOUTS.get(key)
+    if layout is None:
+        layout = _build_dense_layout(batch, q_len, kv_len, device)
+        if len(_DENSE_LAYOUTS) >= 64:
+            _DENSE_LAYOUTS.pop(next(iter(_DENSE_LAYOUTS)))
+        _DENSE_LAYOUTS[key] = layout
+    return layout
 
 
 def _build_dense_layout(batch, q_len, kv_len, device) -> _Layout:
-    rows = torch.arange(batch, dtype=torch.int32, device=device)
-    meta = PackedBatch(rows * q_len, torch.full((batch,), q_len, dtype=torch.int32, device=device), q_len,
-                       rows * kv_len, torch.full((batch,), kv_len, dtype=torch.int32, device=device), kv_len,
+    starts = torch.zeros(batch, dtype=torch.int32, device=device)
+    meta = PackedBatch(starts, torch.full((batch,), q_len, dtype=torch.int32, device=device), q_len,
+                       starts, torch.full((batch,), kv_len, dtype=torch.int32, device=device), kv_len,
                        trusted=True, rows_covered=True)
-    return _Layout(meta, kv_len)
+    return _Layout(meta, kv_len, batched=True)
 
 
-# Cached by shape because its tensors are never written after creation.
-_cached_dense_layout = functools.lru_cache(maxsize=64)(_build_dense_layout)
+# Cached by shape because its tensors are never written after creation (built outside
+# inference mode, see _outside_inference_mode, so the kernel API's memo can hold them).
+_DENSE_LAYOUTS: dict = {}
 
 
 def _as_codes(mask, batch, q_len, kv_len, device) -> torch.Tensor:
@@ -574,8 +622,12 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source) -> None:
 def _block_causal(layout: _Layout, batch, q_len, kv_len, device) -> torch.Tensor:
     """[B, 1, S, Skv] bool: query sees key iff same sequence and key position <= query position."""
     meta = layout.batch
-    seq_q, pos_q = _sequence_positions(meta.b_start_loc, meta.b_seq_len, batch * q_len, device)
-    seq_k, pos_k = _sequence_positions(meta.b_start_loc_k, meta.b_seq_len_k, batch * kv_len, device)
+    starts_q, starts_k = meta.b_start_loc, meta.b_start_loc_k
+    if layout.batched:  # row-local starts: move them to the packed rows of the whole batch
+        rows = torch.arange(batch, dtype=starts_q.dtype, device=starts_q.device)
+        starts_q, starts_k = starts_q + rows * q_len, starts_k + rows * kv_len
+    seq_q, pos_q = _sequence_positions(starts_q, meta.b_seq_len, batch * q_len, device)
+    seq_k, pos_k = _sequence_positions(starts_k, meta.b_seq_len_k, batch * kv_len, device)
     seq = seq_q.clamp(min=0)
     lens_q, lens_k = meta.b_seq_len.to(device).long()[seq], meta.b_seq_len_k.to(device).long()[seq]
     pos_q = torch.where(seq_q >= 0, aligned_query_position(pos_q, lens_q, lens_k), pos_q)

@@ -44,8 +44,10 @@ _REGISTRY: dict[str, type[SparseAttentionMethod]] = {}
 class PackedBatch:
     """Varlen metadata of one attention call, in the layout of :func:`modelopt_sparse.attention`.
 
-    ``q`` holds ``[total_q, Hq, D]`` rows, ``k``/``v`` ``[total_kv, Hkv, D]`` rows; the int32
-    tensors live on the device of ``q``. ``trusted`` marks metadata that is valid by
+    ``q`` holds ``[total_q, Hq, D]`` rows, ``k``/``v`` ``[total_kv, Hkv, D]`` rows, or, for
+    one sequence per batch row, a padded batch ``[B, S, Hq, D]`` / ``[B, Skv, Hkv, D]`` with
+    row-local starts (as :func:`modelopt_sparse.attention` takes them); the int32 tensors
+    live on the device of ``q``. ``trusted`` marks metadata that is valid by
     construction (the HuggingFace adapter derives it on the device from the mask, and checks
     the mask itself): the kernel then skips reading it back, which would cost a device sync.
     ``rows_covered`` (trusted metadata only) says the sequences cover every packed row, so
@@ -110,9 +112,9 @@ class SparseAttentionMethod:
     ):
         """Attention of packed sequences; returns ``out`` or ``(out, stats)`` like the kernel.
 
-        ``q``, ``k`` and ``v`` may hold rows outside every sequence (a padded batch keeps
-        one block of rows per entry, real tokens first); their output rows must be zero,
-        as the kernel makes them.
+        ``q``, ``k`` and ``v`` are packed ``[rows, H, D]`` or a padded batch ``[B, S, H, D]``
+        (see :class:`PackedBatch`); the output has the shape of ``q``. They may hold rows
+        outside every sequence; their output rows must be zero, as the kernel makes them.
 
         ``kernel_kwargs`` is what :meth:`kernel_kwargs` returned, with ``sparsity_n=0`` when
         the module is disabled.

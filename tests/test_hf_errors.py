@@ -263,7 +263,7 @@ def test_inference_mode_reads_no_metadata_back(sparse, monkeypatch, mask_dtype):
     from modelopt_sparse import hf_attention
     from modelopt_sparse.kernels import api
 
-    hf_attention._cached_dense_layout.cache_clear()  # its tensors were built by earlier tests
+    hf_attention._DENSE_LAYOUTS.clear()  # its tensors were built by earlier tests
     checks = []
     original = api._check_metadata_values
     monkeypatch.setattr(api, "_check_metadata_values", lambda *a: checks.append(1) or original(*a))

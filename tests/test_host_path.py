@@ -152,8 +152,24 @@ def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
             got.append([out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
             with torch.no_grad():
                 got.append([model(input_ids=token_ids(2, 40).cuda()).logits])
+                # Inference calls run from launch plans after their first launches: packed
+                # rows, and a padded batch read in place from [B, H, S, D] tensors.
+                q4 = buf[offset:offset + 2 * 4 * 150 * 16].view(2, 4, 150, 16).transpose(1, 2)
+                k4, v4 = (torch.randn(2, 2, 160, 16, generator=g, device="cuda", dtype=torch.bfloat16)
+                          .transpose(1, 2) for _ in range(2))
+                starts4 = torch.tensor([0, 30], dtype=torch.int32, device="cuda")
+                lens4 = torch.tensor([150, 120], dtype=torch.int32, device="cuda")
+                lens4_k = torch.tensor([160, 125], dtype=torch.int32, device="cuda")
+                for _ in range(4):
+                    packed = mts.attention(q.detach(), k.detach(), v.detach(), starts, lens, 200, sparsity_n=2,
+                                           sparsity_m=4, check_metadata=False, rows_covered=True)
+                    batched = mts.attention(q4, k4, v4, starts4, lens4, 150, True, None, starts4, lens4_k, 160,
+                                            sparsity_n=2, sparsity_m=4)
+                got.append([packed, batched])
         results[direct] = got
     assert launchers[ta._fwd].direct_launches > 0 and launchers[ta._dq].direct_launches > 0
+    # Aligned inference calls ran from plans (each hit also checked against JITFunction.run).
+    assert sum(plan.launches for plan in ta._FORWARD_PLANS.values()) >= 4
     for a, b in zip(results["1"], results["0"]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)

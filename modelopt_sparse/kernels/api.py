@@ -12,6 +12,7 @@ from .reference import Segment, SparseParams, host_segments, reference_attention
 from .semantics import check_pattern
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CHECKED_DTYPES = frozenset(_FLOAT_DTYPES + (torch.float64,))
 _BACKENDS = ("auto", "triton", "torch")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -54,12 +55,15 @@ def attention(
     implements it element for element, in the forward and in the backward pass.
 
     Args:
-        q: ``[total_q, Hq, D]`` queries of all sequences, packed.
-        k, v: ``[total_kv, Hkv, D]``; ``Hq`` must be a multiple of ``Hkv`` (MHA, GQA, MQA).
-            fp16, bf16 or fp32 (fp64 too on the torch backend); one dtype and one device.
-            ``16 <= D <= 256``, any value.
+        q: ``[total_q, Hq, D]`` queries of all sequences, packed; or a padded batch
+            ``[B, Sq, Hq, D]`` holding sequence ``b`` in batch row ``b`` (any strides with a
+            unit stride along ``D``, e.g. a transposed ``[B, Hq, Sq, D]`` tensor: no copy).
+        k, v: ``[total_kv, Hkv, D]`` (or ``[B, Skv, Hkv, D]`` with a batched ``q``); ``Hq``
+            must be a multiple of ``Hkv`` (MHA, GQA, MQA). fp16, bf16 or fp32 (fp64 too on
+            the torch backend); one dtype and one device. ``16 <= D <= 256``, any value.
         b_start_loc, b_seq_len: int32 ``[B]``: first row and number of rows of each
-            sequence in ``q``.
+            sequence in ``q`` (with a batched ``q``: within its batch row, so left and right
+            padding need no gather).
         max_input_len: an upper bound of ``b_seq_len``.
         is_causal: mask keys after the query's position. Queries are aligned to the end of
             the keys: query ``i`` sits at key position ``i + kv_len - q_len``.
@@ -93,7 +97,7 @@ def attention(
             ``check_metadata=False``: checked metadata finds this out itself.
 
     Returns:
-        ``[total_q, Hq, D]`` in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
+        ``[total_q, Hq, D]`` (or ``[B, Sq, Hq, D]``, contiguous) in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
         (the mask is held fixed; with the Triton backend, first derivatives only: a second
         derivative through it raises). Rows with no kept key are 0. With ``return_stats``, the
         pair ``(out, stats)``.
@@ -135,18 +139,17 @@ def attention(
     else:
         if not isinstance(rows_covered, bool):
             raise TypeError(f"rows_covered must be a bool, got {type(rows_covered).__name__}")
-        _check_metadata_types(q, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k)
+        _check_metadata_types_once(q, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k,
+                                   max_input_len_k)
         segments, covered = None, (rows_covered, rows_covered)
-    params = SparseParams(
-        is_causal=is_causal,
-        softmax_scale=float(softmax_scale),
-        sparsity_n=sparsity_n,
-        sparsity_m=sparsity_m,
-        num_sink_tokens=num_sink_tokens,
-        dense_window_size=dense_window_size,
-        tie_break=tie_break,
-    )
+    params = _params(is_causal, float(softmax_scale), sparsity_n, sparsity_m, num_sink_tokens, dense_window_size,
+                     tie_break)
     stats = _new_stats(q) if return_stats else None
+    batch_shape = None
+    if q.dim() == 4 and not (backend == "triton" and stats is None and not _needs_grad(q, k, v)):
+        # Only the Triton forward reads batch rows in place; everything else sees packed rows.
+        batch_shape = q.shape
+        q, k, v, b_start_loc, b_start_loc_k = _pack_batch(q, k, v, b_start_loc, b_start_loc_k)
     if backend == "torch":
         if torch.compiler.is_compiling():
             # One opaque op for Dynamo: the reference loops over host-side sequence bounds.
@@ -164,11 +167,42 @@ def attention(
             b_start_loc_k, b_seq_len_k, max_input_len_k,
             params, stats, covered=covered,
         )
+    if batch_shape is not None:
+        out = out.view(batch_shape)
     return (out, stats) if return_stats else out
 
 
+_PARAMS: dict = {}
+
+
+def _params(*fields) -> SparseParams:
+    """One SparseParams object per validated value (a model's layers share it, and launch
+    caches keyed on it hash the same object)."""
+    if torch.compiler.is_compiling():
+        return SparseParams(*fields)
+    params = _PARAMS.get(fields)
+    if params is None:
+        params = SparseParams(*fields)
+        if len(_PARAMS) < 4096:
+            _PARAMS[fields] = params
+    return params
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _pack_batch(q, k, v, start_q, start_k):
+    """A padded batch ``[B, S, H, D]`` as packed rows ``[B * S, H, D]`` (a copy unless the
+    rows are laid out in order already), with the start offsets moved to match."""
+    rows_q, rows_k = q.shape[1], k.shape[1]
+    step = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
+    return (q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+            start_q + step * rows_q, start_k + step * rows_k)
+
+
 def _new_stats(q: torch.Tensor) -> dict:
-    h = q.shape[1]
+    h = q.shape[-2]
     return {
         "allowed": torch.zeros(h, dtype=torch.int64, device=q.device),
         "kept": torch.zeros(h, dtype=torch.int64, device=q.device),
@@ -181,29 +215,40 @@ def _check_tensors(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape [tokens, heads, head_dim], got {tuple(t.shape)}")
+        if t.dim() not in (3, 4):
+            raise ValueError(
+                f"{name} must have shape [tokens, heads, head_dim] (packed) or [batch, tokens, heads, head_dim] "
+                f"(padded batch), got {tuple(t.shape)}"
+            )
+    if not q.dim() == k.dim() == v.dim():
+        raise ValueError(
+            f"q, k and v must all be packed (3-D) or all batched (4-D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+        )
+    if q.dim() == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} batch rows but k and v have {k.shape[0]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _FLOAT_DTYPES + (torch.float64,):
+    if q.dtype not in _CHECKED_DTYPES:
         raise TypeError(f"unsupported dtype {q.dtype}; use float16, bfloat16 or float32")
-    if not (q.device == k.device == v.device):
+    # Device indices first (cheap ints); non-CUDA devices all read -1, so compare those fully.
+    if not (q.get_device() == k.get_device() == v.get_device()) or (
+            not q.is_cuda and not (q.device == k.device == v.device)):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must share head_dim, got {q.shape[2]} and {k.shape[2]}")
-    d = q.shape[2]
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    d = q.shape[-1]
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
-    hq, hkv = q.shape[1], k.shape[1]
+    hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
 
 
 def _check_backend(q: torch.Tensor, backend: str) -> None:
     if backend == "triton":
-        if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
+        if not q.is_cuda and not (q.device.type == "cpu" and interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                 f"got {q.device}"
@@ -252,6 +297,7 @@ class _ValidatedMetadata:
 
 
 _validated = _ValidatedMetadata()
+_typed = _ValidatedMetadata()  # metadata whose types alone were checked (check_metadata=False)
 
 
 def _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k) -> None:
@@ -271,6 +317,10 @@ def _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k) -> No
     batch = start_q.shape[0]
     if batch == 0:
         raise ValueError("b_start_loc is empty: at least one sequence is needed")
+    if q.dim() == 4 and batch != q.shape[0]:
+        raise ValueError(
+            f"a batched q holds one sequence per batch row: {q.shape[0]} rows but b_start_loc has {batch} entries"
+        )
     for name, t in (("b_seq_len", len_q), ("b_start_loc_k", start_k), ("b_seq_len_k", len_k)):
         if t.shape[0] != batch:
             raise ValueError(f"{name} has {t.shape[0]} entries but b_start_loc has {batch}")
@@ -279,11 +329,25 @@ def _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k) -> No
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
+def _check_metadata_types_once(q, start_q, len_q, max_q, start_k, len_k, max_k) -> None:
+    """:func:`_check_metadata_types`, remembered per tensor objects like the value checks
+    (a model's layers pass the same trusted metadata tensors on every call)."""
+    if torch.compiler.is_compiling():  # compiled code keeps no Python-side memo
+        _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k)
+        return
+    tensors = (start_q, len_q, start_k, len_k)
+    extra = (q.shape[:-2], max_q, max_k, q.get_device() if q.is_cuda else q.device)
+    if all(type(t) is torch.Tensor for t in tensors) and _typed.get(tensors, extra) is not None:
+        return
+    _check_metadata_types(q, start_q, len_q, max_q, start_k, len_k, max_k)
+    _typed.put(tensors, extra, True)
+
+
 def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple[list[Segment], tuple[bool, bool]]:
     """The sequences, and whether they cover every packed query / key row (then no output
     needs a zero fill first); checked, and remembered per metadata tensor version."""
     tensors = (start_q, len_q, start_k, len_k)
-    extra = (q.shape[0], k.shape[0], max_q, max_k, q.device)
+    extra = (q.shape[:-2], k.shape[:-2], max_q, max_k, q.device)
     if all(type(t) is torch.Tensor for t in tensors):
         cached = _validated.get(tensors, extra)
         if cached is not None:
@@ -292,33 +356,43 @@ def _check_metadata(q, k, start_q, len_q, max_q, start_k, len_k, max_k) -> tuple
     segments = _check_metadata_values(q, k, tensors, max_q, max_k)
     # Sequences never share rows (checked), so they cover every row exactly when their
     # lengths add up to the row count.
-    covered = (sum(s.q_len for s in segments) == q.shape[0], sum(s.k_len for s in segments) == k.shape[0])
+    # (In a padded batch each row holds one sequence, so the same sum decides.)
+    covered = (sum(s.q_len for s in segments) == q.shape[:-2].numel(),
+               sum(s.k_len for s in segments) == k.shape[:-2].numel())
     _validated.put(tensors, extra, (segments, covered))
     return segments, covered
 
 
 def _check_metadata_values(q, k, tensors, max_q, max_k) -> list[Segment]:
+    """The sequences, checked; in packed-row coordinates (a padded batch's row b starts at
+    row ``b * S`` of its packed form)."""
     batch = tensors[0].shape[0]
+    batched = q.dim() == 4
+    where = "rows of its batch row" if batched else "packed rows"
     # One host round trip for all four tensors.
     sq, lq, sk, lk = torch.stack(tensors).tolist()
     segments = []
     for b in range(batch):
         for what, start, length, total, bound in (
-            ("query", sq[b], lq[b], q.shape[0], max_q),
-            ("key", sk[b], lk[b], k.shape[0], max_k),
+            ("query", sq[b], lq[b], q.shape[-3], max_q),
+            ("key", sk[b], lk[b], k.shape[-3], max_k),
         ):
             if start < 0 or length < 0:
                 raise ValueError(f"sequence {b}: negative {what} start ({start}) or length ({length})")
             if start + length > total:
                 raise ValueError(
-                    f"sequence {b}: {what} rows {start}..{start + length} exceed the {total} packed rows"
+                    f"sequence {b}: {what} rows {start}..{start + length} exceed the {total} {where}"
                 )
             if length > bound:
                 raise ValueError(
                     f"sequence {b}: {what} length {length} exceeds max_input_len{'_k' if what == 'key' else ''}={bound}"
                 )
-        segments.append(Segment(sq[b], lq[b], sk[b], lk[b]))
-    # Gradients are written per sequence, so two sequences may not share rows.
+        if batched:
+            segments.append(Segment(b * q.shape[1] + sq[b], lq[b], b * k.shape[1] + sk[b], lk[b]))
+        else:
+            segments.append(Segment(sq[b], lq[b], sk[b], lk[b]))
+    # Gradients are written per sequence, so two sequences may not share rows (batch rows
+    # hold one sequence each, and their segments are in distinct packed rows).
     for what, spans in (
         ("query", [(s.q_start, s.q_len) for s in segments]),
         ("key", [(s.k_start, s.k_len) for s in segments]),

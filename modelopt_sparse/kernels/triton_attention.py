@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .api import interpreting
 from .reference import SparseParams
-from .triton_launch import DirectLauncher
+from .triton_launch import DirectLauncher, LaunchPlan, hooks_allow_plans
 
 # -inf is written as a literal in the kernels, not as a global constexpr: torch.compile
 # (Inductor) re-emits a kernel's globals with repr(), and repr(-inf) is not Python.
@@ -484,12 +484,15 @@ def _attn_fwd(
     qk_scale, num_sink, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_qb, stride_kb, stride_vb, stride_ob, stride_lb,
     max_q_bucket,  # autotune key only
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr,
+    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr, WITH_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Sequence s reads rows Q_START[s]... of batch row s when the tensors are a padded batch
+    # [B, S, H, D] (batch strides set), or of the one packed row [T, H, D] (batch strides 0).
     pid_m = tl.program_id(0)
     # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel;
     # the softmax runs in fp32 either way.
@@ -507,9 +510,11 @@ def _attn_fwd(
     rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
     dim = tl.arange(0, BLOCK_D)
 
-    q = _load_rows(Q + q_start * stride_qt + head * stride_qh, rows, row_valid, stride_qt, dim, HEAD_DIM, UPCAST)
-    k_base = K + k_start * stride_kt + kv_head * stride_kh
-    v_base = V + k_start * stride_vt + kv_head * stride_vh
+    batch_row = seq.to(tl.int64)
+    q = _load_rows(Q + batch_row * stride_qb + q_start * stride_qt + head * stride_qh, rows, row_valid, stride_qt,
+                   dim, HEAD_DIM, UPCAST)
+    k_base = K + batch_row * stride_kb + k_start * stride_kt + kv_head * stride_kh
+    v_base = V + batch_row * stride_vb + k_start * stride_vt + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -556,16 +561,18 @@ def _attn_fwd(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptrs = O + (q_start + rows[:, None]) * stride_ot + head * stride_oh + dim[None, :]
+    o_ptrs = O + batch_row * stride_ob + (q_start + rows[:, None]) * stride_ot + head * stride_oh + dim[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :])
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + (q_start + rows) * stride_lt + head * stride_lh, lse, mask=row_valid)
+    lse_offset = batch_row * stride_lb + (q_start + rows) * stride_lt + head * stride_lh
+    if WITH_LSE:  # only the backward reads it
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(LSE + lse_offset, lse, mask=row_valid)
     if WITH_STATS:
         # Per row: allowed count, kept count, dropped softmax mass; reduced on the host.
         l_allowed = l_i + l_dropped
         has_keys = l_allowed > 0.0
         dropped = tl.where(has_keys, l_dropped / tl.where(has_keys, l_allowed, 1.0), 0.0)
-        s_ptr = STATS + ((q_start + rows) * stride_lt + head * stride_lh) * 3
+        s_ptr = STATS + lse_offset * 3
         tl.store(s_ptr, n_allowed.to(tl.float32), mask=row_valid)
         tl.store(s_ptr + 1, n_kept.to(tl.float32), mask=row_valid)
         tl.store(s_ptr + 2, dropped, mask=row_valid)
@@ -951,12 +958,29 @@ class _TunedKernel:
         else:
             self.launcher(grid(config.kwargs), key, args, {**kwargs, **config.all_kwargs()})
 
+    def plan(self, grid, key, args, kwargs, pointer_slots):
+        """A :class:`LaunchPlan` of this launch, if it went direct before (else None)."""
+        config = self._chosen.get(key)
+        if config is None or self.launcher is None:
+            return None
+        entry = self.launcher.compiled(key, args)
+        if entry is None:
+            return None
+        kernel, tail = entry
+        return LaunchPlan(kernel, grid(config.kwargs), args, tail, pointer_slots)
+
+    def verify_plan(self, plan, key, args, kwargs) -> None:
+        """``MODELOPT_SPARSE_VERIFY_LAUNCH=1``: the plan's kernel must be Triton's pick."""
+        if self.launcher is not None and self.launcher._verify:
+            self.launcher.verify(plan.kernel, plan.grid, args, {**kwargs, **self._chosen[key].all_kwargs()})
+
     def forget(self):
         """Drop every chosen config (after the autotuner's configs were changed)."""
         self._chosen.clear()
         self.autotuner.cache.clear()
         if self.launcher is not None:
             self.launcher.clear()
+        _FORWARD_PLANS.clear()
 
 
 _fwd = _TunedKernel(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
@@ -1026,34 +1050,95 @@ def _launch_forward(
     """(out, lse, per-row stats [rows, heads, 3] or an empty tensor)."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
                           dense_window_size, tie_break)
-    return _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, with_stats, params)
+    out, lse, row_stats = _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered,
+                                          with_stats, params)
+    if row_stats is None:
+        row_stats = q.new_empty(0, q.shape[-2], 3, dtype=torch.float32)
+    return out, lse, row_stats
 
 
-def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, with_stats, params):
-    """The forward launch proper; eager calls come here with their params object."""
+# Launch plans of the forward kernel (inference calls without statistics), by everything
+# that fixes the launch except the tensors' addresses. Cleared with the chosen configs.
+_FORWARD_PLANS: dict = {}
+_PLAN_LIMIT = 1024
+# Positions of the forward kernel's pointer arguments (Q ... K_LEN), in signature order.
+_FWD_POINTERS = range(10)
+
+
+def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, with_stats, params,
+                    with_lse=True):
+    """The forward launch proper; eager calls come here with their params object.
+
+    q, k, v are packed rows ``[T, H, D]`` or a padded batch ``[B, S, H, D]`` (sequence b in
+    batch row b). Returns ``(out, lse, row_stats)``: out contiguous like q's shape, lse
+    ``q.shape[:-1]`` fp32 (``None`` without ``with_lse``), row_stats ``None`` without
+    ``with_stats``.
+    """
+    if not with_stats and _fwd.launcher is not None:
+        # The hot path of a model's layer: everything but the addresses is in the key.
+        pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                    q_start.data_ptr(), q_len.data_ptr(), k_start.data_ptr(), k_len.data_ptr())
+        # A plan is specialized on 16-byte aligned pointers; other calls take the ordinary path.
+        aligned = not (pointers[0] | pointers[1] | pointers[2] | pointers[3] | pointers[4] | pointers[5]
+                       | pointers[6]) & 15
+        device = q.get_device()
+        plan_key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q_len.shape[0], q.dtype, device, params,
+                    max_q, q_covered, with_lse) if aligned else None
+        plan = _FORWARD_PLANS.get(plan_key) if aligned else None
+        if plan is not None and device == _current_cuda_device() and hooks_allow_plans():
+            out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
+            lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if with_lse else out
+            out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr()
+            if _fwd.launcher._verify:
+                _fwd.verify_plan(plan, *_forward_args(q, k, v, out, lse, None, q_start, q_len, k_start, k_len,
+                                                      max_q, params, with_lse))
+            plan((pointers[0], pointers[1], pointers[2], out_ptr, lse_ptr, lse_ptr,
+                  pointers[3], pointers[4], pointers[5], pointers[6]))
+            return out, (lse if with_lse else None), None
+    else:
+        plan_key = None
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
-    rows, hq = q.shape[0], q.shape[1]
-    groups = hq // k.shape[1]
-    out = _output_like(q, q_covered)
-    lse = torch.empty(rows, hq, dtype=torch.float32, device=q.device)
-    row_stats = (torch.zeros(rows, hq, 3, dtype=torch.float32, device=q.device) if with_stats
-                 else torch.empty(0, hq, 3, dtype=torch.float32, device=q.device))
-    consts = _common_constexprs(q, groups, params)
-    grid = lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq)  # noqa: E731
-    (sq_t, sq_h, _), (sk_t, sk_h, _), (sv_t, sv_h, _), (so_t, so_h, _) = q.stride(), k.stride(), v.stride(), out.stride()
-    bucket = _bucket(max_q)
+    out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if with_lse else out
+    row_stats = q.new_zeros(*q.shape[:-1], 3, dtype=torch.float32) if with_stats else None
+    launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q,
+                                             params, with_lse)
+    grid = lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], q.shape[-2])  # noqa: E731
     with _on_device(q):
-        _fwd(
-            grid, (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats),
-            q, k, v, out, lse, row_stats if with_stats else lse,
+        _fwd(grid, launch_key, *args, **kwargs)
+    if plan_key is not None and len(_FORWARD_PLANS) < _PLAN_LIMIT and hooks_allow_plans():
+        plan = _fwd.plan(grid, launch_key, args, kwargs, _FWD_POINTERS)
+        if plan is not None:
+            _FORWARD_PLANS[plan_key] = plan
+    return out, (lse if with_lse else None), row_stats
+
+
+def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q, params, with_lse):
+    """(launch key, runtime arguments, constexpr keywords) of one forward launch."""
+    hq = q.shape[-2]
+    groups = hq // k.shape[-2]
+    consts = _common_constexprs(q, groups, params)
+    bucket = _bucket(max_q)
+    with_stats = row_stats is not None
+    # Row and head strides, then batch strides (0 for packed rows: one "batch row" holds all).
+    # lse and the row statistics are contiguous [..., H] (statistics x3) whether or not lse
+    # is stored, so their strides follow from q's shape.
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    if q.dim() == 4:
+        rows = (qs[1], qs[2], ks[1], ks[2], vs[1], vs[2], os_[1], os_[2], hq, 1)
+        batch = (qs[0], ks[0], vs[0], os_[0], q.shape[1] * hq)
+    else:
+        rows = (qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1], hq, 1)
+        batch = (0, 0, 0, 0, 0)
+    args = (q, k, v, out, lse, row_stats if with_stats else lse,
             q_start, q_len, k_start, k_len,
             params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, hq, 1,
-            bucket,
-            WITH_STATS=with_stats,
-            **consts,
-        )
-    return out, lse, row_stats
+            *rows, *batch, bucket)
+    launch_key = (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats, with_lse)
+    return launch_key, args, dict(WITH_STATS=with_stats, WITH_LSE=with_lse, **consts)
+
+
+_current_cuda_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else torch.cuda.current_device
 
 
 _forward_op = torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())(_launch_forward)
@@ -1061,8 +1146,9 @@ _forward_op = torch.library.custom_op("modelopt_sparse::nm_attention_forward", m
 
 @_forward_op.register_fake
 def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params):
-    lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
-    return torch.empty_like(_unit_stride_rows(q)), lse, q.new_empty(q.shape[0] if with_stats else 0, q.shape[1], 3, dtype=torch.float32)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    rows = q.shape[:-1] if with_stats else (0, q.shape[-2])
+    return q.new_empty(q.shape), lse, q.new_empty(*rows, 3, dtype=torch.float32)
 
 
 def _launch_backward(
@@ -1291,7 +1377,7 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
     else:  # inference: no autograd node to build, and the params object as it is
         out, _lse, row_stats = _forward_launch(
             q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
-            bool(covered[0]), stats is not None, p)
+            bool(covered[0]), stats is not None, p, with_lse=False)
         if stats is not None:
             _reduce_row_stats(row_stats, q_start, q_len, stats)
         return out

@@ -103,14 +103,22 @@ class DirectLauncher:
                 self._entries[entry_key] = (kernel, tail)
             return
         kernel, tail = entry
-        if self._verify:
-            expected = self.fn.run(*args, grid=grid, warmup=True, **kwargs)
-            if expected is not kernel:
-                raise RuntimeError(f"direct launch of {self.fn.__name__} would run another kernel than Triton picks")
+        self.verify(kernel, grid, args, kwargs)
         stream = _current_stream(_current_device())
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
                    *args, *tail)
         self.direct_launches += 1
+
+    def compiled(self, key, args):
+        """``(compiled kernel, constexpr tail)`` of an earlier direct-launchable call with this
+        key and these arguments' signature, or None."""
+        return self._entries.get((key, _arg_signature(args)))
+
+    def verify(self, kernel, grid, args, kwargs) -> None:
+        """With ``MODELOPT_SPARSE_VERIFY_LAUNCH=1``: raise unless ``kernel`` is what
+        ``JITFunction.run`` picks for these arguments."""
+        if self._verify and self.fn.run(*args, grid=grid, warmup=True, **kwargs) is not kernel:
+            raise RuntimeError(f"direct launch of {self.fn.__name__} would run another kernel than Triton picks")
 
     def _tail(self, n_args, kwargs):
         """The values of the parameters after the runtime ones, in signature order (None if a
@@ -128,3 +136,40 @@ class DirectLauncher:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class LaunchPlan:
+    """One compiled kernel with every argument but its tensor pointers fixed.
+
+    Made from a launch that went through :class:`DirectLauncher`, for a caller whose key
+    determines everything except the tensors' addresses (shapes, strides, dtypes, scalars,
+    alignment): a call then costs one C launch with the pointers passed as integers (no
+    ``data_ptr()`` lookups or pointer-attribute queries in Triton's launcher).
+    ``pointer_slots`` are the positions of the pointer arguments among the runtime ones.
+    """
+
+    __slots__ = ("kernel", "grid", "_function", "_metadata", "_before", "_after", "_slots", "launches")
+
+    def __init__(self, kernel, grid, args, tail, pointer_slots):
+        self.kernel, self.grid = kernel, tuple(grid)
+        self._function, self._metadata = kernel.function, kernel.packed_metadata
+        first, last = min(pointer_slots), max(pointer_slots)
+        if list(pointer_slots) != list(range(first, last + 1)):
+            raise ValueError("LaunchPlan needs the pointer arguments next to each other")
+        self._before, self._after = tuple(args[:first]), (*args[last + 1:], *tail)
+        self._slots = last - first + 1
+        self.launches = 0
+
+    def __call__(self, pointers) -> None:
+        if len(pointers) != self._slots:
+            raise ValueError(f"expected {self._slots} pointers, got {len(pointers)}")
+        stream = _current_stream(_current_device())
+        g0, g1, g2 = self.grid
+        self.kernel.run(g0, g1, g2, stream, self._function, self._metadata, None, None, None,
+                        *self._before, *pointers, *self._after)
+        self.launches += 1
+
+
+def hooks_allow_plans() -> bool:
+    """Plans bypass Triton's launch hooks: only use them while none is installed."""
+    return not _runtime_hooks_set()

@@ -1,0 +1,424 @@
+"""Dense single-query (decode) attention in Triton, reading a KV cache in place.
+
+A generate() decode step attends one query per row to every cached key, so N:M selection
+never applies (the decode guard) and the step is plain dense attention. For small models
+the GPU finishes such a layer in microseconds and the host cost of issuing it dominates:
+SDPA with a boolean mask, GQA ``repeat_kv`` copies, slices and a ``torch.where`` are some
+ten aten ops per layer. :func:`decode_attention` is one allocation and one launch instead.
+
+Kernel (flash-decoding). One program per (row, kv head, key split) runs every query head
+of its kv head against the keys, so K and V are read once per kv head, not once per query
+head. The G query heads are padded to a tile of at least 16 rows for ``tl.dot``. Long
+caches with few (row, kv head) pairs are split across programs that write partial
+(acc, max, sum) triples to fp32 scratch, and a second small kernel merges them; the split
+count depends only on shapes, never on tensor values, so the call stays sync-free.
+
+Host. Eager calls go through ``DirectLauncher`` with a fixed config per (dtype, head dim,
+group size, optional inputs): no autotuning, no per-call dataclasses, one dict lookup.
+Under ``torch.compile`` the launch sits in a ``torch.library.triton_op``, so Inductor sees
+a user-defined Triton kernel (no graph break, no opaque custom-op wrapper).
+"""
+
+# No ``from __future__ import annotations``: the op signatures below are read by
+# torch.library's schema inference, which then needs real types, not strings.
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .api import interpreting
+from .triton_launch import DirectLauncher
+
+LOG2E = 1.4426950408889634
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MASK_DTYPES = (torch.bool, torch.int32, torch.int64)
+
+# Split rule (host side, shapes only). Up to SINGLE_PASS_MAX_KEYS keys one program per
+# (row, kv head) is short enough; beyond, keys are split until about SPLIT_TARGET_WAVES
+# programs per SM exist, each with at least MIN_KEYS_PER_SPLIT keys. MAX_SPLITS is a power
+# of two: the merge kernel reads all partials of a row as one tile of that height.
+SINGLE_PASS_MAX_KEYS = 1024
+MIN_KEYS_PER_SPLIT = 256
+SPLIT_TARGET_WAVES = 2
+MAX_SPLITS = 64
+_DEFAULT_SM_COUNT = 132  # H200; used where no GPU is asked (the interpreter)
+
+# The interpreter computes bf16 wrongly (numpy has no bf16), so there every tile is upcast
+# to fp32 on load, as in triton_attention.py.
+_UPCAST = interpreting()
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, rows, row_valid, stride_row, dim, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """[len(rows), BLOCK_D] tile, zero outside valid rows and past the head dim."""
+    ptrs = base + rows[:, None] * stride_row + dim[None, :]
+    x = tl.load(ptrs, mask=row_valid[:, None] & (dim < HEAD_DIM)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attended_keys(KEY_VALID, mask_row_offset, stride_mn, cols, hi, HAS_KEY_VALID: tl.constexpr):
+    """Which key slots of the tile take part: inside this program's range and, with a key
+    mask, marked valid. Doubles as the K/V load mask, so padding slots cost no traffic."""
+    attended = cols < hi
+    if HAS_KEY_VALID:
+        flags = tl.load(KEY_VALID + mask_row_offset + cols * stride_mn, mask=attended, other=0)
+        attended = attended & (flags.to(tl.int32) != 0)
+    return attended
+
+
+@triton.jit(do_not_specialize=["n_keys", "keys_per_split", "stats_offset"])
+def _decode_kernel(
+    Q, K, V, OUT, KEY_VALID, QUERY_VALID,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mn,
+    n_keys, keys_per_split, stats_offset, qk_scale,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_QUERY_VALID: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Inductor passes float scalars as fp64; the softmax runs in fp32 either way.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    G_TILES: tl.constexpr = (GROUPS + BLOCK_G - 1) // BLOCK_G
+    batch = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1) // G_TILES
+    split = tl.program_id(2)
+    group = (tl.program_id(1) % G_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    head_valid = group < GROUPS
+    head = kv_head * GROUPS + group
+    dim = tl.arange(0, BLOCK_D)
+
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    if HAS_QUERY_VALID:
+        # An empty key range makes the row come out as zeros, split or not.
+        hi = tl.where(tl.load(QUERY_VALID + batch).to(tl.int32) != 0, hi, lo)
+
+    q = _load_rows(Q + batch * stride_qb, head, head_valid, stride_qh, dim, HEAD_DIM, UPCAST)
+    k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        attended = _attended_keys(KEY_VALID, batch * stride_mb, stride_mn, start + offs_n, hi, HAS_KEY_VALID)
+        # The tile's first slot in int64: a static cache's buffer can exceed 2**31 elements.
+        first = tl.cast(start, tl.int64)
+        k = _load_rows(k_base + first * stride_kn, offs_n, attended, stride_kn, dim, HEAD_DIM, UPCAST)
+        v = _load_rows(v_base + first * stride_vn, offs_n, attended, stride_vn, dim, HEAD_DIM, UPCAST)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(attended[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row that has seen no attended key yet keeps m = -inf; shifting by 0 then gives
+        # exp2(-inf) = 0 instead of NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(scores - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    q_heads = (tl.num_programs(1) // G_TILES) * GROUPS
+    row = batch * q_heads + head  # [B, 1, Hq, D] contiguous: row-major over (batch, head)
+    tile_mask = head_valid[:, None] & (dim < HEAD_DIM)[None, :]
+    if SPLIT:
+        part = row * tl.num_programs(2) + split
+        tl.store(OUT + part[:, None] * HEAD_DIM + dim[None, :], acc, mask=tile_mask)
+        tl.store(OUT + stats_offset + part * 2, m_i, mask=head_valid)
+        tl.store(OUT + stats_offset + part * 2 + 1, l_i, mask=head_valid)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(OUT + row[:, None] * HEAD_DIM + dim[None, :], out.to(OUT.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit(do_not_specialize=["n_splits", "stats_offset"])
+def _merge_splits_kernel(
+    PARTIAL, OUT, n_splits, stats_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One (row, query head) per program: rescale every split's partial sums to the common
+    maximum and divide once. Splits that saw no attended key hold m = -inf and l = 0."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    s_valid = s < n_splits
+    dim = tl.arange(0, BLOCK_D)
+    part = row * n_splits + s
+    m = tl.load(PARTIAL + stats_offset + part * 2, mask=s_valid, other=float("-inf"))
+    l = tl.load(PARTIAL + stats_offset + part * 2 + 1, mask=s_valid, other=0.0)
+    acc = tl.load(PARTIAL + part[:, None] * HEAD_DIM + dim[None, :],
+                  mask=s_valid[:, None] & (dim < HEAD_DIM)[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    total = tl.sum(l * weight, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(OUT + row * HEAD_DIM + dim, out.to(OUT.dtype.element_ty), mask=dim < HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_CONFIGS: dict = {}
+
+
+def _config(dtype, head_dim, groups, has_key_valid, has_query_valid, device_index):
+    """(BLOCK_N, query-head tiles per kv head, (launch key, kwargs) single pass, the same
+    split) for one kernel variant on one device. A fixed rule, no autotuning (decode is
+    bound by reading K and V, not by the tile shape): K/V tiles of 64 keys (32 at D > 128)
+    in a 3-stage pipeline, 2 stages for fp32 at D >= 128, which keeps shared memory below
+    ~140 KB in every case. Not yet swept on hardware."""
+    key = (dtype, head_dim, groups, has_key_valid, has_query_valid, device_index)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        block_d = max(16, _next_pow2(head_dim))
+        # Wide GQA groups are split over several programs rather than grow the fp32
+        # accumulator past what stays in registers.
+        block_g = min(max(16, _next_pow2(groups)), 64 if block_d <= 128 else 32)
+        block_n = 64 if block_d <= 128 else 32
+        stages = 2 if (dtype == torch.float32 and block_d >= 128) else 3
+        consts = dict(
+            GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n,
+            HAS_KEY_VALID=has_key_valid, HAS_QUERY_VALID=has_query_valid, UPCAST=_UPCAST,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            num_warps=4, num_stages=stages,
+        )
+        cfg = (block_n, _cdiv(groups, block_g),
+               ((key, False), {**consts, "SPLIT": False}), ((key, True), {**consts, "SPLIT": True}))
+        _CONFIGS[key] = cfg
+    return cfg
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(q) -> int:
+    if not q.is_cuda:
+        return _DEFAULT_SM_COUNT
+    index = q.get_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+def split_plan(programs: int, n_keys: int, block_n: int, sm_count: int) -> tuple[int, int]:
+    """(splits, keys per split) for ``programs`` (row, kv head, head tile) programs over
+    ``n_keys`` key slots. Every split but the last holds a whole number of key tiles, and
+    none is empty."""
+    if n_keys <= SINGLE_PASS_MAX_KEYS:
+        return 1, n_keys
+    splits = min(_cdiv(SPLIT_TARGET_WAVES * sm_count, programs), _cdiv(n_keys, MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+    if splits <= 1:
+        return 1, n_keys
+    per_split = _cdiv(_cdiv(n_keys, splits), block_n) * block_n
+    return _cdiv(n_keys, per_split), per_split
+
+
+def _launch(q, k, v, key_valid, query_valid, softmax_scale, launch_decode, launch_merge):
+    """Allocate the output (and scratch when split) and launch; ``launch_*`` are
+    ``(grid, key, args, kwargs)`` callables. Inputs are validated already."""
+    batch, q_heads, _, head_dim = q.shape
+    _, kv_heads, n_keys, _ = k.shape
+    has_key_valid = key_valid is not None
+    if has_key_valid:
+        n_keys = key_valid.shape[1]
+        stride_mb, stride_mn = key_valid.stride()
+    else:
+        key_valid, stride_mb, stride_mn = q, 0, 0  # never read: HAS_KEY_VALID is off
+    has_query_valid = query_valid is not None
+    if not has_query_valid:
+        query_valid = q
+    # int(): under torch.compile(dynamic=True) these are SymInts; they become constexprs,
+    # so they specialize (a guard), as Triton would anyway.
+    head_dim = int(head_dim)
+    block_n, g_tiles, single, split = _config(q.dtype, head_dim, int(q_heads // kv_heads),
+                                              has_key_valid, has_query_valid, q.get_device())
+    out = q.new_empty((batch, 1, q_heads, head_dim))
+    if batch == 0:
+        return out
+    programs = batch * kv_heads * g_tiles
+    if n_keys > SINGLE_PASS_MAX_KEYS:
+        splits, per_split = split_plan(programs, n_keys, block_n, _sm_count(q))
+    else:
+        splits, per_split = 1, n_keys
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    strides = (sq[0], sq[1], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], stride_mb, stride_mn)
+    qk_scale = softmax_scale * LOG2E
+    if splits == 1:
+        launch_decode((batch, kv_heads * g_tiles, 1), single[0],
+                      (q, k, v, out, key_valid, query_valid, *strides, n_keys, per_split, 0, qk_scale), single[1])
+        return out
+    rows = batch * q_heads
+    stats_offset = rows * splits * head_dim
+    partial = torch.empty(stats_offset + rows * splits * 2, dtype=torch.float32, device=q.device)
+    launch_decode((batch, kv_heads * g_tiles, splits), split[0],
+                  (q, k, v, partial, key_valid, query_valid, *strides, n_keys, per_split, stats_offset, qk_scale),
+                  split[1])
+    block_s = _next_pow2(MAX_SPLITS)
+    launch_merge((rows, 1, 1), (head_dim, block_s, q.get_device()), (partial, out, splits, stats_offset),
+                 dict(HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_S=block_s, num_warps=4))
+    return out
+
+
+def _plain(kernel):
+    def launch(grid, key, args, kwargs):
+        kernel[grid](*args, **kwargs)
+    return launch
+
+
+def _traced(kernel):
+    def launch(grid, key, args, kwargs):
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    return launch
+
+
+# MODELOPT_SPARSE_DIRECT_LAUNCH=0 (read at import) keeps every launch on JITFunction.run.
+if not _UPCAST and os.environ.get("MODELOPT_SPARSE_DIRECT_LAUNCH", "1").strip() != "0":
+    _eager_launchers = (DirectLauncher(_decode_kernel), DirectLauncher(_merge_splits_kernel))
+else:
+    _eager_launchers = (_plain(_decode_kernel), _plain(_merge_splits_kernel))
+_traced_launchers = (_traced(_decode_kernel), _traced(_merge_splits_kernel))
+
+
+@torch.library.triton_op("modelopt_sparse::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
+               query_valid: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
+    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_traced_launchers)
+
+
+# Interpreted kernels cannot be traced (wrap_triton hands them back unwrapped), so on the
+# CPU a compiled caller gets one opaque op with a shape-only fake instead.
+@torch.library.custom_op("modelopt_sparse::decode_attention_interpreted", mutates_args=())
+def _interpreted_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
+                    query_valid: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
+    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers)
+
+
+@_interpreted_op.register_fake
+def _(q, k, v, key_valid, query_valid, softmax_scale):
+    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+
+
+_compiled_op = _interpreted_op if _UPCAST else _decode_op
+
+
+_current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else torch.cuda.current_device
+
+
+def decode_attention(q, k, v, key_valid=None, query_valid=None, *, softmax_scale=None) -> torch.Tensor:
+    """Dense attention of one query per row over a KV cache, read in place.
+
+    Args:
+        q: ``[B, Hq, 1, D]``.
+        k, v: ``[B, Hkv, L, D]``, any strides with a unit-stride last dim (a static cache's
+            full buffer, ``view().transpose(1, 2)`` views). ``Hq`` a positive multiple of
+            ``Hkv``. fp16, bf16 or fp32, one dtype, one device; ``16 <= D <= 256``.
+        key_valid: optional ``[B, W]`` bool/int32/int64 with ``W <= L``: slot ``j`` of row
+            ``b`` is attended iff ``j < W`` and ``key_valid[b, j] != 0``. ``None``: all L.
+        query_valid: optional bool ``[B]``; rows where it is False come out as zeros.
+        softmax_scale: positive and finite; defaults to ``1/sqrt(D)``.
+
+    Returns:
+        ``[B, 1, Hq, D]`` contiguous, dtype of ``q`` (fp32 accumulation). A row with no
+        attended key is zeros. No device value is read on the host: the call can be
+        captured in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``.
+
+    Raises:
+        TypeError, ValueError: for bad input, before any kernel runs.
+    """
+    softmax_scale = _checked(q, k, v, key_valid, query_valid, softmax_scale)
+    if torch.compiler.is_compiling():
+        return _compiled_op(q, k, v, key_valid, query_valid, softmax_scale)
+    if q.is_cuda and q.get_device() != _current_device():
+        with torch.cuda.device(q.device):
+            return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers)
+    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers)
+
+
+def _checked(q, k, v, key_valid, query_valid, softmax_scale) -> float:
+    """Validate everything checkable from metadata alone; return the softmax scale. Every
+    call pays for this, so each attribute is read once."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"decode_attention: {name} must be 4-D, got shape {tuple(shape)}")
+    dtype = q.dtype
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"decode_attention: q, k and v must share one dtype, got {dtype}, {k.dtype}, {v.dtype}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"decode_attention: unsupported dtype {dtype}; use float16, bfloat16 or float32")
+    device = q.device
+    if k.device != device or v.device != device:
+        raise ValueError(f"decode_attention: q, k and v must be on one device, got {device}, {k.device}, {v.device}")
+    if not (q.is_cuda or (_UPCAST and device.type == "cpu")):
+        raise ValueError(f"decode_attention: needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
+    batch, q_heads, q_len, head_dim = q_shape
+    if q_len != 1:
+        raise ValueError(f"decode_attention: q must be [B, Hq, 1, D] (one query per row), got {tuple(q_shape)}")
+    if k_shape != v_shape:
+        raise ValueError(f"decode_attention: k and v must have one shape, got {tuple(k_shape)} and {tuple(v_shape)}")
+    if k_shape[0] != batch:
+        raise ValueError(f"decode_attention: k/v batch {k_shape[0]} differs from q batch {batch}")
+    if k_shape[3] != head_dim:
+        raise ValueError(f"decode_attention: q and k/v head dims differ: {head_dim} and {k_shape[3]}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    kv_heads = k_shape[1]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"decode_attention: query heads ({q_heads}) must be a positive multiple of key/value heads ({kv_heads})")
+    for name, strides in (("q", q.stride()), ("k", k.stride()), ("v", v.stride())):
+        if strides[3] != 1:
+            raise ValueError(f"decode_attention: {name} must have unit stride in its last dim, got strides {strides}")
+    if key_valid is not None:
+        if not isinstance(key_valid, torch.Tensor):
+            raise TypeError(f"decode_attention: key_valid must be a tensor or None, got {type(key_valid).__name__}")
+        if key_valid.dtype not in _MASK_DTYPES:
+            raise TypeError(f"decode_attention: key_valid must be bool, int32 or int64, got {key_valid.dtype}")
+        mask_shape = key_valid.shape
+        if len(mask_shape) != 2 or mask_shape[0] != batch:
+            raise ValueError(f"decode_attention: key_valid must be [B={batch}, W], got shape {tuple(mask_shape)}")
+        if mask_shape[1] > k_shape[2]:
+            raise ValueError(
+                f"decode_attention: key_valid covers {mask_shape[1]} key slots but k/v hold {k_shape[2]}")
+        if key_valid.device != device:
+            raise ValueError(f"decode_attention: key_valid is on {key_valid.device} but q is on {device}")
+    if query_valid is not None:
+        if not isinstance(query_valid, torch.Tensor):
+            raise TypeError(f"decode_attention: query_valid must be a tensor or None, got {type(query_valid).__name__}")
+        if query_valid.dtype != torch.bool:
+            raise TypeError(f"decode_attention: query_valid must be bool, got {query_valid.dtype}")
+        if query_valid.shape != (batch,):
+            raise ValueError(f"decode_attention: query_valid must be [B={batch}], got shape {tuple(query_valid.shape)}")
+        if query_valid.device != device:
+            raise ValueError(f"decode_attention: query_valid is on {query_valid.device} but q is on {device}")
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"decode_attention: softmax_scale must be a float, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"decode_attention: softmax_scale must be positive and finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+__all__ = ["decode_attention", "split_plan"]
