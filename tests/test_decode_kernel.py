@@ -270,6 +270,7 @@ def test_one_allocation_per_launch(monkeypatch, n_keys):
     """Single pass: one aten op (the output) and one launch; split: one scratch more."""
     launched = []
     monkeypatch.setattr(td, "_eager_launchers", (lambda *a: launched.append(0), lambda *a: launched.append(1)))
+    monkeypatch.setattr(td, "_PLANS", {})  # no plan of an earlier test takes the call
     q = _randn(1, 8, 1, 64, dtype=torch.float16, seed=0)
     k = _randn(1, 2, n_keys, 64, dtype=torch.float16, seed=1)
     key_valid = torch.ones(1, n_keys, dtype=torch.int32, device=DEVICE)
@@ -371,6 +372,7 @@ def test_validation_errors_before_launch(monkeypatch, case):
         raise AssertionError("launched a kernel for bad input")
 
     monkeypatch.setattr(td, "_eager_launchers", (never, never))
+    monkeypatch.setattr(td, "_PLANS", {})
     with pytest.raises(error, match=message):
         decode_attention(*args, **kwargs)
 
@@ -535,3 +537,32 @@ def test_direct_launches_equal_plain_launches_gpu(monkeypatch):
     monkeypatch.setattr(td, "_eager_launchers", (td._plain(td._decode_kernel), td._plain(td._merge_splits_kernel)))
     for out, (name, *args) in zip(direct, cases):
         assert torch.equal(out, decode_attention(*args)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_launch_plans_equal_ordinary_launches(monkeypatch):
+    """Repeated calls of one signature run from a launch plan (pointers as integers, no
+    revalidation); with verification on, every plan hit is checked against the ordinary
+    path, and the results equal a plain kernel[grid] launch bit for bit."""
+    monkeypatch.setattr(td._eager_launchers[0], "_verify", True)
+    monkeypatch.setattr(td, "_PLANS", {})
+    q = _randn(3, 8, 1, 64, dtype=torch.bfloat16, seed=0)
+    k = _randn(3, 2, 700, 64, dtype=torch.bfloat16, seed=1)
+    v = _randn(3, 2, 700, 64, dtype=torch.bfloat16, seed=2)
+    key_valid = torch.ones(3, 650, dtype=torch.int32, device="cuda")
+    key_valid[1, :40] = 0
+    query_valid = torch.tensor([True, True, False], device="cuda")
+    outs = [decode_attention(q, k, v, key_valid, query_valid) for _ in range(4)]
+    assert len(td._PLANS) == 1 and next(iter(td._PLANS.values())).launches == 3
+    launcher = td._eager_launchers
+    monkeypatch.setattr(td, "_eager_launchers", (td._plain(td._decode_kernel), td._plain(td._merge_splits_kernel)))
+    monkeypatch.setattr(td, "_PLANS", {})
+    plain = decode_attention(q, k, v, key_valid, query_valid)
+    for out in outs:
+        assert torch.equal(out, plain)
+    # Another signature (no masks) gets its own plan.
+    monkeypatch.setattr(td, "_eager_launchers", launcher)
+    for _ in range(2):
+        decode_attention(q, k, v)
+    assert len(td._PLANS) == 1  # the earlier dict was replaced above; this one holds the new plan

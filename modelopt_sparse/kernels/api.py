@@ -13,6 +13,7 @@ from .semantics import check_pattern
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHECKED_DTYPES = frozenset(_FLOAT_DTYPES + (torch.float64,))
+_CHECKED_PATTERNS: set = set()
 _BACKENDS = ("auto", "triton", "torch")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -111,7 +112,17 @@ def attention(
         raise ValueError(
             "pass all of b_start_loc_k, b_seq_len_k and max_input_len_k, or none of them"
         )
-    check_pattern(sparsity_n, sparsity_m, num_sink_tokens, dense_window_size, tie_break)
+    pattern = (sparsity_n, sparsity_m, num_sink_tokens, dense_window_size, tie_break)
+    # A pattern checked before is one of exact ints and a str (bool == 1 would hash alike).
+    try:
+        known = pattern in _CHECKED_PATTERNS
+    except TypeError:  # unhashable: check_pattern names the field
+        known = False
+    if not known or type(sparsity_n) is not int or type(sparsity_m) is not int \
+            or type(num_sink_tokens) is not int or type(dense_window_size) is not int or type(tie_break) is not str:
+        check_pattern(*pattern)
+        if len(_CHECKED_PATTERNS) < 4096 and not any(type(x) is bool for x in pattern):
+            _CHECKED_PATTERNS.add(pattern)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if not isinstance(return_stats, bool):
@@ -124,9 +135,10 @@ def attention(
     _check_backend(q, backend)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+    elif type(softmax_scale) is not float and (isinstance(softmax_scale, bool)
+                                               or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+    if not (0 < softmax_scale < math.inf):  # also false for NaN
         raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
     if not isinstance(check_metadata, bool):
         raise TypeError(f"check_metadata must be a bool, got {type(check_metadata).__name__}")
@@ -212,6 +224,10 @@ def _new_stats(q: torch.Tensor) -> dict:
 
 
 def _check_tensors(q, k, v) -> None:
+    if type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor:
+        q_dim, k_dim, v_dim = q.dim(), k.dim(), v.dim()
+        if q_dim == k_dim == v_dim and 3 <= q_dim <= 4:  # the usual call: skip to the value checks
+            return _check_tensor_values(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -224,8 +240,14 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(
             f"q, k and v must all be packed (3-D) or all batched (4-D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
         )
-    if q.dim() == 4 and k.shape[0] != q.shape[0]:
-        raise ValueError(f"q has {q.shape[0]} batch rows but k and v have {k.shape[0]}")
+    _check_tensor_values(q, k, v)
+
+
+def _check_tensor_values(q, k, v) -> None:
+    """The checks of tensors whose types and ranks are known to be right."""
+    q_shape, k_shape = q.shape, k.shape
+    if len(q_shape) == 4 and k_shape[0] != q_shape[0]:
+        raise ValueError(f"q has {q_shape[0]} batch rows but k and v have {k_shape[0]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in _CHECKED_DTYPES:
@@ -234,14 +256,14 @@ def _check_tensors(q, k, v) -> None:
     if not (q.get_device() == k.get_device() == v.get_device()) or (
             not q.is_cuda and not (q.device == k.device == v.device)):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    d = q.shape[-1]
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    d = q_shape[-1]
+    if d != k_shape[-1]:
+        raise ValueError(f"q and k must share head_dim, got {d} and {k_shape[-1]}")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
-    hq, hkv = q.shape[-2], k.shape[-2]
+    hq, hkv = q_shape[-2], k_shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
 
@@ -276,13 +298,14 @@ class _ValidatedMetadata:
         self._lock = threading.Lock()
 
     def get(self, tensors, extra):
-        hit = self._entries.get((id(tensors[0]), id(tensors[1]), id(tensors[2]), id(tensors[3])))
+        a, b, c, d = tensors
+        hit = self._entries.get((id(a), id(b), id(c), id(d)))
         if hit is None:
             return None
         held, versions, hit_extra, value = hit
-        if hit_extra != extra or any(a is not b for a, b in zip(held, tensors)):
+        if held[0] is not a or held[1] is not b or held[2] is not c or held[3] is not d or hit_extra != extra:
             return None
-        if versions != (tensors[0]._version, tensors[1]._version, tensors[2]._version, tensors[3]._version):
+        if versions != (a._version, b._version, c._version, d._version):
             return None
         return value
 

@@ -944,6 +944,7 @@ class _TunedKernel:
             },
         )(kernel)
         self._chosen = {}
+        self.kind = kind
         # MODELOPT_SPARSE_DIRECT_LAUNCH=0 (read at import) keeps every launch on JITFunction.run.
         direct = not interpreting() and os.environ.get("MODELOPT_SPARSE_DIRECT_LAUNCH", "1").strip() != "0"
         self.launcher = DirectLauncher(kernel) if direct else None
@@ -957,6 +958,14 @@ class _TunedKernel:
             self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
         else:
             self.launcher(grid(config.kwargs), key, args, {**kwargs, **config.all_kwargs()})
+
+    def config_for(self, key, q, kwargs):
+        """The config a launch with this key runs: the one chosen before, else the rule's
+        first (what an untuned launch takes). Compiled graphs launch with it directly."""
+        config = self._chosen.get(key)
+        if config is None:
+            config = _prune(self.autotuner.configs, {"Q": q}, self.kind, **kwargs)[0]
+        return config
 
     def plan(self, grid, key, args, kwargs, pointer_slots):
         """A :class:`LaunchPlan` of this launch, if it went direct before (else None)."""
@@ -1141,14 +1150,44 @@ def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, 
 _current_cuda_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else torch.cuda.current_device
 
 
-_forward_op = torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())(_launch_forward)
-
-
-@_forward_op.register_fake
-def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params):
+def _traced_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+    max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
+    is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward as torch.compile traces it: the kernel launched through ``wrap_triton``,
+    so Inductor emits the launch itself (no opaque-op wrapper per layer), with the config
+    an eager launch of the same key would run."""
+    params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
+                          dense_window_size, tie_break)
+    q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
+    out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    rows = q.shape[:-1] if with_stats else (0, q.shape[-2])
-    return q.new_empty(q.shape), lse, q.new_empty(*rows, 3, dtype=torch.float32)
+    row_stats = (q.new_zeros(*q.shape[:-1], 3, dtype=torch.float32) if with_stats
+                 else q.new_empty(0, q.shape[-2], 3, dtype=torch.float32))
+    launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats if with_stats else None,
+                                             q_start, q_len, k_start, k_len, max_q, params, True)
+    config = _fwd.config_for(launch_key, q, kwargs)
+    grid = (_cdiv(max_q, config.kwargs["BLOCK_M"]), q_len.shape[0], q.shape[-2])
+    torch.library.wrap_triton(_attn_fwd)[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                               num_stages=config.num_stages)
+    return out, lse, row_stats
+
+
+if interpreting():
+    # Interpreted kernels cannot be traced (wrap_triton hands them back as they are): on
+    # the CPU a compiled caller gets one opaque op with a shape-only fake.
+    _forward_op = torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())(_launch_forward)
+
+    @_forward_op.register_fake
+    def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params):
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        rows = q.shape[:-1] if with_stats else (0, q.shape[-2])
+        return q.new_empty(q.shape), lse, q.new_empty(*rows, 3, dtype=torch.float32)
+else:
+    _forward_op = torch.library.triton_op("modelopt_sparse::nm_attention_forward", mutates_args=())(_traced_forward)
 
 
 def _launch_backward(

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .api import interpreting
-from .triton_launch import DirectLauncher
+from .triton_launch import DirectLauncher, LaunchPlan, hooks_allow_plans
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -292,8 +292,10 @@ def _traced(kernel):
 # MODELOPT_SPARSE_DIRECT_LAUNCH=0 (read at import) keeps every launch on JITFunction.run.
 if not _UPCAST and os.environ.get("MODELOPT_SPARSE_DIRECT_LAUNCH", "1").strip() != "0":
     _eager_launchers = (DirectLauncher(_decode_kernel), DirectLauncher(_merge_splits_kernel))
+    _PLANS_ON = True
 else:
     _eager_launchers = (_plain(_decode_kernel), _plain(_merge_splits_kernel))
+    _PLANS_ON = False
 _traced_launchers = (_traced(_decode_kernel), _traced(_merge_splits_kernel))
 
 
@@ -343,13 +345,86 @@ def decode_attention(q, k, v, key_valid=None, query_valid=None, *, softmax_scale
     Raises:
         TypeError, ValueError: for bad input, before any kernel runs.
     """
+    plan_key = None
+    if _PLANS_ON and type(q) is torch.Tensor and q.is_cuda and not torch.compiler.is_compiling():
+        plan_key, pointers = _plan_key(q, k, v, key_valid, query_valid, softmax_scale)
+        plan = _PLANS.get(plan_key) if plan_key is not None else None
+        if plan is not None and q.get_device() == _current_device() and hooks_allow_plans():
+            # The same shapes, strides, dtypes, devices and scale passed _checked before.
+            out = q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+            if getattr(_eager_launchers[0], "_verify", False):
+                _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale)
+            plan((pointers[0], pointers[1], pointers[2], out.data_ptr(), pointers[3], pointers[4]))
+            return out
     softmax_scale = _checked(q, k, v, key_valid, query_valid, softmax_scale)
     if torch.compiler.is_compiling():
         return _compiled_op(q, k, v, key_valid, query_valid, softmax_scale)
+    launchers = _eager_launchers
+    recorded = []
+    if plan_key is not None and len(_PLANS) < _PLAN_LIMIT:
+        launchers = (_recording(_eager_launchers[0], recorded), _eager_launchers[1])
     if q.is_cuda and q.get_device() != _current_device():
         with torch.cuda.device(q.device):
-            return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers)
-    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers)
+            return _launch(q, k, v, key_valid, query_valid, softmax_scale, *launchers)
+    out = _launch(q, k, v, key_valid, query_valid, softmax_scale, *launchers)
+    if len(recorded) == 1 and not recorded[0][1][1] and hooks_allow_plans():  # one single-pass launch
+        grid, key, args, kwargs = recorded[0]
+        compiled = getattr(_eager_launchers[0], "compiled", None)  # a DirectLauncher's cache
+        entry = compiled(key, args) if compiled is not None else None
+        if entry is not None:
+            _PLANS[plan_key] = LaunchPlan(entry[0], grid, args, entry[1], range(6))
+    return out
+
+
+# Launch plans of single-pass decode launches (DirectLauncher only), by everything that
+# decides the launch and the validation except the tensors' addresses.
+_PLANS: dict = {}
+_PLAN_LIMIT = 1024
+
+
+def _tensor_signature(t):
+    if t is None:
+        return None
+    if type(t) is not torch.Tensor:
+        raise TypeError
+    return t.shape, t.stride(), t.dtype, t.get_device()
+
+
+def _plan_key(q, k, v, key_valid, query_valid, softmax_scale):
+    """``(key, pointers of q, k, v, key_valid, query_valid)``, or ``(None, None)`` for a
+    call no plan covers (unusual types, unaligned pointers)."""
+    try:
+        signature = (_tensor_signature(q), _tensor_signature(k), _tensor_signature(v),
+                     _tensor_signature(key_valid), _tensor_signature(query_valid))
+    except TypeError:
+        return None, None
+    if softmax_scale is not None and type(softmax_scale) is not float:
+        return None, None
+    pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                q.data_ptr() if key_valid is None else key_valid.data_ptr(),
+                q.data_ptr() if query_valid is None else query_valid.data_ptr())
+    if (pointers[0] | pointers[1] | pointers[2] | pointers[3] | pointers[4]) & 15:
+        return None, None
+    return (signature, softmax_scale), pointers
+
+
+def _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale) -> None:
+    """``MODELOPT_SPARSE_VERIFY_LAUNCH=1``: the plan must launch what the ordinary path
+    would (the same kernel as Triton picks, the same grid and arguments)."""
+    calls = []
+    _launch(q, k, v, key_valid, query_valid, _checked(q, k, v, key_valid, query_valid, softmax_scale),
+            lambda *call: calls.append(call), lambda *call: calls.append(call))
+    grid, _key, args, kwargs = calls[0]
+    _eager_launchers[0].verify(plan.kernel, grid, args, kwargs)
+    if len(calls) != 1 or tuple(grid) != plan.grid or plan._after[:len(args) - 6] != tuple(args[6:]):
+        raise RuntimeError("a decode launch plan would launch other arguments than the ordinary path")
+
+
+def _recording(launcher, calls):
+    def launch(grid, key, args, kwargs):
+        calls.append((grid, key, args, kwargs))
+        launcher(grid, key, args, kwargs)
+    return launch
 
 
 def _checked(q, k, v, key_valid, query_valid, softmax_scale) -> float:
