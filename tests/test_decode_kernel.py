@@ -97,6 +97,7 @@ class _Launches:
             return launch
 
         monkeypatch.setattr(td, "_eager_launchers", (recorder(0), recorder(1)))
+        monkeypatch.setattr(td, "_PLANS", {})  # every launch goes through the recorders
 
 
 # --------------------------------------------------------------------------------------
@@ -530,6 +531,7 @@ def test_direct_launches_equal_plain_launches_gpu(monkeypatch):
         pytest.skip("MODELOPT_SPARSE_DIRECT_LAUNCH=0")
     for launcher in launchers:
         monkeypatch.setattr(launcher, "_verify", True)
+    monkeypatch.setattr(td, "_PLANS_ON", False)  # launch plans have their own test
     cases = _gpu_cases()
     before = [launcher.direct_launches for launcher in launchers]
     direct = [[decode_attention(*args) for _ in range(3)][-1] for _, *args in cases]

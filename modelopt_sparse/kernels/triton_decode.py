@@ -405,7 +405,9 @@ def _plan_key(q, k, v, key_valid, query_valid, softmax_scale):
                 q.data_ptr() if query_valid is None else query_valid.data_ptr())
     if (pointers[0] | pointers[1] | pointers[2] | pointers[3] | pointers[4]) & 15:
         return None, None
-    return (signature, softmax_scale), pointers
+    # The split rule's constants decide the launch too (tests change them).
+    return (signature, softmax_scale, SINGLE_PASS_MAX_KEYS, MIN_KEYS_PER_SPLIT, SPLIT_TARGET_WAVES,
+            MAX_SPLITS), pointers
 
 
 def _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale) -> None:

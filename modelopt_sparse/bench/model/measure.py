@@ -7,6 +7,7 @@ Every function here returns the fields of one result row (``ms``, ``compile_s``,
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 import time
@@ -320,9 +321,17 @@ def host_call(impl: str, grad: bool, device, calls: int, warmup: int) -> dict:
         for _ in range(warmup):
             call()
         sync(device)
-        start_t = time.perf_counter()
-        for _ in range(calls):
-            call()
-        sync(device)
-        elapsed = time.perf_counter() - start_t
+        # As timeit does: no garbage collection inside the timed loop. The first calls of
+        # an implementation compile its kernels, and the objects that leaves behind made a
+        # later full collection land in the loop of whichever implementation came next.
+        gc.collect()
+        gc.disable()
+        try:
+            start_t = time.perf_counter()
+            for _ in range(calls):
+                call()
+            sync(device)
+            elapsed = time.perf_counter() - start_t
+        finally:
+            gc.enable()
     return {"us_per_call": elapsed / calls * 1e6, "ms": elapsed / calls * 1e3, "calls": calls}
