@@ -308,3 +308,15 @@ def test_compile_paths_on_cpu_with_dynamo_only(tmp_path, capsys):
     generate = [r for r in rows if r["case"] == "generate-static" and r["impl"] == "dense"]
     assert all(isinstance(r["tokens_equal"], bool) for r in generate)
     assert "transformers did not compile" not in json.dumps(rows)
+
+
+def test_interleaved_timing_alternates_implementations():
+    """Eager forwards are timed in rounds: each implementation once per round, warm-up
+    included, so a drifting host affects all of them alike."""
+    from modelopt_sparse.bench.timing import interleaved_median_ms
+
+    order = []
+    fns = {name: (lambda n=name: order.append(n)) for name in ("sdpa", "dense", "2:4")}
+    ms = interleaved_median_ms(fns, torch.device("cpu"), warmup=2, reps=3)
+    assert order == ["sdpa", "dense", "2:4"] * 5
+    assert set(ms) == set(fns) and all(v >= 0 for v in ms.values())

@@ -61,6 +61,38 @@ def host_bound(row: dict) -> bool:
     return row.get("host_ms") is not None and row["ms"] and row["host_ms"] >= HOST_BOUND_SHARE * row["ms"]
 
 
+def interleaved_median_ms(fns: dict, device, warmup: int, reps: int) -> dict:
+    """Median ms per call of each of ``fns`` (name -> callable), timed in rounds that call
+    each once in turn, as :func:`median_ms` times one.
+
+    Host-bound calls drift with the host (frequency, other processes): timed one after
+    another, two implementations of the same speed read 20-40 % apart between runs. In
+    rounds, every implementation sees the same host.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = {name: [] for name in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
+        torch.cuda.synchronize(device)
+        return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def median_ms(fn: Callable[[], object], device, warmup: int, reps: int) -> float:
     """Median ms per call of ``fn`` after ``warmup`` calls.
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..errors import detail, short
-from ..timing import median_ms, sync, wall_ms
+from ..timing import interleaved_median_ms, median_ms, sync, wall_ms
 from .cases import MODELS, Setting
 
 # sparsify() configs of our implementations. Dense is the same kernel with N=0: it measures
@@ -127,6 +127,15 @@ def forward_eager(model, ids, call_kw, device, warmup, reps) -> dict:
 
     ms = median_ms(call, device, warmup, reps)
     return {"ms": ms, "_last_logits": _last_logits(call())}
+
+
+def forward_eager_interleaved(models: dict, ids, call_kw, device, warmup, reps) -> dict:
+    """:func:`forward_eager` of several implementations (name -> model) in interleaved
+    rounds (see :func:`..timing.interleaved_median_ms`); name -> fields of its row."""
+    calls = {name: (lambda m=m: m(ids, **call_kw)) for name, m in models.items()}
+    ms = interleaved_median_ms(calls, device, warmup, reps)
+    return {name: {"ms": ms[name], "note": "timed in rounds interleaved with " + ", ".join(n for n in calls if n != name),
+                   "_last_logits": _last_logits(call())} for name, call in calls.items()}
 
 
 def _compile_fullgraph_first(attempt):

@@ -141,6 +141,12 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
         if on_case is not None:
             on_case(spec)
         skip = skip_reason(spec, cfg)
+        if spec.kind == "forward" and spec.mode == "eager" and len(cfg.impls) > 1 and skip is None and lost is None:
+            for row in _interleaved_eager(spec, cfg, device, models, started, on_start):
+                emit(row)
+            models.done_with(spec.model)
+            lost = release(device)
+            continue
         jobs = _jobs(spec, cfg)
         per_job_s = spec.est_s * len(cfg.impls) / max(1, len(jobs))
         current = (None, None)  # (impl, its converted model)
@@ -181,4 +187,57 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
         current = (None, None)
         models.done_with(spec.model)
         lost = lost or release(device)
+    return rows
+
+
+def _interleaved_eager(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _Models, started: float,
+                       on_start) -> list[dict]:
+    """The rows of an eager forward case: per setting, every implementation converted side
+    by side and timed in interleaved rounds (host-bound forwards drift with the host)."""
+    rows = []
+    settings = spec.settings(cfg.tiny)
+    per_setting_s = spec.est_s * len(cfg.impls) / max(1, len(settings))
+    vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
+    call_kw = {"use_cache": cfg.use_cache}
+    if spec.prefill:
+        call_kw["logits_to_keep"] = 1
+    for setting in settings:
+        group = {impl: new_row(spec, impl, setting, spec.mode) for impl in cfg.impls}
+        elapsed = time.perf_counter() - started
+        if cfg.time_budget_s is not None and not cfg.tiny and elapsed + per_setting_s > cfg.time_budget_s:
+            for row in group.values():
+                row["reason"] = (f"not run: --time-budget {cfg.time_budget_s:.0f} s (elapsed {elapsed:.0f} s, "
+                                 f"this one takes ~{per_setting_s:.0f} s)")
+            rows.extend(group.values())
+            continue
+        t0 = time.perf_counter()
+        converted = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for impl, row in group.items():
+                if on_start is not None:
+                    on_start(row)
+                try:
+                    converted[impl] = measure.implementation(models.get(spec.model), impl)
+                except Exception as exc:
+                    row.update(status="error", reason=short(exc), detail=detail(exc))
+            if converted:
+                try:
+                    ids = measure.token_ids(setting, vocab, device, cfg.seed)
+                    with torch.no_grad():
+                        measured = measure.forward_eager_interleaved(converted, ids, call_kw, device, cfg.warmup,
+                                                                     cfg.reps)
+                    for impl, fields in measured.items():
+                        group[impl].update(fields)
+                        group[impl]["status"] = "ok"
+                except Exception as exc:
+                    for impl in converted:
+                        group[impl].update(status="error", reason=short(exc), detail=detail(exc))
+        texts = warning_texts(caught)
+        for row in group.values():
+            row["warnings"] = texts
+            row["elapsed_s"] = round((time.perf_counter() - t0) / len(group), 3)
+        converted.clear()
+        release(device)
+        rows.extend(group.values())
     return rows
