@@ -288,10 +288,45 @@ def generate(model, ids, setting: Setting, mode: str, device, warmup, reps, back
     return result
 
 
-def host_call(impl: str, grad: bool, device, calls: int, warmup: int) -> dict:
-    """µs per call of ``calls`` back-to-back attention calls at a tiny shape (1 sequence of 16
-    tokens, 4 heads, D=64, bf16), synchronised only before the first and after the last: the
-    GPU work is a few µs, so the wall time per call is the host's cost of issuing it.
+def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warmup, reps) -> dict:
+    """Eager greedy ``generate`` of several implementations (name -> model), timed in rounds
+    of one call each (the calls are seconds long and host-bound: back-to-back blocks of one
+    implementation read up to 2x apart between runs). name -> fields of its row."""
+    from transformers import GenerationConfig
+
+    n = setting.new_tokens
+    mask = torch.ones_like(ids)
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                              eos_token_id=None, pad_token_id=0)
+    calls = {name: (lambda m=m: m.generate(ids, attention_mask=mask, generation_config=config))
+             for name, m in models.items()}
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    last = {}
+    for _ in range(reps):
+        for name, call in calls.items():
+            sync(device)
+            t0 = time.perf_counter()
+            last[name] = call()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        new = last[name][:, ids.shape[1]:]
+        if new.shape[1] != n:
+            raise RuntimeError(f"{name}: generate returned {new.shape[1]} new tokens, not {n}")
+        ms = sorted(ts)[len(ts) // 2]
+        out[name] = {"ms": ms, "tokens_per_s": setting.batch * n / (ms / 1e3), "_tokens": new.tolist(),
+                     "note": f"median of {reps} calls, in turn with the other implementations"}
+    return out
+
+
+def host_call_fn(impl: str, grad: bool, device):
+    """One attention call at a tiny shape (1 sequence of 16 tokens, 4 heads, D=64, bf16), as
+    a zero-argument callable: the GPU work is a few µs, so back-to-back calls measure the
+    host's cost of issuing one.
 
     ``dense`` and ``2:4`` are ``mts.attention`` on ``[16, 4, 64]`` with N=0 and with the
     default preset's pattern (2:4, window 64: at 16 tokens every key is in the window);
@@ -309,38 +344,49 @@ def host_call(impl: str, grad: bool, device, calls: int, warmup: int) -> dict:
 
     if impl == "sdpa":
         q, k, v = randn(1, h, s, d), randn(1, h, s, d), randn(1, h, s, d)
-
-        def call():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        q, k, v = randn(s, h, d), randn(s, h, d), randn(s, h, d)
-        start = torch.zeros(1, dtype=torch.int32, device=device)
-        lens = torch.full((1,), s, dtype=torch.int32, device=device)
-
-        pattern = {"dense": 0, "2:4": 2}[impl]
-        # What sparsify's "auto" picks: the Triton kernel on CUDA, the reference elsewhere
-        # (attention()'s own "auto" would take the Triton interpreter under TRITON_INTERPRET=1).
-        backend = "triton" if torch.device(device).type == "cuda" else "torch"
-
-        def call():
-            return mts.attention(q, k, v, start, lens, s, is_causal=True, sparsity_n=pattern, sparsity_m=4,
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = randn(s, h, d), randn(s, h, d), randn(s, h, d)
+    start = torch.zeros(1, dtype=torch.int32, device=device)
+    lens = torch.full((1,), s, dtype=torch.int32, device=device)
+    pattern = {"dense": 0, "2:4": 2}[impl]
+    # What sparsify's "auto" picks: the Triton kernel on CUDA, the reference elsewhere
+    # (attention()'s own "auto" would take the Triton interpreter under TRITON_INTERPRET=1).
+    backend = "triton" if torch.device(device).type == "cuda" else "torch"
+    return lambda: mts.attention(q, k, v, start, lens, s, is_causal=True, sparsity_n=pattern, sparsity_m=4,
                                  num_sink_tokens=0, dense_window_size=64, backend=backend)
 
+
+def host_calls_interleaved(impls, grad: bool, device, calls: int, warmup: int, rounds: int = 10) -> dict:
+    """µs per call of each implementation: ``calls`` back-to-back calls in total, split into
+    ``rounds`` blocks that take turns between the implementations (synchronised around each
+    block; the median block counts), so a drifting host affects every one alike. Garbage
+    collection is off inside the blocks, as timeit does: the first calls of an
+    implementation compile its kernels, and the objects that leaves behind made a later
+    full collection land in another implementation's loop. impl -> fields of its row."""
+    fns = {impl: host_call_fn(impl, grad, device) for impl in impls}
+    per_block = max(1, calls // rounds)
+    blocks = {impl: [] for impl in impls}
     with torch.set_grad_enabled(grad):
-        for _ in range(warmup):
-            call()
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
         sync(device)
-        # As timeit does: no garbage collection inside the timed loop. The first calls of
-        # an implementation compile its kernels, and the objects that leaves behind made a
-        # later full collection land in the loop of whichever implementation came next.
         gc.collect()
         gc.disable()
         try:
-            start_t = time.perf_counter()
-            for _ in range(calls):
-                call()
-            sync(device)
-            elapsed = time.perf_counter() - start_t
+            for _ in range(rounds):
+                for impl, fn in fns.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(per_block):
+                        fn()
+                    sync(device)
+                    blocks[impl].append((time.perf_counter() - t0) / per_block)
         finally:
             gc.enable()
-    return {"us_per_call": elapsed / calls * 1e6, "ms": elapsed / calls * 1e3, "calls": calls}
+    out = {}
+    for impl, times in blocks.items():
+        us = sorted(times)[len(times) // 2] * 1e6
+        out[impl] = {"us_per_call": us, "ms": us / 1e3, "calls": per_block * rounds,
+                     "note": f"median of {rounds} blocks of {per_block} calls, in turn with the other implementations"}
+    return out

@@ -97,9 +97,6 @@ class _Models:
 def _run_one(spec: CaseSpec, impl_model, impl: str, setting: Setting, mode: str, cfg: ModelBenchConfig,
              device) -> dict:
     """The measured fields of one row (raises on failure)."""
-    if spec.kind == "host":
-        warmup = max(10, cfg.host_calls // 20)
-        return measure.host_call(impl, mode == "autograd", device, cfg.host_calls, warmup)
     vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
     ids = measure.token_ids(setting, vocab, device, cfg.seed)
     if spec.kind == "generate":
@@ -141,7 +138,13 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
         if on_case is not None:
             on_case(spec)
         skip = skip_reason(spec, cfg)
-        if spec.kind == "forward" and spec.mode == "eager" and len(cfg.impls) > 1 and skip is None and lost is None:
+        if spec.kind == "host" and skip is None and lost is None:
+            for row in _interleaved_host(spec, cfg, device, on_start):
+                emit(row)
+            lost = release(device)
+            continue
+        if spec.kind in ("forward", "generate") and spec.mode == "eager" and len(cfg.impls) > 1 and skip is None \
+                and lost is None:
             for row in _interleaved_eager(spec, cfg, device, models, started, on_start):
                 emit(row)
             models.done_with(spec.model)
@@ -192,8 +195,9 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
 
 def _interleaved_eager(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _Models, started: float,
                        on_start) -> list[dict]:
-    """The rows of an eager forward case: per setting, every implementation converted side
-    by side and timed in interleaved rounds (host-bound forwards drift with the host)."""
+    """The rows of an eager forward or generate case: per setting, every implementation
+    converted side by side and timed in interleaved rounds (host-bound calls drift with the
+    host)."""
     rows = []
     settings = spec.settings(cfg.tiny)
     per_setting_s = spec.est_s * len(cfg.impls) / max(1, len(settings))
@@ -224,9 +228,13 @@ def _interleaved_eager(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _M
             if converted:
                 try:
                     ids = measure.token_ids(setting, vocab, device, cfg.seed)
-                    with torch.no_grad():
-                        measured = measure.forward_eager_interleaved(converted, ids, call_kw, device, cfg.warmup,
-                                                                     cfg.reps)
+                    if spec.kind == "generate":
+                        measured = measure.generate_eager_interleaved(converted, ids, setting, device,
+                                                                      cfg.gen_warmup, cfg.gen_reps)
+                    else:
+                        with torch.no_grad():
+                            measured = measure.forward_eager_interleaved(converted, ids, call_kw, device,
+                                                                         cfg.warmup, cfg.reps)
                     for impl, fields in measured.items():
                         group[impl].update(fields)
                         group[impl]["status"] = "ok"
@@ -240,4 +248,33 @@ def _interleaved_eager(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _M
         converted.clear()
         release(device)
         rows.extend(group.values())
+    return rows
+
+
+def _interleaved_host(spec: CaseSpec, cfg: ModelBenchConfig, device, on_start) -> list[dict]:
+    """The rows of the host case: per mode, every implementation timed in turns."""
+    rows = []
+    for mode in ("no_grad", "autograd"):
+        for setting in spec.settings(cfg.tiny):
+            group = {impl: new_row(spec, impl, setting, mode) for impl in cfg.impls}
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    for row in group.values():
+                        if on_start is not None:
+                            on_start(row)
+                    measured = measure.host_calls_interleaved(cfg.impls, mode == "autograd", device, cfg.host_calls,
+                                                              warmup=max(10, cfg.host_calls // 20))
+                    for impl, fields in measured.items():
+                        group[impl].update(fields)
+                        group[impl]["status"] = "ok"
+                except Exception as exc:
+                    for row in group.values():
+                        row.update(status="error", reason=short(exc), detail=detail(exc))
+            texts = warning_texts(caught)
+            for row in group.values():
+                row["warnings"] = texts
+                row["elapsed_s"] = round((time.perf_counter() - t0) / len(group), 3)
+            rows.extend(group.values())
     return rows
