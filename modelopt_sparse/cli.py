@@ -17,6 +17,9 @@ from . import __version__
 # (name, one-line help, module with add_arguments(parser)), in the order --help lists them.
 _SUBCOMMANDS = (
     ("eval", "perplexity of a model with N:M sparse attention, swept over patterns", "modelopt_sparse.eval.command"),
+    ("passkey", "retrieval of a 5-digit pass key hidden in long text", "modelopt_sparse.eval.passkey_command"),
+    ("search", "per-layer N:M patterns that keep perplexity within a budget", "modelopt_sparse.eval.search_command"),
+    ("finetune", "sparse-aware fine-tuning against a dense control", "modelopt_sparse.eval.finetune_command"),
     ("bench", "speed against SDPA: attention TFLOPS (bench), whole HF models (bench model)", "modelopt_sparse.bench"),
 )
 

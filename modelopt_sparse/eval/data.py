@@ -86,3 +86,23 @@ def make_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> to
         )
     n = available if max_windows is None else min(available, max_windows)
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def split_tokens(ids: torch.Tensor, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(head, tail)``: the text's tokens cut once, the last ``heldout_fraction`` held out.
+
+    One contiguous cut, not interleaved windows: no held-out token has its neighbours in
+    the other split, so nothing of the held-out text is seen during calibration or training.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise EvalError(f"the held-out fraction must be between 0 and 1, got {heldout_fraction}")
+    cut = ids.numel() - int(round(ids.numel() * heldout_fraction))
+    return ids[:cut], ids[cut:]
+
+
+def split_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, split: str) -> torch.Tensor:
+    """:func:`make_windows` of one split, with an error that names the split."""
+    if ids.numel() < seq_len:
+        raise EvalError(f"the {split} split has {ids.numel():,} tokens, fewer than --seq-len {seq_len}; "
+                        "use a longer --text-file, a smaller --seq-len or another --heldout-fraction")
+    return make_windows(ids, seq_len, max_windows)

@@ -148,3 +148,19 @@ def evaluate(
         if on_result is not None:
             on_result(result)
     return results
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, progress=None) -> float:
+    """Perplexity of ``model`` as it is converted now, over every row of ``windows``."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(windows.shape[0]):
+        w_nll, w_count = window_nll(model, windows[i : i + 1].to(device))
+        if not math.isfinite(w_nll):
+            raise EvalError(f"the loss of window {i} is {w_nll}; the model overflows in this dtype "
+                            "(try --dtype float32)")
+        nll, count = nll + w_nll, count + w_count
+        if progress is not None:
+            progress.update(1)
+    return math.exp(nll / count)

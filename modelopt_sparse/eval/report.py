@@ -169,3 +169,75 @@ def write_plot(path: Path, results: list[SettingResult], title: str) -> str | No
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Several --seq-len values: the change against dense as a function of context length
+# ---------------------------------------------------------------------------------------
+_LENGTH_KEYS = ("label", "pattern", "sink", "window", "ppl", "delta_ppl_pct", "kept_fraction", "dropped_mass")
+
+
+def length_sweep_document(docs: list[dict]) -> dict:
+    """lengths.json: one entry per length with the summary fields of each configuration.
+
+    ``docs`` are the results.json documents of the lengths, in run order. The meta of the
+    first is kept, less what differs per length (those fields are in each entry).
+    """
+    per_length = ("seq_len", "windows", "windows_available", "tokens_per_setting",
+                  "predicted_tokens_per_setting", "stats_windows", "elapsed_s")
+    meta = {k: v for k, v in docs[0]["meta"].items() if k not in per_length}
+    meta["seq_lens"] = [d["meta"]["seq_len"] for d in docs]
+    meta["elapsed_s"] = docs[-1]["meta"]["elapsed_s"]
+    return {
+        "meta": meta,
+        "lengths": [
+            {
+                "seq_len": d["meta"]["seq_len"],
+                "windows": d["meta"]["windows"],
+                "predicted_tokens_per_setting": d["meta"]["predicted_tokens_per_setting"],
+                "results": [{k: r[k] for k in _LENGTH_KEYS} for r in d["results"]],
+            }
+            for d in docs
+        ],
+    }
+
+
+def write_length_plot(path: Path, summary: dict, title: str) -> str | None:
+    """Δppl against context length, one line per sparse configuration; returns why it was
+    skipped, or None when written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'modelopt-sparse[eval]')"
+
+    lengths = [entry["seq_len"] for entry in summary["lengths"]]
+    rows = [r for r in summary["lengths"][0]["results"] if r["pattern"] != "dense"]
+    # A sweep can have 19 configurations: colour by pattern, line and marker by (sink, window).
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+    dense_parts = list(dict.fromkeys((r["sink"], r["window"]) for r in rows))
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "v", "D", "x", "P", "*"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for row in rows:
+        deltas = []
+        for entry in summary["lengths"]:
+            match = next((r for r in entry["results"] if r["label"] == row["label"]), None)
+            deltas.append(float("nan") if match is None else match["delta_ppl_pct"])
+        part = dense_parts.index((row["sink"], row["window"]))
+        ax.plot(lengths, deltas, color=f"C{patterns.index(row['pattern']) % 10}", linestyle=styles[part % 4],
+                marker=markers[part % len(markers)], label=row["label"])
+    ax.axhline(0.0, color="0.3", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens per window)")
+    ax.set_ylabel("Δppl vs dense (%)")
+    ax.set_title("perplexity cost of sparse attention against context length")
+    if rows:
+        ax.legend(fontsize=7, ncol=2 if len(rows) > 8 else 1)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
