@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +26,7 @@ from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
 from .methods import SparseAttentionMethod, checked_kernel_kwargs, get_method
 
 __all__ = [
-    "SUPPORTED_ATTENTION_CLASSES",
+    "uses_attention_interface",
     "sparsify",
     "enable",
     "disable",
@@ -33,10 +34,6 @@ __all__ = [
     "print_summary",
     "sparse_modules",
 ]
-
-# Attention classes whose forward hands (q, k, v, mask, scaling, **kwargs) to the attention
-# interface in the layout our function expects, and which the test-suite covers.
-SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention")
 
 # The attribute of the model config that save_pretrained writes to config.json.
 HF_CONFIG_ATTR = "modelopt_sparse"
@@ -110,39 +107,149 @@ def original_class_name(module: torch.nn.Module) -> str:
     return state.original_class if state is not None else type(module).__name__
 
 
+# --------------------------------------------------------------------------------------
+# Which modules convert: the detection rule
+# --------------------------------------------------------------------------------------
+# A module is an attention module for modelopt_sparse when the ``forward`` its class runs
+# (decorators unwrapped) looks up transformers' attention interface: the code names the
+# global ``ALL_ATTENTION_FUNCTIONS`` and, in the forward's module, that global is a
+# transformers ``AttentionInterface``. That is exactly the dispatch sparsify() relies on (it
+# switches ``config._attn_implementation``), and transformers' own check of whether a
+# model can switch implementations (``PreTrainedModel._can_set_attn_implementation``)
+# looks for the same name. No class list: any module written that way converts, and one
+# whose forward computes attention itself (GPT-Neo, Bloom, ...) does not, since switching
+# the implementation would not reach it.
+_INTERFACE_GLOBAL = "ALL_ATTENTION_FUNCTIONS"
+
+
+def _forward_chain(cls: type) -> list:
+    """The forwards a call of ``cls.forward`` runs, following ``super().forward`` calls down
+    the MRO, up to the one that names the attention interface; ``[]`` if none does."""
+    chain = []
+    for klass in cls.__mro__:
+        if "forward" not in vars(klass):
+            continue
+        forward = inspect.unwrap(vars(klass)["forward"])
+        code = getattr(forward, "__code__", None)
+        if code is None:
+            return []
+        chain.append(forward)
+        if _INTERFACE_GLOBAL in code.co_names:
+            from transformers import AttentionInterface
+
+            interface = getattr(forward, "__globals__", {}).get(_INTERFACE_GLOBAL)
+            return chain if isinstance(interface, AttentionInterface) else []
+        if not ("super" in code.co_names and "forward" in code.co_names):
+            return []
+    return []
+
+
+def uses_attention_interface(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward dispatches through transformers' attention interface.
+
+    A subclass whose forward calls ``super().forward(...)`` is judged by the forward it
+    calls, so wrapping a supported class keeps it supported.
+    """
+    cls = type(module)
+    return issubclass(cls, SparseAttentionModule) or bool(_forward_chain(cls))
+
+
+def _forward_keywords(module: torch.nn.Module) -> frozenset[str]:
+    """Keyword names the module's forward passes to calls: the kernel features it can ask
+    the attention function for (``sliding_window=``, ``softcap=``, ``s_aux=``). CPython
+    keeps the names of a call's keyword arguments as a tuple of strings among the code's
+    constants."""
+    cls = type(module)
+    if issubclass(cls, SparseAttentionModule):
+        cls = cls.__mro__[1]  # the original class (see _sparse_class)
+    names = set()
+    for forward in _forward_chain(cls):
+        for const in forward.__code__.co_consts:
+            if isinstance(const, tuple) and all(isinstance(c, str) for c in const):
+                names.update(const)
+            elif isinstance(const, str):
+                names.add(const)  # getattr(self.config, "sliding_window", None) (Mistral)
+    return frozenset(names)
+
+
+_NOT_FOUND_HINT = (
+    "modelopt_sparse converts attention modules whose forward dispatches through transformers' "
+    "attention interface (ALL_ATTENTION_FUNCTIONS, selected by config._attn_implementation), as "
+    "Llama, Mistral, Qwen, Gemma, Phi-3, OLMo, Granite, Cohere, BERT and ViT do in transformers 5.x"
+)
+
+
 def find_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of every supported attention module; a clear error if there are none."""
+    """``(name, module)`` of every attention module behind the attention interface; a clear
+    error if there are none."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found = []
-    for name, module in model.named_modules():
-        if any(c.__name__ in SUPPORTED_ATTENTION_CLASSES for c in type(module).__mro__):
-            found.append((name, module))
+    found = [(name, module) for name, module in model.named_modules() if uses_attention_interface(module)]
     if not found:
         kinds = sorted({type(m).__name__ for _, m in model.named_modules() if "Attention" in type(m).__name__})
         raise ValueError(
             f"modelopt_sparse found no supported attention module in {type(model).__name__}"
-            + (f" (it has {kinds})" if kinds else "")
-            + f"; supported attention classes: {list(SUPPORTED_ATTENTION_CLASSES)} "
-            "(Llama, Qwen2, Qwen3 and Mistral families)"
+            + (f" (it has {kinds}, which compute attention themselves)" if kinds else "")
+            + f"; {_NOT_FOUND_HINT}"
         )
     return found
 
 
-def _check_module_supported(name: str, module: torch.nn.Module) -> None:
-    """Refuse, before converting anything, modules configured for features the kernel lacks."""
+def _feature_value(module: torch.nn.Module, keyword: str, attributes: tuple[str, ...]):
+    """The value the module's forward will pass as ``keyword``: its own attribute when it
+    has one (layers differ: Gemma 3, Qwen2 ``max_window_layers``), else its config's."""
+    for attr in attributes:
+        if attr in vars(module) or attr in getattr(module, "_parameters", {}):
+            return getattr(module, attr)
     config = getattr(module, "config", None)
-    window = getattr(module, "sliding_window", None)
-    if window is None and original_class_name(module) == "MistralAttention":
-        # MistralAttention passes config.sliding_window straight to the attention function.
-        window = getattr(config, "sliding_window", None)
-    if window is not None:
+    for attr in attributes:
+        if config is not None and hasattr(config, attr):
+            return getattr(config, attr)
+    return None
+
+
+def _check_module_supported(name: str, module: torch.nn.Module, method=None) -> None:
+    """Refuse, before converting anything, modules configured for features the kernel lacks.
+
+    Each message names the module, its class and the feature. The attention function
+    refuses the same kwargs at run time (a model that sets them some other way).
+    """
+    where = f"{name} ({original_class_name(module)})"
+    keywords = _forward_keywords(module)
+    if "sliding_window" in keywords:
+        window = _feature_value(module, "sliding_window", ("sliding_window",))
+        if window is not None:
+            raise NotImplementedError(
+                f"{name}: sliding_window={window} (sliding-window attention in {original_class_name(module)}) is "
+                "not supported by modelopt_sparse today; load the model with sliding_window=None (or "
+                "use_sliding_window=False)"
+            )
+    if "softcap" in keywords:
+        cap = _feature_value(module, "softcap", ("attn_logit_softcapping", "softcap"))
+        if cap is not None:
+            raise NotImplementedError(
+                f"{where}: softcap={cap} (attention logit soft-capping) is not supported by modelopt_sparse "
+                "today; load the model with attn_logit_softcapping=None"
+            )
+    if "s_aux" in keywords:
+        sinks = _feature_value(module, "s_aux", ("sinks", "s_aux"))
+        if sinks is not None:
+            raise NotImplementedError(
+                f"{where}: s_aux (learned attention sinks, one extra softmax logit per head) is not supported "
+                "by modelopt_sparse today"
+            )
+    if getattr(module, "is_cross_attention", False) or "CrossAttention" in original_class_name(module):
         raise NotImplementedError(
-            f"{name}: sliding_window={window} (sliding-window attention) is not supported by modelopt_sparse; "
-            "load the model with sliding_window=None (or use_sliding_window=False)"
+            f"{where}: cross-attention (queries from one sequence, keys from another) is not supported "
+            "by modelopt_sparse"
         )
-    if getattr(module, "is_causal", True) is False:
-        raise NotImplementedError(f"{name}: is_causal=False (bidirectional attention) is not supported")
+    if getattr(module, "is_causal", True) is False and method is not None:
+        params = inspect.signature(method.attention).parameters
+        if "is_causal" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise NotImplementedError(
+                f"{where}: bidirectional attention (is_causal=False) needs a method whose attention() takes "
+                f"is_causal; {type(method).__name__}.attention does not"
+            )
 
 
 def check_convertible(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -163,6 +270,7 @@ def build_state(
     patterns: tuple[str, ...],
 ) -> ModuleSparseState:
     method = get_method(config.method)(config)
+    _check_module_supported(name, module, method)
     return ModuleSparseState(
         name=name,
         original_class=original_class_name(module),
@@ -234,7 +342,8 @@ def _set_attn_implementation(model: torch.nn.Module, modules: list[torch.nn.Modu
 
 
 def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> torch.nn.Module:
-    """Convert every supported attention module of ``model`` in place; returns ``model``.
+    """Convert every attention module of ``model`` that dispatches through transformers'
+    attention interface, in place; returns ``model``.
 
     Modules get the config merged from the matching ``sparse_cfg`` entries (see
     :mod:`modelopt_sparse.config`); a module that no entry matches, or whose config has
@@ -243,8 +352,11 @@ def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> to
     kernel's rule. All checks run before the model is touched.
 
     Raises:
-        ValueError: invalid config, or no supported attention module in ``model``.
-        NotImplementedError: the model uses a feature the kernel lacks (sliding windows).
+        ValueError: invalid config, or no attention module behind transformers' attention
+            interface in ``model`` (see :func:`uses_attention_interface`).
+        NotImplementedError: a module uses a feature the kernel lacks today (sliding windows,
+            logit soft-capping, learned sinks, cross-attention); the message names the module,
+            its class and the feature.
     """
     config = SparseAttentionConfig.coerce(config)
     states = {}
@@ -303,7 +415,7 @@ def disable(model: torch.nn.Module, pattern: Pattern | None = None) -> list[str]
     """Make converted modules (all, or those matching ``pattern``) run dense.
 
     They keep running through the same kernel with ``sparsity_n=0``, which is exact dense
-    causal attention. Returns the names of the modules changed.
+    attention (causal or bidirectional, as the module is). Returns the names of the modules changed.
     """
     return _set_enabled(model, False, pattern)
 

@@ -50,10 +50,12 @@ __all__ = ["ATTN_IMPLEMENTATION", "register_with_transformers", "sparse_attentio
 ATTN_IMPLEMENTATION = "modelopt_sparse"
 
 # kwargs that transformers passes and that do not change the attention math.
-_HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "layer_idx"})
+# (MoE models forward their output_router_logits flag down to the attention call.)
+_HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "layer_idx", "output_router_logits",
+                              "output_hidden_states"})
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # kwargs that _reject_unsupported inspects (harmless when None / False).
-_CHECKED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias", "head_mask", "output_attentions", "is_causal")
+_CHECKED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias", "head_mask", "output_attentions")
 # Token codes (see the module docstring).
 _CODES_DTYPE = torch.int32
 _FIRST_QUERY_CODE = 2
@@ -103,10 +105,13 @@ def _outside_inference_mode(build, *args, **kwargs):
 
 def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                            **kwargs):
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
     lazy_checks.raise_failed()
-    if mask_function is not None and mask_function is not causal_mask_function:
+    # Causal and bidirectional masks differ only in which keys a query may see, and that
+    # comes from the module's is_causal (see _resolve_is_causal), as SDPA takes it when no
+    # mask is materialized: the token codes (which slots hold real tokens) serve both.
+    if mask_function is not None and mask_function not in (causal_mask_function, bidirectional_mask_function):
         # Not plain causal: materialize it, and let the attention function check that it is
         # a pattern it reproduces exactly (packing) or refuse it.
         kwargs.pop("allow_is_causal_skip", None)
@@ -216,6 +221,7 @@ def sparse_attention_forward(
             f"{type(module).__name__} runs attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
             "converted: call modelopt_sparse.sparsify (or restore) on the model first"
         )
+    is_causal = _resolve_is_causal(module, kwargs.pop("is_causal", None))
     _reject_unsupported(module, dropout, kwargs)
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(
@@ -240,7 +246,7 @@ def sparse_attention_forward(
             return _triton_decode(query, key, value, attention_mask, scaling), None
         return _dense_decode(module, query, key, value, attention_mask, scaling), None
 
-    layout = _layout(query, key, attention_mask, kwargs)
+    layout = _layout(query, key, attention_mask, kwargs, is_causal)
     if layout.kv_len != key.shape[2]:  # a static cache's empty tail
         key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
     q_rows, k_rows, v_rows = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D]
@@ -257,9 +263,13 @@ def sparse_attention_forward(
         q, k, v = q_rows[layout.take_q], k_rows[layout.take_k], v_rows[layout.take_k]
 
     kernel_kwargs = state.kernel_kwargs if state.config.enable else {**state.kernel_kwargs, "sparsity_n": 0}
+    # is_causal is passed only when False, so methods written before bidirectional support
+    # (an attention() override without the keyword) keep working for causal modules;
+    # conversion refuses a non-causal module whose method cannot take it.
     result = state.method.attention(
         module, q, k, v, layout.batch,
         softmax_scale=scaling, kernel_kwargs=kernel_kwargs, return_stats=stats_sink is not None,
+        **({} if is_causal else {"is_causal": False}),
     )
     if stats_sink is not None:
         out, stats = result
@@ -321,38 +331,61 @@ def _decode_masks(codes):
     return (codes > 0)[:, None, None, :], (codes >= _FIRST_QUERY_CODE).any(1)[:, None, None, None], codes.shape[-1]
 
 
+def _resolve_is_causal(module, is_causal) -> bool:
+    """transformers' SDPA integration's rule: the ``is_causal`` kwarg when given (not None),
+    else the module's ``is_causal`` attribute, else causal."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not isinstance(is_causal, bool):
+        if isinstance(is_causal, torch.Tensor) and is_causal.numel() == 1 and not torch.compiler.is_compiling():
+            is_causal = bool(is_causal)
+        else:
+            raise TypeError(
+                f"modelopt_sparse: {_where(module)}: is_causal must be a bool, got {type(is_causal).__name__}"
+            )
+    return is_causal
+
+
+def _where(module) -> str:
+    """``module.path (OriginalClass)`` for error messages."""
+    state = getattr(module, "_mts_state", None)
+    if state is None:
+        return type(module).__name__
+    return f"{state.name} ({state.original_class})"
+
+
 def _reject_unsupported(module, dropout, kwargs) -> None:
-    """Raise, naming the argument, for every transformers feature the kernel does not implement."""
-    if not dropout and getattr(module, "is_causal", True) is not False:
+    """Raise, naming the module and the argument, for every transformers feature the kernel
+    does not implement."""
+    if not dropout:
         # The common call (every layer of every forward) passes only harmless kwargs.
         for name, value in kwargs.items():
             if value is not None and name not in _HARMLESS_KWARGS and name not in _PACKING_KWARGS:
                 break
         else:
             return
+    where = f"modelopt_sparse: {_where(module)}:"
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(
-            f"modelopt_sparse: sliding_window={kwargs['sliding_window']} (sliding-window attention) is not "
-            "supported; use a config with sliding_window=None / use_sliding_window=False"
+            f"{where} sliding_window={kwargs['sliding_window']} (sliding-window attention) is not "
+            "supported today; use a config with sliding_window=None / use_sliding_window=False"
         )
     if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"modelopt_sparse: softcap={kwargs['softcap']} (logit soft-capping) is not supported")
+        raise NotImplementedError(f"{where} softcap={kwargs['softcap']} (logit soft-capping) is not supported today")
     if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("modelopt_sparse: s_aux (learned attention sinks) is not supported")
+        raise NotImplementedError(f"{where} s_aux (learned attention sinks) is not supported today")
     if kwargs.get("position_bias") is not None:
-        raise NotImplementedError("modelopt_sparse: position_bias (additive attention bias) is not supported")
+        raise NotImplementedError(f"{where} position_bias (additive attention bias) is not supported")
     if kwargs.get("head_mask") is not None:
-        raise NotImplementedError("modelopt_sparse: head_mask is not supported")
+        raise NotImplementedError(f"{where} head_mask is not supported")
     if kwargs.get("output_attentions"):
         raise NotImplementedError(
-            "modelopt_sparse: output_attentions=True is not supported (the fused kernel never forms the "
+            f"{where} output_attentions=True is not supported (the fused kernel never forms the "
             "attention matrix); use attn_implementation='eager' to inspect attention weights"
         )
-    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
-        raise NotImplementedError("modelopt_sparse: is_causal=False (bidirectional attention) is not supported")
     if dropout:
         raise NotImplementedError(
-            f"modelopt_sparse: dropout={dropout} (attention dropout in training) is not supported; "
+            f"{where} dropout={dropout} (attention dropout in training) is not supported; "
             "set config.attention_dropout=0.0"
         )
     unknown = sorted(
@@ -380,17 +413,20 @@ class _Layout:
         self.batched = batched
 
 
-def _layout(query, key, attention_mask, kwargs) -> _Layout:
+def _layout(query, key, attention_mask, kwargs, causal=True) -> _Layout:
     if attention_mask is None and kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
         hit = _DENSE_LAYOUTS.get((query.shape[0], query.shape[2], key.shape[2], query.device))
         if hit is not None and not torch.compiler.is_compiling():
             return hit
-    return _outside_inference_mode(_derived_layout, query, key, attention_mask, kwargs)
+    return _outside_inference_mode(_derived_layout, query, key, attention_mask, kwargs, causal)
 
 
-def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
+def _derived_layout(query, key, attention_mask, kwargs, causal=True) -> _Layout:
     batch, q_len, kv_len, device = query.shape[0], query.shape[2], key.shape[2], query.device
     shape_key = (batch, q_len, kv_len, device)
+    # A 4-D mask is verified against the causal or the bidirectional mask of the sequences,
+    # so the verdict is memoized per kind.
+    mask_key = (*shape_key, causal)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4):
@@ -404,13 +440,13 @@ def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
             # transformers also builds a 4-D mask from position_ids: it must agree (a device
             # check, so no sync; compiled code cannot read it and follows cu_seq_lens).
             if attention_mask is not None:
-                _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k")
+                _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k", causal)
             return layout
 
         # The mask check is part of the memo: a verified mask stays verified while neither
         # it nor the sequence tensors change.
         anchors = (cu_q, cu_k) if attention_mask is None else (cu_q, cu_k, attention_mask)
-        return _cached(anchors, (*shape_key, kwargs.get("max_length_q"), kwargs.get("max_length_k")), packed)
+        return _cached(anchors, (*mask_key, kwargs.get("max_length_q"), kwargs.get("max_length_k")), packed)
     if attention_mask is None:
         if q_len > kv_len:
             raise ValueError(f"modelopt_sparse: {q_len} queries but only {kv_len} keys")
@@ -428,11 +464,11 @@ def _derived_layout(query, key, attention_mask, kwargs) -> _Layout:
 
         def block_causal():
             layout, source = _position_ids_layout(position_ids, batch, q_len, kv_len, device)
-            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source)
+            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal)
             return layout
 
         anchors = (attention_mask,) if position_ids is None else (attention_mask, position_ids)
-        return _cached(anchors, shape_key, block_causal)
+        return _cached(anchors, mask_key, block_causal)
     raise ValueError(f"modelopt_sparse: attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
 
 
@@ -596,8 +632,9 @@ def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     return _Layout(meta, kv_len), "packed sequences found in position_ids"
 
 
-def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source) -> None:
-    """Refuse a 4-D mask unless it is exactly block-causal over the derived sequences."""
+def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True) -> None:
+    """Refuse a 4-D mask unless it is exactly block-causal (block-diagonal when not
+    ``causal``) over the derived sequences."""
     batch = mask.shape[0]
     if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
         raise ValueError(f"modelopt_sparse: 4-D attention_mask of shape {tuple(mask.shape)} for {q_len}x{kv_len} scores")
@@ -608,19 +645,21 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source) -> None:
         lazy_checks.require(keep | (mask <= torch.finfo(mask.dtype).min / 2),
                             lambda: "modelopt_sparse: additive attention biases in attention_mask are not supported",
                             NotImplementedError)
-    expected = _block_causal(layout, batch, q_len, kv_len, mask.device)
+    expected = _block_causal(layout, batch, q_len, kv_len, mask.device, causal)
     if keep.shape[1] != 1:
         expected = expected.expand_as(keep)
     lazy_checks.require(
         keep.expand_as(expected) == expected,
-        lambda: f"modelopt_sparse: transformers built an attention mask that is not the causal mask of "
-                f"{source}: sliding windows, bidirectional or custom mask overlays are not supported",
+        lambda: f"modelopt_sparse: transformers built an attention mask that is not the "
+                f"{'causal' if causal else 'bidirectional'} mask of {source}: sliding windows, "
+                "mixed causal/bidirectional or custom mask overlays are not supported",
         NotImplementedError,
     )
 
 
-def _block_causal(layout: _Layout, batch, q_len, kv_len, device) -> torch.Tensor:
-    """[B, 1, S, Skv] bool: query sees key iff same sequence and key position <= query position."""
+def _block_causal(layout: _Layout, batch, q_len, kv_len, device, causal=True) -> torch.Tensor:
+    """[B, 1, S, Skv] bool: query sees key iff same sequence and (not ``causal`` or key
+    position <= query position)."""
     meta = layout.batch
     starts_q, starts_k = meta.b_start_loc, meta.b_start_loc_k
     if layout.batched:  # row-local starts: move them to the packed rows of the whole batch
@@ -635,6 +674,8 @@ def _block_causal(layout: _Layout, batch, q_len, kv_len, device) -> torch.Tensor
     seq_q, pos_q = seq_q.view(batch, q_len), pos_q.view(batch, q_len)
     seq_k, pos_k = seq_k.view(batch, kv_len), pos_k.view(batch, kv_len)
     same = seq_q[:, :, None] == seq_k[:, None, :]
+    if not causal:
+        return same[:, None]
     return (same & (pos_k[:, None, :] <= pos_q[:, :, None]))[:, None]
 
 

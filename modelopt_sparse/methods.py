@@ -109,6 +109,7 @@ class SparseAttentionMethod:
         softmax_scale: float | None,
         kernel_kwargs: dict[str, Any],
         return_stats: bool,
+        is_causal: bool = True,
     ):
         """Attention of packed sequences; returns ``out`` or ``(out, stats)`` like the kernel.
 
@@ -117,12 +118,14 @@ class SparseAttentionMethod:
         outside every sequence; their output rows must be zero, as the kernel makes them.
 
         ``kernel_kwargs`` is what :meth:`kernel_kwargs` returned, with ``sparsity_n=0`` when
-        the module is disabled.
+        the module is disabled. ``is_causal=False`` (bidirectional modules: encoders, vision
+        towers) is passed only for such modules, so an override needs the keyword (or
+        ``**kwargs``) only to support them; conversion checks that it has it.
         """
         return kernels.attention(
             q, k, v,
             batch.b_start_loc, batch.b_seq_len, batch.max_input_len,
-            True, softmax_scale,
+            is_causal, softmax_scale,
             batch.b_start_loc_k, batch.b_seq_len_k, batch.max_input_len_k,
             backend=self.select_backend(q.device),
             return_stats=return_stats,

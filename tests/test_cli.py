@@ -302,15 +302,16 @@ def test_readme_starts_with_the_eval_quick_start():
 def test_unsupported_architecture_and_missing_tokenizer(tiny_model, tmp_path, capsys):
     import shutil
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
-    tiny_model["tokenizer"].save_pretrained(gpt2)
-    code, _, err = _run(capsys, "--model", gpt2, "--text-file", tiny_model["text"], "--seq-len", 32,
+    # Bloom computes attention in its module (ALiBi), not through the attention interface.
+    bloom = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(vocab_size=384, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(bloom)
+    tiny_model["tokenizer"].save_pretrained(bloom)
+    code, _, err = _run(capsys, "--model", bloom, "--text-file", tiny_model["text"], "--seq-len", 32,
                         "--max-windows", 1, "--device", "cpu", "--out", tmp_path)
-    assert code == 2 and "no supported attention module in GPT2LMHeadModel" in err
-    assert "supported attention classes" in err
+    assert code == 2 and "no supported attention module in BloomForCausalLM" in err
+    assert "dispatches through transformers' attention interface" in err
     # A supported model whose directory lacks the tokenizer files.
     bare = tmp_path / "no_tokenizer"
     bare.mkdir()

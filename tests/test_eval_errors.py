@@ -27,15 +27,16 @@ def _tokenizer():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Model directories with tokenizers: GPT2 (unsupported attention class) and a Mistral
-    with a sliding window (supported class, unsupported feature)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+    """Model directories with tokenizers: Bloom (attention computed in the module, not
+    through transformers' attention interface) and a Mistral with a sliding window
+    (convertible module, unsupported feature)."""
+    from transformers import BloomConfig, BloomForCausalLM, MistralConfig, MistralForCausalLM
 
     root = tmp_path_factory.mktemp("eval_errors")
     tokenizer = _tokenizer()
     torch.manual_seed(0)
     built = {
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64)),
+        "bloom": BloomForCausalLM(BloomConfig(vocab_size=384, hidden_size=32, n_layer=1, n_head=2)),
         "mistral_window": MistralForCausalLM(MistralConfig(
             vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=16)),
@@ -81,15 +82,16 @@ def _run(capsys, *argv):
 
 def test_unsupported_architecture_fails_before_the_text(models, text_untouched, tmp_path, capsys):
     dirs, text = models
-    code, err = _run(capsys, "--model", dirs["gpt2"], "--text-file", text, "--seq-len", 32,
+    code, err = _run(capsys, "--model", dirs["bloom"], "--text-file", text, "--seq-len", 32,
                      "--device", "cpu", "--out", tmp_path / "out")
     assert text_untouched == []
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        f"modelopt-sparse eval: error: --model {dirs['gpt2']}: modelopt_sparse found no supported attention "
-        "module in GPT2LMHeadModel (it has ['GPT2Attention']); supported attention classes: "
-        "['LlamaAttention', 'Qwen2Attention', 'Qwen3Attention', 'MistralAttention'] "
-        "(Llama, Qwen2, Qwen3 and Mistral families)"
+        f"modelopt-sparse eval: error: --model {dirs['bloom']}: modelopt_sparse found no supported attention "
+        "module in BloomForCausalLM (it has ['BloomAttention'], which compute attention themselves); "
+        "modelopt_sparse converts attention modules whose forward dispatches through transformers' attention "
+        "interface (ALL_ATTENTION_FUNCTIONS, selected by config._attn_implementation), as Llama, Mistral, Qwen, "
+        "Gemma, Phi-3, OLMo, Granite, Cohere, BERT and ViT do in transformers 5.x"
     )
 
 
@@ -106,7 +108,7 @@ def test_unsupported_feature_fails_before_the_text(models, text_untouched, tmp_p
 def test_missing_text_file_still_fails_before_the_model(models, tmp_path, capsys, monkeypatch):
     dirs, _ = models
     monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("model loaded first"))
-    code, err = _run(capsys, "--model", dirs["gpt2"], "--text-file", tmp_path / "missing.txt")
+    code, err = _run(capsys, "--model", dirs["bloom"], "--text-file", tmp_path / "missing.txt")
     assert code == 2 and "--text-file" in err and "no such file" in err
 
 

@@ -85,14 +85,85 @@ def test_static_cache_unpadded_equals_no_cache(sparse, with_mask):
 
 
 # --------------------------------------------------------------------------------------
-# Unsupported inputs (the keyword-argument ones are in test_hf_errors.py)
+# Causality: the module's is_causal flag and the is_causal kwarg (SDPA's precedence)
 # --------------------------------------------------------------------------------------
-def test_non_causal_module_is_refused(sparse):
-    """transformers passes no is_causal kwarg to the attention function: the module's own
-    is_causal flag must be checked."""
-    sparse.model.layers[0].self_attn.is_causal = False
-    with pytest.raises(NotImplementedError, match="is_causal=False"):
-        logits(sparse, token_ids(1, 10))
+def _oracle_rows(q, k, v, lens, causal):
+    """tests/oracle.py on the real rows of a [B, H, S, D] batch (``lens`` real tokens per
+    row, left-padded), back in [B, S, H, D] with zero padded rows."""
+    from .oracle import oracle_attention
+
+    out = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+    for b, n in enumerate(lens):
+        rows = slice(q.shape[2] - n, q.shape[2])
+        got, _, _ = oracle_attention(
+            q[b, :, rows].transpose(0, 1), k[b, :, rows].transpose(0, 1), v[b, :, rows].transpose(0, 1),
+            [n], [n], causal=causal, scale=0.25, n=2, m=4, sink=0, window=2, tie_break="threshold")
+        out[b, rows] = got
+    return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_is_causal_follows_module_flag_then_kwarg(sparse, padded):
+    """transformers passes no is_causal kwarg to the attention function for most models: the
+    module's own flag decides, and an explicit kwarg overrides it (as in transformers' SDPA
+    integration). Non-causal rows see every real key of their sequence, padding excluded."""
+    module = sparse.model.layers[0].self_attn
+    q, k, v = attention_inputs(2, 12)
+    lens = [12, 9] if padded else [12, 12]
+    mask = None
+    if padded:
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        mask[1, :3] = False
+    causal = _oracle_rows(q, k, v, lens, True)
+    bidirectional = _oracle_rows(q, k, v, lens, False)
+    assert (causal - bidirectional).abs().max() > 1e-3
+    call = lambda **kw: sparse_attention_forward(module, q, k, v, mask, scaling=0.25, **kw)[0]  # noqa: E731
+    torch.testing.assert_close(call(), causal, atol=ATOL, rtol=0)
+    torch.testing.assert_close(call(is_causal=False), bidirectional, atol=ATOL, rtol=0)
+    module.is_causal = False
+    try:
+        torch.testing.assert_close(call(), bidirectional, atol=ATOL, rtol=0)
+        torch.testing.assert_close(call(is_causal=None), bidirectional, atol=ATOL, rtol=0)
+        torch.testing.assert_close(call(is_causal=True), causal, atol=ATOL, rtol=0)
+    finally:
+        module.is_causal = True
+
+
+def test_non_causal_4d_mask_must_be_bidirectional(sparse):
+    """A materialized 4-D mask is checked against what the module computes: the all-ones
+    mask for a bidirectional call, the causal one for a causal call."""
+    module = sparse.model.layers[0].self_attn
+    q, k, v = attention_inputs(1, 8)
+    full = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    causal = torch.tril(full)
+    want = sparse_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)[0]
+    got = sparse_attention_forward(module, q, k, v, full, scaling=0.25, is_causal=False)[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    with pytest.raises(NotImplementedError, match="not the bidirectional mask"):
+        sparse_attention_forward(module, q, k, v, causal, scaling=0.25, is_causal=False)
+    with pytest.raises(NotImplementedError, match="not the causal mask"):
+        sparse_attention_forward(module, q, k, v, full, scaling=0.25)
+
+
+def test_non_causal_needs_a_method_that_takes_is_causal(llama):
+    """A custom method whose attention() predates the keyword is refused for bidirectional
+    modules at conversion, naming the module, its class and the feature."""
+
+    @mts.register_method("test_no_is_causal", overwrite=True)
+    class NoIsCausal(mts.SparseAttentionMethod):
+        def attention(self, module, q, k, v, batch, *, softmax_scale, kernel_kwargs, return_stats):
+            return super().attention(module, q, k, v, batch, softmax_scale=softmax_scale,
+                                     kernel_kwargs=kernel_kwargs, return_stats=return_stats)
+
+    model = copy.deepcopy(llama)
+    for layer in model.model.layers:
+        layer.self_attn.is_causal = False
+    with pytest.raises(NotImplementedError,
+                       match=r"model\.layers\.0\.self_attn \(LlamaAttention\): bidirectional attention"):
+        mts.sparsify(model, sparse_cfg(method="test_no_is_causal"))
+    assert not mts.is_sparsified(model)
+    # Causal modules keep working with it.
+    mts.sparsify(copy.deepcopy(llama), sparse_cfg(method="test_no_is_causal"))
 
 
 # --------------------------------------------------------------------------------------

@@ -22,12 +22,15 @@ def _untouched(model, reference):
         assert n1 == n2 and torch.equal(a, b)
 
 
-def test_unknown_family_is_refused():
-    gpt2 = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
-    )
-    with pytest.raises(ValueError, match=r"no supported attention module in GPT2LMHeadModel.*GPT2Attention"):
-        mts.sparsify(gpt2, mts.SPARSE_SOFTMAX_DEFAULT)
+def test_model_without_interface_attention_is_refused():
+    """Bloom computes attention itself (ALiBi), so switching attn_implementation would not
+    reach it: refused, naming its attention class and the rule."""
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"no supported attention module in BloomForCausalLM.*BloomAttention.*"
+                                         r"ALL_ATTENTION_FUNCTIONS"):
+        mts.sparsify(bloom, mts.SPARSE_SOFTMAX_DEFAULT)
+    with pytest.raises(ValueError, match=r"no supported attention module in Linear; modelopt_sparse converts"):
+        mts.sparsify(torch.nn.Linear(2, 2), mts.SPARSE_SOFTMAX_DEFAULT)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         mts.sparsify("model", mts.SPARSE_SOFTMAX_DEFAULT)
 
@@ -78,7 +81,6 @@ def test_training_dropout_is_refused():
         ({"s_aux": torch.zeros(4)}, "s_aux"),
         ({"position_bias": torch.zeros(1, 4, 8, 8)}, "position_bias"),
         ({"output_attentions": True}, "output_attentions=True"),
-        ({"is_causal": False}, "is_causal=False"),
         ({"dropout": 0.2}, r"dropout=0\.2"),
         ({"head_mask": torch.ones(4)}, "head_mask is not supported"),
     ],
