@@ -191,7 +191,8 @@ from triton.backends.compiler import GPUTarget
 launched = [(ta._attn_fwd, dict(WITH_STATS=False)), (ta._attn_bwd_dkdv, dict(TMA=False)), (ta._attn_bwd_dq, {})]
 for kernel, extra in launched:
     consts = dict(GROUPS=1, HEAD_DIM=64, BLOCK_D=64, IS_CAUSAL=True, SPARSITY_N=2, SPARSITY_M=4,
-                  TIE_INDEX=False, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, **extra)
+                  TIE_INDEX=False, HAS_WINDOW=False, SOFTCAP=False, UPCAST=False, DOT_PRECISION="tf32",
+                  BLOCK_M=64, BLOCK_N=64, **extra)
     names = list(inspect.signature(kernel.fn).parameters)
     def arg_type(name):
         if name in consts:

@@ -111,7 +111,7 @@ def default_config(kind, n, m, head_dim, tie_index):
 def main():
     head_dim = int(os.environ.get("HEAD_DIM", 128))
     base = dict(GROUPS=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, IS_CAUSAL=True, TIE_INDEX=False,
-                UPCAST=False, DOT_PRECISION="tf32")
+                HAS_WINDOW=False, SOFTCAP=False, UPCAST=False, DOT_PRECISION="tf32")
     variants = [(0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (2, 4, True)]
     plans = [
         ("fwd", ta._attn_fwd, dict(WITH_STATS=False)),

@@ -9,7 +9,7 @@ import threading
 import torch
 
 from .reference import Segment, SparseParams, host_segments, reference_attention, reference_attention_op
-from .semantics import check_pattern
+from .semantics import check_pattern, check_window_softcap
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHECKED_DTYPES = frozenset(_FLOAT_DTYPES + (torch.float64,))
@@ -41,6 +41,8 @@ def attention(
     num_sink_tokens: int = 0,
     dense_window_size: int = 64,
     tie_break: str = "threshold",
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
     return_stats: bool = False,
     check_metadata: bool = True,
@@ -78,6 +80,14 @@ def attention(
             always kept.
         tie_break: ``"threshold"`` keeps every score tied with the N-th largest of its
             group; ``"index"`` keeps exactly N, lower key index first among ties.
+        sliding_window: ``None`` (off) or ``W >= 1``: keys with ``pos(i) - j >= W`` are
+            disallowed, as in transformers' sliding-window layers (a query sees itself and
+            the ``W - 1`` keys before it). Selection, sinks and the dense window act on the
+            keys that remain; sinks outside the window are not kept. Needs
+            ``is_causal=True``.
+        softcap: ``None`` (off) or ``c > 0``: the softmax sees
+            ``c * tanh(softmax_scale * q.k / c)`` (Gemma 2's logit soft-capping: scale,
+            then cap). Selection is unchanged (the cap is strictly increasing).
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
             reference) or ``"auto"`` (triton on CUDA or when interpreting, else torch).
         return_stats: also return per-head sparsity statistics (forward only): a dict of
@@ -129,6 +139,8 @@ def attention(
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if sliding_window is not None or softcap is not None:
+        check_window_softcap(sliding_window, softcap, is_causal)
     _check_tensors(q, k, v)
     if backend == "auto":
         backend = "triton" if (q.is_cuda or interpreting()) else "torch"
@@ -155,7 +167,7 @@ def attention(
                                    max_input_len_k)
         segments, covered = None, (rows_covered, rows_covered)
     params = _params(is_causal, float(softmax_scale), sparsity_n, sparsity_m, num_sink_tokens, dense_window_size,
-                     tie_break)
+                     tie_break, sliding_window or 0, float(softcap or 0.0))
     stats = _new_stats(q) if return_stats else None
     batch_shape = None
     if q.dim() == 4 and not (backend == "triton" and stats is None and not _needs_grad(q, k, v)):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .semantics import kept_mask
+from .semantics import capped_scores, kept_mask
 
 # Bytes of one score chunk ([heads, rows, kv_len] in the compute dtype).
 _CHUNK_BYTES = 64 * 2**20
@@ -38,6 +38,14 @@ class SparseParams:
     num_sink_tokens: int
     dense_window_size: int
     tie_break: str
+    # 0 = off (the public API's None). Last and defaulted, so existing positional
+    # constructions keep their meaning.
+    sliding_window: int = 0
+    softcap: float = 0.0
+
+    def scores(self, qk: torch.Tensor) -> torch.Tensor:
+        """Softmax inputs of raw dot products: scaled, then soft-capped (-inf stays -inf)."""
+        return capped_scores(qk * self.softmax_scale, self.softcap)
 
     def mask(self, qk: torch.Tensor, seg: Segment, row_offset: int) -> torch.Tensor:
         return kept_mask(
@@ -51,6 +59,7 @@ class SparseParams:
             dense_window_size=self.dense_window_size,
             tie_break=self.tie_break,
             row_offset=row_offset,
+            sliding_window=self.sliding_window,
         )
 
 
@@ -71,11 +80,11 @@ def _heads_view(x: torch.Tensor, start: int, length: int, groups: int) -> torch.
 
 
 def _chunk_probs(q_c, k_b, seg, r0, p: SparseParams, lse=None):
-    """Scores of one chunk; returns (masked scaled scores, kept mask)."""
+    """Scores of one chunk; returns (masked softmax inputs, kept mask, raw dot products)."""
     qk = torch.einsum("hgid,hjd->hgij", q_c, k_b[:, 0])
     keep = p.mask(qk, seg, r0)
-    s = torch.where(keep, qk * p.softmax_scale, float("-inf"))
-    return s, keep
+    s = torch.where(keep, p.scores(qk), float("-inf"))
+    return s, keep, qk
 
 
 class _ReferenceAttention(torch.autograd.Function):
@@ -92,7 +101,7 @@ class _ReferenceAttention(torch.autograd.Function):
             v_b = _heads_view(vc, seg.k_start, seg.k_len, 1)
             q_b = _heads_view(qc, seg.q_start, seg.q_len, groups)
             for r0, r1 in _row_chunks(seg, hq, qc.element_size()):
-                s, keep = _chunk_probs(q_b[:, :, r0:r1], k_b, seg, r0, params)
+                s, keep, _ = _chunk_probs(q_b[:, :, r0:r1], k_b, seg, r0, params)
                 row_max = s.amax(-1, keepdim=True)
                 # A row with no kept key has max -inf; shift by 0 there so exp gives 0, not NaN.
                 shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -129,7 +138,7 @@ class _ReferenceAttention(torch.autograd.Function):
             dk_b = torch.zeros_like(k_b[:, 0])
             dv_b = torch.zeros_like(v_b[:, 0])
             for r0, r1 in _row_chunks(seg, hq, qc.element_size()):
-                s, _ = _chunk_probs(q_b[:, :, r0:r1], k_b, seg, r0, params)
+                s, _, qk = _chunk_probs(q_b[:, :, r0:r1], k_b, seg, r0, params)
                 row_lse = lse_b[:, :, r0:r1, None]
                 row_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
                 p = torch.exp(s - row_lse)
@@ -137,6 +146,9 @@ class _ReferenceAttention(torch.autograd.Function):
                 dv_b += torch.einsum("hgij,hgid->hjd", p, do_c)
                 dp = torch.einsum("hgid,hjd->hgij", do_c, v_b[:, 0])
                 ds = p * (dp - dl_b[:, :, r0:r1, None]) * params.softmax_scale
+                if params.softcap:
+                    # d/dx [c tanh(x / c)] = 1 - tanh(x / c)^2, x the scaled score.
+                    ds = ds * (1 - torch.tanh(qk * (params.softmax_scale / params.softcap)) ** 2)
                 dq_c = torch.einsum("hgij,hjd->hgid", ds, k_b[:, 0])
                 dq[seg.q_start + r0 : seg.q_start + r1] = dq_c.flatten(0, 1).transpose(0, 1)
                 dk_b += torch.einsum("hgij,hgid->hjd", ds, q_b[:, :, r0:r1])
@@ -151,11 +163,11 @@ def _accumulate_stats(stats, q_c, k_b, seg, r0, params: SparseParams, keep, z_ke
     allowed = kept_mask(
         qk, seg.q_len, seg.k_len, is_causal=params.is_causal, sparsity_n=0,
         sparsity_m=params.sparsity_m, num_sink_tokens=0, dense_window_size=0,
-        tie_break=params.tie_break, row_offset=r0,
+        tie_break=params.tie_break, row_offset=r0, sliding_window=params.sliding_window,
     )
     # The row max over allowed scores equals the one over kept scores (a group's maximum is
     # always kept), so both partition sums can share the forward's shift.
-    z_allowed = torch.exp(torch.where(allowed, qk * params.softmax_scale, float("-inf")) - shift).sum(-1)
+    z_allowed = torch.exp(torch.where(allowed, params.scores(qk), float("-inf")) - shift).sum(-1)
     z_kept = z_kept.squeeze(-1)
     has_keys = z_allowed > 0
     dropped = torch.where(has_keys, 1 - z_kept / torch.where(has_keys, z_allowed, 1), 0)
@@ -177,10 +189,10 @@ def _reference_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
-    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int, softcap: float,
 ) -> torch.Tensor:
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens, dense_window_size,
-                          tie_break)
+                          tie_break, sliding_window, softcap)
     return reference_attention(q, k, v, host_segments(q_start, q_len, k_start, k_len), params)[0]
 
 
@@ -188,12 +200,12 @@ def _reference_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
-    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = _reference_forward(*leaves, q_start, q_len, k_start, k_len, is_causal, softmax_scale, sparsity_n,
-                                 sparsity_m, num_sink_tokens, dense_window_size, tie_break)
+                                 sparsity_m, num_sink_tokens, dense_window_size, tie_break, sliding_window, softcap)
         dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
     return dq, dk, dv
 
@@ -224,7 +236,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    return (*_backward_op(grad_out, *ctx.saved_tensors, *ctx.scalars), *([None] * 11))
+    return (*_backward_op(grad_out, *ctx.saved_tensors, *ctx.scalars), *([None] * 13))
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -236,4 +248,5 @@ def reference_attention_op(q, k, v, q_start, q_len, k_start, k_len, params: Spar
         raise NotImplementedError("return_stats=True is not supported under torch.compile on the torch backend")
     return _forward_op(q, k, v, q_start, q_len, k_start, k_len, bool(params.is_causal), float(params.softmax_scale),
                        int(params.sparsity_n), int(params.sparsity_m), int(params.num_sink_tokens),
-                       int(params.dense_window_size), str(params.tie_break))
+                       int(params.dense_window_size), str(params.tie_break), int(params.sliding_window),
+                       float(params.softcap))

@@ -15,6 +15,8 @@ kernel API and the plugin configs reject bad values with the same words.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_M = (2, 4, 8, 16)
@@ -52,6 +54,40 @@ def check_pattern(
         raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
 
 
+def check_window_softcap(sliding_window, softcap, is_causal: bool = True) -> None:
+    """Raise ``ValueError``/``TypeError`` for a bad ``sliding_window`` or ``softcap``.
+
+    ``None`` turns either off. A sliding window needs causal attention: transformers'
+    bidirectional sliding window (``abs(q - k) <= window``, inclusive) is a different
+    rule, not implemented here.
+    """
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise TypeError(
+                f"sliding_window must be an int or None, got {type(sliding_window).__name__} ({sliding_window!r})"
+            )
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (None turns it off), got {sliding_window}")
+        if not is_causal:
+            raise ValueError(
+                "sliding_window needs is_causal=True (a bidirectional sliding window is not supported)"
+            )
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__} ({softcap!r})")
+        if not 0 < softcap < math.inf:  # also false for NaN
+            raise ValueError(f"softcap must be positive and finite (None turns it off), got {softcap}")
+
+
+def capped_scores(scaled: torch.Tensor, softcap) -> torch.Tensor:
+    """The scores the softmax sees: ``softcap * tanh(scaled / softcap)`` with a cap, else
+    ``scaled`` (the scaled dot products). As Gemma 2's eager attention: scale first, then
+    cap. -inf stays -inf (a disallowed score is never capped into the softmax)."""
+    if not softcap:
+        return scaled
+    return torch.where(scaled == float("-inf"), scaled, softcap * torch.tanh(scaled / softcap))
+
+
 def aligned_query_position(index, q_len, kv_len):
     """Key-space position of query ``index`` (0-based) of a sequence with ``q_len`` queries
     and ``kv_len`` keys: the queries are the last q_len keys. Elementwise on tensors.
@@ -85,6 +121,7 @@ def kept_mask(
     dense_window_size: int,
     tie_break: str,
     row_offset: int = 0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Boolean mask of the scores that survive, for the rows ``qk[..., r, :]``.
 
@@ -92,7 +129,13 @@ def kept_mask(
     ``row_offset .. row_offset + rows - 1`` of a sequence of ``q_len`` queries and
     ``kv_len`` keys. Selection compares raw dot products: the softmax scale is positive, so
     they order keys exactly as the scaled scores do, without ties created by rounding the
-    product with the scale.
+    product with the scale. For the same reason a soft cap (strictly increasing) never
+    enters the mask.
+
+    ``sliding_window`` (None or 0: off) disallows keys with ``pos(i) - j >= sliding_window``,
+    as transformers' ``sliding_window_overlay``; disallowed keys count as -inf in their
+    group exactly as causally masked keys do. The window is defined for causal attention
+    only; :func:`check_window_softcap` refuses it without ``is_causal``.
     """
     rows, keys = qk.shape[-2], qk.shape[-1]
     if keys != kv_len:
@@ -103,6 +146,8 @@ def kept_mask(
     allowed = torch.ones(rows, kv_len, dtype=torch.bool, device=device)
     if is_causal:
         allowed = k_idx[None, :] <= q_pos[:, None]
+    if sliding_window:
+        allowed = allowed & (q_pos[:, None] - k_idx[None, :] < sliding_window)
     allowed = allowed.expand(qk.shape)
     # Decode guard: a single query token never goes through selection.
     if not selection_applies(sparsity_n, q_len):

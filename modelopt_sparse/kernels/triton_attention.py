@@ -205,12 +205,37 @@ def _index_ordered_keys(qk, M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.const
 
 
 @triton.jit
-def _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL: tl.constexpr):
-    """-inf outside the sequence's keys and, when causal, after the query's position."""
+def _allowed_scores(qk, q_pos, k_idx, kv_len, slide, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """-inf outside the sequence's keys, when causal after the query's position, and with
+    a sliding window on keys ``slide`` or more positions before the query."""
     allowed = (k_idx < kv_len)[None, :]
     if IS_CAUSAL:
         allowed = allowed & (k_idx[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        allowed = allowed & (q_pos[:, None] - k_idx[None, :] < slide)
     return tl.where(allowed, qk, float("-inf"))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp2 of a non-positive argument (never overflows; tanh(-inf) = -1).
+    The absolute error is a few fp32 ulps of 1, i.e. a few ulps of the cap in the score."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _log2_scores(qk, qk_scale, cap_scale, cap_inv_scale, SOFTCAP: tl.constexpr):
+    """The softmax exponent in the log2 domain of raw scores q·k (or of a row max of them):
+    ``qk * scale * log2(e)``, or with a soft cap ``cap * tanh(qk * scale / cap) * log2(e)``.
+    -inf (a disallowed score) stays -inf: the cap would otherwise lift it to -cap.
+    ``cap_scale = cap * log2(e)``, ``cap_inv_scale = softmax_scale / cap`` (host-side
+    products, named ``*scale`` so that launchers type them as floats)."""
+    if SOFTCAP:
+        return tl.where(qk > float("-inf"), cap_scale * _tanh(qk * cap_inv_scale), float("-inf"))
+    else:
+        return qk * qk_scale
 
 
 @triton.jit
@@ -240,11 +265,12 @@ def _segments(s, a_lo, a_hi, b_lo, b_hi, end):
 
 @triton.jit
 def _key_tile_segments(
-    p_lo, p_hi, q_len, kv_len, num_sink, window,
-    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_lo, p_hi, q_len, kv_len, num_sink, window, slide,
+    IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Key tiles (starts, multiples of BLOCK_N) visited by the query block whose valid
-    rows sit at positions p_lo..p_hi, split into interior and edge."""
+    rows sit at positions p_lo..p_hi, split into interior and edge. With a sliding window
+    (causal only) the visit starts at the tile of the first key row p_lo still sees."""
     end = kv_len
     if IS_CAUSAL:
         end = tl.minimum(kv_len, p_hi + 1)
@@ -271,13 +297,21 @@ def _key_tile_segments(
         decode = q_len <= 1
         a_hi = tl.where(decode, a_lo, a_hi)
         b_lo = tl.where(decode, end, b_lo)
-    return _segments(0, a_lo, a_hi, b_lo, b_hi, end)
+    s = 0
+    if HAS_WINDOW:
+        # Tiles whose last key n0 + BLOCK_N - 1 <= p_lo - slide are older than every
+        # row's window: never visited (the speed-up of a sliding window).
+        s = (tl.maximum(p_lo - slide + 1, 0) // BLOCK_N) * BLOCK_N
+        # Interior tiles are inside every row's window: p_hi - n0 < slide.
+        a_lo = tl.maximum(a_lo, tl.cdiv(tl.maximum(p_hi - slide + 1, 0), BLOCK_N) * BLOCK_N)
+    return _segments(s, a_lo, a_hi, b_lo, b_hi, end)
 
 
 @triton.jit
 def _query_block_segments(
-    n0, q_len, kv_len, num_sink, window,
+    n0, q_len, kv_len, num_sink, window, slide,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     """Query blocks (starts, multiples of BLOCK_M) that see the key tile starting at n0,
     split into interior and edge: the same tiles as ``_key_tile_segments``, seen from the
@@ -305,7 +339,15 @@ def _query_block_segments(
     whole = (q_len // BLOCK_M) * BLOCK_M
     a_hi = tl.minimum(tl.where(eligible, lower, s), whole)
     b_lo = tl.where(eligible, upper, end)
-    return _segments(s, s, a_hi, b_lo, whole, end)
+    b_hi = whole
+    if HAS_WINDOW:
+        # Rows at positions >= n0 + BLOCK_N - 1 + slide see none of the tile's keys: the
+        # blocks after the last row that does are never visited.
+        end = tl.minimum(end, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + slide - offset, 0), BLOCK_M) * BLOCK_M)
+        # Interior blocks see every key of the tile inside their window: p_hi - n0 < slide,
+        # i.e. start_m + BLOCK_M <= n0 + slide - offset.
+        b_hi = tl.minimum(b_hi, (tl.maximum(n0 + slide - offset, 0) // BLOCK_M) * BLOCK_M)
+    return _segments(s, s, a_hi, b_lo, b_hi, end)
 
 
 @triton.jit
@@ -481,14 +523,15 @@ def _key_tile(k_base, v_base, n0, kv_len, stride_kt, stride_vt, dim,
 def _attn_fwd(
     Q, K, V, O, LSE, STATS,
     Q_START, Q_LEN, K_START, K_LEN,
-    qk_scale, num_sink, window,
+    qk_scale, num_sink, window, slide, cap_scale, cap_inv_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_lh,
     stride_qb, stride_kb, stride_vb, stride_ob, stride_lb,
     max_q_bucket,  # autotune key only
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, WITH_STATS: tl.constexpr, WITH_LSE: tl.constexpr,
+    TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, WITH_STATS: tl.constexpr, WITH_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Sequence s reads rows Q_START[s]... of batch row s when the tensors are a padded batch
@@ -497,6 +540,9 @@ def _attn_fwd(
     # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel;
     # the softmax runs in fp32 either way.
     qk_scale = tl.cast(qk_scale, tl.float32)
+    if SOFTCAP:
+        cap_scale = tl.cast(cap_scale, tl.float32)
+        cap_inv_scale = tl.cast(cap_inv_scale, tl.float32)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUPS
@@ -524,7 +570,8 @@ def _attn_fwd(
         n_allowed = tl.zeros([BLOCK_M], tl.int32)
         n_kept = tl.zeros([BLOCK_M], tl.int32)
 
-    s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_N)
+    s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, slide,
+                                                         IS_CAUSAL, SPARSITY_N, BLOCK_N, HAS_WINDOW)
     # Interior tiles first, then the edge; the online softmax does not care about order.
     for EDGE in tl.static_range(2):
         for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_N)):
@@ -533,14 +580,15 @@ def _attn_fwd(
                                     HEAD_DIM, UPCAST, BLOCK_N, SPARSITY_N, SPARSITY_M, EDGE)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if EDGE:
-                qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+                qk = _allowed_scores(qk, q_pos, k_idx, kv_len, slide, IS_CAUSAL, HAS_WINDOW)
             # A group's maximum always survives selection, so the row max of the allowed
-            # scores is the row max of the kept ones.
-            m_tile = _row_max(qk, EDGE, SPARSITY_N, SPARSITY_M, BLOCK_M, BLOCK_N) * qk_scale
+            # scores is the row max of the kept ones (the soft cap is increasing).
+            m_tile = _log2_scores(_row_max(qk, EDGE, SPARSITY_N, SPARSITY_M, BLOCK_M, BLOCK_N), qk_scale,
+                                  cap_scale, cap_inv_scale, SOFTCAP)
             m_new = tl.maximum(m_i, m_tile)
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_shift)
-            arg = qk * qk_scale - m_shift[:, None]
+            arg = _log2_scores(qk, qk_scale, cap_scale, cap_inv_scale, SOFTCAP) - m_shift[:, None]
             if WITH_STATS:
                 p_allowed = tl.math.exp2(arg)
                 kept = _kept_entries(qk, q_pos, k_idx, q_len, num_sink, window,
@@ -583,9 +631,10 @@ def _attn_fwd(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _recomputed_probabilities(
-    qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window,
+    qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, slide, cap_scale, cap_inv_scale,
     EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The forward's softmax probabilities of one tile, rebuilt from its raw scores q·kᵀ and
     its lse (log2 domain): exp2(q·kᵀ·qk_scale - lse) on kept entries, exactly 0 on the others.
@@ -593,9 +642,10 @@ def _recomputed_probabilities(
     Callers issue dO·vᵀ right after q·kᵀ, so that the tensor cores compute it while this
     runs on the other pipes (docs/performance.md, item 22)."""
     if EDGE:
-        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, slide, IS_CAUSAL, HAS_WINDOW)
     return tl.math.exp2(_selection_exponent(
-        qk, qk * qk_scale - lse[:, None], q_pos, k_idx, q_len, num_sink, window,
+        qk, _log2_scores(qk, qk_scale, cap_scale, cap_inv_scale, SOFTCAP) - lse[:, None],
+        q_pos, k_idx, q_len, num_sink, window,
         EDGE, SPARSITY_N, SPARSITY_M, TIE_INDEX, ROWS, BLOCK_N,
     ))
 
@@ -621,20 +671,24 @@ def _attn_bwd_delta(
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     Q_START, Q_LEN, K_START, K_LEN,
-    softmax_scale, qk_scale, num_sink, window,
+    softmax_scale, qk_scale, num_sink, window, slide, cap_scale, cap_inv_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lt, stride_lh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     max_k_bucket,  # autotune key only
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel.
     qk_scale = tl.cast(qk_scale, tl.float32)
     softmax_scale = tl.cast(softmax_scale, tl.float32)
+    if SOFTCAP:
+        cap_scale = tl.cast(cap_scale, tl.float32)
+        cap_inv_scale = tl.cast(cap_inv_scale, tl.float32)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     kv_len = tl.load(K_LEN + seq)
@@ -653,7 +707,8 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    s0, a_lo, a_hi, b_lo, b_hi, end = _query_block_segments(n0, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_M, BLOCK_N)
+    s0, a_lo, a_hi, b_lo, b_hi, end = _query_block_segments(n0, q_len, kv_len, num_sink, window, slide,
+                                                            IS_CAUSAL, SPARSITY_N, BLOCK_M, BLOCK_N, HAS_WINDOW)
     for g in range(GROUPS):
         head = kv_head * GROUPS + g
         q_base = Q + q_start * stride_qt + head * stride_qh
@@ -694,11 +749,16 @@ def _attn_bwd_dkdv(
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 p = _recomputed_probabilities(
-                    qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, EDGE,
-                    IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+                    qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, slide, cap_scale,
+                    cap_inv_scale, EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, HAS_WINDOW, SOFTCAP,
+                    BLOCK_M, BLOCK_N,
                 )
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])
+                if SOFTCAP:
+                    # Through the cap: d(c tanh(x / c))/dx = 1 - tanh^2, on the raw scores.
+                    t = _tanh(qk * cap_inv_scale)
+                    ds = ds * (1.0 - t * t)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     out_mask = k_valid[:, None] & (dim < HEAD_DIM)[None, :]
@@ -712,19 +772,23 @@ def _attn_bwd_dkdv(
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
     Q_START, Q_LEN, K_START, K_LEN,
-    softmax_scale, qk_scale, num_sink, window,
+    softmax_scale, qk_scale, num_sink, window, slide, cap_scale, cap_inv_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lt, stride_lh, stride_dqt, stride_dqh,
     max_q_bucket,  # autotune key only
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel.
     qk_scale = tl.cast(qk_scale, tl.float32)
     softmax_scale = tl.cast(softmax_scale, tl.float32)
+    if SOFTCAP:
+        cap_scale = tl.cast(cap_scale, tl.float32)
+        cap_inv_scale = tl.cast(cap_inv_scale, tl.float32)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUPS
@@ -748,7 +812,8 @@ def _attn_bwd_dq(
     v_base = V + k_start * stride_vt + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_N)
+    s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, slide,
+                                                         IS_CAUSAL, SPARSITY_N, BLOCK_N, HAS_WINDOW)
     for EDGE in tl.static_range(2):
         for t in range(0, _segment_trip(s0, a_lo, a_hi, b_lo, b_hi, end, EDGE, BLOCK_N)):
             n0 = _segment_start(t, s0, a_lo, a_hi, b_lo, b_hi, EDGE, BLOCK_N)
@@ -757,10 +822,14 @@ def _attn_bwd_dq(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = _recomputed_probabilities(
-                qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, EDGE,
-                IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N,
+                qk, lse, qk_scale, q_pos, k_idx, q_len, kv_len, num_sink, window, slide, cap_scale,
+                cap_inv_scale, EDGE, IS_CAUSAL, SPARSITY_N, SPARSITY_M, TIE_INDEX, HAS_WINDOW, SOFTCAP,
+                BLOCK_M, BLOCK_N,
             )
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                t = _tanh(qk * cap_inv_scale)
+                ds = ds * (1.0 - t * t)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     dq_ptrs = DQ + (q_start + rows[:, None]) * stride_dqt + head * stride_dqh + dim[None, :]
@@ -772,21 +841,28 @@ def _attn_bwd_dq(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _kept_mask_probe(
-    QK, KEPT, INTERIOR, q_len, kv_len, num_sink, window,
+    QK, KEPT, INTERIOR, VISITED, q_len, kv_len, num_sink, window, slide,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
-    TIE_INDEX: tl.constexpr, BY_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, BY_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One tile per program, classified as the forward and dQ kernels (BY_KEYS false) or
-    the dK/dV kernel (BY_KEYS true) classify it, then masked as they mask it."""
+    the dK/dV kernel (BY_KEYS true) classify it, then masked as they mask it. A tile the
+    kernel never visits (after the causal end, or older than the sliding window) keeps
+    nothing, so a wrongly skipped tile shows up as a mismatch with ``kept_mask``."""
     start_m = tl.program_id(0) * BLOCK_M
     n0 = tl.program_id(1) * BLOCK_N
     rows, row_valid, q_pos, p_lo, p_hi = _query_rows(start_m, q_len, kv_len, BLOCK_M)
     if BY_KEYS:
-        s0, a_lo, a_hi, b_lo, b_hi, end = _query_block_segments(n0, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_M, BLOCK_N)
+        s0, a_lo, a_hi, b_lo, b_hi, end = _query_block_segments(n0, q_len, kv_len, num_sink, window, slide,
+                                                                IS_CAUSAL, SPARSITY_N, BLOCK_M, BLOCK_N, HAS_WINDOW)
         interior = _in_interior(start_m, a_lo, a_hi, b_lo, b_hi)
+        visited = (start_m >= s0) & (start_m < end)
     else:
-        s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, IS_CAUSAL, SPARSITY_N, BLOCK_N)
+        s0, a_lo, a_hi, b_lo, b_hi, end = _key_tile_segments(p_lo, p_hi, q_len, kv_len, num_sink, window, slide,
+                                                             IS_CAUSAL, SPARSITY_N, BLOCK_N, HAS_WINDOW)
         interior = _in_interior(n0, a_lo, a_hi, b_lo, b_hi)
+        visited = (n0 >= s0) & (n0 < end)
     k_idx = _key_index(n0, BLOCK_N, SPARSITY_N, SPARSITY_M)
     mask = row_valid[:, None] & (k_idx < kv_len)[None, :]
     qk = tl.load(QK + rows[:, None] * kv_len + k_idx[None, :], mask=mask, other=0.0)
@@ -794,31 +870,43 @@ def _kept_mask_probe(
         kept = _kept_entries(qk, q_pos, k_idx, q_len, num_sink, window, False,
                              SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
     else:
-        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, IS_CAUSAL)
+        qk = _allowed_scores(qk, q_pos, k_idx, kv_len, slide, IS_CAUSAL, HAS_WINDOW)
         kept = _kept_entries(qk, q_pos, k_idx, q_len, num_sink, window, True,
                              SPARSITY_N, SPARSITY_M, TIE_INDEX, BLOCK_M, BLOCK_N)
+    kept = kept & visited
     tl.store(KEPT + rows[:, None] * kv_len + k_idx[None, :], kept.to(tl.int8), mask=mask)
-    tl.store(INTERIOR + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), interior.to(tl.int8))
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(INTERIOR + tile, interior.to(tl.int8))
+    tl.store(VISITED + tile, visited.to(tl.int8))
 
 
 def kernel_kept_mask(qk: torch.Tensor, q_len: int, kv_len: int, params, block_m: int = 32, block_n: int = 64,
-                     by_keys: bool = False, return_interior: bool = False):
+                     by_keys: bool = False, return_interior: bool = False, return_visited: bool = False):
     """The kept mask of one sequence's raw scores ``qk`` [q_len, kv_len] (fp32) as the
     Triton kernels decide it, for any tile shape; compare with ``semantics.kept_mask``.
 
     ``by_keys`` classifies tiles as the dK/dV kernel does instead of as the forward and dQ
     kernels do. ``return_interior`` also returns the [query blocks, key tiles] bool grid
-    of tiles that skipped the per-element tests."""
+    of tiles that skipped the per-element tests, and ``return_visited`` (after it) the grid of
+    tiles the kernel visits at all (the others are skipped: past the causal end, or older
+    than the sliding window)."""
     qk = qk.contiguous().to(torch.float32)
     kept = torch.zeros(q_len, kv_len, dtype=torch.int8, device=qk.device)
     grid = (triton.cdiv(q_len, block_m), triton.cdiv(kv_len, block_n))
     interior = torch.zeros(grid, dtype=torch.int8, device=qk.device)
+    visited = torch.zeros(grid, dtype=torch.int8, device=qk.device)
     _kept_mask_probe[grid](
-        qk, kept, interior, q_len, kv_len, params.num_sink_tokens, params.dense_window_size,
-        IS_CAUSAL=params.is_causal, SPARSITY_N=params.sparsity_n, SPARSITY_M=params.sparsity_m,
-        TIE_INDEX=params.tie_break == "index", BY_KEYS=by_keys, BLOCK_M=block_m, BLOCK_N=block_n,
+        qk, kept, interior, visited, q_len, kv_len, params.num_sink_tokens, params.dense_window_size,
+        params.sliding_window, IS_CAUSAL=params.is_causal, SPARSITY_N=params.sparsity_n,
+        SPARSITY_M=params.sparsity_m, TIE_INDEX=params.tie_break == "index", HAS_WINDOW=params.sliding_window > 0,
+        BY_KEYS=by_keys, BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    return (kept.bool(), interior.bool()) if return_interior else kept.bool()
+    result = (kept.bool(),)
+    if return_interior:
+        result += (interior.bool(),)
+    if return_visited:
+        result += (visited.bool(),)
+    return result if len(result) > 1 else result[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -921,7 +1009,8 @@ def _prune(configs, named_args, kind, **kwargs):
     return kept
 
 
-_SHARED_KEYS = ["GROUPS", "HEAD_DIM", "IS_CAUSAL", "SPARSITY_N", "SPARSITY_M", "TIE_INDEX", "DOT_PRECISION"]
+_SHARED_KEYS = ["GROUPS", "HEAD_DIM", "IS_CAUSAL", "SPARSITY_N", "SPARSITY_M", "TIE_INDEX", "HAS_WINDOW", "SOFTCAP",
+                "DOT_PRECISION"]
 
 
 class _TunedKernel:
@@ -1021,6 +1110,15 @@ def _common_constexprs(q, groups, params):
     return _constexprs(q.dtype, q.shape[-1], groups, params, interpreting())
 
 
+def _window_softcap_args(params):
+    """Runtime scalars of the sliding window and the soft cap (slide, cap * log2 e,
+    scale / cap): zeros when off, where the kernels never read them."""
+    cap = params.softcap
+    if cap > 0:
+        return params.sliding_window, cap * LOG2E, params.softmax_scale / cap
+    return params.sliding_window, 0.0, 0.0
+
+
 def _launch_key(q, groups, params):
     """What decides a launch's config besides its length bucket and kernel switches."""
     return q.dtype, q.device, q.shape[-1], groups, params
@@ -1037,6 +1135,9 @@ def _constexprs(dtype, head_dim, groups, params, upcast):
         SPARSITY_N=params.sparsity_n,
         SPARSITY_M=params.sparsity_m,
         TIE_INDEX=params.tie_break == "index",
+        # Off (the defaults), the window and cap code is dead and compiles away.
+        HAS_WINDOW=params.sliding_window > 0,
+        SOFTCAP=params.softcap > 0,
         UPCAST=upcast,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
@@ -1054,11 +1155,12 @@ def _launch_forward(
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
     max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
-    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int = 0, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, per-row stats [rows, heads, 3] or an empty tensor)."""
+    """(out, lse, per-row stats [rows, heads, 3] or an empty tensor). The window and cap
+    default to off, so callers of the seven-field form (tools/host_cost.py) keep working."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
-                          dense_window_size, tie_break)
+                          dense_window_size, tie_break, sliding_window, softcap)
     out, lse, row_stats = _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered,
                                           with_stats, params)
     if row_stats is None:
@@ -1142,7 +1244,7 @@ def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, 
     args = (q, k, v, out, lse, row_stats if with_stats else lse,
             q_start, q_len, k_start, k_len,
             params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-            *rows, *batch, bucket)
+            *_window_softcap_args(params), *rows, *batch, bucket)
     launch_key = (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats, with_lse)
     return launch_key, args, dict(WITH_STATS=with_stats, WITH_LSE=with_lse, **consts)
 
@@ -1155,13 +1257,13 @@ def _traced_forward(
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
     max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
-    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward as torch.compile traces it: the kernel launched through ``wrap_triton``,
     so Inductor emits the launch itself (no opaque-op wrapper per layer), with the config
     an eager launch of the same key would run."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
-                          dense_window_size, tie_break)
+                          dense_window_size, tie_break, sliding_window, softcap)
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
     out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -1196,11 +1298,11 @@ def _launch_backward(
     q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
     max_q: int, max_k: int, q_covered: bool, k_covered: bool,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
-    num_sink_tokens: int, dense_window_size: int, tie_break: str,
+    num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the forward's inputs, output and lse."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
-                          dense_window_size, tie_break)
+                          dense_window_size, tie_break, sliding_window, softcap)
     q, k, v, do = (_unit_stride_rows(t) for t in (q, k, v, grad_out))
     hq, hkv = q.shape[1], k.shape[1]
     delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
@@ -1221,7 +1323,7 @@ def _launch_backward(
             lambda cfg: (_cdiv(max_k, cfg["BLOCK_N"]), q_len.shape[0], hkv), (*key, _bucket(max_k), tma),
             q, k, v, do, lse, delta, dk, dv,
             q_start, q_len, k_start, k_len,
-            scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+            scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size, *_window_softcap_args(params),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -1233,7 +1335,7 @@ def _launch_backward(
             lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq), (*key, _bucket(max_q)),
             q, k, v, do, lse, delta, dq,
             q_start, q_len, k_start, k_len,
-            scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
+            scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size, *_window_softcap_args(params),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
             _bucket(max_q),
@@ -1261,7 +1363,7 @@ def _setup_context(ctx, inputs, output):
 def _gradients(ctx, grad_out, launch_backward):
     q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
     dq, dk, dv = launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 16
+    return (dq, dk, dv) + (None,) * 18
 
 
 _forward_op.register_autograd(
@@ -1424,7 +1526,8 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
         q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
         bool(covered[0]), bool(covered[1]), stats is not None,
         bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
-        int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break),
+        int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break), int(p.sliding_window),
+        float(p.softcap),
     )
     if stats is not None:
         _reduce_row_stats(row_stats, q_start, q_len, stats)
