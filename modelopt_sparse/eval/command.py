@@ -18,6 +18,7 @@ from .job import (  # noqa: F401  (resolve_device/resolve_backend/check_sparsifi
     resolve_backend,
     resolve_device,
     run_meta,
+    say_written,
     LoadedModel,
 )
 from .models import (
@@ -113,16 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="measure kept fraction and dropped mass on the first N windows; the "
                               "kernel's statistics mode costs time, so later windows run without it "
                               f"and give tokens/s (default: {DEFAULT_STATS_WINDOWS})")
-    run = parser.add_argument_group("how to run")
-    run.add_argument("--device", default="auto", metavar="DEV",
-                     help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)")
-    run.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                     help="attention kernel: triton (GPU), torch (the PyTorch reference) or auto "
-                          "(triton on CUDA, torch on the CPU) (default: auto)")
-    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                     help="model dtype; auto is float32 on the CPU, bfloat16 on CUDA (default: auto)")
-    run.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                     help=f"where results.json, results.csv and results.png go (default: ./{DEFAULT_OUT})")
+    options.add_run_options(parser, DEFAULT_OUT,
+                            out_help=f"where results.json, results.csv and results.png go (default: ./{DEFAULT_OUT})")
     parser.set_defaults(handler=run_command)
 
 
@@ -183,9 +176,7 @@ def run_eval(args: argparse.Namespace, stdout=None) -> dict:
     write_json(out_dir / "lengths.json", summary)
     title = f"{source.label} | {text.label} | {device} {str(dtype).removeprefix('torch.')} {backend}"
     skipped = write_length_plot(out_dir / "lengths.png", summary, title)
-    say(f"\nwrote {out_dir / 'lengths.json'}" + ("" if skipped else f", {out_dir / 'lengths.png'}"))
-    if skipped:
-        say(f"plot skipped: {skipped}")
+    say_written(say, out_dir, ["lengths.json"], "lengths.png", skipped)
     return summary
 
 
@@ -235,10 +226,7 @@ def _run_length(args, loaded: LoadedModel, text, ids, seq_len, settings, device,
     title = (f"{loaded.source.label} | {text.label} | {windows.shape[0]} x {seq_len} tokens | "
              f"{device} {meta['dtype']} {backend}")
     skipped = write_plot(out_dir / "results.png", results, title)
-    written = ["results.json", "results.csv"] + ([] if skipped else ["results.png"])
-    say(f"\nwrote {', '.join(str(out_dir / w) for w in written)}")
-    if skipped:
-        say(f"plot skipped: {skipped}")
+    say_written(say, out_dir, ["results.json", "results.csv"], "results.png", skipped)
     return doc
 
 

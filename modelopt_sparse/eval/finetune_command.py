@@ -11,7 +11,7 @@ from pathlib import Path
 from . import options
 from .data import load_text, split_tokens, split_windows, tokenize
 from .errors import EvalError
-from .job import offline_and_quiet, open_model, prepare_out_dir, resolve_backend, run_meta
+from .job import offline_and_quiet, open_model, prepare_out_dir, resolve_backend, run_meta, say_written
 from .models import DEFAULT_MODEL_LABEL, INSTALL_DEFAULT_MODEL
 from .perplexity import apply_setting
 from .sweep import DENSE, Setting
@@ -289,10 +289,7 @@ def _run(args: argparse.Namespace, accelerator, stdout) -> dict | None:
         title = (f"{loaded.source.label} | {text.label} | {args.steps} steps x {args.batch_size} x {args.seq_len} | "
                  f"{device} {accelerator.mixed_precision} {backend}")
         skipped = write_plot(out_dir / "finetune.png", doc, title)
-        written = ["finetune.json"] + ([] if skipped else ["finetune.png"])
-        say(f"\nwrote {', '.join(str(out_dir / w) for w in written)}; checkpoint {checkpoint}")
-        if skipped:
-            say(f"plot skipped: {skipped}")
+        say_written(say, out_dir, ["finetune.json"], "finetune.png", skipped, extra=f"; checkpoint {checkpoint}")
     accelerator.wait_for_everyone()
     return doc
 

@@ -177,3 +177,12 @@ def run_meta(command: str, argv: list[str] | None, loaded: LoadedModel, device: 
         "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "elapsed_s": round(time.time() - started, 1),
     }
+
+
+def say_written(say, out_dir, files, plot: str, skipped, extra: str = "") -> None:
+    """One line naming the files written (the plot only if it was drawn), then why a plot
+    was skipped, if it was."""
+    written = list(files) + ([] if skipped else [plot])
+    say(f"\nwrote {', '.join(str(out_dir / name) for name in written)}{extra}")
+    if skipped:
+        say(f"plot skipped: {skipped}")

@@ -101,7 +101,8 @@ def add_sparsity_options(parser: argparse.ArgumentParser, default_patterns: str)
     return group
 
 
-def add_run_options(parser: argparse.ArgumentParser, default_out: str) -> argparse._ArgumentGroup:
+def add_run_options(parser: argparse.ArgumentParser, default_out: str, out_help: str | None = None
+                    ) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("how to run")
     group.add_argument("--device", default="auto", metavar="DEV",
                        help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)")
@@ -111,5 +112,5 @@ def add_run_options(parser: argparse.ArgumentParser, default_out: str) -> argpar
     group.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                        help="model dtype; auto is float32 on the CPU, bfloat16 on CUDA (default: auto)")
     group.add_argument("--out", default=default_out, metavar="DIR",
-                       help=f"directory for the outputs (default: ./{default_out})")
+                       help=out_help or f"directory for the outputs (default: ./{default_out})")
     return group

@@ -8,7 +8,7 @@ import time
 
 from . import options
 from .data import load_text, tokenize
-from .job import offline_and_quiet, open_model, prepare_out_dir, resolve_backend, resolve_device, run_meta
+from .job import offline_and_quiet, open_model, prepare_out_dir, resolve_backend, resolve_device, run_meta, say_written
 from .models import DEFAULT_MODEL_LABEL, INSTALL_DEFAULT_MODEL, resolve_dtype
 from .passkey import FORMATS, build_prompts, greedy_generator, score
 from .passkey_report import format_table, setting_record, write_csv, write_heatmaps, write_json
@@ -161,10 +161,7 @@ def run_passkey(args: argparse.Namespace, stdout=None) -> dict:
     write_csv(out_dir / "passkey.csv", records)
     title = f"{loaded.source.label} | {text.label} | {args.trials} trials/cell | {device} {meta['dtype']} {backend}"
     skipped = write_heatmaps(out_dir / "passkey.png", records, lengths, depths, title)
-    written = ["passkey.json", "passkey.csv"] + ([] if skipped else ["passkey.png"])
-    say(f"\nwrote {', '.join(str(out_dir / w) for w in written)}")
-    if skipped:
-        say(f"plot skipped: {skipped}")
+    say_written(say, out_dir, ["passkey.json", "passkey.csv"], "passkey.png", skipped)
     return doc
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 from . import options
 from .data import load_text, split_tokens, split_windows, tokenize
 from .errors import EvalError
-from .job import offline_and_quiet, open_model, prepare_out_dir, resolve_backend, resolve_device, run_meta
+from .job import offline_and_quiet, open_model, prepare_out_dir, resolve_backend, resolve_device, run_meta, say_written
 from .layer_search import Trial, assignment_config, candidate_order, greedy_search, module_order
 from .models import DEFAULT_MODEL_LABEL, INSTALL_DEFAULT_MODEL, resolve_dtype
 from .perplexity import apply_setting, perplexity
@@ -272,10 +272,7 @@ def run_search(args: argparse.Namespace, stdout=None) -> dict:
     title = (f"{loaded.source.label} | {text.label} | {args.seq_len}-token windows | {device} {meta['dtype']} "
              f"{backend}")
     skipped = write_plot(out_dir / "search.png", doc, title)
-    written = ["sparse_config.json", "search.json"] + ([] if skipped else ["search.png"])
-    say(f"\nwrote {', '.join(str(out_dir / w) for w in written)}")
-    if skipped:
-        say(f"plot skipped: {skipped}")
+    say_written(say, out_dir, ["sparse_config.json", "search.json"], "search.png", skipped)
     return doc
 
 
