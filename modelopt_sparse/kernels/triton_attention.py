@@ -1197,8 +1197,7 @@ def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_cov
                     max_q, q_covered, with_lse) if aligned else None
         plan = _FORWARD_PLANS.get(plan_key) if aligned else None
         if plan is not None and device == _current_cuda_device() and hooks_allow_plans():
-            out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
-            lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if with_lse else out
+            out, lse, _ = _forward_outputs(q, q_covered, with_lse, False)
             out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr()
             if _fwd.launcher._verify:
                 _fwd.verify_plan(plan, *_forward_args(q, k, v, out, lse, None, q_start, q_len, k_start, k_len,
@@ -1209,9 +1208,7 @@ def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_cov
     else:
         plan_key = None
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
-    out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if with_lse else out
-    row_stats = q.new_zeros(*q.shape[:-1], 3, dtype=torch.float32) if with_stats else None
+    out, lse, row_stats = _forward_outputs(q, q_covered, with_lse, with_stats)
     launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q,
                                              params, with_lse)
     grid = lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], q.shape[-2])  # noqa: E731
@@ -1222,6 +1219,16 @@ def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_cov
         if plan is not None:
             _FORWARD_PLANS[plan_key] = plan
     return out, (lse if with_lse else None), row_stats
+
+
+def _forward_outputs(q, q_covered, with_lse, with_stats):
+    """The forward's output (contiguous, q's shape; zero-filled unless the sequences cover
+    every row), its lse (fp32 ``q.shape[:-1]``; the output stands in when none is stored)
+    and its per-row statistics (``None`` without them)."""
+    out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if with_lse else out
+    row_stats = q.new_zeros(*q.shape[:-1], 3, dtype=torch.float32) if with_stats else None
+    return out, lse, row_stats
 
 
 def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q, params, with_lse):
@@ -1265,16 +1272,15 @@ def _traced_forward(
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
                           dense_window_size, tie_break, sliding_window, softcap)
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
-    out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    row_stats = (q.new_zeros(*q.shape[:-1], 3, dtype=torch.float32) if with_stats
-                 else q.new_empty(0, q.shape[-2], 3, dtype=torch.float32))
-    launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats if with_stats else None,
+    out, lse, row_stats = _forward_outputs(q, q_covered, True, with_stats)
+    launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats,
                                              q_start, q_len, k_start, k_len, max_q, params, True)
     config = _fwd.config_for(launch_key, q, kwargs)
     grid = (_cdiv(max_q, config.kwargs["BLOCK_M"]), q_len.shape[0], q.shape[-2])
     torch.library.wrap_triton(_attn_fwd)[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
                                                num_stages=config.num_stages)
+    if row_stats is None:
+        row_stats = q.new_empty(0, q.shape[-2], 3, dtype=torch.float32)
     return out, lse, row_stats
 
 
