@@ -107,6 +107,30 @@ def test_run_benchmarks_importable():
     assert "CUDA" in rows[-1]["reason"]
 
 
+def test_sliding_window_reaches_ours_and_is_refused_by_sdpa(monkeypatch):
+    import modelopt_sparse.kernels as kernels
+
+    seen = []
+    real = kernels.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("sliding_window"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention", spy)
+    rows = run_benchmarks(
+        quick=True, device="cpu", modes=("fwd",), causal=(True,), variants=("2:4",),
+        peers=("sdpa-math",), sliding_window=64, cpu_warmup=0, cpu_reps=1,
+    )
+    assert [r["status"] for r in rows] == ["ok", "n/a"]
+    assert "sliding window" in rows[1]["reason"]
+    assert seen and set(seen) == {64}
+    with pytest.raises(ValueError, match="needs causal"):
+        run_benchmarks(quick=True, device="cpu", causal=(True, False), sliding_window=64)
+    with pytest.raises(ValueError, match=">= 0"):
+        run_benchmarks(quick=True, device="cpu", sliding_window=-1)
+
+
 def test_flops_and_verdicts():
     s, h, d = 4096, 32, 128
     assert Case("fwd", False, s, d, h, h).flops == 4 * s * s * h * d

@@ -44,6 +44,10 @@ class BenchConfig:
     backend: str | None = None  # ours; None: "triton" on CUDA, "torch" elsewhere
     dense_window_size: int = 64
     num_sink_tokens: int = 0
+    # Sliding-window attention (0: off): ours and FlexAttention get the window, SDPA has none.
+    # FLOPs stay those of full causal attention, so TFLOPS against a run without the window
+    # read as the speed-up the window brings.
+    sliding_window: int = 0
     warmup_ms: float | None = None
     rep_ms: float | None = None
     cpu_warmup: int = 1
@@ -128,6 +132,10 @@ def resolve_config(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     if cfg.gqa < 1 or cfg.heads % cfg.gqa:
         raise ValueError(f"--gqa {cfg.gqa} must be >= 1 and divide --heads {cfg.heads}")
+    if cfg.sliding_window < 0:
+        raise ValueError(f"--sliding-window must be >= 0 (0: off), got {cfg.sliding_window}")
+    if cfg.sliding_window and False in cfg.causal:
+        raise ValueError("--sliding-window needs causal attention: add --causal causal")
     if any(s < 1 for s in cfg.seq_lens) or any(d < 1 for d in cfg.head_dims):
         raise ValueError("sequence lengths and head dims must be positive")
     return cfg

@@ -77,6 +77,10 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
                       help="backend= for our attention() (default triton on CUDA, torch on CPU)")
     what.add_argument("--dense-window-size", type=int, default=64, help="default 64")
     what.add_argument("--num-sink-tokens", type=int, default=0, help="default 0")
+    what.add_argument("--sliding-window", type=int, default=0, metavar="W",
+                      help="sliding-window attention for ours and FlexAttention (keys W or more positions "
+                           "behind the query are out; SDPA reported n/a); FLOPs stay those of full causal "
+                           "attention, so compare TFLOPS with a run without it (default 0: off)")
     what.add_argument("--flex-compile-mode", default=None,
                       help="torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs "
                            "(default: torch.compile's default)")
@@ -124,6 +128,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         backend=args.backend,
         dense_window_size=args.dense_window_size,
         num_sink_tokens=args.num_sink_tokens,
+        sliding_window=args.sliding_window,
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms,
         cpu_reps=args.cpu_reps,

@@ -58,6 +58,7 @@ def prepare_ours(variant: str, case: Case, cfg: BenchConfig, device, dtype) -> P
         OUR_VARIANTS[variant],
         num_sink_tokens=cfg.num_sink_tokens,
         dense_window_size=cfg.dense_window_size,
+        sliding_window=cfg.sliding_window or None,
         backend=cfg.backend,
     )
 
@@ -85,6 +86,8 @@ def prepare_sdpa(name: str, case: Case, cfg: BenchConfig, device, dtype) -> Prep
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa-math": SDPBackend.MATH,
     }[name]
+    if cfg.sliding_window:
+        raise Unsupported(f"{name} has no sliding window (the window would need a dense mask)")
     if name != "sdpa-math" and device.type != "cuda":
         raise Unsupported(f"{name} needs CUDA (device is {device})")
     train = case.mode == "fwdbwd"
@@ -128,8 +131,13 @@ def prepare_flex(case: Case, cfg: BenchConfig, device, dtype) -> Prepared:
     q, k, v = _peer_inputs(case, device, dtype, train)
     block_mask = None
     if case.causal:
+        window = cfg.sliding_window
+
         def causal_mask(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
+            allowed = q_idx >= kv_idx
+            if window:  # our rule: a key is disallowed when q_idx - kv_idx >= window
+                allowed = allowed & (q_idx - kv_idx < window)
+            return allowed
 
         block_mask = create_block_mask(
             causal_mask, B=None, H=None, Q_LEN=case.seq_len, KV_LEN=case.seq_len, device=device

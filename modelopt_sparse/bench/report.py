@@ -128,7 +128,9 @@ def format_report(rows: list[dict], ratios: list[dict], cfg: BenchConfig, env: d
     where = env.get("gpu") or f"CPU ({env.get('cpu')})"
     out = [
         f"Effective TFLOPS ({cfg.dtype}, H={cfg.heads}, Hkv={cfg.kv_heads}, "
-        f"window={cfg.dense_window_size}, sinks={cfg.num_sink_tokens}) on {where}; "
+        f"window={cfg.dense_window_size}, sinks={cfg.num_sink_tokens}"
+        + (f", sliding window {cfg.sliding_window}" if cfg.sliding_window else "")
+        + f") on {where}; "
         f"ours = {', '.join(cfg.variants) or '-'} (backend={cfg.backend})",
         format_table(["config"] + impls, body),
     ]
