@@ -9,7 +9,7 @@ import threading
 import torch
 
 from .reference import Segment, SparseParams, host_segments, reference_attention, reference_attention_op
-from .semantics import check_pattern, check_window_softcap
+from .semantics import LEARNED_SINK_DTYPES, check_learned_sinks, check_pattern, check_window_softcap
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHECKED_DTYPES = frozenset(_FLOAT_DTYPES + (torch.float64,))
@@ -43,6 +43,7 @@ def attention(
     tie_break: str = "threshold",
     sliding_window: int | None = None,
     softcap: float | None = None,
+    learned_sinks: torch.Tensor | None = None,
     backend: str = "auto",
     return_stats: bool = False,
     check_metadata: bool = True,
@@ -88,12 +89,19 @@ def attention(
         softcap: ``None`` (off) or ``c > 0``: the softmax sees
             ``c * tanh(softmax_scale * q.k / c)`` (Gemma 2's logit soft-capping: scale,
             then cap). Selection is unchanged (the cap is strictly increasing).
+        learned_sinks: ``None`` (off) or a ``[Hq]`` float tensor on ``q``'s device: one
+            extra logit per query head in every row's softmax denominator, with no value
+            row (GPT-OSS's ``s_aux``/``sinks``). It is in the units of the softmax's inputs
+            (not multiplied by ``softmax_scale``, not soft-capped) and never takes part in
+            N:M selection. Differentiable (its gradient has its dtype). Not to be confused
+            with ``num_sink_tokens``, which keeps real keys dense.
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
             reference) or ``"auto"`` (triton on CUDA or when interpreting, else torch).
         return_stats: also return per-head sparsity statistics (forward only): a dict of
             ``[Hq]`` tensors ``allowed`` and ``kept`` (score counts), ``rows`` (query rows
             with at least one allowed key) and ``dropped_mass`` (sum over those rows of
-            ``1 - Z_kept / Z_allowed``).
+            ``1 - Z_kept / Z_allowed``; with learned sinks the sink's term is in both sums,
+            so this is the share of the dense softmax that selection drops).
         check_metadata: read the metadata values back and validate them (bounds, overlaps,
             ``max_input_len``). That costs one device synchronisation per new metadata
             tensor (checked tensors are remembered until written in place). ``False`` skips
@@ -108,7 +116,8 @@ def attention(
             ``check_metadata=False``: checked metadata finds this out itself.
 
     Returns:
-        ``[total_q, Hq, D]`` (or ``[B, Sq, Hq, D]``, contiguous) in the dtype of ``q``, differentiable in ``q``, ``k`` and ``v``
+        ``[total_q, Hq, D]`` (or ``[B, Sq, Hq, D]``, contiguous) in the dtype of ``q``, differentiable in ``q``, ``k``,
+        ``v`` and ``learned_sinks``
         (the mask is held fixed; with the Triton backend, first derivatives only: a second
         derivative through it raises). Rows with no kept key are 0. With ``return_stats``, the
         pair ``(out, stats)``.
@@ -142,6 +151,12 @@ def attention(
     if sliding_window is not None or softcap is not None:
         check_window_softcap(sliding_window, softcap, is_causal)
     _check_tensors(q, k, v)
+    if learned_sinks is not None:
+        if type(learned_sinks) is not torch.Tensor or learned_sinks.dtype not in LEARNED_SINK_DTYPES \
+                or learned_sinks.shape != q.shape[-2:-1] or learned_sinks.device != q.device:
+            check_learned_sinks(learned_sinks, q)
+        if learned_sinks.stride(0) != 1:  # the kernels index it by head
+            learned_sinks = learned_sinks.contiguous()
     if backend == "auto":
         backend = "triton" if (q.is_cuda or interpreting()) else "torch"
     _check_backend(q, backend)
@@ -170,18 +185,19 @@ def attention(
                      tie_break, sliding_window or 0, float(softcap or 0.0))
     stats = _new_stats(q) if return_stats else None
     batch_shape = None
-    if q.dim() == 4 and not (backend == "triton" and stats is None and not _needs_grad(q, k, v)):
+    if q.dim() == 4 and not (backend == "triton" and stats is None and not _needs_grad(q, k, v, learned_sinks)):
         # Only the Triton forward reads batch rows in place; everything else sees packed rows.
         batch_shape = q.shape
         q, k, v, b_start_loc, b_start_loc_k = _pack_batch(q, k, v, b_start_loc, b_start_loc_k)
     if backend == "torch":
         if torch.compiler.is_compiling():
             # One opaque op for Dynamo: the reference loops over host-side sequence bounds.
-            out = reference_attention_op(q, k, v, b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k, params, stats)
+            out = reference_attention_op(q, k, v, b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k, params, stats,
+                                         learned_sinks)
         else:
             if segments is None:
                 segments = host_segments(b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k)
-            out, _ = reference_attention(q, k, v, segments, params, stats)
+            out, _ = reference_attention(q, k, v, segments, params, stats, learned_sinks)
     else:
         from .triton_attention import triton_attention
 
@@ -189,7 +205,7 @@ def attention(
             q, k, v,
             b_start_loc, b_seq_len, max_input_len,
             b_start_loc_k, b_seq_len_k, max_input_len_k,
-            params, stats, covered=covered,
+            params, stats, covered=covered, learned_sinks=learned_sinks,
         )
     if batch_shape is not None:
         out = out.view(batch_shape)
@@ -212,8 +228,9 @@ def _params(*fields) -> SparseParams:
     return params
 
 
-def _needs_grad(q, k, v) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+def _needs_grad(q, k, v, learned_sinks=None) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+        learned_sinks is not None and learned_sinks.requires_grad))
 
 
 def _pack_batch(q, k, v, start_q, start_k):

@@ -9,8 +9,10 @@ this rule:
   the test-suite compares element for element with :func:`kept_mask` through a mask probe
   (``tests/test_kernel_triton.py``), for several tile shapes and both tile classifications.
 
-Pattern validation (the N:M values, tie rules, token counts) also lives here, so that the
-kernel API and the plugin configs reject bad values with the same words.
+Pattern validation (the N:M values, tie rules, token counts, window, cap and learned sinks)
+also lives here, so that the kernel API and the plugin configs reject bad values with the
+same words. Learned sinks (one extra softmax logit per query head) never touch the mask:
+they enter the softmax only (``reference.sink_softmax``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,33 @@ def check_window_softcap(sliding_window, softcap, is_causal: bool = True) -> Non
             raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__} ({softcap!r})")
         if not 0 < softcap < math.inf:  # also false for NaN
             raise ValueError(f"softcap must be positive and finite (None turns it off), got {softcap}")
+
+
+LEARNED_SINK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_learned_sinks(learned_sinks, q: torch.Tensor, caller: str = "") -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``learned_sinks`` is a floating ``[Hq]``
+    tensor on ``q``'s device (``q``: ``[..., Hq, D]``). Metadata only: the values are never
+    read (that would be a device synchronisation per call); a NaN or +inf logit gives NaN
+    rows, as it would in the eager model."""
+    if not isinstance(learned_sinks, torch.Tensor):
+        raise TypeError(
+            f"{caller}learned_sinks must be a tensor of shape [num_query_heads] or None, "
+            f"got {type(learned_sinks).__name__}"
+        )
+    if learned_sinks.dtype not in LEARNED_SINK_DTYPES:
+        raise TypeError(
+            f"{caller}learned_sinks must be float16, bfloat16, float32 or float64, got {learned_sinks.dtype}"
+        )
+    heads = q.shape[-2]
+    if learned_sinks.dim() != 1 or learned_sinks.shape[0] != heads:
+        raise ValueError(
+            f"{caller}learned_sinks must have shape [{heads}] (one logit per query head), "
+            f"got {tuple(learned_sinks.shape)}"
+        )
+    if learned_sinks.device != q.device:
+        raise ValueError(f"{caller}learned_sinks is on {learned_sinks.device} but q is on {q.device}")
 
 
 def capped_scores(scaled: torch.Tensor, softcap) -> torch.Tensor:

@@ -1511,12 +1511,14 @@ def _reduce_row_stats(row_stats, q_start, q_len, stats):
 
 
 def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, stats=None,
-                     covered=(False, False)):
+                     covered=(False, False), learned_sinks=None):
     """Launch the fused kernels; inputs are validated by :func:`modelopt_sparse.kernels.attention`.
 
     ``covered``: whether the sequences cover every packed query / key row; rows outside
     every sequence read as 0 in the output and gradients, which then needs a zero fill."""
     p = params
+    if learned_sinks is not None:
+        raise NotImplementedError("learned_sinks is not implemented in the Triton kernels yet; use backend='torch'")
     if torch.compiler.is_compiling():
         forward = _forward_op
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
