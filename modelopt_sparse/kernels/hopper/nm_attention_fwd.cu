@@ -1,0 +1,607 @@
+// N:M sparse softmax attention, forward, for Hopper (sm_90a): one warp-specialized CTA per
+// 128-query tile of one (sequence, query head).
+//
+//   warpgroup 0 (producer, 128 threads, registers lowered by setmaxnreg): loads Q once and the
+//     K/V tiles of 128 keys into a ring of shared-memory stages with cp.async (zero-filling rows
+//     past the sequence), and signals "full" mbarriers; K and V have separate barriers so that
+//     a K stage is refilled as soon as Q.K^T has read it.
+//   warpgroups 1 and 2 (consumers, registers raised): 64 query rows each. Per key tile:
+//     S = Q.K^T (wgmma, SS), the N:M selection on the f32 accumulator fragment, online softmax
+//     in registers, O += P.V (wgmma, RS: P converted to 16-bit in registers). Q.K^T of tile j
+//     is issued together with P.V of tile j-1 so that the softmax of j runs under P.V(j-1)
+//     (intra-warpgroup overlap); with NMH_PINGPONG the two warpgroups also take turns issuing
+//     their MMAs (named barriers) so that one's softmax runs under the other's MMAs.
+//
+// The rule is docs/semantics.md, element for element. The kernel's key tiles hold keys in a
+// permuted order when N:M selection is on: shared-memory row c of a tile starting at key n0
+// holds key n0 + (c % G) * M + c / G (G = 128 / M), for K and V alike (so P.V is unchanged).
+// In the wgmma accumulator layout thread (warp w, lane 4g+t) holds columns 8j + 2t + e
+// (j < 16, e < 2) of rows g and g+8; with the permutation the M members of a group are the
+// columns j = jr + R*m (R = 16 / M, m = member = key order), all in one thread: selection
+// needs no shuffle at all.
+//
+// Compile-time variant (-D): NMH_HEAD_DIM (64, 128), NMH_SPARSITY_N / NMH_SPARSITY_M (N = 0:
+// dense), NMH_TIE_INDEX, NMH_FP16 (else bf16), NMH_PINGPONG, NMH_OVERLAP (intra-warpgroup
+// overlap: the softmax of tile j runs while P.V(j-1) is in flight; costs the 32 registers of
+// P(j-1) during the softmax), NMH_PROBE (mask-probe build: also writes the raw scores and the
+// kept flags; the same selection code, for tests only).
+#include "ptx.cuh"
+#include "wgmma.cuh"
+
+#ifndef NMH_HEAD_DIM
+#define NMH_HEAD_DIM 128
+#endif
+#ifndef NMH_SPARSITY_N
+#define NMH_SPARSITY_N 0
+#endif
+#ifndef NMH_SPARSITY_M
+#define NMH_SPARSITY_M 4
+#endif
+#ifndef NMH_TIE_INDEX
+#define NMH_TIE_INDEX 0
+#endif
+#ifndef NMH_FP16
+#define NMH_FP16 0
+#endif
+#ifndef NMH_PINGPONG
+#define NMH_PINGPONG 0
+#endif
+#ifndef NMH_OVERLAP
+#define NMH_OVERLAP 1
+#endif
+#ifndef NMH_PROBE
+#define NMH_PROBE 0
+#endif
+
+using namespace nmh;
+
+// Kernel arguments, one struct by value. hopper_attention.py mirrors it field for field
+// (ctypes) and checks sizeof against nmh_config[3] at load time.
+struct FwdParams {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* o;
+  float* lse;              // [rows, lse_row] log2-domain log-sum-exp (the Triton backward's input)
+  const int* q_start;      // varlen metadata, int32 [B]
+  const int* q_len;
+  const int* k_start;
+  const int* k_len;
+  float* probe_s;          // mask probe (NMH_PROBE builds): raw scores and kept flags,
+  uint8_t* probe_kept;     //   [Hq, rows, probe_keys]
+  int64_t q_row, q_head;   // strides in elements (unit stride along the head dim)
+  int64_t k_row, k_head;
+  int64_t v_row, v_head;
+  int64_t o_row, o_head;
+  int64_t probe_head, probe_row;
+  int groups;              // Hq / Hkv
+  int lse_row;             // lse row stride (= Hq)
+  int is_causal;
+  int num_sink;
+  int dense_window;
+  int sliding_window;      // 0 = off
+  int reserved;
+  float scale_log2;        // softmax_scale * log2(e)
+};
+static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update hopper_attention.py");
+
+constexpr int D = NMH_HEAD_DIM;
+constexpr int N_SEL = NMH_SPARSITY_N;
+constexpr int M_SEL = NMH_SPARSITY_M;
+constexpr bool SPARSE = N_SEL > 0;
+constexpr bool TIE_INDEX = NMH_TIE_INDEX != 0;
+constexpr bool FP16 = NMH_FP16 != 0;
+constexpr bool PINGPONG = NMH_PINGPONG != 0;
+constexpr bool OVERLAP = NMH_OVERLAP != 0;
+constexpr bool PROBE = NMH_PROBE != 0;
+static_assert(D == 64 || D == 128, "head dim 64 or 128");
+static_assert(!SPARSE || M_SEL == 2 || M_SEL == 4 || M_SEL == 8 || M_SEL == 16, "M in 2/4/8/16");
+static_assert(N_SEL >= 0 && N_SEL < M_SEL, "0 <= N < M");
+
+constexpr int BM = 128;                 // query rows per CTA (2 consumer warpgroups x 64)
+constexpr int BN = 128;                 // keys per tile
+constexpr int THREADS = 384;
+constexpr int STAGES = D == 128 ? 2 : 4;
+constexpr int ATOM_BYTES = 128 * 128;   // 128 rows x 128 B (64 elements): a swizzle atom column
+constexpr int TILE_BYTES = (D / 64) * ATOM_BYTES;
+constexpr int Q_OFF = 0;
+constexpr int K_OFF = Q_OFF + TILE_BYTES;
+constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
+constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
+constexpr int BAR_Q = 0, BAR_FULL_K = 1, BAR_FULL_V = 1 + STAGES, BAR_EMPTY_K = 1 + 2 * STAGES,
+              BAR_EMPTY_V = 1 + 3 * STAGES, NUM_BARS = 1 + 4 * STAGES;
+constexpr int SMEM_BYTES = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 128*40 + 256*232 = 384*168
+constexpr int PRODUCER_WARPS = 4, CONSUMER_WARPS = 8;
+
+// Read by the host (cuModuleGetGlobal): dynamic shared memory, threads, query rows per CTA,
+// sizeof(FwdParams).
+extern "C" __constant__ int nmh_config[4] = {SMEM_BYTES, THREADS, BM, (int)sizeof(FwdParams)};
+
+// Key permutation (see the header). G groups per tile row; R column residues per group.
+constexpr int G_PERM = SPARSE ? BN / M_SEL : BN;
+constexpr int R_PERM = SPARSE ? 16 / M_SEL : 16;
+__device__ __forceinline__ int row_key(int c) {  // shared-memory row -> key offset in the tile
+  if constexpr (SPARSE) return (c % G_PERM) * M_SEL + c / G_PERM;
+  else return c;
+}
+__device__ __forceinline__ int col_key(int j, int t, int e) {  // accumulator column -> key offset
+  if constexpr (SPARSE) return M_SEL * (8 * (j % R_PERM) + 2 * t + e) + j / R_PERM;
+  else return 8 * j + 2 * t + e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producer: 128 rows of one tile with cp.async, 16 bytes a thread per instruction. Thread tid
+// copies chunk cc = tid % CPR of rows rb + ROW_STEP * i; the 128-byte swizzle XORs the chunk
+// index with row % 8, which is rb % 8 for all of a thread's rows.
+// ---------------------------------------------------------------------------------------------
+template <bool PERM>
+__device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t* base, int64_t row_stride, int n0,
+                                          int limit, int tid) {
+  constexpr int CPR = D / 8;
+  constexpr int ROW_STEP = 128 / CPR;
+  const int cc = tid % CPR, rb = tid / CPR;
+  const uint32_t col = (uint32_t)((cc / 8) * ATOM_BYTES + (((cc % 8) ^ (rb & 7)) << 4));
+  const uint16_t* src0 = base + cc * 8;
+  // Partly unrolled: the producer runs on few registers (setmaxnreg) and is not issue-bound.
+#pragma unroll 4
+  for (int i = 0; i < CPR; ++i) {
+    const int c = rb + ROW_STEP * i;
+    const int key = n0 + (PERM ? row_key(c) : c);
+    const bool valid = key < limit;
+    const uint16_t* src = src0 + (int64_t)(valid ? key : 0) * row_stride;
+    cp_async16(dst + col + (uint32_t)c * 128u, src, valid ? 16u : 0u);
+  }
+}
+
+// What a consumer thread knows about its rows that is not a kernel argument (arguments stay
+// in the constant bank and cost no register).
+struct RowCtx {
+  int q_len, kv_len, p_lo, p_hi;
+  int qrow;         // sequence row of the thread's first row (the second is qrow + 8)
+  int offset;       // kv_len - q_len: key-space position = row + offset
+};
+
+__device__ __forceinline__ bool tile_is_edge(int n0, const RowCtx& x, const FwdParams& p) {
+  bool e = n0 + BN > x.kv_len;
+  if (p.is_causal) e |= n0 + BN - 1 > x.p_lo;
+  if (p.sliding_window > 0) e |= x.p_hi - n0 >= p.sliding_window;
+  if constexpr (SPARSE) {
+    e |= x.q_len == 1;  // decode: dense, no selection
+    e |= n0 < p.num_sink;
+    if (p.dense_window > 0) e |= (n0 <= x.p_hi) && (n0 + BN - 1 >= x.p_lo - p.dense_window + 1);
+  }
+  return e;
+}
+
+// Descending Batcher odd-even merge sort network on M values, written as template recursion so
+// that every index is a compile-time constant (a runtime index would put the array in local
+// memory). The compiler drops every comparator outside the cone of the ranks that are used.
+__device__ __forceinline__ void cx(float& a, float& b) {  // larger first
+  const float hi = fmaxf(a, b), lo = fminf(a, b);
+  a = hi;
+  b = lo;
+}
+// Merge the sorted halves of x[LO, LO + N) looking at every R-th element (Batcher's recursion).
+template <int LO, int N, int R, int M>
+__device__ __forceinline__ void oe_merge(float (&x)[M]) {
+  constexpr int STEP = 2 * R;
+  if constexpr (STEP < N) {
+    oe_merge<LO, N, STEP>(x);
+    oe_merge<LO + R, N, STEP>(x);
+#pragma unroll
+    for (int i = LO + R; i + R < LO + N; i += STEP) cx(x[i], x[i + R]);
+  } else {
+    cx(x[LO], x[LO + R]);
+  }
+}
+template <int LO, int N, int M>
+__device__ __forceinline__ void oe_sort(float (&x)[M]) {
+  if constexpr (N > 1) {
+    oe_sort<LO, N / 2>(x);
+    oe_sort<LO + N / 2, N / 2>(x);
+    oe_merge<LO, N, 1>(x);
+  }
+}
+template <int M>
+__device__ __forceinline__ void sort_desc(float (&x)[M]) {
+  oe_sort<0, M>(x);
+}
+
+constexpr int NGROUPS = SPARSE ? 32 / M_SEL : 1;  // groups per thread row
+__device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
+  return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
+}
+
+// Softmax of one tile: selection, running max, exponentials in place (s becomes P in f32),
+// running sum, and the factor alpha by which O must be rescaled.
+template <bool EDGE>
+__device__ __forceinline__ void softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
+                                             float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off) {
+  const float c = p.scale_log2;
+  // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
+  if constexpr (PROBE) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
+          if (row < x.q_len && key < x.kv_len) p.probe_s[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e];
+        }
+  }
+  if constexpr (EDGE) {  // disallowed -> -inf (they then count as -inf in their group)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int pos = x.qrow + 8 * r + x.offset;
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = n0 + col_key(j, t, e);
+          bool ok = key < x.kv_len;
+          if (p.is_causal) ok &= key <= pos;
+          if (p.sliding_window > 0) ok &= pos - key < p.sliding_window;
+          if (!ok) s[4 * j + 2 * r + e] = -INFINITY;
+        }
+    }
+  }
+  float mx[2];
+  float thr[2][NGROUPS];  // the N-th largest of each group (selection only)
+  bool tie = false;       // some group's N-th and (N+1)-th largest are equal ("index" rule)
+  if constexpr (SPARSE) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = -INFINITY;
+#pragma unroll
+      for (int g = 0; g < NGROUPS; ++g) {
+        float v[M_SEL];
+#pragma unroll
+        for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
+        sort_desc<M_SEL>(v);
+        thr[r][g] = v[N_SEL - 1];
+        // A group's maximum is always kept, so the row max of the kept scores is the max of
+        // the group maxima (docs/semantics.md, "Output").
+        mx[r] = fmaxf(mx[r], v[0]);
+        if constexpr (TIE_INDEX) tie |= v[N_SEL - 1] == v[N_SEL];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = s[2 * r];
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
+    }
+  }
+  float mc[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m[r], mx[r]);
+    // A row with no allowed key so far has max -inf: shift by 0 so ex2 gives 0, not NaN.
+    mc[r] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
+    m[r] = mn;
+    l[r] *= alpha[r];
+  }
+  // The exponents, with dropped entries at -inf (exact path) or below -2^41 (fast path).
+  bool exact = EDGE;
+  if constexpr (SPARSE && TIE_INDEX) {
+    if (!EDGE) exact = __any_sync(0xffffffffu, tie);  // warp-uniform
+  }
+  if constexpr (!SPARSE) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = fmaf(s[i], c, -mc[(i >> 1) & 1]);
+  } else {
+    if (!exact) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int g = 0; g < NGROUPS; ++g)
+#pragma unroll
+          for (int mm = 0; mm < M_SEL; ++mm) {
+            const int i = member_index(g, mm, r);
+            s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
+          }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int pos = x.qrow + 8 * r + x.offset;
+#pragma unroll
+        for (int g = 0; g < NGROUPS; ++g) {
+          const float tn = thr[r][g];
+          int quota = N_SEL;
+          if constexpr (TIE_INDEX) {
+#pragma unroll
+            for (int mm = 0; mm < M_SEL; ++mm) quota -= s[member_index(g, mm, r)] > tn ? 1 : 0;
+          }
+          int eq = 0;  // members equal to tn seen so far, in key order
+#pragma unroll
+          for (int mm = 0; mm < M_SEL; ++mm) {
+            const int i = member_index(g, mm, r);
+            const float v = s[i];
+            bool kept;
+            if constexpr (TIE_INDEX) {
+              // Exactly N: everything above the N-th largest, then the lowest-index ties.
+              kept = v > tn || (v == tn && eq < quota);
+              eq += v == tn ? 1 : 0;
+            } else {
+              kept = v >= tn;
+            }
+            if constexpr (EDGE) {  // the dense region: sinks, the dense window, decode steps
+              const int key = n0 + col_key((g >> 1) + R_PERM * mm, t, g & 1);
+              const int dist = pos - key;
+              kept |= x.q_len == 1 || key < p.num_sink || (unsigned)dist < (unsigned)p.dense_window;
+            }
+            s[i] = kept ? fmaf(v, c, -mc[r]) : -INFINITY;
+          }
+        }
+      }
+    }
+  }
+  // Mask probe, part 2: kept = the exponent the kernel really uses is not a dropped one.
+  if constexpr (PROBE) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
+          if (row < x.q_len && key < x.kv_len)
+            p.probe_kept[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e] >= -2199023255552.f ? 1 : 0;
+        }
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    s[i] = ex2(s[i]);
+    l[(i >> 1) & 1] += s[i];
+  }
+}
+
+template <bool F16>
+__device__ __forceinline__ void qk_gemm(float (&s)[64], uint64_t dq, uint64_t dk) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t off = (uint32_t)((kk / 4) * ATOM_BYTES + (kk % 4) * 32) >> 4;
+    if constexpr (F16) wgmma_qk_ss_n128_f16(s, dq + off, dk + off, kk > 0 ? 1 : 0);
+    else wgmma_qk_ss_n128_bf16(s, dq + off, dk + off, kk > 0 ? 1 : 0);
+  }
+}
+template <bool F16, int DD>
+__device__ __forceinline__ void pv_gemm(float (&o)[DD / 2], const uint32_t (&pr)[8][4], uint64_t dv) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const uint64_t d = dv + ((uint32_t)(kk * 2048) >> 4);  // 16 keys x 128 B per k-step
+    if constexpr (DD == 128) {
+      if constexpr (F16) wgmma_pv_rs_n128_f16(o, pr[kk], d, 1);
+      else wgmma_pv_rs_n128_bf16(o, pr[kk], d, 1);
+    } else {
+      if constexpr (F16) wgmma_pv_rs_n64_f16(o, pr[kk], d, 1);
+      else wgmma_pv_rs_n64_bf16(o, pr[kk], d, 1);
+    }
+  }
+}
+// P (f32 accumulator layout) -> the A fragments of 8 m64nDk16 steps: step kk covers
+// accumulator columns 16kk..16kk+15, i.e. registers 8kk..8kk+7 in order.
+__device__ __forceinline__ void convert_p(const float (&s)[64], uint32_t (&pr)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __grid_constant__ FwdParams p) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* smem = (uint8_t*)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+  const uint32_t sbase = smem_u32(smem);
+  const uint32_t bars = sbase + BAR_OFF;
+  auto bar = [&](int i) { return bars + 8u * (uint32_t)i; };
+
+  // Heaviest causal tiles first (the last query blocks see the most keys).
+  const int m_block = p.is_causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int head = blockIdx.y, seq = blockIdx.z;
+  const int q_len = p.q_len[seq];
+  const int m0 = m_block * BM;
+  if (m0 >= q_len) return;  // whole CTA, before any barrier is used
+  const int kv_len = p.k_len[seq];
+  const int64_t q_start = p.q_start[seq], k_start = p.k_start[seq];
+  const int offset = kv_len - q_len;  // queries are the last q_len keys
+  const int p_lo = m0 + offset;
+  const int p_hi = min(m0 + BM, q_len) - 1 + offset;
+  const int key_end = p.is_causal ? min(kv_len, p_hi + 1) : kv_len;
+  const int t_end = key_end > 0 ? (key_end + BN - 1) / BN : 0;
+  // With a sliding window, tiles wholly older than every row's window are never visited.
+  const int t_begin = p.sliding_window > 0 ? max(p_lo - p.sliding_window + 1, 0) / BN : 0;
+  const int nt = max(t_end - t_begin, 0);  // tiles visited, in descending key order
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar(BAR_Q), PRODUCER_WARPS);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar(BAR_FULL_K + s), PRODUCER_WARPS);
+      mbar_init(bar(BAR_FULL_V + s), PRODUCER_WARPS);
+      mbar_init(bar(BAR_EMPTY_K + s), CONSUMER_WARPS);
+      mbar_init(bar(BAR_EMPTY_V + s), CONSUMER_WARPS);
+    }
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  const int lane = threadIdx.x % 32;
+  const int kv_head = head / p.groups;
+
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer
+    setmaxnreg_dec<PRODUCER_REGS>();
+    if (nt == 0) return;
+    const int tid = threadIdx.x;
+    const uint16_t* qbase = p.q + q_start * p.q_row + (int64_t)head * p.q_head;
+    const uint16_t* kbase = p.k + k_start * p.k_row + (int64_t)kv_head * p.k_head;
+    const uint16_t* vbase = p.v + k_start * p.v_row + (int64_t)kv_head * p.v_head;
+    load_tile<false>(sbase + Q_OFF, qbase, p.q_row, m0, q_len, tid);
+    cp_async_commit();
+    // Groups are committed in the order Q, K0, V0, K1, V1, ...: "wait_group 1" right after
+    // committing K_i completes V_{i-1}; right after committing V_i it completes K_i (and Q).
+    // Each completed load is fenced (generic -> async proxy, for wgmma) by its writer, then
+    // one lane per warp arrives on the full barrier (count 4).
+    for (int i = 0; i < nt; ++i) {
+      const int s = i % STAGES, u = i / STAGES;
+      const int n0 = (t_end - 1 - i) * BN;
+      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+      load_tile<SPARSE>(sbase + K_OFF + s * TILE_BYTES, kbase, p.k_row, n0, kv_len, tid);
+      cp_async_commit();
+      if (i > 0) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar(BAR_FULL_V + (i - 1) % STAGES));
+      }
+      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+      load_tile<SPARSE>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncwarp();
+      if (lane == 0) {
+        if (i == 0) mbar_arrive(bar(BAR_Q));
+        mbar_arrive(bar(BAR_FULL_K + s));
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar(BAR_FULL_V + (nt - 1) % STAGES));
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers
+  setmaxnreg_inc<CONSUMER_REGS>();
+  const int wgc = wg - 1;                     // consumer warpgroup 0 / 1: rows 64*wgc ...
+  const int warp = (threadIdx.x / 32) % 4;
+  const int t = lane % 4;
+  RowCtx x;
+  x.q_len = q_len;
+  x.kv_len = kv_len;
+  x.p_lo = p_lo;
+  x.p_hi = p_hi;
+  x.qrow = m0 + 64 * wgc + 16 * warp + lane / 4;
+  x.offset = offset;
+  const int64_t probe_off = PROBE ? (int64_t)head * p.probe_head + q_start * p.probe_row : 0;
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
+
+  if (nt > 0) {
+    const uint64_t dq = make_desc_sw128(sbase + Q_OFF + wgc * 64 * 128, 16, 1024);
+    auto desc_k = [&](int s) { return make_desc_sw128(sbase + K_OFF + s * TILE_BYTES, 16, 1024); };
+    auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * TILE_BYTES, ATOM_BYTES, 1024); };
+    const int my_turn = 1 + wgc, other_turn = 2 - wgc;  // named barrier ids (ping-pong)
+    float s_acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s_acc[i] = 0.f;
+    uint32_t pr[8][4];
+    auto softmax = [&](int i) {
+      const int n0 = (t_end - 1 - i) * BN;
+      if (tile_is_edge(n0, x, p)) softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
+      else softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
+    };
+
+    mbar_wait(bar(BAR_Q), 0, 1);
+    // ---- tile 0: Q.K^T and softmax only
+    if (PINGPONG && wgc == 1) named_arrive(1, 256);  // consumer warpgroup 0 issues first
+    mbar_wait(bar(BAR_FULL_K), 0, 30);
+    if (PINGPONG) named_sync(my_turn, 256);
+    wg_fence();
+    qk_gemm<FP16>(s_acc, dq, desc_k(0));
+    wg_commit();
+    if (PINGPONG && (wgc == 0 || nt > 1)) named_arrive(other_turn, 256);
+    wg_wait<0>();
+    reg_fence(s_acc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K));
+    softmax(0);
+    convert_p(s_acc, pr);
+
+    // ---- tiles 1..nt-1: Q.K^T(i) and P.V(i-1) issued together. With OVERLAP the softmax of
+    // tile i runs while P.V(i-1) is still in flight; without, P(i-1) is dead during it.
+    for (int i = 1; i < nt; ++i) {
+      const int s = i % STAGES, u = i / STAGES;
+      const int sp = (i - 1) % STAGES, up = (i - 1) / STAGES;
+      mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
+      mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
+      if (PINGPONG) named_sync(my_turn, 256);
+      wg_fence();
+      qk_gemm<FP16>(s_acc, dq, desc_k(s));
+      wg_commit();
+      pv_gemm<FP16, D>(o, pr, desc_v(sp));
+      wg_commit();
+      if (PINGPONG && (wgc == 0 || i < nt - 1)) named_arrive(other_turn, 256);
+      if constexpr (OVERLAP) {
+        wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
+        reg_fence(s_acc);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
+        softmax(i);
+        wg_wait<0>();  // P.V(i-1) done: its P registers and V stage are free
+        reg_fence(o);
+        reg_fence(s_acc);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar(BAR_EMPTY_V + sp));
+      } else {
+        wg_wait<0>();
+        reg_fence(s_acc);
+        reg_fence(o);
+        __syncwarp();
+        if (lane == 0) {
+          mbar_arrive(bar(BAR_EMPTY_K + s));
+          mbar_arrive(bar(BAR_EMPTY_V + sp));
+        }
+        softmax(i);
+      }
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          o[4 * j + 2 * r] *= alpha[r];
+          o[4 * j + 2 * r + 1] *= alpha[r];
+        }
+      convert_p(s_acc, pr);
+    }
+    // ---- last P.V
+    const int sl = (nt - 1) % STAGES, ul = (nt - 1) / STAGES;
+    mbar_wait(bar(BAR_FULL_V + sl), ul & 1, 40 + sl);
+    wg_fence();
+    pv_gemm<FP16, D>(o, pr, desc_v(sl));
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(o);
+  }
+
+  // -------------------------------------------------------------------- epilogue
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = x.qrow + 8 * r;
+    if (row >= q_len) continue;
+    // A row with no kept key outputs exactly 0 and lse = -inf (docs/semantics.md).
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    uint16_t* orow = p.o + (q_start + row) * p.o_row + (int64_t)head * p.o_head + 2 * t;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<uint32_t*>(orow + 8 * j) = pack2<FP16>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    if (t == 0 && p.lse != nullptr)
+      p.lse[(q_start + row) * p.lse_row + head] = l[r] > 0.f ? m[r] * p.scale_log2 + __log2f(l[r]) : -INFINITY;
+  }
+}
