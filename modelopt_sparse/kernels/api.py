@@ -14,7 +14,7 @@ from .semantics import LEARNED_SINK_DTYPES, check_learned_sinks, check_pattern, 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHECKED_DTYPES = frozenset(_FLOAT_DTYPES + (torch.float64,))
 _CHECKED_PATTERNS: set = set()
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch", "hopper")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
@@ -96,7 +96,10 @@ def attention(
             N:M selection. Differentiable (its gradient has its dtype). Not to be confused
             with ``num_sink_tokens``, which keeps real keys dense.
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
-            reference) or ``"auto"`` (triton on CUDA or when interpreting, else torch).
+            reference), ``"hopper"`` (the sm_90 CUDA forward, docs/hopper_engine.md; raises
+            ``HopperUnavailable`` naming the reason when it cannot run the call) or ``"auto"``
+            (triton on CUDA or when interpreting, else torch; with ``MODELOPT_SPARSE_HOPPER=1``
+            the Hopper engine where it can run, else triton with one logged line).
         return_stats: also return per-head sparsity statistics (forward only): a dict of
             ``[Hq]`` tensors ``allowed`` and ``kept`` (score counts), ``rows`` (query rows
             with at least one allowed key) and ``dropped_mass`` (sum over those rows of
@@ -157,8 +160,10 @@ def attention(
             check_learned_sinks(learned_sinks, q)
         if learned_sinks.stride(0) != 1:  # the kernels index it by head
             learned_sinks = learned_sinks.contiguous()
+    hopper = backend == "hopper"
     if backend == "auto":
         backend = "triton" if (q.is_cuda or interpreting()) else "torch"
+        hopper = q.is_cuda and _hopper_auto()
     _check_backend(q, backend)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
@@ -184,6 +189,10 @@ def attention(
     params = _params(is_causal, float(softmax_scale), sparsity_n, sparsity_m, num_sink_tokens, dense_window_size,
                      tie_break, sliding_window or 0, float(softcap or 0.0))
     stats = _new_stats(q) if return_stats else None
+    if hopper:  # the Hopper engine, or Triton with the reason (kernels/hopper_attention.py)
+        from .hopper_attention import choose
+
+        backend = choose(q, k, v, params, forced=backend == "hopper", stats=stats, learned_sinks=learned_sinks)
     batch_shape = None
     if q.dim() == 4 and not (backend == "triton" and stats is None and not _needs_grad(q, k, v, learned_sinks)):
         # Only the Triton forward reads batch rows in place; everything else sees packed rows.
@@ -198,6 +207,11 @@ def attention(
             if segments is None:
                 segments = host_segments(b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k)
             out, _ = reference_attention(q, k, v, segments, params, stats, learned_sinks)
+    elif backend == "hopper":
+        from .hopper_attention import hopper_attention
+
+        out = hopper_attention(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k,
+                               max_input_len_k, params, covered=covered)
     else:
         from .triton_attention import triton_attention
 
@@ -226,6 +240,12 @@ def _params(*fields) -> SparseParams:
         if len(_PARAMS) < 4096:
             _PARAMS[fields] = params
     return params
+
+
+def _hopper_auto() -> bool:
+    from .hopper_attention import auto_enabled
+
+    return auto_enabled()
 
 
 def _needs_grad(q, k, v, learned_sinks=None) -> bool:

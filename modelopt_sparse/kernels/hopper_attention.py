@@ -1,0 +1,635 @@
+"""The Hopper (sm_90) forward engine: ``attention(..., backend="hopper")``.
+
+A warp-specialized CUDA C++ kernel (``kernels/hopper/nm_attention_fwd.cu``, inline PTX, no
+CUTLASS) for the forward pass of the same rule as every other backend (docs/semantics.md):
+dense and N:M (M in 2/4/8/16, both tie rules), varlen, GQA, causal or not, sinks, dense
+window, decode rows, sliding window, D = 64 or 128, fp16 or bf16. It stores the same
+log2-domain LSE as the Triton forward, so the Triton backward runs on its output.
+docs/hopper_engine.md has the design and the status (**compile-checked; not yet run on a
+GPU** at the time of writing).
+
+How it runs, without a PyTorch C++ extension (so it works the same on any torch version):
+
+* nvcc compiles the variant a call needs (head dim, N:M pattern, tie rule, dtype, schedule)
+  into a cubin at first use; cubins are cached on disk under
+  ``$MODELOPT_SPARSE_HOPPER_CACHE`` (default ``~/.cache/modelopt_sparse/hopper``), keyed by
+  a hash of the CUDA sources, the variant and the nvcc version, so an edited source or
+  another nvcc never reuses a stale binary;
+* the CUDA driver API (``libcuda`` through ctypes) loads it (``cuModuleLoadData``) into
+  PyTorch's context and launches it on PyTorch's current stream (``cuLaunchKernel``).
+
+The toolchain is optional (``pip install modelopt-sparse[hopper]`` or any CUDA 12.4+
+toolkit; ``$MODELOPT_SPARSE_NVCC`` names an nvcc explicitly). :func:`unsupported_reason`
+says why a call cannot run here; ``backend="hopper"`` raises :class:`HopperUnavailable`
+with it, ``backend="auto"`` (when it considers this engine) logs it once and uses Triton.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .reference import SparseParams
+
+LOG = logging.getLogger("modelopt_sparse")
+BACKEND = "hopper"
+SOURCE_DIR = Path(__file__).resolve().parent / "hopper"
+KERNEL = "nm_attn_fwd"
+BLOCK_M = 128
+THREADS = 384
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+# Compile flags. No --use_fast_math: the selection's kept test (drop_below) relies on sub.f32
+# not flushing subnormals.
+NVCC_FLAGS = ("-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v")
+
+
+class HopperUnavailable(RuntimeError):
+    """``backend="hopper"`` was asked for a call this engine cannot run (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------
+# Variants and the on-disk cubin cache
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: everything that is a template parameter of the CUDA source."""
+
+    head_dim: int = 128
+    sparsity_n: int = 0
+    sparsity_m: int = 4
+    tie_index: bool = False
+    fp16: bool = False
+    pingpong: bool = False
+    overlap: bool = True
+    probe: bool = False
+
+    def __post_init__(self):
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
+        if self.sparsity_n and self.sparsity_m not in (2, 4, 8, 16):
+            raise ValueError(f"sparsity_m must be 2, 4, 8 or 16, got {self.sparsity_m}")
+        if not 0 <= self.sparsity_n < max(self.sparsity_m, 1):
+            raise ValueError(f"need 0 <= sparsity_n < sparsity_m, got {self.sparsity_n}:{self.sparsity_m}")
+
+    def canonical(self) -> "Variant":
+        """Dense kernels ignore M and the tie rule: one cubin serves all of them."""
+        if self.sparsity_n == 0:
+            return dataclasses.replace(self, sparsity_m=4, tie_index=False)
+        return self
+
+    @property
+    def tag(self) -> str:
+        pattern = f"{self.sparsity_n}of{self.sparsity_m}{'i' if self.tie_index else 't'}" if self.sparsity_n else "dense"
+        flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
+                                        ("x", self.probe)) if on)
+        return f"d{self.head_dim}_{pattern}_{flags or '-'}"
+
+    def defines(self) -> list[str]:
+        v = self.canonical()
+        return [f"-DNMH_HEAD_DIM={v.head_dim}", f"-DNMH_SPARSITY_N={v.sparsity_n}",
+                f"-DNMH_SPARSITY_M={v.sparsity_m}", f"-DNMH_TIE_INDEX={int(v.tie_index)}",
+                f"-DNMH_FP16={int(v.fp16)}", f"-DNMH_PINGPONG={int(v.pingpong)}",
+                f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"]
+
+
+def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
+    """The kernel a call runs. Schedule switches come from the environment so that the device
+    script can time the alternatives: MODELOPT_SPARSE_HOPPER_PINGPONG (default 0) and
+    MODELOPT_SPARSE_HOPPER_OVERLAP (default 1)."""
+    return Variant(
+        head_dim=head_dim,
+        sparsity_n=params.sparsity_n,
+        sparsity_m=params.sparsity_m,
+        tie_index=params.tie_break == "index",
+        fp16=dtype == torch.float16,
+        pingpong=_env_flag("MODELOPT_SPARSE_HOPPER_PINGPONG", False),
+        overlap=_env_flag("MODELOPT_SPARSE_HOPPER_OVERLAP", True),
+        probe=probe,
+    ).canonical()
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip()
+    if value == "":
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MODELOPT_SPARSE_HOPPER_CACHE") or Path.home() / ".cache" / "modelopt_sparse" / "hopper")
+
+
+def find_nvcc() -> str | None:
+    """The nvcc to compile with: ``$MODELOPT_SPARSE_NVCC``, then ``$CUDA_HOME``/``$CUDA_PATH``,
+    ``PATH``, ``/usr/local/cuda``, and the ``nvidia-cuda-nvcc`` wheel; None when none exists."""
+    explicit = os.environ.get("MODELOPT_SPARSE_NVCC")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    candidates = [Path(os.environ[v]) / "bin" / "nvcc" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    try:  # the pip toolchain (nvidia-cuda-nvcc) installs under site-packages/nvidia/
+        import nvidia  # noqa: PLC0415
+
+        for root in getattr(nvidia, "__path__", []):
+            candidates += sorted(Path(root).glob("cu*/bin/nvcc")) + sorted(Path(root).glob("cuda_nvcc/bin/nvcc"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def nvcc_version(nvcc: str) -> str:
+    """The last line of ``nvcc --version`` (e.g. ``Build cuda_13.0.r13.0/compiler.36424714_0``):
+    part of the cache key, so that cubins of another nvcc are never reused."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise HopperUnavailable(f"{nvcc} --version failed: {out.stderr.strip()[-300:]}")
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    return lines[-1] if lines else out.stdout
+
+
+def source_digest() -> str:
+    """Hash of every CUDA source of the engine (.cu and .cuh, by name and content)."""
+    h = hashlib.sha256()
+    files = sorted(list(SOURCE_DIR.glob("*.cu")) + list(SOURCE_DIR.glob("*.cuh")))
+    if not files:
+        raise HopperUnavailable(f"the engine's CUDA sources are missing ({SOURCE_DIR})")
+    for f in files:
+        h.update(f.name.encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cache_key(variant: Variant, nvcc_id: str, digest: str | None = None) -> str:
+    """What decides a cubin's bytes: sources, variant (its -D flags), compiler and flags."""
+    h = hashlib.sha256()
+    for part in (digest or source_digest(), " ".join(variant.canonical().defines()), nvcc_id, " ".join(NVCC_FLAGS)):
+        h.update(part.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:20]
+
+
+def cubin_path(variant: Variant, nvcc: str | None = None) -> Path:
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise HopperUnavailable(_NO_NVCC)
+    v = variant.canonical()
+    return cache_dir() / f"{KERNEL}_{v.tag}_{cache_key(v, nvcc_version(nvcc))}.cubin"
+
+
+_NO_NVCC = ("no CUDA compiler found: install the optional toolchain (pip install 'modelopt-sparse[hopper]') "
+            "or a CUDA 12.4+ toolkit, or set MODELOPT_SPARSE_NVCC to an nvcc")
+_compile_locks: dict = {}
+_compile_locks_guard = threading.Lock()
+
+
+def compile_variant(variant: Variant, nvcc: str | None = None) -> Path:
+    """The cached cubin of ``variant``, compiling it first if needed (atomic: concurrent
+    processes never see a partial file). ptxas's report lands beside it (``.log``)."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise HopperUnavailable(_NO_NVCC)
+    path = cubin_path(variant, nvcc)
+    if path.is_file():
+        return path
+    with _compile_locks_guard:  # one compile per cubin in this process; other cubins in parallel
+        lock = _compile_locks.setdefault(path, threading.Lock())
+    with lock:
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".cubin", dir=path.parent)
+        os.close(fd)
+        cmd = [nvcc, *NVCC_FLAGS, *variant.canonical().defines(), "-o", tmp, str(SOURCE_DIR / "nm_attention_fwd.cu")]
+        LOG.info("modelopt_sparse: compiling the Hopper kernel %s", variant.canonical().tag)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise HopperUnavailable(f"nvcc failed for {variant.canonical().tag}:\n{(res.stderr or res.stdout)[-2000:]}")
+        path.with_suffix(".log").write_text(res.stderr + res.stdout)
+        os.replace(tmp, path)
+    return path
+
+
+def ptxas_summary(log_text: str) -> dict:
+    """Registers, spill bytes and stack of the kernel from ptxas -v output."""
+    out = {}
+    m = re.search(r"Used (\d+) registers", log_text)
+    if m:
+        out["registers"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log_text)
+    if m:
+        out["stack"], out["spill_stores"], out["spill_loads"] = (int(x) for x in m.groups())
+    out["serialized_wgmma"] = "C751" in log_text  # ptxas "wgmma ... serialized" performance warnings
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# CUDA driver API (ctypes)
+# --------------------------------------------------------------------------------------
+class _FwdParams(ctypes.Structure):
+    """Mirror of ``struct FwdParams`` in nm_attention_fwd.cu (checked against the module's
+    ``nmh_config[3]`` = sizeof at load time)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("o", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p), ("q_start", ctypes.c_void_p), ("q_len", ctypes.c_void_p),
+        ("k_start", ctypes.c_void_p), ("k_len", ctypes.c_void_p), ("probe_s", ctypes.c_void_p),
+        ("probe_kept", ctypes.c_void_p),
+        ("q_row", ctypes.c_int64), ("q_head", ctypes.c_int64), ("k_row", ctypes.c_int64),
+        ("k_head", ctypes.c_int64), ("v_row", ctypes.c_int64), ("v_head", ctypes.c_int64),
+        ("o_row", ctypes.c_int64), ("o_head", ctypes.c_int64), ("probe_head", ctypes.c_int64),
+        ("probe_row", ctypes.c_int64),
+        ("groups", ctypes.c_int), ("lse_row", ctypes.c_int), ("is_causal", ctypes.c_int),
+        ("num_sink", ctypes.c_int), ("dense_window", ctypes.c_int), ("sliding_window", ctypes.c_int),
+        ("reserved", ctypes.c_int), ("scale_log2", ctypes.c_float),
+    ]
+
+
+PARAMS_SIZE = 200  # static_assert(sizeof(FwdParams) == 200) in the CUDA source
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+class _Driver:
+    """The few driver calls the engine makes, with errors turned into exceptions."""
+
+    def __init__(self):
+        try:
+            self.lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as e:
+            raise HopperUnavailable(f"cannot load the CUDA driver library libcuda.so.1 ({e})") from e
+        self.check(self.lib.cuInit(0), "cuInit")
+
+    def check(self, rc: int, what: str):
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(rc, ctypes.byref(name))
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorString(rc, ctypes.byref(text))
+            raise RuntimeError(f"modelopt_sparse hopper: {what} failed: {(name.value or b'?').decode()} "
+                               f"({(text.value or b'').decode()})")
+
+    def primary_context(self, device_index: int) -> int:
+        """PyTorch's context of the device (the primary one), made current on this thread.
+        Retained for the life of the process (loaded modules live in it)."""
+        dev = ctypes.c_int()
+        self.check(self.lib.cuDeviceGet(ctypes.byref(dev), device_index), "cuDeviceGet")
+        primary = ctypes.c_void_p()
+        self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev), "cuDevicePrimaryCtxRetain")
+        self.make_current(primary.value)
+        return primary.value
+
+    def make_current(self, context: int):
+        current = ctypes.c_void_p()
+        self.check(self.lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+        if current.value != context:
+            self.check(self.lib.cuCtxSetCurrent(ctypes.c_void_p(context)), "cuCtxSetCurrent")
+
+
+class _Module:
+    """One loaded cubin on one device: its function, smem size and timeout flag."""
+
+    def __init__(self, driver: _Driver, image: bytes, context: int):
+        self.driver = driver
+        self.context = context
+        self.handle = ctypes.c_void_p()
+        self._image = ctypes.create_string_buffer(image, len(image))
+        driver.check(driver.lib.cuModuleLoadData(ctypes.byref(self.handle), self._image), "cuModuleLoadData")
+        self.function = ctypes.c_void_p()
+        driver.check(driver.lib.cuModuleGetFunction(ctypes.byref(self.function), self.handle, KERNEL.encode()),
+                     "cuModuleGetFunction")
+        config = self._read_global("nmh_config", 16)
+        self.smem, threads, block_m, params_size = (int.from_bytes(config[i:i + 4], "little", signed=True)
+                                                    for i in range(0, 16, 4))
+        if (threads, block_m, params_size) != (THREADS, BLOCK_M, ctypes.sizeof(_FwdParams)):
+            raise RuntimeError(f"modelopt_sparse hopper: the cubin's layout (threads {threads}, rows {block_m}, "
+                               f"params {params_size} B) does not match the Python side")
+        driver.check(driver.lib.cuFuncSetAttribute(self.function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                   self.smem), "cuFuncSetAttribute(max dynamic shared memory)")
+
+    def _global(self, name: str):
+        ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
+        self.driver.check(self.driver.lib.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.handle,
+                                                               name.encode()), f"cuModuleGetGlobal({name})")
+        return ptr, size.value
+
+    def _read_global(self, name: str, nbytes: int) -> bytes:
+        ptr, size = self._global(name)
+        buf = ctypes.create_string_buffer(nbytes)
+        self.driver.check(self.driver.lib.cuMemcpyDtoH_v2(buf, ptr, ctypes.c_size_t(min(nbytes, size))),
+                          f"cuMemcpyDtoH({name})")
+        return buf.raw
+
+    def take_timeout(self) -> int:
+        """The kernel's deadlock flag (0 = none), cleared. Synchronizes the device."""
+        flag = int.from_bytes(self._read_global("nmh_timeout", 4), "little", signed=True)
+        if flag:
+            ptr, _ = self._global("nmh_timeout")
+            self.driver.check(self.driver.lib.cuMemsetD32_v2(ptr, ctypes.c_uint(0), ctypes.c_size_t(1)),
+                              "cuMemsetD32(nmh_timeout)")
+        return flag
+
+    def launch(self, grid, params: _FwdParams, stream: int):
+        self.driver.make_current(self.context)  # a launch from a thread torch never made current
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        self.driver.check(self.driver.lib.cuLaunchKernel(
+            self.function, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(grid[2]),
+            ctypes.c_uint(THREADS), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(self.smem),
+            ctypes.c_void_p(stream), args, None), "cuLaunchKernel")
+
+
+@functools.lru_cache(maxsize=1)
+def _driver() -> _Driver:
+    return _Driver()
+
+
+_modules: dict = {}
+_modules_lock = threading.Lock()
+
+
+def _module(variant: Variant, device_index: int) -> _Module:
+    key = (variant.canonical(), device_index)
+    mod = _modules.get(key)
+    if mod is None:
+        with _modules_lock:
+            mod = _modules.get(key)
+            if mod is None:
+                image = compile_variant(variant).read_bytes()
+                driver = _driver()
+                torch.cuda.init()
+                mod = _modules[key] = _Module(driver, image, driver.primary_context(device_index))
+    return mod
+
+
+# --------------------------------------------------------------------------------------
+# What can run here
+# --------------------------------------------------------------------------------------
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: SparseParams,
+                       *, stats=None, learned_sinks=None, check_toolchain: bool = True) -> str | None:
+    """Why this engine cannot run the call (a sentence), or None when it can. Cheap checks
+    first; the toolchain (nvcc present, sources present) last."""
+    if not q.is_cuda:
+        return f"it needs CUDA tensors, got {q.device}"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if (major, minor) != (9, 0):
+        return f"it needs an sm_90 GPU (H100/H200), this one is sm_{major}{minor}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it supports float16 and bfloat16, not {q.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"it supports head_dim 64 and 128, not {q.shape[-1]}"
+    if stats is not None:
+        return "return_stats=True runs on the Triton forward (the Hopper kernel keeps no statistics)"
+    if learned_sinks is not None:
+        return "learned_sinks are not implemented in the Hopper kernel"
+    if params.softcap:
+        return "softcap is not implemented in the Hopper kernel"
+    if torch.compiler.is_compiling():
+        return "it is not traceable by torch.compile (the Triton op is)"
+    if q.shape[-2] > 65535:
+        return f"at most 65535 query heads, got {q.shape[-2]}"
+    if check_toolchain:
+        if find_nvcc() is None:
+            return _NO_NVCC
+        if not (SOURCE_DIR / "nm_attention_fwd.cu").is_file():
+            return f"the engine's CUDA sources are missing ({SOURCE_DIR})"
+    return None
+
+
+_logged: set = set()
+
+
+def log_fallback_once(reason: str) -> None:
+    """One log line per distinct reason, for ``backend="auto"`` falling back to Triton."""
+    if reason not in _logged:
+        _logged.add(reason)
+        LOG.warning("modelopt_sparse: the Hopper engine is not used (%s); using the Triton kernels", reason)
+
+
+def auto_enabled() -> bool:
+    """Whether ``backend="auto"`` considers this engine. Off until a GPU run has verified it
+    (docs/hopper_engine.md); ``MODELOPT_SPARSE_HOPPER=1`` opts in."""
+    return _env_flag("MODELOPT_SPARSE_HOPPER", False)
+
+
+def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> str:
+    """``"hopper"`` or ``"triton"`` for one call. Forced (``backend="hopper"``): raises
+    :class:`HopperUnavailable` when it cannot run, except for ``return_stats=True``, which is
+    served by the Triton forward (documented fallback). Auto: falls back with one log line."""
+    reason = unsupported_reason(q, k, v, params, stats=stats, learned_sinks=learned_sinks)
+    if reason is None:
+        return BACKEND
+    if forced and stats is None:
+        raise HopperUnavailable(f"backend='hopper' cannot run this call: {reason}")
+    log_fallback_once(reason)
+    return "triton"
+
+
+# --------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------
+def _grid(max_q: int, hq: int, batch: int) -> tuple[int, int, int]:
+    if batch > 65535:
+        raise HopperUnavailable(f"at most 65535 sequences per call, got {batch}")
+    return (max(1, math.ceil(max_q / BLOCK_M)), hq, batch)
+
+
+def _checked() -> bool:
+    """MODELOPT_SPARSE_HOPPER_CHECK=1: synchronize after every launch and raise if a barrier
+    wait in the kernel timed out (a deadlock shows as an error, not a hang). For tests."""
+    return _env_flag("MODELOPT_SPARSE_HOPPER_CHECK", False)
+
+
+def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams, *, q_covered: bool,
+            with_lse: bool, probe=None):
+    """Launch the kernel: ``(out, lse or None)``; out is contiguous ``[T, Hq, D]`` in q's
+    dtype (rows outside every sequence are 0 unless ``q_covered``), lse fp32 ``[T, Hq]``
+    (log2 domain, as the Triton forward's). ``probe``: (scores, kept) buffers
+    ``[Hq, T, keys]`` for a mask-probe build."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    variant = variant_for(params, q.dtype, d, probe=probe is not None)
+    device = q.get_device()
+    mod = _module(variant, device)
+    out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
+    lse = q.new_empty(q.shape[:2], dtype=torch.float32) if with_lse else None
+    p = _FwdParams()
+    p.q, p.k, p.v, p.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    p.lse = lse.data_ptr() if lse is not None else None
+    p.q_start, p.q_len, p.k_start, p.k_len = (t.data_ptr() for t in (q_start, q_len, k_start, k_len))
+    p.q_row, p.q_head = q.stride(0), q.stride(1)
+    p.k_row, p.k_head = k.stride(0), k.stride(1)
+    p.v_row, p.v_head = v.stride(0), v.stride(1)
+    p.o_row, p.o_head = out.stride(0), out.stride(1)
+    if probe is not None:
+        scores, kept = probe
+        p.probe_s, p.probe_kept = scores.data_ptr(), kept.data_ptr()
+        p.probe_head, p.probe_row = scores.stride(0), scores.stride(1)
+    p.groups = hq // hkv
+    p.lse_row = hq
+    p.is_causal = int(params.is_causal)
+    p.num_sink = params.num_sink_tokens
+    p.dense_window = params.dense_window_size
+    p.sliding_window = params.sliding_window or 0
+    p.scale_log2 = params.softmax_scale * LOG2E
+    grid = _grid(max_q, hq, q_len.shape[0])
+    if q.shape[0] == 0:
+        return out, lse
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        mod.launch(grid, p, stream)
+        if _checked():
+            torch.cuda.synchronize(device)
+            flag = mod.take_timeout()
+            if flag:
+                flag -= 1
+                raise RuntimeError(
+                    f"modelopt_sparse hopper: a barrier wait timed out in {variant.tag} (barrier id {flag >> 16}, "
+                    f"parity {(flag >> 15) & 1}, block {flag & 32767}): a synchronization bug in the kernel")
+    return out, lse
+
+
+def _backward_fields(params: SparseParams) -> tuple:
+    return tuple(getattr(params, f.name) for f in dataclasses.fields(params))
+
+
+class _HopperAttention(torch.autograd.Function):
+    """Forward by the Hopper kernel, backward by the Triton kernels on its output and LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, params):
+        out, lse = forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, q_covered=q_covered,
+                           with_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
+        ctx.scalars = (max_q, max_k, q_covered, k_covered, *_backward_fields(params))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .triton_attention import _launch_backward, _NoSecondDerivative
+
+        q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
+        with torch.no_grad():
+            dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
+        if torch.is_grad_enabled():  # create_graph=True: refuse a second derivative, as Triton does
+            dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v, grad_out)
+        return (dq, dk, dv) + (None,) * 9
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """cp.async moves 16-byte chunks: unit stride along head_dim and 16-byte aligned base,
+    row and head strides; anything else is copied once."""
+    if t.stride(-1) != 1 or t.stride(0) % 8 or t.stride(1) % 8 or t.data_ptr() % 16:
+        return t.contiguous()
+    return t
+
+
+def hopper_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, covered=(False, False)):
+    """The engine's entry from :func:`modelopt_sparse.kernels.attention` (inputs validated
+    there, packed 3-D tensors)."""
+    max_q, max_k = max(int(max_q), 1), max(int(max_k), 1)
+    q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _HopperAttention.apply(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, bool(covered[0]),
+                                      bool(covered[1]), params)
+    out, _ = forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, q_covered=bool(covered[0]),
+                     with_lse=False)
+    return out
+
+
+def forward_with_lse(q, k, v, q_start, q_len, max_q, k_start, k_len, params, covered=False):
+    """(out, lse) of the Hopper forward (for tests and comparisons with the Triton forward)."""
+    q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
+    return forward(q, k, v, q_start, q_len, max(int(max_q), 1), k_start, k_len, params, q_covered=covered,
+                   with_lse=True)
+
+
+def kept_mask_probe(q, k, v, q_start, q_len, max_q, k_start, k_len, params, keys: int):
+    """Run the mask-probe build: ``(scores, kept)`` of shape ``[Hq, T, keys]``: the raw
+    scores q·k the kernel computed (NaN on tiles it never visited) and the entries its
+    softmax kept (False where not visited). Compare ``kept`` with ``semantics.kept_mask`` of
+    the same scores, sequence by sequence."""
+    q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
+    hq, total = q.shape[1], q.shape[0]
+    scores = torch.full((hq, total, keys), float("nan"), dtype=torch.float32, device=q.device)
+    kept = torch.zeros((hq, total, keys), dtype=torch.uint8, device=q.device)
+    forward(q, k, v, q_start, q_len, max(int(max_q), 1), k_start, k_len, params, q_covered=False, with_lse=True,
+            probe=(scores, kept))
+    return scores, kept.bool()
+
+
+# --------------------------------------------------------------------------------------
+# Precompiling (no GPU needed): python -m modelopt_sparse.kernels.hopper_attention
+# --------------------------------------------------------------------------------------
+def standard_variants(probe: bool = True) -> list[Variant]:
+    """The variants the GPU tests and the timing table use (tools/device_hopper.sh carries
+    them precompiled)."""
+    out = []
+    for d in HEAD_DIMS:
+        for fp16 in (False, True):
+            out.append(Variant(head_dim=d, fp16=fp16))
+        for n, m in ((1, 2), (2, 4), (3, 4), (4, 8), (8, 16), (3, 16)):
+            for tie in (False, True):
+                out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie))
+        out.append(Variant(head_dim=d, sparsity_n=2, sparsity_m=4, fp16=True))
+        out.append(Variant(head_dim=d, sparsity_n=8, sparsity_m=16, fp16=True))
+        # The alternative schedules (ping-pong, no intra-warpgroup overlap), timed side by side.
+        for n, m in ((0, 4), (4, 8), (8, 16)):
+            for pingpong, overlap in ((True, True), (True, False), (False, False)):
+                out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
+    if probe:
+        for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16), (3, 16), (5, 16)):
+            for tie in ((False, True) if n else (False,)):
+                out.append(Variant(head_dim=128, sparsity_n=n, sparsity_m=m, tie_index=tie, probe=True))
+    seen, unique = set(), []
+    for v in out:
+        if v.canonical() not in seen:
+            seen.add(v.canonical())
+            unique.append(v.canonical())
+    return unique
+
+
+def _main(argv=None):
+    import argparse
+    from concurrent.futures import ThreadPoolExecutor
+
+    parser = argparse.ArgumentParser(description="Compile the Hopper kernel variants into the cubin cache and "
+                                                 "print ptxas's register / spill report.")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-probe", action="store_true", help="skip the mask-probe builds")
+    args = parser.parse_args(argv)
+    variants = standard_variants(probe=not args.no_probe)
+    print(f"cache: {cache_dir()}  nvcc: {find_nvcc()}  variants: {len(variants)}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        paths = list(pool.map(compile_variant, variants))
+    print(f"{'variant':<28} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}")
+    for v, path in zip(variants, paths):
+        s = ptxas_summary(path.with_suffix(".log").read_text())
+        print(f"{v.tag:<28} {s.get('registers', '?'):>5} {s.get('stack', '?'):>6} {s.get('spill_stores', '?'):>9} "
+              f"{s.get('spill_loads', '?'):>9}{'  SERIALIZED WGMMA' if s.get('serialized_wgmma') else ''}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,521 @@
+"""The Hopper forward engine (``backend="hopper"``, kernels/hopper_attention.py).
+
+CPU tests (always run): the dispatch, the fallback line, the error messages, the cubin cache
+keying and the compile command, and that the ctypes argument struct mirrors the CUDA one.
+
+GPU tests (``gpu`` marker; they need an sm_90 GPU and nvcc, and skip otherwise), ordered by
+feature so that a failure names what broke: dense non-causal, causal, GQA and varlen, chunked
+prefill and decode, head dims and dtypes, the LSE against the Triton forward's, N:M on
+separated inputs (exact scores, hence exact masks) for every M and both tie rules, sinks and
+the dense window, sliding window, the mask probe against ``semantics.kept_mask`` bit for bit
+on tied inputs, the backward through the Triton kernels, the alternative schedules, and
+``backend="auto"`` with the engine enabled. Every launch is checked for a timed-out barrier
+wait (MODELOPT_SPARSE_HOPPER_CHECK=1), and a test that runs past 120 s ends its process with a
+traceback instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import logging
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelopt_sparse.kernels import attention, kept_mask
+from modelopt_sparse.kernels import hopper_attention as ha
+from modelopt_sparse.kernels.reference import SparseParams
+
+from .helpers import rel_err, separated_inputs, tied_inputs, varlen
+
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _params(**kw) -> SparseParams:
+    base = dict(is_causal=True, softmax_scale=0.125, sparsity_n=0, sparsity_m=4, num_sink_tokens=0,
+                dense_window_size=0, tie_break="threshold")
+    base.update(kw)
+    return SparseParams(**base)
+
+
+class _FakeCuda:
+    """A stand-in for a CUDA tensor: only what ``unsupported_reason`` looks at."""
+
+    is_cuda = True
+    device = "cuda:0"
+
+    def __init__(self, shape=(8, 4, 128), dtype=torch.bfloat16):
+        self.shape, self.dtype = torch.Size(shape), dtype
+
+    def dim(self):
+        return len(self.shape)
+
+
+# ======================================================================================
+# CPU: dispatch, fallback, errors
+# ======================================================================================
+def test_forced_backend_on_cpu_raises_clear_error():
+    q = torch.randn(6, 2, 64)
+    lens = torch.tensor([6], dtype=torch.int32)
+    with pytest.raises(ha.HopperUnavailable, match=r"backend='hopper' cannot run this call: it needs CUDA tensors"):
+        attention(q, q, q, torch.zeros(1, dtype=torch.int32), lens, 6, backend="hopper")
+
+
+def test_unknown_backend_lists_hopper():
+    q = torch.randn(6, 2, 64)
+    lens = torch.tensor([6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="hopper"):
+        attention(q, q, q, torch.zeros(1, dtype=torch.int32), lens, 6, backend="cuda")
+
+
+def test_auto_on_cpu_is_unchanged(monkeypatch):
+    """auto never considers the engine for CPU tensors, even opted in: the same result as
+    without the opt-in, and the engine's module is never asked."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(20, 2, 64, generator=g) for _ in range(3))
+    st, ln = torch.zeros(1, dtype=torch.int32), torch.tensor([20], dtype=torch.int32)
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=4)
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
+    plain = attention(q, k, v, st, ln, 20, backend="auto", **kw)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "1")
+    monkeypatch.setattr(ha, "choose", lambda *a, **kw: pytest.fail("the engine was considered for CPU tensors"))
+    assert torch.equal(attention(q, k, v, st, ln, 20, backend="auto", **kw), plain)
+
+
+@pytest.mark.parametrize("shape,dtype,kw,match", [
+    ((8, 4, 128), torch.float32, {}, "float16 and bfloat16, not torch.float32"),
+    ((8, 4, 96), torch.bfloat16, {}, "head_dim 64 and 128, not 96"),
+    ((8, 4, 128), torch.bfloat16, {"softcap": 30.0}, "softcap is not implemented"),
+    ((8, 4, 128), torch.bfloat16, {"stats": True}, "return_stats=True runs on the Triton forward"),
+    ((8, 4, 128), torch.bfloat16, {"sinks": True}, "learned_sinks are not implemented"),
+])
+def test_unsupported_reasons_name_the_feature(monkeypatch, shape, dtype, kw, match):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    t = _FakeCuda(shape, dtype)
+    params = _params(softcap=kw.get("softcap", 0.0))
+    reason = ha.unsupported_reason(t, t, t, params, stats={} if kw.get("stats") else None,
+                                   learned_sinks=object() if kw.get("sinks") else None, check_toolchain=False)
+    assert reason is not None and re.search(match, reason), reason
+
+
+def test_unsupported_reason_architecture_and_toolchain(monkeypatch):
+    t = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert "needs an sm_90 GPU (H100/H200), this one is sm_80" in ha.unsupported_reason(t, t, t, _params())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(ha, "find_nvcc", lambda: None)
+    reason = ha.unsupported_reason(t, t, t, _params())
+    assert "no CUDA compiler found" in reason and "modelopt-sparse[hopper]" in reason
+    monkeypatch.setattr(ha, "find_nvcc", lambda: "/bin/true")
+    assert ha.unsupported_reason(t, t, t, _params()) is None
+
+
+def test_choose_forced_raises_auto_logs_once(monkeypatch, caplog):
+    t = _FakeCuda(dtype=torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(ha, "_logged", set())
+    with pytest.raises(ha.HopperUnavailable, match="backend='hopper' cannot run this call: it supports float16"):
+        ha.choose(t, t, t, _params(), forced=True)
+    with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
+        assert ha.choose(t, t, t, _params(), forced=False) == "triton"
+        assert ha.choose(t, t, t, _params(), forced=False) == "triton"
+    lines = [r.getMessage() for r in caplog.records if "Hopper engine is not used" in r.getMessage()]
+    assert len(lines) == 1 and "float16 and bfloat16" in lines[0] and "using the Triton kernels" in lines[0]
+    # Statistics: even a forced call is served by the Triton forward (documented), with the line.
+    t16 = _FakeCuda()
+    monkeypatch.setattr(ha, "find_nvcc", lambda: "/bin/true")
+    assert ha.choose(t16, t16, t16, _params(), forced=True, stats={}) == "triton"
+    assert ha.choose(t16, t16, t16, _params(), forced=True) == "hopper"
+
+
+def test_auto_is_off_unless_opted_in(monkeypatch):
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
+    assert not ha.auto_enabled()
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "1")
+    assert ha.auto_enabled()
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "yes")
+    with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER must be 0 or 1"):
+        ha.auto_enabled()
+
+
+# ======================================================================================
+# CPU: variants, cache keys, compile command, argument struct
+# ======================================================================================
+def test_variant_validation_and_canonical_form():
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        ha.Variant(head_dim=96)
+    with pytest.raises(ValueError, match="sparsity_m must be 2, 4, 8 or 16"):
+        ha.Variant(sparsity_n=1, sparsity_m=3)
+    # Dense kernels ignore M and the tie rule: one cubin for all of them.
+    assert ha.Variant(sparsity_m=16, tie_index=True).canonical() == ha.Variant()
+    assert ha.Variant(sparsity_n=2, sparsity_m=4, tie_index=True).canonical().tag == "d128_2of4i_o"
+    d = ha.Variant(head_dim=64, sparsity_n=3, sparsity_m=16, fp16=True, pingpong=True, overlap=False).defines()
+    assert d == ["-DNMH_HEAD_DIM=64", "-DNMH_SPARSITY_N=3", "-DNMH_SPARSITY_M=16", "-DNMH_TIE_INDEX=0",
+                 "-DNMH_FP16=1", "-DNMH_PINGPONG=1", "-DNMH_OVERLAP=0", "-DNMH_PROBE=0"]
+
+
+def test_variant_for_reads_schedule_switches(monkeypatch):
+    p = _params(sparsity_n=4, sparsity_m=8, tie_break="index")
+    v = ha.variant_for(p, torch.float16, 64)
+    assert (v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.pingpong, v.overlap) == \
+        (64, 4, 8, True, True, False, True)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PINGPONG", "1")
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "0")
+    v = ha.variant_for(p, torch.bfloat16, 128)
+    assert v.pingpong and not v.overlap
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "2")
+    with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER_OVERLAP must be 0 or 1"):
+        ha.variant_for(p, torch.bfloat16, 128)
+
+
+def test_cache_key_depends_on_sources_variant_and_compiler():
+    v = ha.Variant(sparsity_n=2, sparsity_m=4)
+    base = ha.cache_key(v, "nvcc A", digest="src1")
+    assert base == ha.cache_key(v, "nvcc A", digest="src1")  # stable
+    assert base == ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, probe=False), "nvcc A", digest="src1")
+    others = {
+        ha.cache_key(v, "nvcc B", digest="src1"),
+        ha.cache_key(v, "nvcc A", digest="src2"),
+        ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, tie_index=True), "nvcc A", digest="src1"),
+        ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, fp16=True), "nvcc A", digest="src1"),
+        ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, probe=True), "nvcc A", digest="src1"),
+        ha.cache_key(ha.Variant(head_dim=64, sparsity_n=2, sparsity_m=4), "nvcc A", digest="src1"),
+    }
+    assert base not in others and len(others) == 6
+    # Dense variants that differ only in ignored fields share a key.
+    assert ha.cache_key(ha.Variant(sparsity_m=8), "x", digest="s") == ha.cache_key(ha.Variant(), "x", digest="s")
+
+
+def test_source_digest_covers_every_cuda_source(tmp_path, monkeypatch):
+    for name in ("a.cu", "b.cuh"):
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(ha, "SOURCE_DIR", tmp_path)
+    d0 = ha.source_digest()
+    (tmp_path / "b.cuh").write_text("changed")
+    assert ha.source_digest() != d0
+    for f in tmp_path.iterdir():
+        f.unlink()
+    with pytest.raises(ha.HopperUnavailable, match="CUDA sources are missing"):
+        ha.source_digest()
+
+
+def test_compile_runs_nvcc_once_then_hits_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
+    monkeypatch.setattr(ha, "find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(ha, "nvcc_version", lambda nvcc: "fake 13.0")
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"CUBIN")
+        return subprocess.CompletedProcess(cmd, 0, "", "ptxas info    : Used 168 registers\n"
+                                           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
+
+    monkeypatch.setattr(ha.subprocess, "run", fake_run)
+    v = ha.Variant(head_dim=64, sparsity_n=4, sparsity_m=8, tie_index=True)
+    path = ha.compile_variant(v)
+    assert path.read_bytes() == b"CUBIN" and path.parent == tmp_path and "d64_4of8i_o" in path.name
+    assert ha.compile_variant(v) == path and len(calls) == 1  # cached: nvcc not run again
+    cmd = calls[0]
+    assert cmd[0] == "/opt/fake/nvcc" and "-arch=sm_90a" in cmd and "-cubin" in cmd
+    assert "--use_fast_math" not in cmd  # the kept test needs subnormals (drop_below)
+    assert "-DNMH_SPARSITY_N=4" in cmd and "-DNMH_TIE_INDEX=1" in cmd and cmd[-1].endswith("nm_attention_fwd.cu")
+    summary = ha.ptxas_summary(path.with_suffix(".log").read_text())
+    assert summary == {"registers": 168, "stack": 0, "spill_stores": 0, "spill_loads": 0, "serialized_wgmma": False}
+    # Another compiler version is another cubin.
+    monkeypatch.setattr(ha, "nvcc_version", lambda nvcc: "fake 13.1")
+    assert ha.compile_variant(v) != path and len(calls) == 2
+
+
+def test_compile_failure_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
+    monkeypatch.setattr(ha, "find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(ha, "nvcc_version", lambda nvcc: "fake")
+    monkeypatch.setattr(ha.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "nm_attention_fwd.cu(1): error: boom"))
+    with pytest.raises(ha.HopperUnavailable, match=r"nvcc failed for d128_dense_o:\n.*error: boom"):
+        ha.compile_variant(ha.Variant())
+    assert not list(tmp_path.glob("*.cubin"))  # no partial cubin left behind
+    monkeypatch.setattr(ha, "find_nvcc", lambda: None)
+    with pytest.raises(ha.HopperUnavailable, match="no CUDA compiler found"):
+        ha.compile_variant(ha.Variant())
+
+
+def test_param_struct_mirrors_the_cuda_source():
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    body = re.search(r"struct FwdParams \{(.*?)\};", src, re.S).group(1)
+    names = re.findall(r"^\s*[\w:*\s]+?\*?\s*(\w+(?:,\s*\w+)*);", body, re.M)
+    c_fields = [n.strip() for group in names for n in group.split(",")]
+    assert c_fields == [f[0] for f in ha._FwdParams._fields_]
+    size = int(re.search(r"static_assert\(sizeof\(FwdParams\) == (\d+)", src).group(1))
+    assert size == ha.PARAMS_SIZE == ctypes.sizeof(ha._FwdParams)
+
+
+def test_standard_variants_cover_the_patterns():
+    tags = {v.tag for v in ha.standard_variants()}
+    for m in (2, 4, 8, 16):
+        for tie in "ti":
+            assert any(re.fullmatch(rf"d128_\dof{m}{tie}_o", t) for t in tags), (m, tie)
+    assert {"d128_dense_o", "d64_dense_o", "d128_dense_ho", "d128_dense_po", "d128_dense_p"} <= tags
+    assert len(tags) == len(ha.standard_variants())  # no duplicates
+
+
+@pytest.mark.slow
+def test_real_nvcc_compiles_a_variant(tmp_path, monkeypatch):
+    """Compile one variant with the real toolchain (no GPU needed): no spills, no serialized wgmma."""
+    if ha.find_nvcc() is None:
+        pytest.skip("no nvcc")
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
+    path = ha.compile_variant(ha.Variant(sparsity_n=2, sparsity_m=4))
+    s = ha.ptxas_summary(path.with_suffix(".log").read_text())
+    assert s["spill_stores"] == 0 and not s["serialized_wgmma"], s
+
+
+# ======================================================================================
+# GPU (sm_90 + nvcc)
+# ======================================================================================
+def _hopper_ready() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "needs an sm_90 GPU"
+    if ha.find_nvcc() is None:
+        return "needs nvcc"
+    return None
+
+
+def gpu_test(fn):
+    """A GPU test: the ``gpu`` marker (CI deselects it) and a skip without sm_90 + nvcc."""
+    return pytest.mark.skipif(_hopper_ready() is not None, reason=str(_hopper_ready()))(pytest.mark.gpu(fn))
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request, monkeypatch):
+    """GPU tests: check every launch for a timed-out barrier wait, and end the process with a
+    traceback if a test hangs (a deadlock the in-kernel timeout cannot catch)."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CHECK", "1")
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _run(lens_q, lens_k, hq, hkv, d, dtype, inputs, backend, grad=False, **kw):
+    sq, lq, mq, _ = varlen(lens_q, "cuda")
+    sk, lk, mk, _ = varlen(lens_k, "cuda")
+    cast = torch.float64 if backend == "torch" else dtype
+    xs = [t.to("cuda", dtype).to(cast).detach().requires_grad_(grad) for t in inputs]
+    out = attention(*xs, sq, lq, mq, b_start_loc_k=sk, b_seq_len_k=lk, max_input_len_k=mk, backend=backend, **kw)
+    return out, xs
+
+
+def _check_against_reference(lens_q, lens_k, hq, hkv, d, dtype, inputs, tol=None, **kw):
+    out, _ = _run(lens_q, lens_k, hq, hkv, d, dtype, inputs, "hopper", **kw)
+    ref, _ = _run(lens_q, lens_k, hq, hkv, d, dtype, inputs, "torch", **kw)
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = rel_err(out, ref)
+    assert err < (tol or TOL[dtype]), f"relative L2 error {err:.3g}"
+    return out, ref
+
+
+def _random(lens_q, lens_k, hq, hkv, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(sum(lens), h, d, generator=g) for lens, h in ((lens_q, hq), (lens_k, hkv), (lens_k, hkv))]
+
+
+@gpu_test
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_1_dense_single_sequence(causal):
+    lens = [256]
+    _check_against_reference(lens, lens, 2, 2, 128, torch.bfloat16, _random(lens, lens, 2, 2, 128), is_causal=causal,
+                             sparsity_n=0)
+
+
+@gpu_test
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_2_dense_varlen_gqa(d, dtype, causal):
+    # Lengths around tile edges: 1 row, a partial tile, exactly one tile, one past it, several.
+    lens = [1, 100, 128, 129, 300]
+    _check_against_reference(lens, lens, 4, 2, d, dtype, _random(lens, lens, 4, 2, d, seed=d), is_causal=causal)
+
+
+@gpu_test
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_3_chunked_prefill_decode_and_mqa(causal):
+    lens_q, lens_k = [3, 130, 1, 1, 200], [40, 400, 17, 1, 200]  # chunked, chunked, decode, decode, plain
+    _check_against_reference(lens_q, lens_k, 4, 1, 128, torch.bfloat16, _random(lens_q, lens_k, 4, 1, 128, seed=3),
+                             is_causal=causal, sparsity_n=2, sparsity_m=4, dense_window_size=8)
+
+
+@gpu_test
+def test_gpu_4_more_queries_than_keys_and_empty_rows():
+    # Causal with q_len > kv_len: the first q_len - kv_len rows see no key (output 0).
+    lens_q, lens_k = [150], [20]
+    out, ref = _check_against_reference(lens_q, lens_k, 2, 2, 64, torch.bfloat16, _random(lens_q, lens_k, 2, 2, 64))
+    assert out[:130].abs().max().item() == 0.0
+
+
+@gpu_test
+def test_gpu_5_lse_matches_triton_forward():
+    from modelopt_sparse.kernels.triton_attention import _forward_launch
+
+    lens = [77, 300]
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _random(lens, lens, 4, 2, 128, seed=5))
+    sq, lq, mq, _ = varlen(lens, "cuda")
+    for params in (_params(), _params(sparsity_n=4, sparsity_m=8, dense_window_size=16, num_sink_tokens=2)):
+        out_h, lse_h = ha.forward_with_lse(q, k, v, sq, lq, mq, sq, lq, params, covered=True)
+        out_t, lse_t, _ = _forward_launch(q, k, v, sq, lq, sq, lq, mq, mq, True, False, params)
+        assert rel_err(out_h, out_t) < 1e-2
+        assert torch.allclose(lse_h, lse_t, rtol=1e-4, atol=1e-4), (lse_h - lse_t).abs().max()
+
+
+PATTERNS = [(1, 2), (2, 4), (3, 4), (4, 8), (8, 16), (3, 16)]
+
+
+@gpu_test
+@pytest.mark.parametrize("tie", ["threshold", "index"])
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_gpu_6_nm_separated_inputs(n, m, tie):
+    """Exact dyadic scores with no ties: every backend computes the same scores, hence the
+    same mask; sinks, the dense window, causal and varlen together."""
+    lens = [1, 90, 257]
+    inputs = separated_inputs(lens, lens, 4, 2, 128, m, torch.float64, seed=n * 31 + m)
+    _check_against_reference(lens, lens, 4, 2, 128, torch.bfloat16, inputs, sparsity_n=n, sparsity_m=m,
+                             tie_break=tie, num_sink_tokens=3, dense_window_size=20)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m", [(2, 4), (8, 16)])
+def test_gpu_7_nm_noncausal_d64_fp16(n, m):
+    lens_q, lens_k = [50, 200], [300, 200]
+    inputs = separated_inputs(lens_q, lens_k, 2, 1, 64, m, torch.float64, seed=7)
+    _check_against_reference(lens_q, lens_k, 2, 1, 64, torch.float16, inputs, is_causal=False, sparsity_n=n,
+                             sparsity_m=m, num_sink_tokens=1, dense_window_size=5)
+
+
+@gpu_test
+@pytest.mark.parametrize("n", [0, 2])
+def test_gpu_8_sliding_window(n):
+    lens = [40, 600]
+    _check_against_reference(lens, lens, 2, 2, 128, torch.bfloat16, _random(lens, lens, 2, 2, 128, seed=8),
+                             sparsity_n=n, sparsity_m=4, sliding_window=200, dense_window_size=16, num_sink_tokens=4)
+
+
+PROBE_CASES = [
+    dict(sparsity_n=0),
+    dict(sparsity_n=1, sparsity_m=2),
+    dict(sparsity_n=2, sparsity_m=4, num_sink_tokens=5, dense_window_size=33),
+    dict(sparsity_n=2, sparsity_m=4, tie_break="index", num_sink_tokens=5, dense_window_size=33),
+    dict(sparsity_n=4, sparsity_m=8, dense_window_size=7),
+    dict(sparsity_n=4, sparsity_m=8, tie_break="index"),
+    dict(sparsity_n=8, sparsity_m=16, num_sink_tokens=130),
+    dict(sparsity_n=8, sparsity_m=16, tie_break="index", dense_window_size=140),
+    dict(sparsity_n=3, sparsity_m=16, tie_break="index", sliding_window=150, num_sink_tokens=2),
+    dict(sparsity_n=5, sparsity_m=16, is_causal=False, dense_window_size=3),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("case", PROBE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_9_mask_probe_equals_semantics(case):
+    """The kernel's kept mask equals semantics.kept_mask of its own raw scores, bit for bit, on
+    inputs full of exact ties (integer scores), for chunked prefill, plain prefill and decode."""
+    lens_q, lens_k = [130, 1, 261], [300, 40, 261]
+    hq, hkv, d = 2, 1, 128
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in tied_inputs(lens_q, lens_k, hq, hkv, d, torch.float64, seed=9))
+    sq, lq, mq, _ = varlen(lens_q, "cuda")
+    sk, lk, mk, _ = varlen(lens_k, "cuda")
+    params = _params(**{"is_causal": True, **case})
+    scores, kept = ha.kept_mask_probe(q, k, v, sq, lq, mq, sk, lk, params, keys=mk)
+    for b, (ql, kl) in enumerate(zip(lens_q, lens_k)):
+        rows = slice(int(sq[b]), int(sq[b]) + ql)
+        s = scores[:, rows, :kl]
+        exact = torch.einsum("qhd,khd->hqk", q[rows].float(), k[int(sk[b]):int(sk[b]) + kl].float().expand(-1, hq, -1))
+        seen = ~torch.isnan(s)
+        assert torch.equal(s[seen], exact[seen]), f"sequence {b}: the kernel's scores are not q.k"
+        ref = kept_mask(torch.where(seen, s, torch.zeros_like(s)), ql, kl, is_causal=params.is_causal,
+                        sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
+                        num_sink_tokens=params.num_sink_tokens, dense_window_size=params.dense_window_size,
+                        tie_break=params.tie_break, sliding_window=params.sliding_window or None)
+        got = kept[:, rows, :kl]
+        bad = (got != ref).nonzero()
+        assert bad.numel() == 0, f"sequence {b}: {bad.shape[0]} entries differ, first (head, row, key): {bad[:5].tolist()}"
+
+
+@gpu_test
+def test_gpu_10_backward_through_triton():
+    lens = [70, 190]
+    inputs = _random(lens, lens, 4, 2, 128, seed=10)
+    g = torch.Generator().manual_seed(11)
+    do = torch.randn(sum(lens), 4, 128, generator=g).to("cuda", torch.bfloat16)
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=16)
+    grads = {}
+    for backend in ("hopper", "triton"):
+        out, xs = _run(lens, lens, 4, 2, 128, torch.bfloat16, inputs, backend, grad=True, **kw)
+        grads[backend] = torch.autograd.grad(out, xs, do)
+    for a, b in zip(grads["hopper"], grads["triton"]):
+        assert rel_err(a, b) < 2e-2
+
+
+@gpu_test
+@pytest.mark.parametrize("pingpong,overlap", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("n,m", [(0, 4), (4, 8)])
+def test_gpu_11_schedules_agree(monkeypatch, pingpong, overlap, n, m):
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PINGPONG", str(int(pingpong)))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", str(int(overlap)))
+    lens = [33, 700]  # many tiles, so that the turn-taking runs for a while
+    inputs = separated_inputs(lens, lens, 2, 2, 128, m, torch.float64, seed=11)
+    _check_against_reference(lens, lens, 2, 2, 128, torch.bfloat16, inputs, sparsity_n=n, sparsity_m=m,
+                             dense_window_size=8)
+
+
+@gpu_test
+def test_gpu_12_errors_and_auto(monkeypatch, caplog):
+    lens = [64]
+    sq, lq, mq, _ = varlen(lens, "cuda")
+    x32 = torch.randn(64, 2, 128, device="cuda")
+    with pytest.raises(ha.HopperUnavailable, match="float16 and bfloat16"):
+        attention(x32, x32, x32, sq, lq, mq, backend="hopper")
+    x96 = torch.randn(64, 2, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ha.HopperUnavailable, match="head_dim 64 and 128, not 96"):
+        attention(x96, x96, x96, sq, lq, mq, backend="hopper")
+    # auto, opted in: the engine for a supported call, Triton (one log line) otherwise.
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "1")
+    monkeypatch.setattr(ha, "_logged", set())
+    calls = []
+    real = ha.hopper_attention
+    monkeypatch.setattr(ha, "hopper_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(64, 2, 128, device="cuda", dtype=torch.bfloat16)
+    attention(x, x, x, sq, lq, mq, backend="auto")
+    assert calls == [1]
+    with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
+        attention(x96, x96, x96, sq, lq, mq, backend="auto")
+        attention(x96, x96, x96, sq, lq, mq, backend="auto")
+    assert sum("Hopper engine is not used" in r.getMessage() for r in caplog.records) == 1
+    assert calls == [1]
+
+
+@gpu_test
+def test_gpu_13_padded_batch_and_strided_views():
+    """[B, S, H, D] input (packed by attention()) and K/V as views into a fused buffer."""
+    b, s, hq, hkv, d = 2, 150, 4, 2, 128
+    g = torch.Generator().manual_seed(13)
+    fused = torch.randn(b, s, hq + 2 * hkv, d, generator=g).to("cuda", torch.bfloat16)
+    q, k, v = fused[:, :, :hq], fused[:, :, hq:hq + hkv], fused[:, :, hq + hkv:]
+    lens = torch.tensor([150, 97], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([0, 53], dtype=torch.int32, device="cuda")  # left padding in row 1
+    kw = dict(sparsity_n=4, sparsity_m=8, dense_window_size=8)
+    out = attention(q, k, v, starts, lens, s, backend="hopper", **kw)
+    ref = attention(q.double(), k.double(), v.double(), starts, lens, s, backend="torch", **kw)
+    assert rel_err(out[0], ref[0]) < 2e-2 and rel_err(out[1, 53:], ref[1, 53:]) < 2e-2
+
