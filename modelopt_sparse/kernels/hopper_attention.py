@@ -532,7 +532,9 @@ class _HopperAttention(torch.autograd.Function):
 
         q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
         with torch.no_grad():
-            dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
+            # The first three results are dq, dk, dv (a version with learned sinks adds one).
+            dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len,
+                                          *ctx.scalars)[:3]
         if torch.is_grad_enabled():  # create_graph=True: refuse a second derivative, as Triton does
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v, grad_out)
         return (dq, dk, dv) + (None,) * 9
@@ -611,25 +613,175 @@ def standard_variants(probe: bool = True) -> list[Variant]:
     return unique
 
 
-def _main(argv=None):
-    import argparse
+def _precompile(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    parser = argparse.ArgumentParser(description="Compile the Hopper kernel variants into the cubin cache and "
-                                                 "print ptxas's register / spill report.")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--no-probe", action="store_true", help="skip the mask-probe builds")
-    args = parser.parse_args(argv)
     variants = standard_variants(probe=not args.no_probe)
     print(f"cache: {cache_dir()}  nvcc: {find_nvcc()}  variants: {len(variants)}", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         paths = list(pool.map(compile_variant, variants))
-    print(f"{'variant':<28} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}")
+    print(f"{'variant':<22} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}")
     for v, path in zip(variants, paths):
         s = ptxas_summary(path.with_suffix(".log").read_text())
-        print(f"{v.tag:<28} {s.get('registers', '?'):>5} {s.get('stack', '?'):>6} {s.get('spill_stores', '?'):>9} "
+        print(f"{v.tag:<22} {s.get('registers', '?'):>5} {s.get('stack', '?'):>6} {s.get('spill_stores', '?'):>9} "
               f"{s.get('spill_loads', '?'):>9}{'  SERIALIZED WGMMA' if s.get('serialized_wgmma') else ''}")
+    return 0
+
+
+def _smoke(args) -> int:
+    """A few small calls with diagnostics that say *how* a result is wrong (first run on a GPU)."""
+    import time
+
+    os.environ["MODELOPT_SPARSE_HOPPER_CHECK"] = "1"
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(dev)} sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}"
+          f"  torch {torch.__version__}  nvcc {nvcc_version(find_nvcc()) if find_nvcc() else None}", flush=True)
+    failures = 0
+    cases = [
+        ("dense noncausal 1x256 D128", dict(is_causal=False), [256], 128),
+        ("dense causal 1x256 D128", dict(), [256], 128),
+        ("dense causal varlen D64", dict(), [1, 130, 257], 64),
+        ("2:4 causal varlen D128 sinks+window", dict(sparsity_n=2, num_sink_tokens=4, dense_window_size=16),
+         [5, 300], 128),
+        ("8:16 index causal D128", dict(sparsity_n=8, sparsity_m=16, tie_break="index"), [300], 128),
+    ]
+    g = torch.Generator().manual_seed(0)
+    for name, kw, lens, d in cases:
+        params = SparseParams(**{"is_causal": True, "softmax_scale": d ** -0.5, "sparsity_n": 0, "sparsity_m": 4,
+                                 "num_sink_tokens": 0, "dense_window_size": 0, "tie_break": "threshold", **kw})
+        total = sum(lens)
+        q, k, v = (torch.randn(total, 4, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
+        k, v = k[:, :2], v[:, :2]  # GQA 4:2 (strided views, as a fused projection gives them)
+        starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int32, device=dev)
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
+        t0 = time.perf_counter()
+        try:
+            out, lse = forward_with_lse(q, k, v, starts, lens_t, max(lens), starts, lens_t, params, covered=True)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - report and go on with the next case
+            failures += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+            continue
+        from .reference import Segment, reference_attention
+
+        segs = [Segment(int(st), n, int(st), n) for st, n in zip(starts.tolist(), lens)]
+        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), segs, params, None)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        lse2 = ref_lse * LOG2E  # the reference's lse is natural-log; the kernels store log2
+        finite = torch.isfinite(lse2)
+        lse_err = (lse.double()[finite] - lse2[finite]).abs().max().item() if finite.any() else 0.0
+        bad_rows = ((out.double() - ref).abs().amax(dim=(1, 2)) > 0.05).nonzero().flatten()
+        ok = err < 2e-2 and lse_err < 1e-2 and torch.isfinite(out).all()
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: rel L2 {err:.2e}, max |lse - ref| {lse_err:.2e}, "
+              f"non-finite {int((~torch.isfinite(out)).sum())}, rows off {bad_rows.numel()}/{total}"
+              f"{' first ' + str(bad_rows[:8].tolist()) if bad_rows.numel() else ''}, "
+              f"{1e3 * (time.perf_counter() - t0):.0f} ms (incl. load)", flush=True)
+    return 1 if failures else 0
+
+
+def _bench(args) -> int:
+    """Causal/non-causal forward TFLOPS at S x H (batch 1): the engine's schedules against the
+    Triton forward and SDPA. Rows are skipped once the time budget is spent."""
+    import time
+
+    from .api import attention as api_attention
+
+    dev = torch.device("cuda")
+    s_len, heads = args.seq_len, args.heads
+    start = time.perf_counter()
+    rows = []
+
+    def timed(fn, iters=args.iters):
+        fn()
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(iters):
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        return sorted(times)[len(times) // 2]
+
+    plan = []
+    for d in (128, 64):
+        for causal in ((True, False) if d == 128 else (True,)):
+            plan.append((d, causal, 0, 4, "threshold", "hopper", False, True))
+            if d == 128 and causal:
+                plan += [(d, causal, 0, 4, "threshold", "hopper", True, True),
+                         (d, causal, 0, 4, "threshold", "hopper", True, False),
+                         (d, causal, 0, 4, "threshold", "hopper", False, False)]
+                for n, m in ((2, 4), (4, 8), (8, 16)):
+                    plan += [(d, causal, n, m, "threshold", "hopper", False, True),
+                             (d, causal, n, m, "threshold", "hopper", True, False)]
+                plan.append((d, causal, 8, 16, "index", "hopper", False, True))
+            plan.append((d, causal, 0, 4, "threshold", "sdpa", False, True))
+    plan += [(128, True, 0, 4, "threshold", "triton", False, True), (128, True, 4, 8, "threshold", "triton", False, True),
+             (128, True, 8, 16, "threshold", "triton", False, True), (64, True, 0, 4, "threshold", "triton", False, True)]
+    g = torch.Generator(device=dev).manual_seed(0)
+    tensors = {}
+    for d, causal, n, m, tie, impl, pingpong, overlap in plan:
+        label = (f"D={d:<3} {'causal' if causal else 'noncausal':<9} {'dense' if n == 0 else f'{n}:{m}':<5}"
+                 f"{' idx' if tie == 'index' else '    '} {impl:<6}"
+                 f"{(' pp' if pingpong else '') + ('' if overlap else ' no-ovl') if impl == 'hopper' else ''}")
+        if time.perf_counter() - start > args.budget:
+            rows.append((label, None, "skipped (time budget)"))
+            continue
+        if d not in tensors:
+            tensors[d] = [torch.randn(s_len, heads, d, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(3)]
+        q, k, v = tensors[d]
+        lens = torch.tensor([s_len], dtype=torch.int32, device=dev)
+        zero = torch.zeros(1, dtype=torch.int32, device=dev)
+        params = SparseParams(causal, d ** -0.5, n, m, 0, 64 if n else 0, tie)
+        flops = 4.0 * s_len * s_len * heads * d / (2 if causal else 1)
+        try:
+            if impl == "hopper":
+                os.environ["MODELOPT_SPARSE_HOPPER_PINGPONG"] = str(int(pingpong))
+                os.environ["MODELOPT_SPARSE_HOPPER_OVERLAP"] = str(int(overlap))
+                ms = timed(lambda: forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True,
+                                           with_lse=False))
+            elif impl == "triton":
+                ms = timed(lambda: api_attention(q, k, v, zero, lens, s_len, is_causal=causal, sparsity_n=n,
+                                                 sparsity_m=m, dense_window_size=params.dense_window_size,
+                                                 tie_break=tie, backend="triton", check_metadata=False,
+                                                 rows_covered=True))
+            else:
+                qt, kt, vt = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+                ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+            rows.append((label, ms, f"{flops / ms / 1e9:7.1f} TFLOPS"))
+        except Exception as e:  # noqa: BLE001 - a broken row must not hide the others
+            rows.append((label, None, f"ERROR {type(e).__name__}: {str(e)[:120]}"))
+        print(f"  {rows[-1][0]}  {rows[-1][2]}", flush=True)
+    os.environ.pop("MODELOPT_SPARSE_HOPPER_PINGPONG", None)
+    os.environ.pop("MODELOPT_SPARSE_HOPPER_OVERLAP", None)
+    print(f"\nforward, S={s_len}, H={heads}, bf16, batch 1 (dense-equivalent FLOPs; N:M rows count the same FLOPs "
+          f"as dense, so their TFLOPS compare directly; N:M rows: dense window 64)")
+    for label, ms, text in rows:
+        print(f"{label:<44} {'' if ms is None else f'{ms:8.3f} ms'}  {text}")
+    return 0
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m modelopt_sparse.kernels.hopper_attention",
+                                     description="The Hopper engine's tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    pre = sub.add_parser("precompile", help="compile the standard variants into the cubin cache (no GPU needed) "
+                                            "and print ptxas's register / spill report")
+    pre.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    pre.add_argument("--no-probe", action="store_true", help="skip the mask-probe builds")
+    sub.add_parser("smoke", help="a few small calls against the reference, with diagnostics (GPU)")
+    bench = sub.add_parser("bench", help="forward TFLOPS against Triton and SDPA (GPU)")
+    bench.add_argument("--seq-len", type=int, default=16384)
+    bench.add_argument("--heads", type=int, default=32)
+    bench.add_argument("--iters", type=int, default=5)
+    bench.add_argument("--budget", type=float, default=70.0, help="seconds; later rows are skipped")
+    args = parser.parse_args(argv)
+    return {"precompile": _precompile, "smoke": _smoke, "bench": _bench}[args.cmd](args)
 
 
 if __name__ == "__main__":
-    _main()
+    raise SystemExit(_main())
