@@ -21,6 +21,7 @@ import faulthandler
 import logging
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,11 @@ def test_real_nvcc_compiles_a_variant(tmp_path, monkeypatch):
     path = ha.compile_variant(ha.Variant(sparsity_n=2, sparsity_m=4))
     s = ha.ptxas_summary(path.with_suffix(".log").read_text())
     assert s["spill_stores"] == 0 and not s["serialized_wgmma"], s
+    # The host finds these by their plain names (cuModuleGetFunction / cuModuleGetGlobal): a
+    # C++-mangled name (a symbol inside a namespace) would fail every launch on the GPU.
+    image = path.read_bytes()
+    for name in (ha.KERNEL, "nmh_config", "nmh_timeout"):
+        assert b"\0" + name.encode() + b"\0" in image, f"symbol {name} is missing or mangled"
 
 
 # ======================================================================================
@@ -301,7 +307,7 @@ def _watchdog(request, monkeypatch):
         yield
         return
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CHECK", "1")
-    faulthandler.dump_traceback_later(120, exit=True)
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
     try:
         yield
     finally:

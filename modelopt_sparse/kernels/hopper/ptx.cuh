@@ -5,6 +5,10 @@
 #pragma once
 #include <cstdint>
 
+// Set by a wait that timed out: (barrier id << 16 | parity << 15 | block's linear index % 32768) + 1.
+// Read by the host after a launch in checked mode (hopper_attention.py, by this unmangled name).
+extern "C" __device__ int nmh_timeout = 0;
+
 namespace nmh {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -38,9 +42,6 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
-// Set by a wait that timed out: (barrier id << 16 | parity << 15 | block's linear index % 32768) + 1.
-// Read by the host after a launch in checked mode (hopper_attention.py), which raises with it.
-__device__ int nmh_timeout;
 
 // Wait for the phase with the given parity to complete. A wait that lasts seconds can only be
 // a protocol bug (a deadlock): record which barrier in nmh_timeout and stop waiting, so that the
