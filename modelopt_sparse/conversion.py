@@ -42,6 +42,33 @@ _SPARSE_CLASSES: dict[type, type] = {}
 
 
 @dataclass(frozen=True)
+class ModuleAttention:
+    """The module's own attention, as conversion found it (sparsity leaves it unchanged).
+
+    At run time the attention function takes these from the call itself (``is_causal``,
+    ``sliding_window``, ``softcap``, ``s_aux``), as transformers' own integrations do;
+    this record is what :func:`print_summary` shows and what conversion checked.
+    """
+
+    causal: bool = True
+    sliding_window: int | None = None
+    softcap: float | None = None
+    learned_sinks: bool = False
+
+    def describe(self) -> str:
+        """``causal``, ``bidirectional``, or with the features: ``causal, window 8, softcap 50,
+        learned sinks``."""
+        parts = ["causal" if self.causal else "bidirectional"]
+        if self.sliding_window is not None:
+            parts.append(f"window {self.sliding_window}")
+        if self.softcap is not None:
+            parts.append(f"softcap {self.softcap:g}")
+        if self.learned_sinks:
+            parts.append("learned sinks")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class ModuleSparseState:
     """Per-module conversion record read by the attention function on every call."""
 
@@ -51,6 +78,7 @@ class ModuleSparseState:
     config: SparseAttentionAttributeConfig
     method: SparseAttentionMethod
     kernel_kwargs: dict[str, Any]
+    attention: ModuleAttention = ModuleAttention()
 
 
 class SparseAttentionModule:
@@ -159,11 +187,8 @@ def _forward_keywords(module: torch.nn.Module) -> frozenset[str]:
     the attention function for (``sliding_window=``, ``softcap=``, ``s_aux=``). CPython
     keeps the names of a call's keyword arguments as a tuple of strings among the code's
     constants."""
-    cls = type(module)
-    if issubclass(cls, SparseAttentionModule):
-        cls = cls.__mro__[1]  # the original class (see _sparse_class)
     names = set()
-    for forward in _forward_chain(cls):
+    for forward in _forward_chain(_original_class(module)):
         for const in forward.__code__.co_consts:
             if isinstance(const, tuple) and all(isinstance(c, str) for c in const):
                 names.update(const)
@@ -208,48 +233,110 @@ def _feature_value(module: torch.nn.Module, keyword: str, attributes: tuple[str,
     return None
 
 
-def _check_module_supported(name: str, module: torch.nn.Module, method=None) -> None:
-    """Refuse, before converting anything, modules configured for features the kernel lacks.
+def _mask_window(module: torch.nn.Module) -> int | None:
+    """The window transformers puts in the mask this module receives, by the rule of its
+    models: per layer from ``config.layer_types`` where the config has them, else for every
+    layer when ``config.sliding_window`` is set (Mistral, Phi-3, PhiMoE)."""
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types, layer_idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if layer_types is not None and isinstance(layer_idx, int) and 0 <= layer_idx < len(layer_types):
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+# transformers' builders of sliding-window masks; a modeling module that imports one may
+# give some layers a windowed mask.
+_WINDOW_MASK_BUILDERS = ("create_sliding_window_causal_mask", "create_bidirectional_sliding_window_mask")
+
+
+def module_attention(module: torch.nn.Module) -> ModuleAttention:
+    """What the module's forward will ask the attention function for, read from the module
+    (its attributes where it has them: layers differ in Gemma 2/3, Qwen2, GPT-OSS) and its config."""
+    keywords = _forward_keywords(module)
+    window = _feature_value(module, "sliding_window", ("sliding_window",)) if "sliding_window" in keywords else None
+    cap = (_feature_value(module, "softcap", ("attn_logit_softcapping", "softcap"))
+           if "softcap" in keywords else None)
+    sinks = _feature_value(module, "s_aux", ("sinks", "s_aux")) if "s_aux" in keywords else None
+    return ModuleAttention(
+        causal=getattr(module, "is_causal", True) is not False,
+        sliding_window=window,
+        softcap=None if cap is None else float(cap),
+        learned_sinks=sinks is not None,
+    )
+
+
+def _check_module_supported(name: str, module: torch.nn.Module, method=None) -> ModuleAttention:
+    """Refuse, before converting anything, modules configured for what the kernel lacks;
+    return the module's attention features otherwise.
 
     Each message names the module, its class and the feature. The attention function
-    refuses the same kwargs at run time (a model that sets them some other way).
+    refuses the same things at run time (a model that sets them some other way).
     """
     where = f"{name} ({original_class_name(module)})"
+    attention = module_attention(module)
     keywords = _forward_keywords(module)
-    if "sliding_window" in keywords:
-        window = _feature_value(module, "sliding_window", ("sliding_window",))
-        if window is not None:
-            raise NotImplementedError(
-                f"{name}: sliding_window={window} (sliding-window attention in {original_class_name(module)}) is "
-                "not supported by modelopt_sparse today; load the model with sliding_window=None (or "
-                "use_sliding_window=False)"
-            )
-    if "softcap" in keywords:
-        cap = _feature_value(module, "softcap", ("attn_logit_softcapping", "softcap"))
-        if cap is not None:
-            raise NotImplementedError(
-                f"{where}: softcap={cap} (attention logit soft-capping) is not supported by modelopt_sparse "
-                "today; load the model with attn_logit_softcapping=None"
-            )
-    if "s_aux" in keywords:
-        sinks = _feature_value(module, "s_aux", ("sinks", "s_aux"))
-        if sinks is not None:
-            raise NotImplementedError(
-                f"{where}: s_aux (learned attention sinks, one extra softmax logit per head) is not supported "
-                "by modelopt_sparse today"
-            )
+    if attention.sliding_window is not None and not attention.causal:
+        raise NotImplementedError(
+            f"{where}: sliding_window={attention.sliding_window} on bidirectional attention (a local "
+            "attention window in an encoder, e.g. ModernBERT's local layers) is not supported by "
+            "modelopt_sparse: the kernel implements causal sliding windows only"
+        )
+    mask_window = _mask_window(module)
+    if "sliding_window" not in keywords and mask_window is not None and _imports_window_masks(module):
+        raise NotImplementedError(
+            f"{where}: this layer gets a sliding-window mask (sliding_window={mask_window}) but its forward "
+            "does not pass sliding_window to the attention function; modelopt_sparse takes the window from "
+            "that argument, so it would attend past the window. Load the model with sliding_window=None "
+            "(or use_sliding_window=False) to run it with full attention"
+        )
+    if "position_bias" in keywords:
+        raise NotImplementedError(
+            f"{where}: position_bias (an additive attention bias, as T5's relative positions) is not supported "
+            "by modelopt_sparse: the kernel adds no bias to the scores"
+        )
     if getattr(module, "is_cross_attention", False) or "CrossAttention" in original_class_name(module):
         raise NotImplementedError(
             f"{where}: cross-attention (queries from one sequence, keys from another) is not supported "
             "by modelopt_sparse"
         )
-    if getattr(module, "is_causal", True) is False and method is not None:
-        params = inspect.signature(method.attention).parameters
-        if "is_causal" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if method is not None:
+        _check_method_takes(where, method, attention)
+    return attention
+
+
+def _check_method_takes(where: str, method, attention: ModuleAttention) -> None:
+    """A module's features reach its method as keywords of ``attention()`` (only those the
+    module uses): refuse a method whose ``attention()`` cannot take them."""
+    params = inspect.signature(method.attention).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    needed = []
+    if not attention.causal:
+        needed.append(("is_causal", "bidirectional attention (is_causal=False)"))
+    if attention.sliding_window is not None:
+        needed.append(("sliding_window", f"sliding-window attention (sliding_window={attention.sliding_window})"))
+    if attention.softcap is not None:
+        needed.append(("softcap", f"logit soft-capping (softcap={attention.softcap:g})"))
+    if attention.learned_sinks:
+        needed.append(("learned_sinks", "learned sinks (s_aux)"))
+    for keyword, feature in needed:
+        if keyword not in params:
             raise NotImplementedError(
-                f"{where}: bidirectional attention (is_causal=False) needs a method whose attention() takes "
-                f"is_causal; {type(method).__name__}.attention does not"
+                f"{where}: {feature} needs a method whose attention() takes {keyword}; "
+                f"{type(method).__name__}.attention does not"
             )
+
+
+def _imports_window_masks(module: torch.nn.Module) -> bool:
+    """Whether the module's modeling code imports a sliding-window mask builder."""
+    chain = _forward_chain(_original_class(module))
+    return bool(chain) and any(builder in chain[-1].__globals__ for builder in _WINDOW_MASK_BUILDERS)
+
+
+def _original_class(module: torch.nn.Module) -> type:
+    cls = type(module)
+    return cls.__mro__[1] if issubclass(cls, SparseAttentionModule) else cls  # see _sparse_class
 
 
 def check_convertible(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -270,7 +357,7 @@ def build_state(
     patterns: tuple[str, ...],
 ) -> ModuleSparseState:
     method = get_method(config.method)(config)
-    _check_module_supported(name, module, method)
+    attention = _check_module_supported(name, module, method)
     return ModuleSparseState(
         name=name,
         original_class=original_class_name(module),
@@ -278,6 +365,7 @@ def build_state(
         config=config,
         method=method,
         kernel_kwargs=checked_kernel_kwargs(method, name, module),
+        attention=attention,
     )
 
 
@@ -354,9 +442,10 @@ def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> to
     Raises:
         ValueError: invalid config, or no attention module behind transformers' attention
             interface in ``model`` (see :func:`uses_attention_interface`).
-        NotImplementedError: a module uses a feature the kernel lacks today (sliding windows,
-            logit soft-capping, learned sinks, cross-attention); the message names the module,
-            its class and the feature.
+        NotImplementedError: a module uses something the kernel lacks (cross-attention,
+            additive position biases, bidirectional sliding windows, a window applied through
+            the mask alone); the message names the module, its class and the feature.
+            Causal sliding windows, logit soft-capping and learned sinks are supported.
     """
     config = SparseAttentionConfig.coerce(config)
     states = {}
@@ -452,6 +541,9 @@ def summary_rows(model: torch.nn.Module) -> list[dict[str, str]]:
             "N:M": f"{kw['sparsity_n']}:{kw['sparsity_m']}" if sparse else "dense",
             "sinks": str(kw["num_sink_tokens"]),
             "window": str(kw["dense_window_size"]),
+            # The module's own attention (its sliding window, soft cap, learned sinks), which
+            # sparsity leaves as it is; "window" above is the N:M pattern's dense window.
+            "attention": state.attention.describe(),
             "enabled": "yes" if state.config.enable else "no",
         })
     return rows

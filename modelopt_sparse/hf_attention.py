@@ -23,14 +23,31 @@ What the mask function returns (and so what the attention function receives):
   function (static-cache ``generate``); turned into bool there it means "real token",
   which is still right.
 * a 4-D bool tensor ``[B, 1, S, Skv]``, only when transformers composed a mask that is not
-  plain causal (packed sequences found from ``position_ids``, sliding windows, custom
-  overlays). The attention function accepts it only if it is exactly the block-causal mask
-  of the sequences it derives itself, and raises otherwise (this check reads the mask).
+  plain causal (packed sequences found from ``position_ids``, custom overlays). The
+  attention function accepts it only if it is exactly the block-causal mask (within the
+  module's sliding window, if it has one) of the sequences it derives itself, and raises
+  otherwise (this check reads the mask).
+
+Sliding-window layers: transformers builds their mask with
+``sliding_window_causal_mask_function(W)``. The mask function recognizes that function and
+returns what it returns for a causal mask (the padding, as token codes, or ``None``): the
+window itself reaches the kernel from the ``sliding_window=W`` argument that the module
+passes to the attention function, so no ``[S, Skv]`` mask is ever built. Both come from
+the same config value in every model that passes the argument; conversion refuses modules
+whose window lives in the mask alone (:mod:`modelopt_sparse.conversion`). The kernel counts
+window distances between the real tokens of a row; transformers counts key slots. They
+agree when a row's real tokens are contiguous (left or right padding, caches that keep the
+last ``W - 1`` keys), which the attention function checks when a window is on.
+
+Logit soft-capping (``softcap=``) and learned sinks (``s_aux=``, one extra logit per head)
+are passed to the kernel as they come; they change nothing in the layout.
 
 The attention function runs prefill through the module's method on the padded rows in
 place (each row's real tokens are one sequence of the varlen layout: no gather, and padded
 query rows come out as zeros), and decode steps (one query per row, which the rule keeps
-dense) through PyTorch's SDPA.
+dense) through PyTorch's SDPA on the CPU or the fused decode kernel on CUDA. A decode step
+of a module with a window, a soft cap or learned sinks that the decode path cannot take
+runs through the module's method like a prefill: the kernel keeps a single query dense.
 """
 
 from __future__ import annotations
@@ -40,6 +57,8 @@ import warnings
 from typing import Any
 
 import torch
+
+from typing import NamedTuple
 
 from . import lazy_checks
 from .kernels.semantics import aligned_query_position, selection_applies
@@ -54,8 +73,12 @@ ATTN_IMPLEMENTATION = "modelopt_sparse"
 _HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "layer_idx", "output_router_logits",
                               "output_hidden_states"})
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# kwargs that _reject_unsupported inspects (harmless when None / False).
-_CHECKED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias", "head_mask", "output_attentions")
+# The module's own attention features, passed on to the kernel (see _features).
+_FEATURE_KWARGS = ("sliding_window", "softcap", "s_aux")
+# kwargs that _reject_unsupported refuses when set (harmless when None / False).
+# indices / block_indices select keys for DeepSeek-style sparse attention (DSA).
+_REFUSED_KWARGS = ("position_bias", "head_mask", "output_attentions", "indices", "block_indices")
+_ACCEPTED_KWARGS = _HARMLESS_KWARGS | frozenset(_PACKING_KWARGS) | frozenset(_FEATURE_KWARGS)
 # Token codes (see the module docstring).
 _CODES_DTYPE = torch.int32
 _FIRST_QUERY_CODE = 2
@@ -110,8 +133,11 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
     lazy_checks.raise_failed()
     # Causal and bidirectional masks differ only in which keys a query may see, and that
     # comes from the module's is_causal (see _resolve_is_causal), as SDPA takes it when no
-    # mask is materialized: the token codes (which slots hold real tokens) serve both.
-    if mask_function is not None and mask_function not in (causal_mask_function, bidirectional_mask_function):
+    # mask is materialized: the token codes (which slots hold real tokens) serve both. A
+    # sliding-window mask adds only the window, which the module passes as sliding_window.
+    if (mask_function is not None and mask_function not in (causal_mask_function, bidirectional_mask_function)
+            and not _is_plain_sliding_window(mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset,
+                                             kwargs)):
         # Not plain causal: materialize it, and let the attention function check that it is
         # a pattern it reproduces exactly (packing) or refuse it.
         kwargs.pop("allow_is_causal_skip", None)
@@ -127,6 +153,7 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
         q_offset = cache_position[0] if cache_position is not None else 0
     device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
     kv_offset = int(kv_offset)
+    padding_offset = kv_offset  # where slot 0 of the keys sits in the padding mask
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"modelopt_sparse: expected a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
@@ -134,6 +161,13 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
             raise ValueError(
                 f"modelopt_sparse: the 2-D attention_mask has {attention_mask.shape[0]} rows for a batch of {batch_size}"
             )
+        if kv_offset > 0 and attention_mask.shape[-1] == kv_length:
+            # Static-cache generate builds this step's masks in advance and feeds them back
+            # (as bool) through the model's own mask call. For a sliding layer whose rolling
+            # buffer has wrapped, that mask is ours, in the buffer's slot space: it spans the
+            # kv_length slots exactly, where a padding mask over positions would have to
+            # cover kv_offset + kv_length of them.
+            padding_offset = 0
     if isinstance(q_offset, torch.Tensor):
         # A static cache keeps its length on the device: so does everything derived from it.
         first_query = q_offset.to(device=device, dtype=torch.int64).reshape(()) - kv_offset
@@ -144,7 +178,7 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
         )
         if attention_mask is not None:
             lazy_checks.require(
-                attention_mask.shape[-1] >= kv_offset + first_query + q_length,
+                attention_mask.shape[-1] >= padding_offset + first_query + q_length,
                 lambda: f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but "
                         f"the queries reach position {int(q_offset) + q_length}",
             )
@@ -158,12 +192,75 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
             )
         if attention_mask is None and q_end == kv_length:
             return None
-        if attention_mask is not None and attention_mask.shape[-1] < kv_offset + q_end:
+        if attention_mask is not None and attention_mask.shape[-1] < padding_offset + q_end:
             raise ValueError(
                 f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but the "
                 f"queries reach position {kv_offset + q_end}"
             )
-    return token_codes(batch_size, q_length, kv_length, first_query, kv_offset, attention_mask, device)
+    return token_codes(batch_size, q_length, kv_length, first_query, padding_offset, attention_mask, device)
+
+
+_WINDOW_MASK_CODES: list = []  # filled on first use (transformers is imported lazily)
+
+
+def _sliding_window_codes():
+    """The code objects of transformers' ``and_masks`` closure and of its sliding-window overlay."""
+    if not _WINDOW_MASK_CODES:
+        from transformers.masking_utils import sliding_window_causal_mask_function, sliding_window_overlay
+
+        _WINDOW_MASK_CODES.extend((sliding_window_causal_mask_function(1).__code__, sliding_window_overlay(1).__code__))
+    return _WINDOW_MASK_CODES[0], _WINDOW_MASK_CODES[1]
+
+
+def _is_plain_sliding_window(mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset, kwargs) -> bool:
+    """Whether transformers asks for its plain sliding-window causal mask (padding aside).
+
+    ``create_sliding_window_causal_mask`` passes ``local_size=W``. In eager code the mask
+    function's closures say exactly whether it is ``sliding_window_causal_mask_function(W)``
+    (:func:`sliding_window_of`). Dynamo cannot read the closures of a function made inside
+    the traced code (reading them breaks the later call), so compiled code decides from the
+    arguments: the same ``and_masks`` code with ``local_size`` equal to the config's
+    ``sliding_window``, no custom overlay (``use_vmap``), and not a call that could be
+    packing (transformers composes packed sequences only without a padding mask or a
+    cache, and then forbids the causal skip); that last case is materialized and checked
+    instead.
+    """
+    local_size = kwargs.get("local_size")
+    if local_size is None:
+        return False
+    if not torch.compiler.is_compiling():
+        return sliding_window_of(mask_function) == local_size
+    and_code, _ = _sliding_window_codes()
+    config = kwargs.get("config")
+    maybe_packed = (attention_mask is None and q_length == kv_length and kv_offset == 0
+                    and not isinstance(q_offset, torch.Tensor) and not q_offset
+                    and not kwargs.get("allow_is_causal_skip", True))
+    return (getattr(mask_function, "__code__", None) is and_code and not kwargs.get("use_vmap")
+            and local_size == getattr(config, "sliding_window", None) and not maybe_packed)
+
+
+def sliding_window_of(mask_function) -> int | None:
+    """``W`` if ``mask_function`` is transformers' plain ``sliding_window_causal_mask_function(W)``
+    (``and_masks(sliding_window_overlay(W), causal_mask_function)``), else ``None``.
+
+    Read from the closures, matched by code object: a composed mask (packing, image
+    overlays) is a different function. Eager code only (see :func:`_is_plain_sliding_window`).
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    and_code, overlay_code = _sliding_window_codes()
+    if getattr(mask_function, "__code__", None) is not and_code:
+        return None
+    parts = _closure_value(mask_function, "mask_functions")
+    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is causal_mask_function
+            and getattr(parts[0], "__code__", None) is overlay_code):
+        return None
+    window = _closure_value(parts[0], "sliding_window")
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
+
+
+def _closure_value(function, name):
+    return function.__closure__[function.__code__.co_freevars.index(name)].cell_contents
 
 
 def token_codes(batch, q_len, width, first_query, kv_offset=0, padding=None, device=None) -> torch.Tensor:
@@ -210,7 +307,9 @@ def sparse_attention_forward(
         scaling: softmax scale (default ``1/sqrt(D)``).
         dropout: must be 0.
         **kwargs: ``cu_seq_lens_q/k`` and ``max_length_q/k`` for packed sequences;
-            ``position_ids``; unsupported features raise (see :func:`_reject_unsupported`).
+            ``position_ids``; the module's ``sliding_window``, ``softcap`` and ``s_aux``
+            (learned sinks), passed on to the kernel; unsupported features raise (see
+            :func:`_reject_unsupported`).
 
     Returns:
         ``([B, S, Hq, D], None)``; padded query rows are zero.
@@ -228,6 +327,9 @@ def sparse_attention_forward(
             f"modelopt_sparse: expected 4-D query/key/value [batch, heads, seq, head_dim], got "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
+    features = _features(module, kwargs, is_causal, query)
+    if features.sliding_window is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        _check_contiguous_tokens(module, attention_mask, query, key)
     batch, _, q_len, _ = query.shape
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3]:
         raise ValueError(
@@ -243,10 +345,13 @@ def sparse_attention_forward(
             and _is_padding_or_none(attention_mask)):
         # One query per row: the rule keeps every key (the decode guard), whatever the pattern.
         if query.is_cuda and state.method.select_backend(query.device) == "triton":
-            return _triton_decode(query, key, value, attention_mask, scaling), None
-        return _dense_decode(module, query, key, value, attention_mask, scaling), None
+            if _decode_kernel_takes(features):
+                return _triton_decode(query, key, value, attention_mask, scaling, features), None
+        elif features is _NO_FEATURES:
+            return _dense_decode(module, query, key, value, attention_mask, scaling), None
+        # Otherwise the module's method runs it, as a prefill of one query (kept dense).
 
-    layout = _layout(query, key, attention_mask, kwargs, is_causal)
+    layout = _layout(query, key, attention_mask, kwargs, is_causal, features.sliding_window)
     if layout.kv_len != key.shape[2]:  # a static cache's empty tail
         key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
     q_rows, k_rows, v_rows = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D]
@@ -263,13 +368,15 @@ def sparse_attention_forward(
         q, k, v = q_rows[layout.take_q], k_rows[layout.take_k], v_rows[layout.take_k]
 
     kernel_kwargs = state.kernel_kwargs if state.config.enable else {**state.kernel_kwargs, "sparsity_n": 0}
-    # is_causal is passed only when False, so methods written before bidirectional support
-    # (an attention() override without the keyword) keep working for causal modules;
-    # conversion refuses a non-causal module whose method cannot take it.
+    # is_causal is passed only when False, and each feature only when on, so methods
+    # written before they were supported (an attention() override without the keyword)
+    # keep working for modules without them; conversion refuses a module whose method
+    # cannot take what the module uses.
     result = state.method.attention(
         module, q, k, v, layout.batch,
         softmax_scale=scaling, kernel_kwargs=kernel_kwargs, return_stats=stats_sink is not None,
         **({} if is_causal else {"is_causal": False}),
+        **({} if features is _NO_FEATURES else features.method_kwargs()),
     )
     if stats_sink is not None:
         out, stats = result
@@ -307,18 +414,35 @@ def _dense_decode(module, query, key, value, attention_mask, scaling) -> torch.T
     return torch.where(query_real, out, 0)
 
 
-def _triton_decode(query, key, value, attention_mask, scaling) -> torch.Tensor:
+def _triton_decode(query, key, value, attention_mask, scaling, features) -> torch.Tensor:
     """Decode on the GPU: one fused kernel reads the cache in place, with the token codes as
     its key mask (a nonzero code is a real token) and zeros for padded query rows."""
     from .kernels.triton_decode import decode_attention
 
+    extra = {} if features is _NO_FEATURES else features.decode_kwargs()
     if attention_mask is None:
-        return decode_attention(query, key, value, softmax_scale=scaling)
+        return decode_attention(query, key, value, softmax_scale=scaling, **extra)
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     codes, query_real = _outside_inference_mode(
         lambda: _cached((attention_mask,), ("decode-codes", batch, q_len, kv_len, query.device),
                         lambda: _decode_codes(_as_codes(attention_mask, batch, q_len, kv_len, query.device))))
-    return decode_attention(query, key, value, codes, query_real, softmax_scale=scaling)
+    return decode_attention(query, key, value, codes, query_real, softmax_scale=scaling, **extra)
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_kernel_keywords() -> frozenset:
+    import inspect
+
+    from .kernels.triton_decode import decode_attention
+
+    return frozenset(inspect.signature(decode_attention).parameters)
+
+
+def _decode_kernel_takes(features) -> bool:
+    """Whether the fused decode kernel implements every feature the module uses."""
+    if features is _NO_FEATURES:
+        return True
+    return all(name in _decode_kernel_keywords() for name in features.decode_kwargs())
 
 
 def _decode_codes(codes):
@@ -354,28 +478,109 @@ def _where(module) -> str:
     return f"{state.name} ({state.original_class})"
 
 
+class _Features(NamedTuple):
+    """The module's own attention features, as the kernel takes them (``None``: off)."""
+
+    sliding_window: int | None = None
+    softcap: float | None = None
+    learned_sinks: torch.Tensor | None = None
+
+    def method_kwargs(self) -> dict:
+        """The keywords of :meth:`SparseAttentionMethod.attention` for the features that are on."""
+        return {name: value for name, value in zip(self._fields, self) if value is not None}
+
+    def decode_kwargs(self) -> dict:
+        """The same for the fused decode kernel (its keywords have the same names)."""
+        return self.method_kwargs()
+
+
+_NO_FEATURES = _Features()
+
+
+def _features(module, kwargs, is_causal, query) -> _Features:
+    """``sliding_window``, ``softcap`` and ``s_aux`` from the call, checked, naming the module.
+
+    transformers' eager and SDPA paths apply the window through the mask and ignore the
+    argument; its FlashAttention path applies the argument. Both say the same thing for
+    every model that passes it (conversion refuses those that do not).
+    """
+    window, cap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if window is None and cap is None and sinks is None:
+        return _NO_FEATURES
+    where = f"modelopt_sparse: {_where(module)}:"
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"{where} sliding_window must be an int or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"{where} sliding_window={window}: a window must hold at least the query itself (>= 1)")
+        if not is_causal:
+            raise NotImplementedError(
+                f"{where} sliding_window={window} on bidirectional attention (is_causal=False) is not supported: "
+                "the kernel implements causal sliding windows only"
+            )
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)):
+            raise TypeError(f"{where} softcap must be a float or None, got {type(cap).__name__}")
+        cap = float(cap)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.shape != (query.shape[1],):
+            got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+            raise ValueError(
+                f"{where} s_aux (learned sinks) must be a tensor of one logit per query head, shape "
+                f"({query.shape[1]},), got {got}"
+            )
+    return _Features(window, cap, sinks)
+
+
+def _check_contiguous_tokens(module, attention_mask, query, key) -> None:
+    """With a sliding window, refuse a padding mask whose real tokens leave holes in a row.
+
+    The kernel measures a query's distance to a key among the row's real tokens;
+    transformers measures it in key slots. The two agree exactly when every row's real
+    tokens are contiguous: left or right padding, and the caches of sliding layers (they
+    keep the last ``W - 1`` keys). Checked once per mask (memoized), on the device.
+    """
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    where = _where(module)
+
+    def check():
+        real = _as_codes(attention_mask, batch, q_len, kv_len, query.device) > 0
+        slots = torch.arange(real.shape[-1], device=real.device)
+        first = torch.where(real, slots, real.shape[-1]).amin(-1)
+        last = torch.where(real, slots, -1).amax(-1)
+        count = real.sum(-1)
+        lazy_checks.require(
+            (count == 0) | (last - first + 1 == count),
+            lambda: f"modelopt_sparse: {where}: a sliding window with padding between the real tokens of a row "
+                    "(a 2-D attention_mask with holes) is not supported: transformers counts the window in "
+                    "key slots, the kernel in real tokens",
+            NotImplementedError,
+        )
+        return True
+
+    _outside_inference_mode(_cached, (attention_mask,), ("contiguous", batch, q_len, kv_len, query.device), check)
+
+
 def _reject_unsupported(module, dropout, kwargs) -> None:
     """Raise, naming the module and the argument, for every transformers feature the kernel
     does not implement."""
     if not dropout:
-        # The common call (every layer of every forward) passes only harmless kwargs.
+        # The common call (every layer of every forward) passes only kwargs it accepts.
         for name, value in kwargs.items():
-            if value is not None and name not in _HARMLESS_KWARGS and name not in _PACKING_KWARGS:
+            if value is not None and name not in _ACCEPTED_KWARGS:
                 break
         else:
             return
     where = f"modelopt_sparse: {_where(module)}:"
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(
-            f"{where} sliding_window={kwargs['sliding_window']} (sliding-window attention) is not "
-            "supported today; use a config with sliding_window=None / use_sliding_window=False"
-        )
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"{where} softcap={kwargs['softcap']} (logit soft-capping) is not supported today")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{where} s_aux (learned attention sinks) is not supported today")
     if kwargs.get("position_bias") is not None:
-        raise NotImplementedError(f"{where} position_bias (additive attention bias) is not supported")
+        raise NotImplementedError(
+            f"{where} position_bias (an additive attention bias, as T5's relative positions) is not supported"
+        )
+    for name in ("indices", "block_indices"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{where} {name} (keys chosen per query by a sparse-attention indexer) is not supported"
+            )
     if kwargs.get("head_mask") is not None:
         raise NotImplementedError(f"{where} head_mask is not supported")
     if kwargs.get("output_attentions"):
@@ -390,8 +595,7 @@ def _reject_unsupported(module, dropout, kwargs) -> None:
         )
     unknown = sorted(
         name for name, val in kwargs.items()
-        if val is not None and name not in _HARMLESS_KWARGS and name not in _PACKING_KWARGS
-        and name not in _CHECKED_KWARGS
+        if val is not None and name not in _ACCEPTED_KWARGS and name not in _REFUSED_KWARGS
     )
     if unknown:
         warnings.warn(
@@ -413,20 +617,20 @@ class _Layout:
         self.batched = batched
 
 
-def _layout(query, key, attention_mask, kwargs, causal=True) -> _Layout:
+def _layout(query, key, attention_mask, kwargs, causal=True, window=None) -> _Layout:
     if attention_mask is None and kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
         hit = _DENSE_LAYOUTS.get((query.shape[0], query.shape[2], key.shape[2], query.device))
         if hit is not None and not torch.compiler.is_compiling():
             return hit
-    return _outside_inference_mode(_derived_layout, query, key, attention_mask, kwargs, causal)
+    return _outside_inference_mode(_derived_layout, query, key, attention_mask, kwargs, causal, window)
 
 
-def _derived_layout(query, key, attention_mask, kwargs, causal=True) -> _Layout:
+def _derived_layout(query, key, attention_mask, kwargs, causal=True, window=None) -> _Layout:
     batch, q_len, kv_len, device = query.shape[0], query.shape[2], key.shape[2], query.device
     shape_key = (batch, q_len, kv_len, device)
-    # A 4-D mask is verified against the causal or the bidirectional mask of the sequences,
-    # so the verdict is memoized per kind.
-    mask_key = (*shape_key, causal)
+    # A 4-D mask is verified against the causal or the bidirectional mask of the sequences
+    # (within the window, if any), so the verdict is memoized per kind.
+    mask_key = (*shape_key, causal, window)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4):
@@ -440,7 +644,7 @@ def _derived_layout(query, key, attention_mask, kwargs, causal=True) -> _Layout:
             # transformers also builds a 4-D mask from position_ids: it must agree (a device
             # check, so no sync; compiled code cannot read it and follows cu_seq_lens).
             if attention_mask is not None:
-                _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k", causal)
+                _verify_dense_mask(attention_mask, layout, q_len, kv_len, "cu_seq_lens_q/k", causal, window)
             return layout
 
         # The mask check is part of the memo: a verified mask stays verified while neither
@@ -464,7 +668,7 @@ def _derived_layout(query, key, attention_mask, kwargs, causal=True) -> _Layout:
 
         def block_causal():
             layout, source = _position_ids_layout(position_ids, batch, q_len, kv_len, device)
-            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal)
+            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal, window)
             return layout
 
         anchors = (attention_mask,) if position_ids is None else (attention_mask, position_ids)
@@ -632,9 +836,9 @@ def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     return _Layout(meta, kv_len), "packed sequences found in position_ids"
 
 
-def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True) -> None:
+def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True, window=None) -> None:
     """Refuse a 4-D mask unless it is exactly block-causal (block-diagonal when not
-    ``causal``) over the derived sequences."""
+    ``causal``; within ``window`` if given) over the derived sequences."""
     batch = mask.shape[0]
     if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
         raise ValueError(f"modelopt_sparse: 4-D attention_mask of shape {tuple(mask.shape)} for {q_len}x{kv_len} scores")
@@ -645,21 +849,23 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True
         lazy_checks.require(keep | (mask <= torch.finfo(mask.dtype).min / 2),
                             lambda: "modelopt_sparse: additive attention biases in attention_mask are not supported",
                             NotImplementedError)
-    expected = _block_causal(layout, batch, q_len, kv_len, mask.device, causal)
+    expected = _block_causal(layout, batch, q_len, kv_len, mask.device, causal, window)
     if keep.shape[1] != 1:
         expected = expected.expand_as(keep)
     lazy_checks.require(
         keep.expand_as(expected) == expected,
         lambda: f"modelopt_sparse: transformers built an attention mask that is not the "
-                f"{'causal' if causal else 'bidirectional'} mask of {source}: sliding windows, "
-                "mixed causal/bidirectional or custom mask overlays are not supported",
+                f"{'causal' if causal else 'bidirectional'} mask of {source}"
+                f"{'' if window is None else f' within a sliding window of {window}'}: "
+                "mixed causal/bidirectional masks, windows other than the module's sliding_window "
+                "or custom mask overlays are not supported",
         NotImplementedError,
     )
 
 
-def _block_causal(layout: _Layout, batch, q_len, kv_len, device, causal=True) -> torch.Tensor:
+def _block_causal(layout: _Layout, batch, q_len, kv_len, device, causal=True, window=None) -> torch.Tensor:
     """[B, 1, S, Skv] bool: query sees key iff same sequence and (not ``causal`` or key
-    position <= query position)."""
+    position <= query position) and (no ``window`` or query position - key position < window)."""
     meta = layout.batch
     starts_q, starts_k = meta.b_start_loc, meta.b_start_loc_k
     if layout.batched:  # row-local starts: move them to the packed rows of the whole batch
@@ -676,7 +882,10 @@ def _block_causal(layout: _Layout, batch, q_len, kv_len, device, causal=True) ->
     same = seq_q[:, :, None] == seq_k[:, None, :]
     if not causal:
         return same[:, None]
-    return (same & (pos_k[:, None, :] <= pos_q[:, :, None]))[:, None]
+    seen = same & (pos_k[:, None, :] <= pos_q[:, :, None])
+    if window is not None:
+        seen = seen & (pos_q[:, :, None] - pos_k[:, None, :] < window)
+    return seen[:, None]
 
 
 def _sequence_positions(starts, lens, total, device):

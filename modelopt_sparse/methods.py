@@ -110,6 +110,9 @@ class SparseAttentionMethod:
         kernel_kwargs: dict[str, Any],
         return_stats: bool,
         is_causal: bool = True,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        learned_sinks: torch.Tensor | None = None,
     ):
         """Attention of packed sequences; returns ``out`` or ``(out, stats)`` like the kernel.
 
@@ -118,10 +121,24 @@ class SparseAttentionMethod:
         outside every sequence; their output rows must be zero, as the kernel makes them.
 
         ``kernel_kwargs`` is what :meth:`kernel_kwargs` returned, with ``sparsity_n=0`` when
-        the module is disabled. ``is_causal=False`` (bidirectional modules: encoders, vision
-        towers) is passed only for such modules, so an override needs the keyword (or
-        ``**kwargs``) only to support them; conversion checks that it has it.
+        the module is disabled.
+
+        The other keywords are the module's own attention, which sparsity must not change:
+        ``is_causal=False`` (encoders, vision towers), ``sliding_window`` (a query sees its
+        own key and the ``W - 1`` before it), ``softcap`` (Gemma 2's logit soft-capping) and
+        ``learned_sinks`` (``[Hq]``, one extra softmax logit per head, GPT-OSS). Each is
+        passed only to modules that use it, so an override needs the keyword (or
+        ``**kwargs``) only to support such modules; conversion checks that it has it.
         """
+        # Keywords off are not passed: the kernel API gains them one at a time, and a
+        # model without the feature must not depend on it.
+        features = {}
+        if sliding_window is not None:
+            features["sliding_window"] = sliding_window
+        if softcap is not None:
+            features["softcap"] = softcap
+        if learned_sinks is not None:
+            features["learned_sinks"] = learned_sinks
         return kernels.attention(
             q, k, v,
             batch.b_start_loc, batch.b_seq_len, batch.max_input_len,
@@ -132,6 +149,7 @@ class SparseAttentionMethod:
             check_metadata=not batch.trusted,
             rows_covered=batch.trusted and batch.rows_covered,
             **kernel_kwargs,
+            **features,
         )
 
 

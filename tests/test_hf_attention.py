@@ -279,9 +279,11 @@ def test_print_summary_and_is_sparsified(llama, capsys):
     text = mts.print_summary(model)
     assert text in capsys.readouterr().out
     lines = text.splitlines()
-    assert lines[0].split() == ["module", "class", "method", "pattern", "backend", "N:M", "sinks", "window", "enabled"]
+    assert lines[0].split() == ["module", "class", "method", "pattern", "backend", "N:M", "sinks", "window",
+                                "attention", "enabled"]
     assert "model.layers.0.self_attn" in lines[2] and "dense" in lines[2] and "no" in lines[2]
     assert "4:8" in lines[3] and "auto->torch" in lines[3] and "LlamaAttention" in lines[3]
+    assert " causal " in lines[3]
 
 
 def test_two_models_do_not_share_flags(llama):

@@ -228,3 +228,22 @@ def test_inductor_can_regenerate_and_launch_the_kernels(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "checked" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no_mask", "padded"])
+def test_fullgraph_prefill_of_a_sliding_window_model_on_cpu(case):
+    """Compiled code cannot read the mask function's closures, so it recognizes
+    transformers' sliding-window mask from the call's arguments: still one graph, and the
+    eager model's logits (window included)."""
+    torch._dynamo.reset()
+    model = mts.sparsify(tiny_model("mistral", dtype=torch.float32, sliding_window=8),
+                         sparse_cfg(2, 4, sinks=1, window=4, backend="torch"))
+    ids, kwargs = _prefill_inputs(case, "cpu")
+    explained = torch._dynamo.explain(lambda: model(input_ids=ids, **kwargs).logits)()
+    assert explained.graph_break_count == 0, [str(r.reason)[:500] for r in explained.break_reasons]
+    with torch.no_grad():
+        want = model(input_ids=ids, **kwargs).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids, **kwargs).logits
+    real = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else torch.ones_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)

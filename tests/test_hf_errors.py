@@ -35,20 +35,26 @@ def test_model_without_interface_attention_is_refused():
         mts.sparsify("model", mts.SPARSE_SOFTMAX_DEFAULT)
 
 
-def test_mistral_sliding_window_is_refused_before_conversion():
-    model = tiny_model("mistral", sliding_window=16)
-    reference = copy.deepcopy(model)
-    with pytest.raises(NotImplementedError, match="sliding_window=16"):
-        mts.sparsify(model, mts.SPARSE_SOFTMAX_DEFAULT)
-    _untouched(model, reference)
+@mts.register_method("test_causal_only")
+class CausalOnly(mts.SparseAttentionMethod):
+    """A method written before sliding windows: its attention() takes no sliding_window."""
+
+    def attention(self, module, q, k, v, batch, *, softmax_scale, kernel_kwargs, return_stats):
+        return super().attention(module, q, k, v, batch, softmax_scale=softmax_scale, kernel_kwargs=kernel_kwargs,
+                                 return_stats=return_stats)
 
 
-def test_qwen2_sliding_layers_are_refused_before_conversion():
+def test_method_without_the_window_keyword_is_refused_for_windowed_layers():
     model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
     reference = copy.deepcopy(model)
-    with pytest.raises(NotImplementedError, match=r"layers\.1\.self_attn: sliding_window=8"):
-        mts.sparsify(model, mts.SPARSE_SOFTMAX_DEFAULT)
+    with pytest.raises(NotImplementedError,
+                       match=r"model\.layers\.1\.self_attn \(Qwen2Attention\): sliding-window attention "
+                             r"\(sliding_window=8\) needs a method whose attention\(\) takes sliding_window; "
+                             r"CausalOnly\.attention does not"):
+        mts.sparsify(model, {"sparse_cfg": {"default": {"method": "test_causal_only"}}})
     _untouched(model, reference)
+    # The same method converts a model without windows (layer 0 of this one is full).
+    mts.sparsify(tiny_model("qwen2"), {"sparse_cfg": {"default": {"method": "test_causal_only"}}})
 
 
 def test_invalid_config_leaves_model_unchanged(llama):
@@ -76,10 +82,8 @@ def test_training_dropout_is_refused():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"sliding_window": 4}, "sliding_window=4"),
-        ({"softcap": 30.0}, "softcap=30.0"),
-        ({"s_aux": torch.zeros(4)}, "s_aux"),
         ({"position_bias": torch.zeros(1, 4, 8, 8)}, "position_bias"),
+        ({"indices": torch.zeros(1, 8, 4, dtype=torch.long)}, r"indices \(keys chosen per query"),
         ({"output_attentions": True}, "output_attentions=True"),
         ({"dropout": 0.2}, r"dropout=0\.2"),
         ({"head_mask": torch.ones(4)}, "head_mask is not supported"),
@@ -89,6 +93,25 @@ def test_unsupported_kwargs_raise(sparse, kwargs, match):
     module = sparse.model.layers[0].self_attn
     q, k, v = attention_inputs()
     with pytest.raises(NotImplementedError, match=match):
+        sparse_attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"sliding_window": 0}, ValueError, r"sliding_window=0: a window must hold at least the query itself"),
+        ({"sliding_window": 4.0}, TypeError, "sliding_window must be an int or None, got float"),
+        ({"sliding_window": 4, "is_causal": False}, NotImplementedError,
+         r"sliding_window=4 on bidirectional attention \(is_causal=False\) is not supported"),
+        ({"softcap": "30"}, TypeError, "softcap must be a float or None, got str"),
+        ({"s_aux": torch.zeros(2)}, ValueError, r"s_aux \(learned sinks\) must be a tensor of one logit per query "
+                                                r"head, shape \(4,\), got \(2,\)"),
+    ],
+)
+def test_feature_kwargs_are_checked_naming_the_module(sparse, kwargs, error, match):
+    module = sparse.model.layers[0].self_attn
+    q, k, v = attention_inputs()
+    with pytest.raises(error, match=r"model\.layers\.0\.self_attn \(LlamaAttention\): " + match):
         sparse_attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
 
 

@@ -232,13 +232,13 @@ def test_extra_tensor_in_the_file_is_refused_before_loading(saved, target):
     _assert_untouched(model, reference)
 
 
-def test_state_is_not_restored_onto_unsupported_attention():
-    """The same checks as sparsify: a sliding-window model must not silently run full causal."""
+def test_restore_reads_the_modules_own_attention():
+    """The state records the N:M settings, not the model's own attention: restored onto a
+    model with a sliding window, the modules run (and report) that window."""
     state = mts.sparse_state(mts.sparsify(tiny_model("mistral"), CFG))
-    windowed = tiny_model("mistral", sliding_window=16)
-    with pytest.raises(NotImplementedError, match="sliding_window=16"):
-        mts.restore_from_state(windowed, state)
-    assert not mts.is_sparsified(windowed)
+    windowed = mts.restore_from_state(tiny_model("mistral", sliding_window=16), state)
+    rows = mts.conversion.summary_rows(windowed)
+    assert [r["attention"] for r in rows] == ["causal, window 16"] * 2
 
 
 def test_sharded_weights_are_refused(sparse, saved, tmp_path):
