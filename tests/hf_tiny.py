@@ -66,6 +66,70 @@ def attention_modules(model):
 
 
 # --------------------------------------------------------------------------------------
+# The model matrix: one tiny config per decoder family, its own attention features on
+# --------------------------------------------------------------------------------------
+MATRIX_VOCAB = 128
+MATRIX_SLIDING = 8  # the models' own sliding window: far shorter than the test sequences
+MATRIX_SOFTCAP = 8.0  # Gemma 2's attention soft cap, low enough to bend the tiny models' scores
+MATRIX_COMMON = dict(
+    vocab_size=MATRIX_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    # Large init: peaked attention, so N:M selection visibly changes the outputs.
+    initializer_range=0.4, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+_MIXED = ["sliding_attention", "full_attention"]
+_MOE = {"num_experts_per_tok": 2}
+
+# family -> (config class, overrides). Every entry converts, features on.
+MATRIX_DECODERS = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": MATRIX_SLIDING}),
+    # max_window_layers=1: layer 0 full, layer 1 sliding.
+    "qwen2": (transformers.Qwen2Config, {"use_sliding_window": True, "sliding_window": MATRIX_SLIDING,
+                                         "max_window_layers": 1}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "moe_intermediate_size": 32, **_MOE}),
+    "gemma": (transformers.GemmaConfig, {}),
+    "gemma2": (transformers.Gemma2Config, {"sliding_window": MATRIX_SLIDING, "layer_types": _MIXED,
+                                           "attn_logit_softcapping": MATRIX_SOFTCAP}),
+    "gemma3": (transformers.Gemma3TextConfig, {"sliding_window": MATRIX_SLIDING, "layer_types": _MIXED}),
+    "phi3": (transformers.Phi3Config, {"sliding_window": MATRIX_SLIDING}),
+    "olmo2": (transformers.Olmo2Config, {}),
+    "granite": (transformers.GraniteConfig, {}),
+    "smollm3": (transformers.SmolLM3Config, {}),
+    "gpt_oss": (transformers.GptOssConfig, {"sliding_window": MATRIX_SLIDING, "layer_types": _MIXED,
+                                            "num_local_experts": 4, **_MOE}),
+    "cohere": (transformers.CohereConfig, {}),
+    # Not in the issue's list: a model with no class of its own in any list, that the
+    # detection rule accepts because its forward dispatches through the interface.
+    "gpt2": (transformers.GPT2Config, None),
+}
+
+
+def matrix_config(family: str, **overrides):
+    """The tiny config of a matrix family (``overrides``, e.g. ``vocab_size``, on top)."""
+    cls, family_overrides = MATRIX_DECODERS[family]
+    if family_overrides is None:  # GPT-2 names its sizes differently
+        return cls(**{**dict(n_layer=2, n_embd=64, n_head=4, vocab_size=MATRIX_VOCAB, n_positions=128,
+                             initializer_range=0.4, bos_token_id=1, eos_token_id=2, pad_token_id=0), **overrides})
+    return cls(**{**MATRIX_COMMON, **family_overrides, **overrides})
+
+
+def matrix_model(model_cls_or_auto, cfg, seed: int = 0, dtype=torch.float64):
+    """A random-init model of ``cfg`` in eval mode, with learned sinks of a trained model's size."""
+    torch.manual_seed(seed)
+    # eager: the only implementation every family accepts at construction (Gemma 2 and
+    # GPT-OSS refuse sdpa); the experts too (grouped_mm has no float64 kernel).
+    model = model_cls_or_auto.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                # GPT-OSS's learned sinks: a few units in a trained model, not init noise.
+                module.sinks.normal_(0.0, 2.0)
+    return model.to(dtype).eval()
+
+
+# --------------------------------------------------------------------------------------
 # Oracle
 # --------------------------------------------------------------------------------------
 def oracle_keep(qk, *, n, m, sinks, window, tie_break):

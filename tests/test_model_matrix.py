@@ -41,50 +41,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # a module glob
 import modelopt_sparse as mts
 from modelopt_sparse.conversion import uses_attention_interface
 
+from .hf_tiny import MATRIX_COMMON, MATRIX_DECODERS, MATRIX_SLIDING, MATRIX_VOCAB, matrix_config, matrix_model
+
 ORACLE = "mts_matrix_oracle"
-VOCAB = 128
+VOCAB = MATRIX_VOCAB
 N, M, SINKS, WINDOW = 2, 4, 1, 4
 CFG = {"sparse_cfg": {"default": {"sparsity_n": N, "sparsity_m": M, "num_sink_tokens": SINKS,
                                   "dense_window_size": WINDOW}}}
 DENSE_CFG = {"sparse_cfg": {"default": {"sparsity_n": 0, "sparsity_m": M}}}
 ATOL = 1e-9
 PAD = 5  # padded tokens of batch row 1
-SEQ = 36
-SLIDING = 8  # the models' own sliding window: far shorter than SEQ, so it matters
-SOFTCAP = 8.0  # Gemma 2's attention soft cap, low enough to bend the tiny model's scores
-
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-    # Large init: peaked attention, so N:M selection visibly changes the outputs.
-    initializer_range=0.4, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
-MIXED = ["sliding_attention", "full_attention"]
-MOE = {"num_experts_per_tok": 2}
-
-# family -> (config class, overrides). Every entry converts, features on.
-DECODERS = {
-    "llama": (transformers.LlamaConfig, {}),
-    "mistral": (transformers.MistralConfig, {"sliding_window": SLIDING}),
-    # max_window_layers=1: layer 0 full, layer 1 sliding.
-    "qwen2": (transformers.Qwen2Config, {"use_sliding_window": True, "sliding_window": SLIDING, "max_window_layers": 1}),
-    "qwen3": (transformers.Qwen3Config, {}),
-    "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "moe_intermediate_size": 32, **MOE}),
-    "gemma": (transformers.GemmaConfig, {}),
-    "gemma2": (transformers.Gemma2Config, {"sliding_window": SLIDING, "layer_types": MIXED,
-                                           "attn_logit_softcapping": SOFTCAP}),
-    "gemma3": (transformers.Gemma3TextConfig, {"sliding_window": SLIDING, "layer_types": MIXED}),
-    "phi3": (transformers.Phi3Config, {"sliding_window": SLIDING}),
-    "olmo2": (transformers.Olmo2Config, {}),
-    "granite": (transformers.GraniteConfig, {}),
-    "smollm3": (transformers.SmolLM3Config, {}),
-    "gpt_oss": (transformers.GptOssConfig, {"sliding_window": SLIDING, "layer_types": MIXED, "num_local_experts": 4,
-                                            **MOE}),
-    "cohere": (transformers.CohereConfig, {}),
-    # Not in the issue's list: a model with no class of its own in any list, that the
-    # detection rule accepts because its forward dispatches through the interface.
-    "gpt2": (transformers.GPT2Config, None),
-}
+SEQ = 36  # far longer than the models' sliding window (tests/hf_tiny.py: MATRIX_SLIDING = 8)
+DECODERS = MATRIX_DECODERS
 # What print_summary says of each layer's own attention.
 ATTENTION = {
     "mistral": ["causal, window 8", "causal, window 8"],
@@ -95,30 +63,16 @@ ATTENTION = {
     "gpt_oss": ["causal, window 8, learned sinks", "causal, learned sinks"],
 }
 WINDOWED = [family for family, layers in ATTENTION.items() if any("window" in a for a in layers)]
-
-
-def _config(cls, overrides):
-    if overrides is None:  # GPT-2 names its sizes differently
-        return cls(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, initializer_range=0.4,
-                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return cls(**{**COMMON, **overrides})
+SLIDING = MATRIX_SLIDING
+MOE = {"num_experts_per_tok": 2}
 
 
 def _build(model_cls_or_auto, cfg, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    # eager: the only implementation every family accepts at construction (Gemma 2 and
-    # GPT-OSS refuse sdpa); the experts too (grouped_mm has no float64 kernel).
-    model = model_cls_or_auto.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
-                # Learned sinks of a trained model's size (GPT-OSS: a few units), not init noise.
-                module.sinks.normal_(0.0, 2.0)
-    return model.to(dtype).eval()
+    return matrix_model(model_cls_or_auto, cfg, seed, dtype)
 
 
 def _decoder(family, seed=0, dtype=torch.float64):
-    return _build(transformers.AutoModelForCausalLM, _config(*DECODERS[family]), seed, dtype)
+    return matrix_model(transformers.AutoModelForCausalLM, matrix_config(family), seed, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -342,6 +296,33 @@ def test_disabled_gpt_oss_keeps_its_sinks_and_window():
     torch.testing.assert_close(_real(got, mask), _real(want, mask), atol=ATOL, rtol=0)
 
 
+# Gemma 2's sliding layer covers Mistral's window in CI's time budget.
+@pytest.mark.parametrize("family", [pytest.param("mistral", marks=pytest.mark.slow), "gemma2", "gpt_oss"])
+def test_triton_backend_matches_reference(family):
+    """The Triton kernels (interpreted on the CPU) with each feature: window, soft cap and
+    window on mixed layers, learned sinks; left padding; generate's decode steps."""
+    from modelopt_sparse.kernels import interpreting
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = _decoder(family, dtype=torch.float32).to(device)
+    triton_cfg = {"sparse_cfg": {"default": {**CFG["sparse_cfg"]["default"], "backend": "triton"}}}
+    fast = mts.sparsify(copy.deepcopy(base), triton_cfg)
+    reference = mts.sparsify(copy.deepcopy(base), CFG)
+    ids = _ids(20).to(device)
+    mask = _padding(ids.shape[1], left=True).to(device)
+    with torch.no_grad():
+        got = fast(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        want = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(_real(got, mask), _real(want, mask), atol=2e-4, rtol=0)
+    # One decode step after a cached prefill (on CUDA: the fused decode kernel).
+    tokens, step_logits = _greedy(fast, ids, mask, new_tokens=2)
+    want_tokens, want_logits = _greedy(reference, ids, mask, new_tokens=2)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(step_logits, want_logits, atol=2e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------------------
 # Refusals: one test per message
 # --------------------------------------------------------------------------------------
@@ -361,7 +342,7 @@ def test_bidirectional_sliding_window_is_refused():
 def test_window_only_in_the_mask_is_refused():
     """Qwen2-MoE's sliding layers get a windowed mask but do not pass sliding_window to the
     attention function: the kernel would attend past the window."""
-    cfg = transformers.Qwen2MoeConfig(**{**COMMON, "use_sliding_window": True, "sliding_window": SLIDING,
+    cfg = transformers.Qwen2MoeConfig(**{**MATRIX_COMMON, "use_sliding_window": True, "sliding_window": SLIDING,
                                          "max_window_layers": 1, "num_experts": 4, "moe_intermediate_size": 32,
                                          "shared_expert_intermediate_size": 32, **MOE})
     model = _build(transformers.AutoModelForCausalLM, cfg)
