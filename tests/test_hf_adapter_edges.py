@@ -195,3 +195,65 @@ def test_packed_sequence_with_more_queries_than_keys_is_refused(sparse):
             cu_seq_lens_q=torch.tensor([0, 5, 8], dtype=torch.int32),
             cu_seq_lens_k=torch.tensor([0, 4, 8], dtype=torch.int32),
         )
+
+
+# --------------------------------------------------------------------------------------
+# Sliding windows: transformers' masks against the window the module passes
+# --------------------------------------------------------------------------------------
+def test_only_the_plain_sliding_window_mask_is_recognized():
+    """The mask function keeps padding codes only for transformers' plain
+    sliding_window_causal_mask_function(W); compositions (packing, chunking, bidirectional
+    windows) are other functions and are materialized and checked instead."""
+    from transformers import masking_utils as mu
+
+    from modelopt_sparse.hf_attention import sliding_window_of
+
+    assert sliding_window_of(mu.sliding_window_causal_mask_function(8)) == 8
+    packed = mu.and_masks(mu.sliding_window_causal_mask_function(8), mu.packed_sequence_mask_function(torch.zeros(1, 4)))
+    for other in (mu.causal_mask_function, mu.sliding_window_bidirectional_mask_function(8),
+                  mu.chunked_causal_mask_function(8, torch.zeros(1, dtype=torch.long)), packed,
+                  mu.and_masks(mu.causal_mask_function, mu.sliding_window_overlay(8))):
+        assert sliding_window_of(other) is None
+
+
+def test_packed_sequences_in_a_sliding_window_model_equal_separate_runs():
+    """position_ids that restart: transformers composes a packed sliding-window mask, which
+    the adapter checks against block-causal within the module's window, then runs packed."""
+    model = mts.sparsify(tiny_model("mistral", sliding_window=6), sparse_cfg(2, 4, 1, 2))
+    seqs = [token_ids(1, n, seed=60 + i) for i, n in enumerate((11, 17))]
+    pos = torch.cat([torch.arange(11), torch.arange(17)])[None]
+    packed = logits(model, torch.cat(seqs, 1), position_ids=pos)
+    torch.testing.assert_close(packed[0, :11], logits(model, seqs[0])[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(packed[0, 11:], logits(model, seqs[1])[0], atol=ATOL, rtol=0)
+
+
+def test_4d_mask_with_another_window_is_refused():
+    model = mts.sparsify(tiny_model("mistral", sliding_window=6), sparse_cfg(2, 4, 1, 2))
+    module = model.model.layers[0].self_attn
+    q, k, v = attention_inputs(1, 12)
+    rows, cols = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    for window in (6, 5, 7):
+        mask = ((cols <= rows) & (rows - cols < window))[None, None]
+        if window == 6:
+            want = sparse_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=6)[0]
+            got = sparse_attention_forward(module, q, k, v, mask, scaling=0.25, sliding_window=6)[0]
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            continue
+        with pytest.raises(NotImplementedError, match="not the causal mask of a causal mask within a sliding "
+                                                      "window of 6"):
+            sparse_attention_forward(module, q, k, v, mask, scaling=0.25, sliding_window=6)
+
+
+def test_window_decode_step_is_dense_within_the_window():
+    """A decode step of a windowed layer keeps every key inside the window and none outside,
+    whatever the pattern (the decode guard), through a cache that keeps the window only:
+    it equals the last row of a dense forward without a cache."""
+    model = mts.sparsify(tiny_model("mistral", sliding_window=6), sparse_cfg(2, 4, 0, 0))
+    ids = token_ids(2, 21)
+    mts.disable(model)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values  # dense prefill
+        full = logits(model, ids)[:, -1:]
+        mts.enable(model)
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{CACHE_KW: cache}).logits
+    torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
