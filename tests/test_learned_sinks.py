@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from modelopt_sparse.kernels import attention, kept_mask
+from modelopt_sparse.kernels import attention, interpreting, kept_mask
 
 from .helpers import rel_err, separated_inputs, varlen
 
@@ -320,3 +320,466 @@ def test_bad_learned_sinks_are_refused(sinks, error, match, backend):
     lens = torch.tensor([6], dtype=torch.int32)
     with pytest.raises(error, match=match):
         attention(q, k, k, torch.zeros(1, dtype=torch.int32), lens, 6, learned_sinks=sinks, backend=backend)
+
+
+# --------------------------------------------------------------------------------------
+# The Triton kernels (interpreter on CPU): forward, backward, statistics, decode
+# --------------------------------------------------------------------------------------
+triton_only = pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpreting()), reason="needs a GPU or TRITON_INTERPRET=1"
+)
+TOL32 = 2e-5
+
+
+def _run(backend, dtype, inputs, lens_q, lens_k, sinks, do, *, grad=True, batched=False, **kw):
+    """(out, dq, dk, dv, d sinks) of one backend on copies of the inputs in ``dtype``."""
+    xs = [t.detach().to(DEVICE, dtype).requires_grad_(grad) for t in inputs]
+    s = sinks.detach().to(DEVICE, dtype).requires_grad_(grad)
+    if batched:  # one sequence per batch row, right-padded to the longest
+        starts = torch.zeros(len(lens_q), dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor(lens_q, dtype=torch.int32, device=DEVICE)
+        out = attention(*xs, starts, lens, max(lens_q), backend=backend, learned_sinks=s, **kw)
+    else:
+        out = _packed_call(xs, lens_q, lens_k, s, backend, **kw)
+    grads = torch.autograd.grad(out, xs + [s], do.to(DEVICE, dtype)) if grad else ()
+    return (out, *grads)
+
+
+def _check_triton(inputs, lens_q, lens_k, sinks, *, mistakes=(), grad=True, batched=False, seed=0, **kw):
+    """Triton (fp32) against the float64 reference, output and every gradient (the sinks'
+    included); ``mistakes``: variants of ``sink_formula`` that must be far from the
+    reference on these inputs (so the equality catches them in the kernels)."""
+    do = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = _run("triton", torch.float32, inputs, lens_q, lens_k, sinks, do, grad=grad, batched=batched, **kw)
+    want = _run("torch", torch.float64, inputs, lens_q, lens_k, sinks, do, grad=grad, batched=batched, **kw)
+    assert all(torch.isfinite(t).all() for t in got)
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    assert max(errs) < TOL32, errs
+    for mistake in mistakes:
+        packed = [t.flatten(0, 1) for t in inputs] if batched else inputs
+        wrong = sink_formula(*packed, lens_q if not batched else [inputs[0].shape[1]] * len(lens_q),
+                             lens_k if not batched else [inputs[0].shape[1]] * len(lens_q), sinks, mistake=mistake,
+                             **kw)
+        right = sink_formula(*packed, lens_q if not batched else [inputs[0].shape[1]] * len(lens_q),
+                             lens_k if not batched else [inputs[0].shape[1]] * len(lens_q), sinks, **kw)
+        assert rel_err(wrong, right) > 100 * TOL32, mistake
+    return got, want
+
+
+@triton_only
+def test_triton_sparse_gqa_varlen_decode_row():
+    """2:4 with sink tokens and a dense window, GQA, varlen with a sequence of several key
+    tiles (the interpreter runs 32x64 tiles) and a one-token sequence (decode row)."""
+    lens = [150, 40, 1]
+    inputs = separated_inputs(lens, lens, 4, 2, 16, 4, torch.float64, seed=3)
+    _check_triton(inputs, lens, lens, _sinks(4, seed=3), sparsity_n=2, sparsity_m=4, num_sink_tokens=2,
+                  dense_window_size=3, mistakes=("scaled", "per_tile", "value_row", "not_in_sum"))
+
+
+@triton_only
+def test_triton_window_softcap_chunked_mqa():
+    """A sliding window (tiles below it are skipped: the sink must still be counted once),
+    a soft cap small against the sinks (a capped sink would be far off), chunked prefill
+    after a cached prefix, MQA, 3:8 with the index rule."""
+    lens_q, lens_k = [60, 20], [170, 20]
+    inputs = separated_inputs(lens_q, lens_k, 3, 1, 32, 8, torch.float64, seed=5)
+    _check_triton(inputs, lens_q, lens_k, _sinks(3, seed=5), sparsity_n=3, sparsity_m=8, tie_break="index",
+                  dense_window_size=4, sliding_window=70, softcap=0.8, mistakes=("capped", "per_tile"))
+
+
+@triton_only
+def test_triton_noncausal_dense_and_statistics():
+    """Dense non-causal attention with sinks; then 2:4 statistics: counts exact, dropped mass
+    (sink in both sums, docs/semantics.md) as the reference's, dense exactly 0."""
+    lens = [90, 40]
+    inputs = separated_inputs(lens, lens, 2, 1, 16, 4, torch.float64, seed=9)
+    sinks = _sinks(2, seed=9)
+    _check_triton(inputs, lens, lens, sinks, is_causal=False, sparsity_n=0, mistakes=("scaled", "value_row"))
+    sq, lq, mq, _ = varlen(lens, DEVICE)
+    for n in (0, 2):
+        stats = {}
+        for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+            q, k, v = (t.to(DEVICE, dtype) for t in inputs)
+            _, stats[backend] = attention(q, k, v, sq, lq, mq, is_causal=False, sparsity_n=n, sparsity_m=4,
+                                          dense_window_size=0, learned_sinks=sinks.to(DEVICE, dtype),
+                                          backend=backend, return_stats=True)
+        a, b = stats["triton"], stats["torch"]
+        for key in ("allowed", "kept", "rows"):
+            assert torch.equal(a[key].cpu(), b[key].cpu()), key
+        assert torch.allclose(a["dropped_mass"].cpu(), b["dropped_mass"].cpu(), rtol=1e-5, atol=1e-6)
+        if n == 0:
+            assert torch.equal(a["dropped_mass"].cpu(), torch.zeros(2, dtype=torch.float64))
+
+
+@triton_only
+def test_triton_padded_rows_rows_without_keys_and_minus_inf_sink():
+    """Packed rows outside every sequence (NaN-filled: never read) and rows that see no key
+    come out 0 with finite gradients; a -inf sink is no sink (gradient 0)."""
+    lens_q, lens_k = [40, 9], [30, 9]  # causal, q_len > kv_len: 10 rows see no key
+    inputs = separated_inputs(lens_q, lens_k, 2, 2, 16, 4, torch.float64, seed=2)
+    q = torch.cat([inputs[0][:40], torch.full((3, 2, 16), float("nan"), dtype=torch.float64), inputs[0][40:]])
+    sinks = torch.tensor([2.5, -math.inf], dtype=torch.float64)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(starts_q=[0, 43], sparsity_n=2, dense_window_size=0)
+    got = _run("triton", torch.float32, (q, *inputs[1:]), lens_q, lens_k, sinks, do, **kw)
+    want = _run("torch", torch.float64, (q, *inputs[1:]), lens_q, lens_k, sinks, do, **kw)
+    out, dq = got[0], got[1]
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got[1:])
+    assert torch.equal(out[:10].cpu(), torch.zeros(10, 2, 16)) and torch.equal(out[40:43].cpu(), torch.zeros(3, 2, 16))
+    assert torch.equal(dq[40:43].cpu(), torch.zeros(3, 2, 16))
+    assert got[4][1].item() == 0.0
+    assert max(rel_err(a, b) for a, b in zip(got, want)) < TOL32
+
+
+@triton_only
+@pytest.mark.parametrize("grad", ["none", "sinks_only"])
+def test_triton_padded_batch(grad):
+    """The padded-batch layout [B, S, H, D]: read in place by the inference forward; with
+    only the sinks requiring a gradient the call still takes the differentiable path."""
+    lens = [100, 37]
+    s = max(lens)
+    inputs = [t.view(2, s, *t.shape[1:]) for t in separated_inputs([s, s], [s, s], 4, 2, 16, 4, torch.float64,
+                                                                   seed=4)]
+    sinks = _sinks(4, seed=4)
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=2, sliding_window=50)
+    if grad == "none":
+        _check_triton(inputs, lens, lens, sinks, batched=True, grad=False, **kw)
+        return
+    sq = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    lq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        sinks_x = sinks.to(DEVICE, dtype).requires_grad_()
+        out = attention(*(t.to(DEVICE, dtype) for t in inputs), sq, lq, s, learned_sinks=sinks_x, backend=backend,
+                        **kw)
+        # Rows past each sequence's end are padding: weigh only the real ones.
+        real = (torch.arange(s, device=DEVICE)[None, :] < lq[:, None]).to(dtype)
+        (d_sinks,) = torch.autograd.grad((out.sum((-1, -2)) * real).sum(), sinks_x)
+        results.append((out, d_sinks))
+    assert rel_err(results[0][0], results[1][0]) < TOL32 and rel_err(results[0][1], results[1][1]) < TOL32
+
+
+@triton_only
+def test_triton_compiled_forward_backward():
+    """Under torch.compile (fullgraph; metadata trusted, as compiled callers pass it) the
+    forward and backward with sinks run as custom ops: the values and gradients of eager
+    calls, Triton and reference backends alike."""
+    lens = [70, 20]
+    inputs = separated_inputs(lens, lens, 2, 1, 16, 4, torch.float64, seed=8)
+    sq, lq, mq, _ = varlen(lens, DEVICE)
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        def step(q, k, v, sinks):
+            return attention(q, k, v, sq, lq, mq, sparsity_n=2, dense_window_size=2, softcap=1.0,
+                             learned_sinks=sinks, backend=backend, check_metadata=False)
+
+        xs = [t.to(DEVICE, dtype).requires_grad_() for t in inputs] + [_sinks(2, seed=8).to(DEVICE, dtype)
+                                                                       .requires_grad_()]
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="eager", fullgraph=True)
+        got = compiled(*xs)
+        want = step(*xs)
+        assert torch.equal(got, want), backend
+        for a, b in zip(torch.autograd.grad(got.sum(), xs), torch.autograd.grad(want.sum(), xs)):
+            assert rel_err(a, b) < 1e-6, backend
+    torch._dynamo.reset()
+
+
+@triton_only
+def test_triton_second_derivative_raises():
+    """The Triton backward is not differentiable: with create_graph=True the sinks' first
+    gradient matches the reference and differentiating it again raises."""
+    lens = [24]
+    inputs = separated_inputs(lens, lens, 2, 1, 16, 4, torch.float64, seed=12)
+    xs = [t.to(DEVICE, torch.float32).requires_grad_() for t in inputs]
+    grads, sinks = {}, {}
+    for backend in ("triton", "torch"):
+        sinks[backend] = _sinks(2, seed=12).to(DEVICE, torch.float32).requires_grad_()
+        out = _packed_call(xs, lens, lens, sinks[backend], backend, sparsity_n=2, dense_window_size=2)
+        (grads[backend],) = torch.autograd.grad(out.square().sum(), sinks[backend], create_graph=True)
+    assert rel_err(grads["triton"], grads["torch"]) < TOL32
+    # The sinks also reach the loss directly, so only the attention term could go missing.
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(grads["triton"].square().sum() + sinks["triton"].square().sum(), sinks["triton"])
+
+
+def _decode_reference(q, k, v, key_valid, query_valid, scale, softcap, sinks, window):
+    """[B, 1, Hq, D] float64 on the CPU, from the rule: slots attended by the key mask and,
+    with a window, within ``window`` of the row's last attended slot (the query's own);
+    scores scaled and capped; the sink column concatenated and dropped; rows without a
+    valid query 0. Computed on q's device, per kv head (no GQA copies of long caches)."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    width = k.shape[2] if key_valid is None else key_valid.shape[1]
+    keys, values = k[:, :, :width].double(), v[:, :, :width].double()
+    attended = torch.ones(b, width, dtype=torch.bool, device=q.device) if key_valid is None else key_valid != 0
+    slots = torch.arange(width, device=q.device)
+    if window:
+        position = torch.where(attended, slots, -1).amax(1)
+        attended = attended & (position[:, None] - slots[None, :] < window)
+    if query_valid is not None:
+        attended = attended & query_valid[:, None]
+    scores = torch.einsum("bhgd,bhjd->bhgj", q.double().view(b, hkv, hq // hkv, d), keys) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~attended[:, None, None, :], -math.inf)
+    column = sinks.double().to(q.device).view(1, hkv, hq // hkv, 1).expand(b, -1, -1, 1)
+    probs = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1].nan_to_num(0.0)  # nothing at all: 0
+    values = values.masked_fill(~attended[:, None, :, None], 0.0)  # NaN in unattended slots
+    return torch.einsum("bhgj,bhjd->bhgd", probs, values).reshape(b, 1, hq, d).cpu()
+
+
+def _decode_inputs(b, hq, hkv, length, d, dtype, seed, width=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE, dtype)
+               for shape in ((b, hq, 1, d), (b, hkv, length, d), (b, hkv, length, d)))
+    width = length if width is None else width
+    key_valid = torch.ones(b, width, dtype=torch.int32)
+    key_valid[0, :7] = 0  # left padding
+    if b > 1:
+        key_valid[1, width - width // 3:] = 0  # a static cache's empty tail: the query sits before it
+    if b > 2:
+        key_valid[2, 3] = 0  # a hole
+    k[:, :, width:] = float("nan")  # slots past the mask are never read
+    v[:, :, width:] = float("nan")
+    return q, k, v, key_valid.to(DEVICE)
+
+
+@triton_only
+@pytest.mark.parametrize("split", [False, True], ids=["single_pass", "split"])
+def test_decode_kernel_sinks_window_softcap(split, monkeypatch):
+    """The decode kernel with learned sinks, a soft cap and a sliding window, alone and
+    together, GQA, key and query masks, single pass and split (the sink counted in the
+    first split only): against the rule written above, in fp32."""
+    from modelopt_sparse.kernels import triton_decode as td
+
+    grids = []
+    if split:  # split every launch with more than 32 keys into one-tile pieces
+        monkeypatch.setattr(td, "SINGLE_PASS_MAX_KEYS", 32)
+        monkeypatch.setattr(td, "MIN_KEYS_PER_SPLIT", 32)
+        monkeypatch.setattr(td, "_PLANS", {})
+        decode_launch, merge_launch = td._eager_launchers
+
+        def recording(grid, key, args, kwargs):
+            grids.append(grid)
+            decode_launch(grid, key, args, kwargs)
+
+        monkeypatch.setattr(td, "_eager_launchers", (recording, merge_launch))
+    q, k, v, key_valid = _decode_inputs(3, 4, 2, 300, 32, torch.float32, seed=1, width=290)
+    query_valid = torch.tensor([True, True, False], device=DEVICE)
+    # Random scores of a few hundred keys: sinks this large take a real share of the row.
+    sinks = _sinks(4, seed=1, low=5.0, high=8.0).float().to(DEVICE)
+    for softcap, window, with_sinks, masks in [(None, None, True, True), (0.9, None, False, True),
+                                               (None, 150, False, True), (0.9, 150, True, True),
+                                               (None, 200, True, False)]:
+        kv, qv = (key_valid, query_valid) if masks else (None, None)
+        kk, vv = (k, v) if masks else (k[:, :, :290], v[:, :, :290])
+        s = sinks if with_sinks else None
+        out = td.decode_attention(q, kk, vv, kv, qv, softmax_scale=0.3, softcap=softcap, learned_sinks=s,
+                                  sliding_window=window)
+        none = torch.full((4,), -math.inf)
+        want = _decode_reference(q, kk, vv, kv, qv, 0.3, softcap, sinks if with_sinks else none, window)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-5)
+        if with_sinks:  # teeth: once per split, unscaled, uncapped
+            wrong = _decode_reference(q, kk, vv, kv, qv, 0.3, softcap, sinks * 0.3, window)
+            assert (wrong - want).abs().max() > 1e-2
+    # Every case split, the windowed ones into fewer pieces (only their window is read).
+    assert not split or (len(grids) == 5 and all(g[2] > 1 for g in grids) and grids[2][2] < grids[1][2])
+
+
+@triton_only
+def test_decode_kernel_matches_attention_on_one_query():
+    """decode_attention's window and sinks mean what attention()'s do on a one-query
+    sequence (aligned position kv_len - 1), for a cache without holes."""
+    from modelopt_sparse.kernels.triton_decode import decode_attention
+
+    q, k, v, _ = _decode_inputs(2, 4, 2, 90, 16, torch.float32, seed=3)
+    sinks = _sinks(4, seed=3).float().to(DEVICE)
+    kw = dict(softmax_scale=0.4, softcap=1.2, sliding_window=33)
+    got = decode_attention(q, k, v, learned_sinks=sinks, **kw)
+    lens_k = [90, 90]
+    packed_q = q.transpose(1, 2).flatten(0, 1)
+    packed_k, packed_v = (t.transpose(1, 2).flatten(0, 1) for t in (k, v))
+    want = _packed_call((packed_q, packed_k, packed_v), [1, 1], lens_k, sinks, "torch", sparsity_n=2, **kw)
+    assert rel_err(got.flatten(0, 1), want) < TOL32
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(learned_sinks=torch.zeros(3)), ValueError, r"decode_attention: learned_sinks must have shape \[4\]"),
+    (dict(learned_sinks=torch.zeros(4, dtype=torch.int64)), TypeError, "decode_attention: learned_sinks must be"),
+    (dict(learned_sinks=torch.zeros(4, device="meta")), ValueError, "decode_attention: learned_sinks is on meta"),
+    (dict(sliding_window=0), ValueError, "decode_attention: sliding_window must be >= 1"),
+    (dict(softcap=-1.0), ValueError, "decode_attention: softcap must be positive"),
+    (dict(softcap="2"), TypeError, "decode_attention: softcap must be a float"),
+])
+@triton_only
+def test_decode_bad_options_are_refused(kwargs, error, match):
+    from modelopt_sparse.kernels.triton_decode import decode_attention
+
+    q = torch.zeros(2, 4, 1, 16, device=DEVICE)
+    k = torch.zeros(2, 2, 8, 16, device=DEVICE)
+    if DEVICE == "cuda" and "learned_sinks" in kwargs and kwargs["learned_sinks"].device.type == "cpu":
+        kwargs = {**kwargs, "learned_sinks": kwargs["learned_sinks"].cuda()}
+    with pytest.raises(error, match=match):
+        decode_attention(q, k, k, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# GPU only: half precision, long sequences and caches, launch plans, graphs, Inductor
+# --------------------------------------------------------------------------------------
+GPU_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative L2, as tests/test_kernel_triton.py
+DECODE_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # atol = rtol, as tests/test_decode_kernel.py
+GPU_CASES = {
+    "dense": dict(sparsity_n=0),
+    "2of4_sinks_window": dict(sparsity_n=2, sparsity_m=4, num_sink_tokens=4, dense_window_size=64),
+    "4of8_sliding_softcap": dict(sparsity_n=4, sparsity_m=8, dense_window_size=16, sliding_window=700, softcap=5.0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_forward_backward(dtype, d, case):
+    """Compiled kernels in half precision against the float64 reference on the same rounded
+    inputs (sinks in q's dtype, as a model holds them): output, dq, dk, dv and d sinks."""
+    kw = GPU_CASES[case]
+    lens = [2048, 333, 1]
+    inputs = separated_inputs(lens, lens, 16, 4, d, kw.get("sparsity_m", 4), torch.float64, seed=d)
+    inputs = [t.to(dtype).double() for t in inputs]
+    sinks = _sinks(16, seed=d, low=4.0, high=9.0).to(dtype).double()  # ~ log(keys): a real share
+    do = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = _run("triton", dtype, inputs, lens, lens, sinks, do, **kw)
+    want = _run("torch", torch.float64, inputs, lens, lens, sinks, do, **kw)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert got[4].dtype == dtype
+    scale = max(b.double().norm().item() for b in want[1:])
+    errs = [rel_err(got[0], want[0])] + [rel_err(a, b, floor=1e-2 * scale) for a, b in zip(got[1:], want[1:])]
+    assert max(errs) < GPU_TOL[dtype], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length,width,window", [(700, 650, None), (20000, 20000, None), (20000, 19000, 4096),
+                                                 (6000, 5000, 100)],
+                         ids=["single_pass", "split", "split_window", "static_tail_window"])
+def test_gpu_decode(dtype, length, width, window):
+    """The decode kernel on real cache lengths (single pass and split), left padding, a
+    static cache's empty tail (the query before it), holes, sinks, a soft cap, a window."""
+    from modelopt_sparse.kernels.triton_decode import decode_attention
+
+    q, k, v, key_valid = _decode_inputs(3, 32, 8, length, 128, dtype, seed=2, width=width)
+    query_valid = torch.tensor([True, True, False], device=DEVICE)
+    sinks = _sinks(32, seed=2, low=5.0, high=10.0).to(DEVICE, dtype)
+    for softcap in (None, 30.0):
+        out = decode_attention(q, k, v, key_valid, query_valid, softmax_scale=0.125, softcap=softcap,
+                               learned_sinks=sinks, sliding_window=window)
+        want = _decode_reference(q, k, v, key_valid, query_valid, 0.125, softcap, sinks, window)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double().cpu(), want, atol=DECODE_TOL[dtype], rtol=DECODE_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_launch_plans_with_sinks(monkeypatch):
+    """Repeated inference calls with sinks run from launch plans (verified against the
+    ordinary path on every hit); the plans read the sinks at their address, so an in-place
+    update is seen, and another sinks tensor gets its own plan. Forward and decode."""
+    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels import triton_decode as td
+
+    monkeypatch.setattr(ta, "_FORWARD_PLANS", {})
+    monkeypatch.setattr(td, "_PLANS", {})
+    if ta._fwd.launcher is not None:
+        monkeypatch.setattr(ta._fwd.launcher, "_verify", True)
+    monkeypatch.setattr(td._eager_launchers[0], "_verify", True, raising=False)
+    lens = [300, 77]
+    inputs = [t.to(DEVICE, torch.bfloat16) for t in separated_inputs(lens, lens, 8, 2, 64, 4, torch.float64, seed=1)]
+    sinks = _sinks(8, seed=1, low=3.0, high=6.0).to(DEVICE, torch.bfloat16)
+    q, k, v, key_valid = _decode_inputs(3, 8, 2, 700, 64, torch.bfloat16, seed=3, width=650)
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=8)
+    with torch.no_grad():
+        for step in range(3):
+            if step == 2:
+                sinks.add_(1.0)  # in place: the same address, new values
+            for _ in range(3):
+                out = _packed_call(inputs, lens, lens, sinks, "triton", **kw)
+                dec = td.decode_attention(q, k, v, key_valid, learned_sinks=sinks, sliding_window=300, softcap=20.0)
+            want = _packed_call([t.double() for t in inputs], lens, lens, sinks.double(), "torch", **kw)
+            assert rel_err(out, want) < GPU_TOL[torch.bfloat16]
+            ref = _decode_reference(q, k, v, key_valid, None, 1 / 8, 20.0, sinks, 300)
+            torch.testing.assert_close(dec.double().cpu(), ref, atol=1.6e-2, rtol=1.6e-2)
+        other = sinks.clone()  # another address: another plan
+        _packed_call(inputs, lens, lens, other, "triton", **kw)
+        td.decode_attention(q, k, v, key_valid, learned_sinks=other, sliding_window=300, softcap=20.0)
+    if ta._fwd.launcher is not None:
+        assert len(ta._FORWARD_PLANS) == 2 and sum(p.launches for p in ta._FORWARD_PLANS.values()) > 0
+    if td._PLANS_ON:
+        assert len(td._PLANS) == 2 and sum(p.launches for p in td._PLANS.values()) > 0
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_and_no_synchronisation():
+    """With sinks, the forward and the decode kernel read no device value on the host
+    (sync debug mode raises otherwise) and replay in a CUDA graph on new sinks values."""
+    from modelopt_sparse.kernels.triton_decode import decode_attention
+
+    q, k, v, key_valid = _decode_inputs(3, 8, 2, 5000, 128, torch.bfloat16, seed=4, width=4800)
+    sinks = _sinks(8, seed=4, low=5.0, high=9.0).to(DEVICE, torch.bfloat16)
+    lens = [500, 21]
+    sq, lq, mq, _ = varlen(lens, DEVICE)
+    inputs = [t.to(DEVICE, torch.bfloat16) for t in separated_inputs(lens, lens, 8, 2, 128, 4, torch.float64)]
+
+    def step():
+        out = attention(*inputs, sq, lq, mq, sparsity_n=2, learned_sinks=sinks, check_metadata=False)
+        return out, decode_attention(q, k, v, key_valid, learned_sinks=sinks, sliding_window=1000)
+
+    with torch.no_grad():
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, dec = step()
+        sinks.copy_(_sinks(8, seed=5, low=5.0, high=9.0).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_dec = step()
+    assert torch.equal(out, want_out) and torch.equal(dec, want_dec)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    """torch.compile (Inductor, fullgraph) of a forward+backward and of a decode step with
+    sinks: no graph break, the eager values and gradients."""
+    from modelopt_sparse.kernels.triton_decode import decode_attention
+
+    lens = [600, 90]
+    sq, lq, mq, _ = varlen(lens, DEVICE)
+    inputs = separated_inputs(lens, lens, 8, 2, 64, 4, torch.float64, seed=6)
+    xs = [t.to(DEVICE, torch.bfloat16).requires_grad_() for t in inputs]
+    sinks = _sinks(8, seed=6, low=3.0, high=7.0).to(DEVICE, torch.bfloat16).requires_grad_()
+
+    def prefill(q, k, v, s):
+        return attention(q, k, v, sq, lq, mq, sparsity_n=2, sliding_window=200, softcap=10.0, learned_sinks=s,
+                         check_metadata=False)
+
+    torch._dynamo.reset()
+    got = torch.compile(prefill, fullgraph=True)(*xs, sinks)
+    want = prefill(*xs, sinks)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.float().sum(), xs + [sinks]),
+                    torch.autograd.grad(want.float().sum(), xs + [sinks])):
+        torch.testing.assert_close(a, b)
+    q, k, v, key_valid = _decode_inputs(2, 8, 2, 3000, 64, torch.bfloat16, seed=7)
+
+    def decode(q, k, v, key_valid, s):
+        return decode_attention(q, k, v, key_valid, learned_sinks=s, sliding_window=1024, softcap=20.0)
+
+    with torch.no_grad():
+        got = torch.compile(decode, fullgraph=True)(q, k, v, key_valid, sinks)
+        torch.testing.assert_close(got, decode(q, k, v, key_valid, sinks))
+    torch._dynamo.reset()

@@ -38,6 +38,10 @@ FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
 def compile_kernel(kernel, constexprs: dict, num_warps: int, num_stages: int):
     fn = kernel  # a JITFunction (the undecorated-by-autotune kernel)
+    # A constexpr with a default that a launch does not pass compiles as that default, as in
+    # JITFunction.run (without this it would be typed as a runtime argument).
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and getattr(p, "has_default", False)}
+    constexprs = {**defaults, **constexprs}
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:

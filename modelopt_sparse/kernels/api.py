@@ -15,6 +15,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHECKED_DTYPES = frozenset(_FLOAT_DTYPES + (torch.float64,))
 _CHECKED_PATTERNS: set = set()
 _BACKENDS = ("auto", "triton", "torch", "hopper")
+_SINK_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types that take the short check
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
@@ -155,9 +156,9 @@ def attention(
         check_window_softcap(sliding_window, softcap, is_causal)
     _check_tensors(q, k, v)
     if learned_sinks is not None:
-        if type(learned_sinks) is not torch.Tensor or learned_sinks.dtype not in LEARNED_SINK_DTYPES \
+        if type(learned_sinks) not in _SINK_TYPES or learned_sinks.dtype not in LEARNED_SINK_DTYPES \
                 or learned_sinks.shape != q.shape[-2:-1] or learned_sinks.device != q.device:
-            check_learned_sinks(learned_sinks, q)
+            check_learned_sinks(learned_sinks, q.shape[-2], q.device)
         if learned_sinks.stride(0) != 1:  # the kernels index it by head
             learned_sinks = learned_sinks.contiguous()
     hopper = backend == "hopper"

@@ -84,11 +84,11 @@ def check_window_softcap(sliding_window, softcap, is_causal: bool = True) -> Non
 LEARNED_SINK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_learned_sinks(learned_sinks, q: torch.Tensor, caller: str = "") -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``learned_sinks`` is a floating ``[Hq]``
-    tensor on ``q``'s device (``q``: ``[..., Hq, D]``). Metadata only: the values are never
-    read (that would be a device synchronisation per call); a NaN or +inf logit gives NaN
-    rows, as it would in the eager model."""
+def check_learned_sinks(learned_sinks, heads: int, device, caller: str = "") -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``learned_sinks`` is a floating ``[heads]``
+    tensor (``heads``: the number of query heads) on ``device``. Metadata only: the values
+    are never read (that would be a device synchronisation per call); a NaN or +inf logit
+    gives NaN rows, as it would in the eager model."""
     if not isinstance(learned_sinks, torch.Tensor):
         raise TypeError(
             f"{caller}learned_sinks must be a tensor of shape [num_query_heads] or None, "
@@ -98,14 +98,13 @@ def check_learned_sinks(learned_sinks, q: torch.Tensor, caller: str = "") -> Non
         raise TypeError(
             f"{caller}learned_sinks must be float16, bfloat16, float32 or float64, got {learned_sinks.dtype}"
         )
-    heads = q.shape[-2]
     if learned_sinks.dim() != 1 or learned_sinks.shape[0] != heads:
         raise ValueError(
             f"{caller}learned_sinks must have shape [{heads}] (one logit per query head), "
             f"got {tuple(learned_sinks.shape)}"
         )
-    if learned_sinks.device != q.device:
-        raise ValueError(f"{caller}learned_sinks is on {learned_sinks.device} but q is on {q.device}")
+    if learned_sinks.device != device:
+        raise ValueError(f"{caller}learned_sinks is on {learned_sinks.device} but q is on {device}")
 
 
 def capped_scores(scaled: torch.Tensor, softcap) -> torch.Tensor:

@@ -23,6 +23,7 @@ import functools
 import itertools
 import os
 import warnings
+from typing import Optional
 
 import torch
 import triton
@@ -528,11 +529,13 @@ def _attn_fwd(
     stride_ot, stride_oh, stride_lt, stride_lh,
     stride_qb, stride_kb, stride_vb, stride_ob, stride_lb,
     max_q_bucket,  # autotune key only
+    LEARNED_SINKS,  # [Hq] logits (any float dtype), read only with HAS_LEARNED_SINKS
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
     TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, WITH_STATS: tl.constexpr, WITH_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEARNED_SINKS: tl.constexpr = False,
 ):
     # Sequence s reads rows Q_START[s]... of batch row s when the tensors are a padded batch
     # [B, S, H, D] (batch strides set), or of the one packed row [T, H, D] (batch strides 0).
@@ -562,8 +565,16 @@ def _attn_fwd(
     k_base = K + batch_row * stride_kb + k_start * stride_kt + kv_head * stride_kh
     v_base = V + batch_row * stride_vb + k_start * stride_vt + kv_head * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_LEARNED_SINKS:
+        # The learned sink is the online softmax's initial state: one term exp(sink) with no
+        # value row, i.e. running max = the sink's logit and running sum = 1, in the log2
+        # units of the scores (sink * log2 e: it is not scaled or capped). Every later tile
+        # rescales it like any other term, so it is counted exactly once.
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(LEARNED_SINKS + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if WITH_STATS:
         l_dropped = tl.zeros([BLOCK_M], tl.float32)
@@ -617,6 +628,7 @@ def _attn_fwd(
         tl.store(LSE + lse_offset, lse, mask=row_valid)
     if WITH_STATS:
         # Per row: allowed count, kept count, dropped softmax mass; reduced on the host.
+        # With a learned sink its term is in both l_i and l_allowed (docs/semantics.md).
         l_allowed = l_i + l_dropped
         has_keys = l_allowed > 0.0
         dropped = tl.where(has_keys, l_dropped / tl.where(has_keys, l_allowed, 1.0), 0.0)
@@ -776,11 +788,13 @@ def _attn_bwd_dq(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lt, stride_lh, stride_dqt, stride_dqh,
     max_q_bucket,  # autotune key only
+    LEARNED_SINKS, DSINK_ROWS,  # read / written only with HAS_LEARNED_SINKS
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSITY_N: tl.constexpr, SPARSITY_M: tl.constexpr,
     TIE_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEARNED_SINKS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     # Float scalars arrive as fp64 when torch.compile (Inductor) launches the kernel.
@@ -808,6 +822,13 @@ def _attn_bwd_dq(
     lse = tl.load(LSE + lse_ptr, mask=row_valid, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + lse_ptr, mask=row_valid, other=0.0)
+    if HAS_LEARNED_SINKS:
+        # The sink's softmax gradient is -exp(sink - lse) * delta per row: this stores
+        # exp(sink - lse) * delta, from what the program holds anyway, and the host sums
+        # the rows per head and negates (deterministic, no atomics). A row
+        # with lse -inf (sink -inf, no key) reads lse 0 here and gives exp2(-inf) = 0.
+        sink = tl.load(LEARNED_SINKS + head).to(tl.float32) * 1.4426950408889634
+        tl.store(DSINK_ROWS + lse_ptr, tl.math.exp2(sink - lse) * delta, mask=row_valid)
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -1056,8 +1077,10 @@ class _TunedKernel:
             config = _prune(self.autotuner.configs, {"Q": q}, self.kind, **kwargs)[0]
         return config
 
-    def plan(self, grid, key, args, kwargs, pointer_slots):
-        """A :class:`LaunchPlan` of this launch, if it went direct before (else None)."""
+    def plan(self, grid, key, args, kwargs, pointer_slots, plan_args=None):
+        """A :class:`LaunchPlan` of this launch, if it went direct before (else None).
+        ``plan_args``: the arguments the plan keeps (default ``args``), e.g. with a tensor
+        outside ``pointer_slots`` replaced by its address."""
         config = self._chosen.get(key)
         if config is None or self.launcher is None:
             return None
@@ -1065,7 +1088,7 @@ class _TunedKernel:
         if entry is None:
             return None
         kernel, tail = entry
-        return LaunchPlan(kernel, grid(config.kwargs), args, tail, pointer_slots)
+        return LaunchPlan(kernel, grid(config.kwargs), args if plan_args is None else plan_args, tail, pointer_slots)
 
     def verify_plan(self, plan, key, args, kwargs) -> None:
         """``MODELOPT_SPARSE_VERIFY_LAUNCH=1``: the plan's kernel must be Triton's pick."""
@@ -1081,9 +1104,9 @@ class _TunedKernel:
         _FORWARD_PLANS.clear()
 
 
-_fwd = _TunedKernel(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS"])
-_dkdv = _TunedKernel(_attn_bwd_dkdv, "dkdv", "max_k_bucket", ["TMA"])
-_dq = _TunedKernel(_attn_bwd_dq, "dq", "max_q_bucket")
+_fwd = _TunedKernel(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS", "HAS_LEARNED_SINKS"])
+_dkdv = _TunedKernel(_attn_bwd_dkdv, "dkdv", "max_k_bucket", ["TMA"])  # correct given lse: no sink input
+_dq = _TunedKernel(_attn_bwd_dq, "dq", "max_q_bucket", ["HAS_LEARNED_SINKS"])
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -1156,13 +1179,15 @@ def _launch_forward(
     max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
     num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int = 0, softcap: float = 0.0,
+    learned_sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, per-row stats [rows, heads, 3] or an empty tensor). The window and cap
-    default to off, so callers of the seven-field form (tools/host_cost.py) keep working."""
+    """(out, lse, per-row stats [rows, heads, 3] or an empty tensor). The window, cap and
+    learned sinks default to off, so callers of the seven-field form (tools/host_cost.py)
+    keep working."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
                           dense_window_size, tie_break, sliding_window, softcap)
     out, lse, row_stats = _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered,
-                                          with_stats, params)
+                                          with_stats, params, learned_sinks=learned_sinks)
     if row_stats is None:
         row_stats = q.new_empty(0, q.shape[-2], 3, dtype=torch.float32)
     return out, lse, row_stats
@@ -1177,7 +1202,7 @@ _FWD_POINTERS = range(10)
 
 
 def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, with_stats, params,
-                    with_lse=True):
+                    with_lse=True, learned_sinks=None):
     """The forward launch proper; eager calls come here with their params object.
 
     q, k, v are packed rows ``[T, H, D]`` or a padded batch ``[B, S, H, D]`` (sequence b in
@@ -1193,15 +1218,17 @@ def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_cov
         aligned = not (pointers[0] | pointers[1] | pointers[2] | pointers[3] | pointers[4] | pointers[5]
                        | pointers[6]) & 15
         device = q.get_device()
+        # The learned sinks are no pointer slot of the plan: their address is in the key.
+        sinks_key = None if learned_sinks is None else (learned_sinks.dtype, learned_sinks.data_ptr())
         plan_key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q_len.shape[0], q.dtype, device, params,
-                    max_q, q_covered, with_lse) if aligned else None
+                    max_q, q_covered, with_lse, sinks_key) if aligned else None
         plan = _FORWARD_PLANS.get(plan_key) if aligned else None
         if plan is not None and device == _current_cuda_device() and hooks_allow_plans():
             out, lse, _ = _forward_outputs(q, q_covered, with_lse, False)
             out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr()
             if _fwd.launcher._verify:
                 _fwd.verify_plan(plan, *_forward_args(q, k, v, out, lse, None, q_start, q_len, k_start, k_len,
-                                                      max_q, params, with_lse))
+                                                      max_q, params, with_lse, learned_sinks))
             plan((pointers[0], pointers[1], pointers[2], out_ptr, lse_ptr, lse_ptr,
                   pointers[3], pointers[4], pointers[5], pointers[6]))
             return out, (lse if with_lse else None), None
@@ -1210,12 +1237,15 @@ def _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_cov
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
     out, lse, row_stats = _forward_outputs(q, q_covered, with_lse, with_stats)
     launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q,
-                                             params, with_lse)
+                                             params, with_lse, learned_sinks)
     grid = lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], q.shape[-2])  # noqa: E731
     with _on_device(q):
         _fwd(grid, launch_key, *args, **kwargs)
     if plan_key is not None and len(_FORWARD_PLANS) < _PLAN_LIMIT and hooks_allow_plans():
-        plan = _fwd.plan(grid, launch_key, args, kwargs, _FWD_POINTERS)
+        # The plan keeps the sinks' address (in its key), not the tensor; without sinks the
+        # stand-in's address, never read.
+        plan_args = (*args[:-1], args[-1].data_ptr())
+        plan = _fwd.plan(grid, launch_key, args, kwargs, _FWD_POINTERS, plan_args)
         if plan is not None:
             _FORWARD_PLANS[plan_key] = plan
     return out, (lse if with_lse else None), row_stats
@@ -1231,8 +1261,10 @@ def _forward_outputs(q, q_covered, with_lse, with_stats):
     return out, lse, row_stats
 
 
-def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q, params, with_lse):
-    """(launch key, runtime arguments, constexpr keywords) of one forward launch."""
+def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q, params, with_lse,
+                  learned_sinks=None):
+    """(launch key, runtime arguments, constexpr keywords) of one forward launch. The
+    learned sinks are the last runtime argument (q stands in when there are none)."""
     hq = q.shape[-2]
     groups = hq // k.shape[-2]
     consts = _common_constexprs(q, groups, params)
@@ -1251,9 +1283,14 @@ def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, 
     args = (q, k, v, out, lse, row_stats if with_stats else lse,
             q_start, q_len, k_start, k_len,
             params.softmax_scale * LOG2E, params.num_sink_tokens, params.dense_window_size,
-            *_window_softcap_args(params), *rows, *batch, bucket)
-    launch_key = (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats, with_lse)
-    return launch_key, args, dict(WITH_STATS=with_stats, WITH_LSE=with_lse, **consts)
+            *_window_softcap_args(params), *rows, *batch, bucket,
+            q if learned_sinks is None else learned_sinks)
+    has_sinks = learned_sinks is not None
+    launch_key = (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats, with_lse, has_sinks)
+    kwargs = dict(WITH_STATS=with_stats, WITH_LSE=with_lse, **consts)
+    if has_sinks:  # absent, the kernel's default (off): the launch of a default variant is unchanged
+        kwargs["HAS_LEARNED_SINKS"] = True
+    return launch_key, args, kwargs
 
 
 _current_cuda_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else torch.cuda.current_device
@@ -1265,6 +1302,7 @@ def _traced_forward(
     max_q: int, max_k: int, q_covered: bool, k_covered: bool, with_stats: bool,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
     num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int, softcap: float,
+    learned_sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward as torch.compile traces it: the kernel launched through ``wrap_triton``,
     so Inductor emits the launch itself (no opaque-op wrapper per layer), with the config
@@ -1274,7 +1312,7 @@ def _traced_forward(
     q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
     out, lse, row_stats = _forward_outputs(q, q_covered, True, with_stats)
     launch_key, args, kwargs = _forward_args(q, k, v, out, lse, row_stats,
-                                             q_start, q_len, k_start, k_len, max_q, params, True)
+                                             q_start, q_len, k_start, k_len, max_q, params, True, learned_sinks)
     config = _fwd.config_for(launch_key, q, kwargs)
     grid = (_cdiv(max_q, config.kwargs["BLOCK_M"]), q_len.shape[0], q.shape[-2])
     torch.library.wrap_triton(_attn_fwd)[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
@@ -1290,7 +1328,7 @@ if interpreting():
     _forward_op = torch.library.custom_op("modelopt_sparse::nm_attention_forward", mutates_args=())(_launch_forward)
 
     @_forward_op.register_fake
-    def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params):
+    def _(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, with_stats, *params_and_sinks):
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         rows = q.shape[:-1] if with_stats else (0, q.shape[-2])
         return q.new_empty(q.shape), lse, q.new_empty(*rows, 3, dtype=torch.float32)
@@ -1305,14 +1343,21 @@ def _launch_backward(
     max_q: int, max_k: int, q_covered: bool, k_covered: bool,
     is_causal: bool, softmax_scale: float, sparsity_n: int, sparsity_m: int,
     num_sink_tokens: int, dense_window_size: int, tie_break: str, sliding_window: int, softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the forward's inputs, output and lse."""
+    learned_sinks: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d learned_sinks) from the forward's inputs, output and lse; the last is
+    empty without learned sinks (a custom op returns tensors only)."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
                           dense_window_size, tie_break, sliding_window, softcap)
     q, k, v, do = (_unit_stride_rows(t) for t in (q, k, v, grad_out))
     hq, hkv = q.shape[1], k.shape[1]
     delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
     dq, dk, dv = _output_like(q, q_covered), _output_like(k, k_covered), _output_like(v, k_covered)
+    has_sinks = learned_sinks is not None
+    # Per row and head: exp(sink - lse) * delta, written by the dQ kernel for the rows of
+    # every sequence (the others stay 0); [T, Hq] like lse.
+    sink_rows = _output_like(delta, q_covered) if has_sinks else delta
+    sink_kwargs = dict(HAS_LEARNED_SINKS=True) if has_sinks else {}
     consts = _common_constexprs(q, hq // hkv, params)
     key = _launch_key(q, hq // hkv, params)
     tma = _use_tma(q, do)
@@ -1338,38 +1383,51 @@ def _launch_backward(
             **consts,
         )
         _dq(
-            lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq), (*key, _bucket(max_q)),
+            lambda cfg: (_cdiv(max_q, cfg["BLOCK_M"]), q_len.shape[0], hq), (*key, _bucket(max_q), has_sinks),
             q, k, v, do, lse, delta, dq,
             q_start, q_len, k_start, k_len,
             scale, scale * LOG2E, params.num_sink_tokens, params.dense_window_size, *_window_softcap_args(params),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
             _bucket(max_q),
-            **consts,
+            learned_sinks if has_sinks else q, sink_rows,
+            **consts, **sink_kwargs,
         )
-    return dq, dk, dv
+    if not has_sinks:
+        return dq, dk, dv, q.new_empty(0)
+    d_sinks = sink_rows.sum(0).neg_()  # every row holds 0 outside the sequences
+    return dq, dk, dv, d_sinks.to(learned_sinks.dtype)
 
 
 _backward_op = torch.library.custom_op("modelopt_sparse::nm_attention_backward", mutates_args=())(_launch_backward)
 
 
+_PARAM_FIELDS = 9  # SparseParams' fields, passed as scalars after with_stats
+
+
 @_backward_op.register_fake
-def _(grad_out, q, k, v, *rest):
-    return tuple(torch.empty_like(_unit_stride_rows(t)) for t in (q, k, v))
+def _(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, *params):
+    learned_sinks = params[_PARAM_FIELDS] if len(params) > _PARAM_FIELDS else None
+    d_sinks = q.new_empty(0) if learned_sinks is None else torch.empty_like(learned_sinks)
+    return (*(torch.empty_like(_unit_stride_rows(t)) for t in (q, k, v)), d_sinks)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, _with_stats, *params = inputs
+    learned_sinks = params[_PARAM_FIELDS] if len(params) > _PARAM_FIELDS else None
     out, lse, row_stats = output
     ctx.mark_non_differentiable(lse, row_stats)
-    ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
-    ctx.scalars = (max_q, max_k, q_covered, k_covered, *params)
+    ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len, learned_sinks)
+    ctx.scalars = (max_q, max_k, q_covered, k_covered, *params[:_PARAM_FIELDS])
 
 
 def _gradients(ctx, grad_out, launch_backward):
-    q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
-    dq, dk, dv = launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 18
+    """The gradients of the forward's 22 inputs: q, k, v, then 18 non-tensors, then the
+    learned sinks (None without them)."""
+    q, k, v, out, lse, q_start, q_len, k_start, k_len, learned_sinks = ctx.saved_tensors
+    dq, dk, dv, d_sinks = launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len,
+                                          *ctx.scalars, learned_sinks)
+    return (dq, dk, dv) + (None,) * 18 + ((d_sinks if learned_sinks is not None else None),)
 
 
 _forward_op.register_autograd(
@@ -1390,11 +1448,13 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
         with torch.no_grad():
-            dq, dk, dv, *nones = _gradients(ctx, grad_out, _launch_backward)
+            dq, dk, dv, *nones, d_sinks = _gradients(ctx, grad_out, _launch_backward)
         if torch.is_grad_enabled():  # create_graph=True
             q, k, v = ctx.saved_tensors[:3]
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v, grad_out)
-        return (dq, dk, dv, *nones)
+            if d_sinks is not None:
+                d_sinks = _NoSecondDerivativeOfSinks.apply(d_sinks, ctx.saved_tensors[-1], grad_out)
+        return (dq, dk, dv, *nones, d_sinks)
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -1413,6 +1473,14 @@ class _NoSecondDerivative(torch.autograd.Function):
             "modelopt_sparse: the Triton attention backward is not differentiable, so second "
             "derivatives through it are not available; use backend='torch' for them"
         )
+
+
+class _NoSecondDerivativeOfSinks(_NoSecondDerivative):
+    """The same for the learned sinks' gradient (hung off the sinks and grad_out)."""
+
+    @staticmethod
+    def forward(ctx, d_sinks, *graph_inputs):
+        return d_sinks.view_as(d_sinks)
 
 
 def _use_tma(*tensors) -> bool:
@@ -1517,16 +1585,15 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
     ``covered``: whether the sequences cover every packed query / key row; rows outside
     every sequence read as 0 in the output and gradients, which then needs a zero fill."""
     p = params
-    if learned_sinks is not None:
-        raise NotImplementedError("learned_sinks is not implemented in the Triton kernels yet; use backend='torch'")
     if torch.compiler.is_compiling():
         forward = _forward_op
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            learned_sinks is not None and learned_sinks.requires_grad)):
         forward = _EagerAttention.apply
     else:  # inference: no autograd node to build, and the params object as it is
         out, _lse, row_stats = _forward_launch(
             q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
-            bool(covered[0]), stats is not None, p, with_lse=False)
+            bool(covered[0]), stats is not None, p, with_lse=False, learned_sinks=learned_sinks)
         if stats is not None:
             _reduce_row_stats(row_stats, q_start, q_len, stats)
         return out
@@ -1535,7 +1602,7 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
         bool(covered[0]), bool(covered[1]), stats is not None,
         bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
         int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break), int(p.sliding_window),
-        float(p.softcap),
+        float(p.softcap), learned_sinks,
     )
     if stats is not None:
         _reduce_row_stats(row_stats, q_start, q_len, stats)

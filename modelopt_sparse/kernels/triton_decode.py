@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 
 from .api import interpreting
+from .semantics import check_learned_sinks, check_window_softcap
+from .triton_attention import _tanh
 from .triton_launch import DirectLauncher, LaunchPlan, hooks_allow_plans
 
 LOG2E = 1.4426950408889634
@@ -76,18 +78,45 @@ def _attended_keys(KEY_VALID, mask_row_offset, stride_mn, cols, hi, HAS_KEY_VALI
     return attended
 
 
-@triton.jit(do_not_specialize=["n_keys", "keys_per_split", "stats_offset"])
+@triton.jit
+def _last_attended_slot(KEY_VALID, mask_row_offset, stride_mn, n_keys, HAS_KEY_VALID: tl.constexpr,
+                        SCAN: tl.constexpr):
+    """The query's own position: the row's last attended key slot (a decode step's token is
+    the newest key of its row; later slots of a static cache are empty), or ``n_keys - 1``
+    without a key mask; -1 if no slot is attended. Scans the mask backwards from the end,
+    ``SCAN`` slots at a time, and stops at the first block holding an attended slot: one
+    block for a dynamic cache, the empty tail of a static one."""
+    if HAS_KEY_VALID:
+        last = tl.full([], -1, tl.int32)
+        start = ((n_keys - 1) // SCAN) * SCAN
+        while (last < 0) & (start >= 0):
+            cols = start + tl.arange(0, SCAN)
+            flags = tl.load(KEY_VALID + mask_row_offset + cols * stride_mn, mask=cols < n_keys, other=0)
+            last = tl.max(tl.where(flags.to(tl.int32) != 0, cols, -1), 0)
+            start -= SCAN
+        return last
+    else:
+        return n_keys - 1
+
+
+@triton.jit(do_not_specialize=["n_keys", "keys_per_split", "stats_offset", "slide"])
 def _decode_kernel(
     Q, K, V, OUT, KEY_VALID, QUERY_VALID,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mn,
     n_keys, keys_per_split, stats_offset, qk_scale,
+    # Read only with the matching switch below (defaults off: a default variant compiles as before).
+    slide, cap_scale, cap_inv_scale, LEARNED_SINKS,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_QUERY_VALID: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, HAS_LEARNED_SINKS: tl.constexpr = False,
 ):
     # Inductor passes float scalars as fp64; the softmax runs in fp32 either way.
     qk_scale = tl.cast(qk_scale, tl.float32)
+    if SOFTCAP:
+        cap_scale = tl.cast(cap_scale, tl.float32)
+        cap_inv_scale = tl.cast(cap_inv_scale, tl.float32)
     G_TILES: tl.constexpr = (GROUPS + BLOCK_G - 1) // BLOCK_G
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1) // G_TILES
@@ -97,8 +126,15 @@ def _decode_kernel(
     head = kv_head * GROUPS + group
     dim = tl.arange(0, BLOCK_D)
 
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_keys)
+    if HAS_WINDOW:
+        # Keys j with pos - j >= slide are disallowed (docs/semantics.md). The splits divide
+        # the window's keys, not the whole cache: a long cache costs only its window.
+        pos = _last_attended_slot(KEY_VALID, batch * stride_mb, stride_mn, n_keys, HAS_KEY_VALID, 4 * BLOCK_N)
+        lo = tl.maximum(pos - slide + 1, 0) + split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, pos + 1)
+    else:
+        lo = split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, n_keys)
     if HAS_QUERY_VALID:
         # An empty key range makes the row come out as zeros, split or not.
         hi = tl.where(tl.load(QUERY_VALID + batch).to(tl.int32) != 0, hi, lo)
@@ -107,8 +143,16 @@ def _decode_kernel(
     k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_LEARNED_SINKS:
+        # The learned sink is the initial state of the first split's online softmax
+        # (running max = its logit in log2 units, running sum 1, no value): the merge then
+        # counts it exactly once, and a row without keys comes out as 0.
+        sink = tl.load(LEARNED_SINKS + head, mask=head_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(split == 0, sink, float("-inf"))
+        l_i = tl.where(split == 0, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         attended = _attended_keys(KEY_VALID, batch * stride_mb, stride_mn, start + offs_n, hi, HAS_KEY_VALID)
@@ -116,7 +160,11 @@ def _decode_kernel(
         first = tl.cast(start, tl.int64)
         k = _load_rows(k_base + first * stride_kn, offs_n, attended, stride_kn, dim, HEAD_DIM, UPCAST)
         v = _load_rows(v_base + first * stride_vn, offs_n, attended, stride_vn, dim, HEAD_DIM, UPCAST)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP:  # Gemma 2's order: scale, then cap (log2 units: cap * log2 e outside the tanh)
+            scores = cap_scale * _tanh(qk * cap_inv_scale)
+        else:
+            scores = qk * qk_scale
         scores = tl.where(attended[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A row that has seen no attended key yet keeps m = -inf; shifting by 0 then gives
@@ -178,13 +226,16 @@ def _cdiv(a: int, b: int) -> int:
 _CONFIGS: dict = {}
 
 
-def _config(dtype, head_dim, groups, has_key_valid, has_query_valid, device_index):
+def _config(dtype, head_dim, groups, has_key_valid, has_query_valid, device_index, has_window=False, has_softcap=False,
+            has_learned_sinks=False):
     """(BLOCK_N, query-head tiles per kv head, (launch key, kwargs) single pass, the same
     split) for one kernel variant on one device. A fixed rule, no autotuning (decode is
     bound by reading K and V, not by the tile shape): K/V tiles of 64 keys (32 at D > 128)
     in a 3-stage pipeline, 2 stages for fp32 at D >= 128, which keeps shared memory below
-    ~140 KB in every case. Not yet swept on hardware."""
-    key = (dtype, head_dim, groups, has_key_valid, has_query_valid, device_index)
+    ~140 KB in every case. Not yet swept on hardware. The window, cap and sink switches are
+    passed only when on, so a default variant's launch is what it was without them."""
+    key = (dtype, head_dim, groups, has_key_valid, has_query_valid, device_index, has_window, has_softcap,
+           has_learned_sinks)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         block_d = max(16, _next_pow2(head_dim))
@@ -199,6 +250,9 @@ def _config(dtype, head_dim, groups, has_key_valid, has_query_valid, device_inde
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
             num_warps=4, num_stages=stages,
         )
+        for name, on in (("HAS_WINDOW", has_window), ("SOFTCAP", has_softcap), ("HAS_LEARNED_SINKS", has_learned_sinks)):
+            if on:
+                consts[name] = True
         cfg = (block_n, _cdiv(groups, block_g),
                ((key, False), {**consts, "SPLIT": False}), ((key, True), {**consts, "SPLIT": True}))
         _CONFIGS[key] = cfg
@@ -231,9 +285,11 @@ def split_plan(programs: int, n_keys: int, block_n: int, sm_count: int) -> tuple
     return _cdiv(n_keys, per_split), per_split
 
 
-def _launch(q, k, v, key_valid, query_valid, softmax_scale, launch_decode, launch_merge):
+def _launch(q, k, v, key_valid, query_valid, softmax_scale, launch_decode, launch_merge, softcap=0.0, sliding_window=0,
+            learned_sinks=None):
     """Allocate the output (and scratch when split) and launch; ``launch_*`` are
-    ``(grid, key, args, kwargs)`` callables. Inputs are validated already."""
+    ``(grid, key, args, kwargs)`` callables. Inputs are validated already; ``softcap`` and
+    ``sliding_window`` are 0 when off."""
     batch, q_heads, _, head_dim = q.shape
     _, kv_heads, n_keys, _ = k.shape
     has_key_valid = key_valid is not None
@@ -249,28 +305,35 @@ def _launch(q, k, v, key_valid, query_valid, softmax_scale, launch_decode, launc
     # so they specialize (a guard), as Triton would anyway.
     head_dim = int(head_dim)
     block_n, g_tiles, single, split = _config(q.dtype, head_dim, int(q_heads // kv_heads),
-                                              has_key_valid, has_query_valid, q.get_device())
+                                              has_key_valid, has_query_valid, q.get_device(),
+                                              sliding_window > 0, softcap > 0, learned_sinks is not None)
     out = q.new_empty((batch, 1, q_heads, head_dim))
     if batch == 0:
         return out
     programs = batch * kv_heads * g_tiles
-    if n_keys > SINGLE_PASS_MAX_KEYS:
-        splits, per_split = split_plan(programs, n_keys, block_n, _sm_count(q))
+    # With a sliding window a row reads at most its window: the splits divide that.
+    visited = min(n_keys, sliding_window) if sliding_window > 0 else n_keys
+    if visited > SINGLE_PASS_MAX_KEYS:
+        splits, per_split = split_plan(programs, visited, block_n, _sm_count(q))
     else:
-        splits, per_split = 1, n_keys
+        splits, per_split = 1, visited
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     strides = (sq[0], sq[1], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], stride_mb, stride_mn)
     qk_scale = softmax_scale * LOG2E
+    # Window, cap (cap * log2 e, scale / cap) and sinks (q stands in when off: never read).
+    extras = (sliding_window, softcap * LOG2E, softmax_scale / softcap if softcap > 0 else 0.0,
+              q if learned_sinks is None else learned_sinks)
     if splits == 1:
         launch_decode((batch, kv_heads * g_tiles, 1), single[0],
-                      (q, k, v, out, key_valid, query_valid, *strides, n_keys, per_split, 0, qk_scale), single[1])
+                      (q, k, v, out, key_valid, query_valid, *strides, n_keys, per_split, 0, qk_scale, *extras),
+                      single[1])
         return out
     rows = batch * q_heads
     stats_offset = rows * splits * head_dim
     partial = torch.empty(stats_offset + rows * splits * 2, dtype=torch.float32, device=q.device)
     launch_decode((batch, kv_heads * g_tiles, splits), split[0],
-                  (q, k, v, partial, key_valid, query_valid, *strides, n_keys, per_split, stats_offset, qk_scale),
-                  split[1])
+                  (q, k, v, partial, key_valid, query_valid, *strides, n_keys, per_split, stats_offset, qk_scale,
+                   *extras), split[1])
     block_s = _next_pow2(MAX_SPLITS)
     launch_merge((rows, 1, 1), (head_dim, block_s, q.get_device()), (partial, out, splits, stats_offset),
                  dict(HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_S=block_s, num_warps=4))
@@ -301,20 +364,24 @@ _traced_launchers = (_traced(_decode_kernel), _traced(_merge_splits_kernel))
 
 @torch.library.triton_op("modelopt_sparse::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
-               query_valid: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
-    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_traced_launchers)
+               query_valid: Optional[torch.Tensor], softmax_scale: float, softcap: float = 0.0,
+               sliding_window: int = 0, learned_sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_traced_launchers, softcap, sliding_window,
+                   learned_sinks)
 
 
 # Interpreted kernels cannot be traced (wrap_triton hands them back unwrapped), so on the
 # CPU a compiled caller gets one opaque op with a shape-only fake instead.
 @torch.library.custom_op("modelopt_sparse::decode_attention_interpreted", mutates_args=())
 def _interpreted_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
-                    query_valid: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
-    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers)
+                    query_valid: Optional[torch.Tensor], softmax_scale: float, softcap: float = 0.0,
+                    sliding_window: int = 0, learned_sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers, softcap, sliding_window,
+                   learned_sinks)
 
 
 @_interpreted_op.register_fake
-def _(q, k, v, key_valid, query_valid, softmax_scale):
+def _(q, k, v, key_valid, query_valid, softmax_scale, softcap=0.0, sliding_window=0, learned_sinks=None):
     return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
 
 
@@ -324,7 +391,8 @@ _compiled_op = _interpreted_op if _UPCAST else _decode_op
 _current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else torch.cuda.current_device
 
 
-def decode_attention(q, k, v, key_valid=None, query_valid=None, *, softmax_scale=None) -> torch.Tensor:
+def decode_attention(q, k, v, key_valid=None, query_valid=None, *, softmax_scale=None, softcap=None,
+                     learned_sinks=None, sliding_window=None) -> torch.Tensor:
     """Dense attention of one query per row over a KV cache, read in place.
 
     Args:
@@ -336,6 +404,17 @@ def decode_attention(q, k, v, key_valid=None, query_valid=None, *, softmax_scale
             ``b`` is attended iff ``j < W`` and ``key_valid[b, j] != 0``. ``None``: all L.
         query_valid: optional bool ``[B]``; rows where it is False come out as zeros.
         softmax_scale: positive and finite; defaults to ``1/sqrt(D)``.
+        softcap: ``None`` (off) or ``c > 0``: scores ``c * tanh(softmax_scale * q.k / c)``
+            (Gemma 2), as in :func:`modelopt_sparse.kernels.attention`.
+        learned_sinks: ``None`` (off) or ``[Hq]`` float logits on q's device: one extra term
+            per query head in the softmax denominator, no value row, not scaled or capped
+            (GPT-OSS's ``s_aux``), as in :func:`modelopt_sparse.kernels.attention`.
+        sliding_window: ``None`` (off) or ``W >= 1``: slot ``j`` is attended only if also
+            ``pos - j < W``, where ``pos`` is the query's own position in the cache: the
+            row's last attended slot (its newest key, the step's own token; later slots of a
+            static cache are not attended), or ``L - 1`` without ``key_valid``. Slots count
+            as positions, padding included, as transformers' cache positions do. Only the
+            window's keys are read.
 
     Returns:
         ``[B, 1, Hq, D]`` contiguous, dtype of ``q`` (fp32 accumulation). A row with no
@@ -345,34 +424,40 @@ def decode_attention(q, k, v, key_valid=None, query_valid=None, *, softmax_scale
     Raises:
         TypeError, ValueError: for bad input, before any kernel runs.
     """
+    options = (softcap, learned_sinks, sliding_window)
     plan_key = None
     if _PLANS_ON and type(q) is torch.Tensor and q.is_cuda and not torch.compiler.is_compiling():
-        plan_key, pointers = _plan_key(q, k, v, key_valid, query_valid, softmax_scale)
+        plan_key, pointers = _plan_key(q, k, v, key_valid, query_valid, softmax_scale, options)
         plan = _PLANS.get(plan_key) if plan_key is not None else None
         if plan is not None and q.get_device() == _current_device() and hooks_allow_plans():
-            # The same shapes, strides, dtypes, devices and scale passed _checked before.
+            # The same shapes, strides, dtypes, devices, scale and options passed _checked before.
             out = q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
             if getattr(_eager_launchers[0], "_verify", False):
-                _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale)
+                _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale, options)
             plan((pointers[0], pointers[1], pointers[2], out.data_ptr(), pointers[3], pointers[4]))
             return out
     softmax_scale = _checked(q, k, v, key_valid, query_valid, softmax_scale)
+    softcap, sliding_window, learned_sinks = _checked_options(q, *options)
     if torch.compiler.is_compiling():
-        return _compiled_op(q, k, v, key_valid, query_valid, softmax_scale)
+        return _compiled_op(q, k, v, key_valid, query_valid, softmax_scale, softcap, sliding_window, learned_sinks)
     launchers = _eager_launchers
     recorded = []
     if plan_key is not None and len(_PLANS) < _PLAN_LIMIT:
         launchers = (_recording(_eager_launchers[0], recorded), _eager_launchers[1])
     if q.is_cuda and q.get_device() != _current_device():
         with torch.cuda.device(q.device):
-            return _launch(q, k, v, key_valid, query_valid, softmax_scale, *launchers)
-    out = _launch(q, k, v, key_valid, query_valid, softmax_scale, *launchers)
+            return _launch(q, k, v, key_valid, query_valid, softmax_scale, *launchers, softcap, sliding_window,
+                           learned_sinks)
+    out = _launch(q, k, v, key_valid, query_valid, softmax_scale, *launchers, softcap, sliding_window, learned_sinks)
     if len(recorded) == 1 and not recorded[0][1][1] and hooks_allow_plans():  # one single-pass launch
         grid, key, args, kwargs = recorded[0]
         compiled = getattr(_eager_launchers[0], "compiled", None)  # a DirectLauncher's cache
         entry = compiled(key, args) if compiled is not None else None
         if entry is not None:
-            _PLANS[plan_key] = LaunchPlan(entry[0], grid, args, entry[1], range(6))
+            # The sinks (last argument) by address, which the plan's key holds: the plan keeps
+            # no tensor. Without sinks the stand-in's address, never read.
+            plan_args = (*args[:-1], args[-1].data_ptr())
+            _PLANS[plan_key] = LaunchPlan(entry[0], grid, plan_args, entry[1], range(6))
     return out
 
 
@@ -382,23 +467,35 @@ _PLANS: dict = {}
 _PLAN_LIMIT = 1024
 
 
-def _tensor_signature(t):
+_SINK_TYPES = (torch.Tensor, torch.nn.Parameter)  # models hold their sinks as parameters
+
+
+def _tensor_signature(t, types=(torch.Tensor,)):
     if t is None:
         return None
-    if type(t) is not torch.Tensor:
+    if type(t) not in types:
         raise TypeError
     return t.shape, t.stride(), t.dtype, t.get_device()
 
 
-def _plan_key(q, k, v, key_valid, query_valid, softmax_scale):
+def _plan_key(q, k, v, key_valid, query_valid, softmax_scale, options=(None, None, None)):
     """``(key, pointers of q, k, v, key_valid, query_valid)``, or ``(None, None)`` for a
-    call no plan covers (unusual types, unaligned pointers)."""
+    call no plan covers (unusual types, unaligned pointers). ``options``: softcap,
+    learned_sinks, sliding_window as passed; the sinks are keyed by address too (a plan
+    launches with the address its key holds)."""
+    softcap, learned_sinks, sliding_window = options
     try:
         signature = (_tensor_signature(q), _tensor_signature(k), _tensor_signature(v),
-                     _tensor_signature(key_valid), _tensor_signature(query_valid))
+                     _tensor_signature(key_valid), _tensor_signature(query_valid),
+                     _tensor_signature(learned_sinks, _SINK_TYPES))
     except TypeError:
         return None, None
     if softmax_scale is not None and type(softmax_scale) is not float:
+        return None, None
+    if (softcap is not None and type(softcap) is not float) or (
+            sliding_window is not None and type(sliding_window) is not int):
+        return None, None
+    if learned_sinks is not None and learned_sinks.stride(0) != 1:  # launched from a temporary copy
         return None, None
     pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(),
                 q.data_ptr() if key_valid is None else key_valid.data_ptr(),
@@ -406,19 +503,23 @@ def _plan_key(q, k, v, key_valid, query_valid, softmax_scale):
     if (pointers[0] | pointers[1] | pointers[2] | pointers[3] | pointers[4]) & 15:
         return None, None
     # The split rule's constants decide the launch too (tests change them).
-    return (signature, softmax_scale, SINGLE_PASS_MAX_KEYS, MIN_KEYS_PER_SPLIT, SPLIT_TARGET_WAVES,
-            MAX_SPLITS), pointers
+    sinks_address = None if learned_sinks is None else learned_sinks.data_ptr()
+    return (signature, softmax_scale, softcap, sliding_window, sinks_address, SINGLE_PASS_MAX_KEYS,
+            MIN_KEYS_PER_SPLIT, SPLIT_TARGET_WAVES, MAX_SPLITS), pointers
 
 
-def _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale) -> None:
+def _verify_plan(plan, q, k, v, key_valid, query_valid, softmax_scale, options) -> None:
     """``MODELOPT_SPARSE_VERIFY_LAUNCH=1``: the plan must launch what the ordinary path
     would (the same kernel as Triton picks, the same grid and arguments)."""
     calls = []
+    softcap, sliding_window, learned_sinks = _checked_options(q, *options)
     _launch(q, k, v, key_valid, query_valid, _checked(q, k, v, key_valid, query_valid, softmax_scale),
-            lambda *call: calls.append(call), lambda *call: calls.append(call))
+            lambda *call: calls.append(call), lambda *call: calls.append(call), softcap, sliding_window, learned_sinks)
     grid, _key, args, kwargs = calls[0]
     _eager_launchers[0].verify(plan.kernel, grid, args, kwargs)
-    if len(calls) != 1 or tuple(grid) != plan.grid or plan._after[:len(args) - 6] != tuple(args[6:]):
+    # The sinks travel by address; without them the stand-in is never read.
+    expected = (*args[6:-1], args[-1].data_ptr() if learned_sinks is not None else plan._after[len(args) - 7])
+    if len(calls) != 1 or tuple(grid) != plan.grid or plan._after[:len(args) - 6] != expected:
         raise RuntimeError("a decode launch plan would launch other arguments than the ordinary path")
 
 
@@ -496,6 +597,21 @@ def _checked(q, k, v, key_valid, query_valid, softmax_scale) -> float:
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"decode_attention: softmax_scale must be positive and finite, got {softmax_scale}")
     return float(softmax_scale)
+
+
+def _checked_options(q, softcap, learned_sinks, sliding_window):
+    """``(softcap, sliding_window, learned_sinks)`` validated, the first two as 0 when off;
+    the sinks contiguous (the kernel indexes them by head)."""
+    if softcap is not None or sliding_window is not None:
+        try:
+            check_window_softcap(sliding_window, softcap)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"decode_attention: {error}") from None
+    if learned_sinks is not None:
+        check_learned_sinks(learned_sinks, q.shape[1], q.device, caller="decode_attention: ")
+        if learned_sinks.stride(0) != 1:
+            learned_sinks = learned_sinks.contiguous()
+    return float(softcap or 0.0), int(sliding_window or 0), learned_sinks
 
 
 __all__ = ["decode_attention", "split_plan"]
