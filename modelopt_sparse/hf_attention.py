@@ -45,9 +45,10 @@ are passed to the kernel as they come; they change nothing in the layout.
 The attention function runs prefill through the module's method on the padded rows in
 place (each row's real tokens are one sequence of the varlen layout: no gather, and padded
 query rows come out as zeros), and decode steps (one query per row, which the rule keeps
-dense) through PyTorch's SDPA on the CPU or the fused decode kernel on CUDA. A decode step
-of a module with a window, a soft cap or learned sinks that the decode path cannot take
-runs through the module's method like a prefill: the kernel keeps a single query dense.
+dense) through the fused decode kernel on the Triton backend (on CUDA, or interpreted on the
+CPU) and PyTorch's SDPA otherwise. A decode step of a module with a window, a soft cap or
+learned sinks that the decode path cannot take runs through the module's method like a
+prefill: the kernel keeps a single query dense.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import torch
 from typing import NamedTuple
 
 from . import lazy_checks
+from .kernels.api import interpreting
 from .kernels.semantics import aligned_query_position, selection_applies
 from .methods import PackedBatch
 
@@ -344,7 +346,9 @@ def sparse_attention_forward(
     if (not selection_applies(1, q_len) and stats_sink is None and not packed
             and _is_padding_or_none(attention_mask)):
         # One query per row: the rule keeps every key (the decode guard), whatever the pattern.
-        if query.is_cuda and state.method.select_backend(query.device) == "triton":
+        # The fused decode kernel on CUDA, or interpreted on the CPU when the Triton backend
+        # was asked for there (tests/conftest.py: the GPU route, checked without a GPU).
+        if (query.is_cuda or interpreting()) and state.method.select_backend(query.device) == "triton":
             if _decode_kernel_takes(features):
                 return _triton_decode(query, key, value, attention_mask, scaling, features), None
         elif features is _NO_FEATURES:
@@ -430,19 +434,24 @@ def _triton_decode(query, key, value, attention_mask, scaling, features) -> torc
 
 
 @functools.lru_cache(maxsize=1)
-def _decode_kernel_keywords() -> frozenset:
+def _decode_kernel_keywords() -> frozenset | None:
+    """The keywords of the fused decode kernel (``None``: it takes any)."""
     import inspect
 
     from .kernels.triton_decode import decode_attention
 
-    return frozenset(inspect.signature(decode_attention).parameters)
+    params = inspect.signature(decode_attention).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
 
 
 def _decode_kernel_takes(features) -> bool:
     """Whether the fused decode kernel implements every feature the module uses."""
     if features is _NO_FEATURES:
         return True
-    return all(name in _decode_kernel_keywords() for name in features.decode_kwargs())
+    keywords = _decode_kernel_keywords()
+    return keywords is None or all(name in keywords for name in features.decode_kwargs())
 
 
 def _decode_codes(codes):

@@ -300,7 +300,8 @@ def test_disabled_gpt_oss_keeps_its_sinks_and_window():
 @pytest.mark.parametrize("family", [pytest.param("mistral", marks=pytest.mark.slow), "gemma2", "gpt_oss"])
 def test_triton_backend_matches_reference(family):
     """The Triton kernels (interpreted on the CPU) with each feature: window, soft cap and
-    window on mixed layers, learned sinks; left padding; generate's decode steps."""
+    window on mixed layers, learned sinks; left padding; generate's decode steps through
+    the fused decode kernel (the CUDA route, interpreted)."""
     from modelopt_sparse.kernels import interpreting
 
     if not (torch.cuda.is_available() or interpreting()):
@@ -316,11 +317,14 @@ def test_triton_backend_matches_reference(family):
         got = fast(input_ids=ids, attention_mask=mask, use_cache=False).logits
         want = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(_real(got, mask), _real(want, mask), atol=2e-4, rtol=0)
-    # One decode step after a cached prefill (on CUDA: the fused decode kernel).
-    tokens, step_logits = _greedy(fast, ids, mask, new_tokens=2)
-    want_tokens, want_logits = _greedy(reference, ids, mask, new_tokens=2)
-    assert torch.equal(tokens, want_tokens)
-    torch.testing.assert_close(step_logits, want_logits, atol=2e-4, rtol=0)
+    # Decode steps after a cached prefill run the fused decode kernel (interpreted here),
+    # with the layer's window, soft cap and sinks; GPT-OSS's static cache too (a sliding
+    # layer's rolling buffer: the query is the row's last real slot).
+    for cache in [None, "static"] if family == "gpt_oss" else [None]:
+        tokens, step_logits = _greedy(fast, ids, mask, new_tokens=2, cache_implementation=cache)
+        want_tokens, want_logits = _greedy(reference, ids, mask, new_tokens=2, cache_implementation=cache)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(step_logits, want_logits, atol=2e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------------------
