@@ -41,7 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # a module glob
 import modelopt_sparse as mts
 from modelopt_sparse.conversion import uses_attention_interface
 
-from .hf_tiny import MATRIX_COMMON, MATRIX_DECODERS, MATRIX_SLIDING, MATRIX_VOCAB, matrix_config, matrix_model
+from .hf_tiny import CACHE_KW, MATRIX_COMMON, MATRIX_DECODERS, MATRIX_SLIDING, MATRIX_VOCAB, matrix_config, matrix_model
 
 ORACLE = "mts_matrix_oracle"
 VOCAB = MATRIX_VOCAB
@@ -502,70 +502,91 @@ def test_detection_rule_reads_the_forward_not_a_class_list():
 # --------------------------------------------------------------------------------------
 # GPU: every model of the matrix through the Triton kernels in bf16
 # --------------------------------------------------------------------------------------
-def _gpu_pair(build):
-    """The same weights as a bf16 Triton model and a float32 reference model, on CUDA."""
+def _gpu_models(build):
+    """The same weights on CUDA as: a bf16 model on the Triton kernels (under test), the bf16
+    model on the reference kernel (what bf16 alone costs), and a float32 reference model."""
     base = build()
     triton_cfg = {"sparse_cfg": {"default": {**CFG["sparse_cfg"]["default"], "backend": "triton"}}}
     reference_cfg = {"sparse_cfg": {"default": {**CFG["sparse_cfg"]["default"], "method": "torch_sparse_softmax"}}}
     fast = mts.sparsify(copy.deepcopy(base).to("cuda", torch.bfloat16), triton_cfg)
-    reference = mts.sparsify(copy.deepcopy(base).to("cuda", torch.float32), reference_cfg)
-    return fast, reference
+    assert all(row["backend"] == "triton" for row in mts.conversion.summary_rows(fast))
+    floor = mts.sparsify(copy.deepcopy(base).to("cuda", torch.bfloat16), reference_cfg)
+    exact = mts.sparsify(copy.deepcopy(base).to("cuda", torch.float32), reference_cfg)
+    return fast, floor, exact
 
 
-def _close_in_bulk(got, want):
-    """bf16 against float32: rounding flips near-tied N:M choices, so compare in bulk (as
-    tests/test_hf_triton.py does) rather than element-wise."""
-    got, want = got.float(), want.float()
+def _within_bf16_noise(got, floor, want):
+    """The Triton bf16 outputs are as close to the float32 reference as the bf16 model on
+    the reference kernel is. These tiny models are built peaked (large init) so that N:M
+    matters on the CPU; in bf16 that makes near-tied choices flip, and a whole bf16 model
+    lands 1-7 % (mean |error| / mean |logit|) from float32, with 89-99 % of argmaxes equal
+    (measured on the CPU reference for every family). A fixed tolerance would be either
+    loose or flaky: the kernel is held to that floor instead."""
+    got, floor, want = got.float(), floor.float(), want.float()
     assert torch.isfinite(got).all()
-    assert (got - want).abs().mean() < 3e-2 * want.abs().mean()
+    err, noise = (got - want).abs().mean(), (floor - want).abs().mean()
+    # Twice the floor: the floor is one draw of that noise, and MoE routers flip experts on
+    # top of N:M flips (CPU-interpreted Triton: 0.95-1.6x the floor, the most on Qwen3-MoE's
+    # 21 step rows); broken attention is many times off.
+    assert err <= 2 * noise + 5e-3 * want.abs().mean(), f"Triton bf16 error {err:.4g}, bf16 floor {noise:.4g}"
+    if got.dim() == 2 and got.shape[-1] == VOCAB and got.shape[0] >= 100:  # (one row of 21 is 5 %)
+        agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+        agree_floor = (floor.argmax(-1) == want.argmax(-1)).float().mean()
+        assert agree >= agree_floor - 0.04, f"argmax agreement {agree:.3f}, bf16 floor {agree_floor:.3f}"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", list(DECODERS))
 def test_gpu_decoder_bf16_triton_matches_reference(family):
-    fast, reference = _gpu_pair(lambda: _decoder(family, dtype=torch.float32))
+    fast, floor, exact = _gpu_models(lambda: _decoder(family, dtype=torch.float32))
     ids = torch.randint(3, VOCAB, (3, 96), generator=torch.Generator().manual_seed(5)).cuda()
     mask = torch.ones_like(ids)
     mask[1, :17] = 0  # left padding
     mask[2, 80:] = 0  # right padding
+    real = mask.bool()
     with torch.no_grad():
-        got = fast(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
-        want = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
-    _close_in_bulk(got, want)
-    assert (got.float().argmax(-1) == want.argmax(-1)).float().mean() > 0.95
-    # Decode steps on the fused decode kernel (or the prefill kernel for a single query):
-    # dense, so the bf16 model follows the reference's greedy path closely.
-    prompt, prompt_mask = ids[:2, :64], mask[:2, :64]
+        outs = [m(input_ids=ids, attention_mask=mask, use_cache=False).logits[real] for m in (fast, floor, exact)]
+    _within_bf16_noise(*outs)
+    # generate(): sparse prefill, then decode steps on the fused decode kernel with the
+    # layer's window, soft cap and sinks; dynamic and static caches.
+    prompt, prompt_mask = ids[:, :64], mask[:, :64]
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
-        fast_out = fast.generate(input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=6, min_new_tokens=6,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
-        static_out = fast.generate(input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=6, min_new_tokens=6,
-                                   do_sample=False, cache_implementation="static")
-    assert fast_out.sequences.shape == (2, 70) and static_out.shape == (2, 70)
-    assert torch.isfinite(torch.stack(fast_out.logits)).all()
-    # The reference scores the bf16 model's own tokens: its step logits, teacher-forced.
-    with torch.no_grad():
-        full = reference(input_ids=fast_out.sequences, attention_mask=torch.cat(
-            [prompt_mask, torch.ones(2, 6, dtype=prompt_mask.dtype, device="cuda")], 1), use_cache=False).logits
-    # Teacher forcing runs the new tokens sparse (one prefill) while generate ran them
-    # dense (decode): only the first new token's logits are the same computation.
-    _close_in_bulk(fast_out.logits[0], full[:, 63])
+        for cache in (None, "static"):
+            tokens = fast.generate(input_ids=prompt, attention_mask=prompt_mask, cache_implementation=cache, **gen)
+            assert tokens.shape == (3, 70)
+        # The same 6 new tokens fed to all three models step by step through their caches
+        # (greedy paths may part after a near tie): prefill row plus 6 decode steps.
+        new = exact.generate(input_ids=prompt, attention_mask=prompt_mask, **gen)[:, 64:]
+        steps = [_step_logits(m, prompt, prompt_mask, new) for m in (fast, floor, exact)]
+    _within_bf16_noise(*steps)
+
+
+def _step_logits(model, prompt, prompt_mask, new_tokens):
+    """Logits of the prompt's last row and of each new token fed one at a time through the
+    model's dynamic cache: ``[(1 + steps) * batch, vocab]``."""
+    out = model(input_ids=prompt, attention_mask=prompt_mask, use_cache=True)
+    cache, mask, rows = out.past_key_values, prompt_mask, [out.logits[:, -1]]
+    for token in new_tokens.T:
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{CACHE_KW: cache})
+        cache = out.past_key_values
+        rows.append(out.logits[:, -1])
+    return torch.cat(rows)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("encoder", ["bert", "vit"])
 def test_gpu_encoder_bf16_triton_matches_reference(encoder):
-    fast, reference = _gpu_pair(lambda: (_bert if encoder == "bert" else _vit)(torch.float32))
+    models = _gpu_models(lambda: (_bert if encoder == "bert" else _vit)(torch.float32))
     if encoder == "bert":
         ids = torch.randint(3, VOCAB, (2, 60), generator=torch.Generator().manual_seed(6)).cuda()
         mask = torch.ones_like(ids)
         mask[1, 45:] = 0
         with torch.no_grad():
-            got = fast(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
-            want = reference(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+            outs = [m(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()] for m in models]
     else:
         pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7)).cuda()
         with torch.no_grad():
-            got = fast(pixel_values=pixels.bfloat16()).last_hidden_state
-            want = reference(pixel_values=pixels).last_hidden_state
-    _close_in_bulk(got, want)
+            outs = [m(pixel_values=pixels.to(next(m.parameters()).dtype)).last_hidden_state for m in models]
+    _within_bf16_noise(*outs)
