@@ -55,11 +55,9 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-
-from typing import NamedTuple
 
 from . import lazy_checks
 from .kernels.api import interpreting

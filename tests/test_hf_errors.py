@@ -51,10 +51,10 @@ def test_method_without_the_window_keyword_is_refused_for_windowed_layers():
                        match=r"model\.layers\.1\.self_attn \(Qwen2Attention\): sliding-window attention "
                              r"\(sliding_window=8\) needs a method whose attention\(\) takes sliding_window; "
                              r"CausalOnly\.attention does not"):
-        mts.sparsify(model, {"sparse_cfg": {"default": {"method": "test_causal_only"}}})
+        mts.sparsify(model, sparse_cfg(method="test_causal_only"))
     _untouched(model, reference)
     # The same method converts a model without windows (layer 0 of this one is full).
-    mts.sparsify(tiny_model("qwen2"), {"sparse_cfg": {"default": {"method": "test_causal_only"}}})
+    mts.sparsify(tiny_model("qwen2"), sparse_cfg(method="test_causal_only"))
 
 
 def test_invalid_config_leaves_model_unchanged(llama):
