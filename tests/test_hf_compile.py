@@ -247,3 +247,22 @@ def test_fullgraph_prefill_of_a_sliding_window_model_on_cpu(case):
         got = torch.compile(model, fullgraph=True)(input_ids=ids, **kwargs).logits
     real = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else torch.ones_like(ids, dtype=torch.bool)
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_static_cache_compiled_generate_of_a_sliding_window_model(device):
+    """The same fast path with a window shorter than the prompt: the static cache's sliding
+    layers are rolling buffers, whose precomputed masks come back through the compiled mask
+    call in the buffer's slot space; decode steps are dense within the window."""
+    torch._dynamo.reset()
+    model = mts.sparsify(tiny_model("mistral", dtype=torch.float32, sliding_window=8).to(device),
+                         sparse_cfg(2, 4, sinks=1, window=4, backend="auto"))
+    ids = token_ids(2, 24).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = _greedy(model, ids, mask)
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    got = _greedy(model, ids, mask)
+    assert torch.equal(got, want)
