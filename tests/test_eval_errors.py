@@ -28,18 +28,20 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Model directories with tokenizers: Bloom (attention computed in the module, not
-    through transformers' attention interface) and a Mistral with a sliding window
-    (convertible module, unsupported feature)."""
-    from transformers import BloomConfig, BloomForCausalLM, MistralConfig, MistralForCausalLM
+    through transformers' attention interface) and a Qwen2-MoE whose sliding window only
+    its mask applies (convertible module, unsupported feature)."""
+    from transformers import BloomConfig, BloomForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     root = tmp_path_factory.mktemp("eval_errors")
     tokenizer = _tokenizer()
     torch.manual_seed(0)
     built = {
         "bloom": BloomForCausalLM(BloomConfig(vocab_size=384, hidden_size=32, n_layer=1, n_head=2)),
-        "mistral_window": MistralForCausalLM(MistralConfig(
+        "mask_window": Qwen2MoeForCausalLM(Qwen2MoeConfig(
             vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=16)),
+            num_key_value_heads=1, max_position_embeddings=64, use_sliding_window=True, sliding_window=16,
+            max_window_layers=1, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16)),
     }
     dirs = {}
     for name, model in built.items():
@@ -97,12 +99,13 @@ def test_unsupported_architecture_fails_before_the_text(models, text_untouched, 
 
 def test_unsupported_feature_fails_before_the_text(models, text_untouched, tmp_path, capsys):
     dirs, text = models
-    code, err = _run(capsys, "--model", dirs["mistral_window"], "--text-file", text, "--seq-len", 32,
+    code, err = _run(capsys, "--model", dirs["mask_window"], "--text-file", text, "--seq-len", 32,
                      "--device", "cpu", "--out", tmp_path / "out")
     assert text_untouched == []
     assert code == 2
-    assert f"--model {dirs['mistral_window']}: model.layers.0.self_attn: sliding_window=16" in err
-    assert "is not supported by modelopt_sparse" in err
+    assert (f"--model {dirs['mask_window']}: model.layers.0.self_attn (Qwen2MoeAttention): this layer gets a "
+            "sliding-window mask (sliding_window=16)") in err
+    assert "does not pass sliding_window to the attention function" in err
 
 
 def test_missing_text_file_still_fails_before_the_model(models, tmp_path, capsys, monkeypatch):
