@@ -4,6 +4,7 @@ model (sparse and dense control trained, saved, restored), and its option errors
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,6 +124,20 @@ def test_finetune_end_to_end(tiny, tmp_path, capsys):
     from accelerate import Accelerator
 
     assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
+
+
+def test_finetune_under_bf16_autocast(tiny, tmp_path, capsys):
+    """--mixed-precision bf16 (the GPU default): under autocast the model hands attention
+    float32 q and k (after RoPE) and a bf16 v. The H200 run failed here with "q, k and v
+    must share one dtype" before attention() followed SDPA's autocast rule."""
+    code, out, err = run_cli(capsys, "finetune", "--model", tiny["dir"], "--text-file", tiny["text"],
+                             "--seq-len", SEQ, "--steps", 2, "--batch-size", 2, "--warmup-steps", 1,
+                             "--eval-windows", 1, "--device", "cpu", "--mixed-precision", "bf16",
+                             "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "ft")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert doc["meta"]["mixed_precision"] == "bf16"
+    assert all(math.isfinite(x) for run in doc["runs"].values() for x in run["train_loss"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -117,3 +117,36 @@ def test_tuned_kernel_launches_the_autotuners_choice_per_key(monkeypatch):
     tuned.autotuner.configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     tuned.forget()
     assert launch(0, 4) == (32, 64, 4, 1)
+
+
+def _defaulted_params(kernel):
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn"):  # autotuner / heuristics wrappers
+        fn = fn.fn
+    return {n for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def test_launches_pass_every_defaulted_constexpr():
+    """torch 2.11's Inductor builds a traced kernel's launcher from the full signature and
+    drops nothing the caller left to a default: an omitted defaulted constexpr shifted the
+    grid into its slot ('launcher() missing 3 required positional arguments: _grid_0...',
+    seen on the H200 for the decode kernel). So every launch names each defaulted
+    constexpr, on or off."""
+    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels import triton_decode as td
+    from modelopt_sparse.kernels.reference import SparseParams
+
+    for sinks in (None, torch.zeros(4)):
+        q = torch.randn(8, 4, 64)
+        k = v = torch.randn(8, 2, 64)
+        start, lens = torch.zeros(1, dtype=torch.int32), torch.full((1,), 8, dtype=torch.int32)
+        params = SparseParams(True, 0.125, 2, 4, 0, 4, "threshold", 0, 0.0)
+        _, args, kwargs = ta._forward_args(q, k, v, torch.empty_like(q), None, None, start, lens, start, lens, 8,
+                                           params, False, sinks)
+        assert _defaulted_params(ta._attn_fwd) <= set(kwargs), "forward launch leaves a constexpr to its default"
+    for on in (False, True):
+        cfg = td._config(torch.float16, 64, 2, False, False, 0, on, on, on)
+        for (_key, kwargs) in cfg[2:]:
+            assert _defaulted_params(td._decode_kernel) <= set(kwargs)

@@ -168,3 +168,29 @@ def test_reference_is_chunked(monkeypatch):
     assert torch.allclose(full, chunked, rtol=0, atol=1e-14)
     for a, b in zip(g_full, g_chunked):
         assert torch.allclose(a, b, rtol=0, atol=1e-13)
+
+
+def test_autocast_casts_q_k_v_as_sdpa_does():
+    """A transformers model under bf16 autocast hands attention float32 q and k (they leave
+    the rotary embedding in float32) and a bf16 v; SDPA's autocast rule casts all three to
+    bf16, and so does attention() (the GPU fine-tune once failed on "q, k and v must share
+    one dtype" here). Gradients reach the float32 inputs."""
+    from modelopt_sparse.kernels import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(12, 2, 16, requires_grad=True)
+    k = torch.randn(12, 2, 16, requires_grad=True)
+    v = torch.randn(12, 2, 16).bfloat16().requires_grad_()
+    start, lens = torch.zeros(1, dtype=torch.int32), torch.full((1,), 12, dtype=torch.int32)
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=0, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, start, lens, 12, **kw)
+    assert out.dtype == torch.bfloat16
+    want = attention(q.detach().bfloat16(), k.detach().bfloat16(), v.detach(), start, lens, 12, **kw)
+    assert torch.equal(out.detach(), want)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32
+    assert v.grad.dtype == torch.bfloat16
+    # Outside autocast mixed dtypes are still refused, with the same message.
+    with pytest.raises(TypeError, match="share one dtype"):
+        attention(q, k, v, start, lens, 12, **kw)

@@ -66,6 +66,8 @@ def attention(
         k, v: ``[total_kv, Hkv, D]`` (or ``[B, Skv, Hkv, D]`` with a batched ``q``); ``Hq``
             must be a multiple of ``Hkv`` (MHA, GQA, MQA). fp16, bf16 or fp32 (fp64 too on
             the torch backend); one dtype and one device. ``16 <= D <= 256``, any value.
+            Under ``torch.autocast`` all three are first cast to the autocast dtype, as
+            SDPA's are (float64 excepted).
         b_start_loc, b_seq_len: int32 ``[B]``: first row and number of rows of each
             sequence in ``q`` (with a batched ``q``: within its batch row, so left and right
             padding need no gather).
@@ -154,6 +156,8 @@ def attention(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if sliding_window is not None or softcap is not None:
         check_window_softcap(sliding_window, softcap, is_causal)
+    if type(q) is torch.Tensor and torch.is_autocast_enabled(q.device.type):
+        q, k, v = _autocast_inputs(q, k, v)
     _check_tensors(q, k, v)
     if learned_sinks is not None:
         if type(learned_sinks) not in _SINK_TYPES or learned_sinks.dtype not in LEARNED_SINK_DTYPES \
@@ -271,6 +275,15 @@ def _new_stats(q: torch.Tensor) -> dict:
         "rows": torch.zeros(h, dtype=torch.int64, device=q.device),
         "dropped_mass": torch.zeros(h, dtype=torch.float64, device=q.device),
     }
+
+
+def _autocast_inputs(q, k, v):
+    """Under ``torch.autocast`` attention runs in the autocast dtype, as SDPA does: in a
+    transformers model q and k leave the rotary embedding in float32 while v is already
+    bf16, and SDPA's autocast rule casts all three (float64 is left alone, as autocast does)."""
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, k, v))
 
 
 def _check_tensors(q, k, v) -> None:

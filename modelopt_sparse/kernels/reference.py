@@ -9,6 +9,7 @@ chunk by chunk, so no ``S x S`` tensor of a long sequence ever exists at once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -126,8 +127,23 @@ def sink_softmax(s: torch.Tensor, sinks: torch.Tensor | None):
     return e, z, shift
 
 
+def _without_autocast(step):
+    """The reference computes in its own dtype (float32 or float64): an autocast region
+    around the call (or around ``backward()``) must not turn its matmuls into bf16. The
+    inputs are already in the autocast dtype (attention() casts them, as SDPA does)."""
+    @functools.wraps(step)
+    def run(ctx, first, *args):
+        device_type = first.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return step(ctx, first, *args)
+        return step(ctx, first, *args)
+    return run
+
+
 class _ReferenceAttention(torch.autograd.Function):
     @staticmethod
+    @_without_autocast
     def forward(ctx, q, k, v, segments, params: SparseParams, stats, learned_sinks):
         cdt = _compute_dtype(q.dtype)
         hq, hkv = q.shape[1], k.shape[1]
@@ -155,6 +171,7 @@ class _ReferenceAttention(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, learned_sinks = ctx.saved_tensors
         params: SparseParams = ctx.params

@@ -1287,9 +1287,9 @@ def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, 
             q if learned_sinks is None else learned_sinks)
     has_sinks = learned_sinks is not None
     launch_key = (q.dtype, q.device, q.shape[-1], groups, params, bucket, with_stats, with_lse, has_sinks)
-    kwargs = dict(WITH_STATS=with_stats, WITH_LSE=with_lse, **consts)
-    if has_sinks:  # absent, the kernel's default (off): the launch of a default variant is unchanged
-        kwargs["HAS_LEARNED_SINKS"] = True
+    # HAS_LEARNED_SINKS is passed even when off (its default): Inductor's launcher for a
+    # traced kernel expects every constexpr in the call; a default variant compiles the same.
+    kwargs = dict(WITH_STATS=with_stats, WITH_LSE=with_lse, HAS_LEARNED_SINKS=has_sinks, **consts)
     return launch_key, args, kwargs
 
 
@@ -1357,7 +1357,7 @@ def _launch_backward(
     # Per row and head: exp(sink - lse) * delta, written by the dQ kernel for the rows of
     # every sequence (the others stay 0); [T, Hq] like lse.
     sink_rows = _output_like(delta, q_covered) if has_sinks else delta
-    sink_kwargs = dict(HAS_LEARNED_SINKS=True) if has_sinks else {}
+    sink_kwargs = dict(HAS_LEARNED_SINKS=has_sinks)
     consts = _common_constexprs(q, hq // hkv, params)
     key = _launch_key(q, hq // hkv, params)
     tma = _use_tma(q, do)

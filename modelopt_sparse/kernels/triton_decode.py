@@ -233,7 +233,7 @@ def _config(dtype, head_dim, groups, has_key_valid, has_query_valid, device_inde
     bound by reading K and V, not by the tile shape): K/V tiles of 64 keys (32 at D > 128)
     in a 3-stage pipeline, 2 stages for fp32 at D >= 128, which keeps shared memory below
     ~140 KB in every case. Not yet swept on hardware. The window, cap and sink switches are
-    passed only when on, so a default variant's launch is what it was without them."""
+    passed explicitly, on or off (see below)."""
     key = (dtype, head_dim, groups, has_key_valid, has_query_valid, device_index, has_window, has_softcap,
            has_learned_sinks)
     cfg = _CONFIGS.get(key)
@@ -250,9 +250,10 @@ def _config(dtype, head_dim, groups, has_key_valid, has_query_valid, device_inde
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
             num_warps=4, num_stages=stages,
         )
-        for name, on in (("HAS_WINDOW", has_window), ("SOFTCAP", has_softcap), ("HAS_LEARNED_SINKS", has_learned_sinks)):
-            if on:
-                consts[name] = True
+        # Passed even when off (their defaults): Inductor's launcher for a traced kernel
+        # expects every constexpr in the call (torch 2.11 dropped defaulted ones and the grid
+        # then filled their slots); a default variant compiles the same either way.
+        consts.update(HAS_WINDOW=has_window, SOFTCAP=has_softcap, HAS_LEARNED_SINKS=has_learned_sinks)
         cfg = (block_n, _cdiv(groups, block_g),
                ((key, False), {**consts, "SPLIT": False}), ((key, True), {**consts, "SPLIT": True}))
         _CONFIGS[key] = cfg
