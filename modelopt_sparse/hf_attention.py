@@ -370,6 +370,9 @@ def sparse_attention_forward(
         q, k, v = q_rows[layout.take_q], k_rows[layout.take_k], v_rows[layout.take_k]
 
     kernel_kwargs = state.kernel_kwargs if state.config.enable else {**state.kernel_kwargs, "sparsity_n": 0}
+    if (features.sliding_window is not None and q_len < layout.kv_len and selection_applies(kernel_kwargs["sparsity_n"], q_len)
+            and not packed):
+        _check_no_dropped_keys(module, attention_mask, kwargs.get("position_ids"), layout, kernel_kwargs)
     # is_causal is passed only when False, and each feature only when on, so methods
     # written before they were supported (an attention() override without the keyword)
     # keep working for modules without them; conversion refuses a module whose method
@@ -566,6 +569,32 @@ def _check_contiguous_tokens(module, attention_mask, query, key) -> None:
         return True
 
     _outside_inference_mode(_cached, (attention_mask,), ("contiguous", batch, q_len, kv_len, query.device), check)
+
+
+def _check_no_dropped_keys(module, attention_mask, position_ids, layout, kernel_kwargs) -> None:
+    """Refuse a sparse chunk of queries after a cache that dropped the row's oldest keys
+    (transformers' caches of sliding layers keep the last ``W - 1``), when that changes the
+    rule: N:M groups and sink tokens count from the row's first key (docs/semantics.md),
+    which is then the first cached key, not the sequence's first token. Dropping a multiple
+    of M keys with no sink tokens changes nothing. Plain ``generate()`` never gets here
+    (its prefill starts from an empty cache, its decode steps are dense); chunked prefill
+    and assisted decoding past the window do. The dropped count is the last query's
+    position (``position_ids``) minus the row's real keys before it; a device check.
+    """
+    if position_ids is None:
+        return
+    where = _where(module)
+    pos = position_ids.to(device=layout.batch.b_seq_len_k.device).expand(layout.batch.b_seq_len_k.shape[0], -1)
+    dropped = pos.amax(-1) - (layout.batch.b_seq_len_k.long() - 1)
+    m, sinks = kernel_kwargs["sparsity_m"], kernel_kwargs["num_sink_tokens"]
+    lazy_checks.require(
+        (dropped <= 0) | ((dropped % m == 0) & (sinks == 0)),
+        lambda: f"modelopt_sparse: {where}: a chunk of queries after a sliding-window cache that dropped the "
+                f"oldest keys: N:M groups{' and sink tokens' if sinks else ''} would count from the first cached "
+                "key instead of the sequence's first token; run it with a cache that keeps every key "
+                "(transformers.DynamicCache() without a config)",
+        NotImplementedError,
+    )
 
 
 def _reject_unsupported(module, dropout, kwargs) -> None:

@@ -257,3 +257,24 @@ def test_window_decode_step_is_dense_within_the_window():
         mts.enable(model)
         step = model(input_ids=ids[:, -1:], use_cache=True, **{CACHE_KW: cache}).logits
     torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
+
+
+def test_chunk_after_a_sliding_cache_dropped_keys():
+    """A 3-token chunk after 20 cached tokens: transformers' cache for the sliding layers
+    kept the last 7 keys, so the groups would count from the first cached key. Refused;
+    with a cache that keeps every key the chunk equals the same rows of a full forward."""
+    from transformers import DynamicCache
+
+    model = mts.sparsify(tiny_model("mistral", sliding_window=8), sparse_cfg(2, 4, 0, 2))
+    ids = token_ids(2, 23)
+    full = logits(model, ids)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :20], use_cache=True).past_key_values
+        with pytest.raises(NotImplementedError,
+                           match=r"model\.layers\.0\.self_attn \(MistralAttention\): a chunk of queries after a "
+                                 r"sliding-window cache that dropped the oldest keys: N:M groups would count"):
+            model(input_ids=ids[:, 20:], use_cache=True, **{CACHE_KW: cache})
+        keep_all = DynamicCache()
+        model(input_ids=ids[:, :20], use_cache=True, **{CACHE_KW: keep_all})
+        chunk = model(input_ids=ids[:, 20:], use_cache=True, **{CACHE_KW: keep_all}).logits
+    torch.testing.assert_close(chunk, full[:, 20:], atol=ATOL, rtol=0)
