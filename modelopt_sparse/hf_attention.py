@@ -581,7 +581,7 @@ def _check_no_dropped_keys(module, attention_mask, position_ids, layout, kernel_
     and assisted decoding past the window do. The dropped count is the last query's
     position (``position_ids``) minus the row's real keys before it; a device check.
     """
-    if position_ids is None:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:  # (multimodal rotary ids: 3-D)
         return
     where = _where(module)
     pos = position_ids.to(device=layout.batch.b_seq_len_k.device).expand(layout.batch.b_seq_len_k.shape[0], -1)
