@@ -290,6 +290,13 @@ def _check_module_supported(name: str, module: torch.nn.Module, method=None) -> 
             "that argument, so it would attend past the window. Load the model with sliding_window=None "
             "(or use_sliding_window=False) to run it with full attention"
         )
+    if (attention.sliding_window is not None and mask_window is not None and attention.sliding_window != mask_window
+            and _imports_window_masks(module)):
+        raise NotImplementedError(
+            f"{where}: its forward passes sliding_window={attention.sliding_window} but its sliding-window mask "
+            f"uses {mask_window} (config.sliding_window); modelopt_sparse applies the argument, transformers' "
+            "eager and SDPA attention the mask, so the two would differ"
+        )
     if "position_bias" in keywords:
         raise NotImplementedError(
             f"{where}: position_bias (an additive attention bias, as T5's relative positions) is not supported "

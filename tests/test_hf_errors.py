@@ -96,6 +96,19 @@ def test_unsupported_kwargs_raise(sparse, kwargs, match):
         sparse_attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
 
 
+def test_window_argument_and_mask_window_must_agree():
+    """A layer whose own sliding_window differs from the window transformers builds into its
+    mask (config.sliding_window): eager/SDPA would apply the mask's, the kernel the argument's."""
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    model.model.layers[1].self_attn.sliding_window = 6
+    reference = copy.deepcopy(model)
+    with pytest.raises(NotImplementedError,
+                       match=r"model\.layers\.1\.self_attn \(Qwen2Attention\): its forward passes sliding_window=6 "
+                             r"but its sliding-window mask uses 8 \(config\.sliding_window\)"):
+        mts.sparsify(model, mts.SPARSE_SOFTMAX_DEFAULT)
+    _untouched(model, reference)
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
