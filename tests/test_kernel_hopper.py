@@ -265,6 +265,120 @@ def test_standard_variants_cover_the_patterns():
     assert len(tags) == len(ha.standard_variants())  # no duplicates
 
 
+# The variants added after the first H200 run (compile-checked only, not yet run on a GPU).
+SWITCHES = ("PINGPONG", "OVERLAP", "LATE_RESCALE", "TMA", "LEAN")
+
+
+def _set_schedule(monkeypatch, sched):
+    for name, on in zip(SWITCHES, sched):
+        monkeypatch.setenv(f"MODELOPT_SPARSE_HOPPER_{name}", str(int(on)))
+
+
+def test_new_switches_tags_defines_and_env(monkeypatch):
+    # Off, the new switches add no define: the default cubins compile exactly the verified source path.
+    assert ha.Variant().defines() == ["-DNMH_HEAD_DIM=128", "-DNMH_SPARSITY_N=0", "-DNMH_SPARSITY_M=4",
+                                      "-DNMH_TIE_INDEX=0", "-DNMH_FP16=0", "-DNMH_PINGPONG=0", "-DNMH_OVERLAP=1",
+                                      "-DNMH_PROBE=0"]
+    v = ha.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True)
+    assert v.tag == "d128_4of8t_prmz"
+    assert v.defines()[-3:] == ["-DNMH_LATE_RESCALE=1", "-DNMH_TMA=1", "-DNMH_LEAN=1"]
+    # TMA's element stride is at most 8: M = 16 keeps cp.async (one cubin, no TMA define).
+    v16 = ha.Variant(sparsity_n=8, sparsity_m=16, tma=True).canonical()
+    assert not v16.tma and "-DNMH_TMA=1" not in v16.defines()
+    assert ha.Variant(tma=True).canonical().tma
+    for name in SWITCHES:
+        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
+    assert ha.schedule_from_env() == dict(pingpong=False, overlap=True, late_rescale=False, tma=False, lean=False)
+    _set_schedule(monkeypatch, (True, False, True, True, True))
+    got = ha.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
+    assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
+    assert ha.schedule_env(ha.schedule_from_env()) == (
+        "MODELOPT_SPARSE_HOPPER_PINGPONG=1 MODELOPT_SPARSE_HOPPER_OVERLAP=0 MODELOPT_SPARSE_HOPPER_LATE_RESCALE=1 "
+        "MODELOPT_SPARSE_HOPPER_TMA=1 MODELOPT_SPARSE_HOPPER_LEAN=1")
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA", "on")
+    with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER_TMA must be 0 or 1"):
+        ha.variant_for(_params(), torch.bfloat16, 128)
+
+
+def test_tags_parse_back_for_every_standard_variant():
+    for v in ha.standard_variants():
+        assert ha._parse_tag(v.tag) == v, v.tag
+    with pytest.raises(ValueError, match="not a variant tag"):
+        ha._parse_tag("d128_dense")
+
+
+def test_schedule_test_set_covers_every_test_kernel():
+    """The device script precompiles the test set of the schedule the timing favours: it must
+    hold every (head dim, pattern, tie, dtype, probe) kernel the default set holds."""
+    sched = dict(pingpong=True, overlap=False, late_rescale=False, tma=False, lean=False)
+    got = ha.standard_variants(schedule=sched)
+    # test_gpu_11's own ping-pong/overlap pairs aside, everything runs the schedule.
+    own = {(p, o) for p, o in ((True, True), (True, False), (False, False))}
+    assert all((v.pingpong, v.overlap) == (True, False) for v in got
+               if not (v.sparsity_n in (0, 4) and v.head_dim == 128 and not v.fp16 and not v.probe))
+    assert {(v.pingpong, v.overlap) for v in got if v.sparsity_n == 4 and v.head_dim == 128 and not v.tie_index
+            and not v.fp16 and not v.probe} == own
+    strip = {(v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.probe) for v in got}
+    assert strip == {(v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.probe)
+                     for v in ha._test_set(True)}
+    carried = set(ha.standard_variants())
+    assert {v.canonical() for v in ha.NEW_VARIANT_TESTS + ha.bench_variants()} <= carried
+
+
+def test_tma_params_struct_mirrors_the_cuda_source():
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    body = re.search(r"struct TmaParams \{(.*?)\};", src, re.S).group(1)
+    assert re.findall(r"TmaMap (\w+(?:, \w+)*);", body) == ["q, k, v"]
+    assert "struct alignas(64) TmaMap" in src and "uint64_t opaque[16]" in src
+    assert [f[0] for f in ha._TmaParams._fields_] == ["q", "k", "v"] and ctypes.sizeof(ha._TmaParams) == 384
+
+
+def _f32(bits: int) -> float:
+    import struct
+
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def test_drop_below2_constants_and_kept_set():
+    """The two-instruction kept test of the lean variants: its PTX constants are -2^64 and
+    -2^127, and (emulating one fma rounding in float64, exact for these operands) it keeps
+    exactly the scores >= the floor, on random, tied and adjacent fp32 values."""
+    src = (ha.SOURCE_DIR / "ptx.cuh").read_text()
+    body = src[src.index("drop_below2"):]
+    assert "0fDF800000" in body and "0fFF000000" in body
+    assert _f32(0xDF800000) == -2.0 ** 64 and _f32(0xFF000000) == -2.0 ** 127
+    g = torch.Generator().manual_seed(0)
+    score = (torch.randn(4096, generator=g) * 8).float()
+    floor = torch.where(torch.rand(4096, generator=g) < 0.3, score, (torch.randn(4096, generator=g) * 8).float())
+    floor = torch.where(torch.rand(4096, generator=g) < 0.2, torch.nextafter(score, torch.tensor(1e9)), floor)
+    floor = torch.where(torch.rand(4096, generator=g) < 0.2, torch.nextafter(score, torch.tensor(-1e9)), floor)
+    exact = score.double() * -(2.0 ** 64) + (floor * 2.0 ** 64).double()  # exact in float64 for these
+    t = exact.float().clamp(0.0, 1.0)  # one rounding to fp32, then .sat
+    arg = torch.zeros_like(score)
+    out = t.double() * -(2.0 ** 127) + arg.double()
+    kept = out > -(2.0 ** 41)
+    assert torch.equal(kept, score >= floor)
+    assert (t[score < floor] >= 2.0 ** -85).all()
+
+
+def test_sass_loop_counter_on_a_synthetic_listing():
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_1:",
+        "        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;",
+        ".L_x_2:",
+        "        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR10], R6 ;",
+        "        /*0030*/               @!P0 BRA `(.L_x_2) ;",
+        "        /*0040*/                   MUFU.EX2 R3, R3 ;",
+        "        /*0050*/                   FMNMX R4, R4, R5, !PT ;",
+        "        /*0060*/               @P1 BRA `(.L_x_1) ;",
+        "        /*0070*/                   EXIT ;",
+    ])
+    counts = ha.count_main_loop(sass)
+    assert counts["total"] == 4 and counts["HGMMA"] == 1 and counts["MUFU"] == 1 and counts["FMNMX"] == 1
+    assert counts["SYNCS"] == 0  # the barrier-retry loop is not part of the tile's work
+
+
 @pytest.mark.slow
 def test_real_nvcc_compiles_a_variant(tmp_path, monkeypatch):
     """Compile one variant with the real toolchain (no GPU needed): no spills, no serialized wgmma."""
@@ -525,3 +639,91 @@ def test_gpu_13_padded_batch_and_strided_views():
     ref = attention(q.double(), k.double(), v.double(), starts, lens, s, backend="torch", **kw)
     assert rel_err(out[0], ref[0]) < 2e-2 and rel_err(out[1, 53:], ref[1, 53:]) < 2e-2
 
+
+
+NEW_SCHEDULES = [tuple(t) for t in ha.NEW_VARIANT_SCHEDULES]
+
+
+def _sched_id(t):
+    return ha._sched_label(ha._sched(t)).replace(" ", "-")
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m", ha.NEW_VARIANT_PATTERNS)
+@pytest.mark.parametrize("sched", NEW_SCHEDULES, ids=_sched_id)
+def test_gpu_14_new_variants_against_reference(monkeypatch, sched, n, m):
+    """The variants added after the first H200 run (late rescale, TMA producer, lean softmax,
+    their combinations with ping-pong and overlap): varlen, GQA, causal, sinks and the dense
+    window, many tiles, lengths around tile edges."""
+    _set_schedule(monkeypatch, sched)
+    lens = [1, 100, 128, 129, 700]
+    inputs = separated_inputs(lens, lens, 4, 2, 128, m, torch.float64, seed=14 + n)
+    _check_against_reference(lens, lens, 4, 2, 128, torch.bfloat16, inputs, sparsity_n=n, sparsity_m=m,
+                             num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+
+
+@gpu_test
+@pytest.mark.parametrize("wg3", [False, True], ids=["2wg", "3wg"])
+@pytest.mark.parametrize("sched", NEW_SCHEDULES, ids=_sched_id)
+def test_gpu_15_new_variants_d64_chunked_noncausal(monkeypatch, sched, wg3):
+    """D = 64 under the new variants, with two and with three consumer warpgroups (192 rows per
+    CTA: lengths around 192 and its multiples, chunked prefill, decode rows)."""
+    _set_schedule(monkeypatch, sched)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
+    lens_q, lens_k = [3, 130, 1, 192, 193, 400], [40, 400, 17, 192, 193, 400]
+    _check_against_reference(lens_q, lens_k, 4, 1, 64, torch.float16, _random(lens_q, lens_k, 4, 1, 64, seed=15),
+                             is_causal=False)
+    _check_against_reference(lens_q, lens_k, 4, 1, 64, torch.bfloat16, _random(lens_q, lens_k, 4, 1, 64, seed=16))
+
+
+@gpu_test
+@pytest.mark.parametrize("case", [PROBE_CASES[0], PROBE_CASES[1], PROBE_CASES[3], PROBE_CASES[4]],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_16_tma_mask_probe(monkeypatch, case):
+    """The TMA producer's element-strided boxes put every key where the group permutation says:
+    the kept mask equals semantics.kept_mask bit for bit (as test_gpu_9, TMA on)."""
+    _set_schedule(monkeypatch, (False, True, False, True, False))  # the default schedule, TMA on (carried)
+    test_gpu_9_mask_probe_equals_semantics(case)
+
+
+@gpu_test
+@pytest.mark.parametrize("sched", [(True, False, False, True, False), (True, True, True, True, True)],
+                         ids=_sched_id)
+def test_gpu_17_tma_strided_views_padded_batch(monkeypatch, sched):
+    """TMA maps over views into a fused QKV buffer (row stride != heads * head_dim) and a padded batch."""
+    _set_schedule(monkeypatch, sched)
+    test_gpu_13_padded_batch_and_strided_views()
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m", [(0, 4), (4, 8)])
+@pytest.mark.parametrize("sched", [(True, False, False, False, True), (True, True, True, True, True),
+                                   (False, True, False, False, True)], ids=_sched_id)
+def test_gpu_18_lean_rescale_with_growing_max(monkeypatch, sched, n, m):
+    """Lean softmax: keys get larger toward the sequence start, so the running max grows on
+    tile after tile (descending key order), by more and by less than the 2^8 slack, and rows
+    whose max moves only a little keep P up to 2^8."""
+    _set_schedule(monkeypatch, sched)
+    lens = [600, 333]
+    q, k, v = _random(lens, lens, 2, 2, 128, seed=18)
+    pos = torch.cat([torch.arange(n_, dtype=torch.float64) for n_ in lens])
+    k = k * (1.0 + 3.0 * (1.0 - pos / 600.0))[:, None, None]  # up to 4x larger scores at the start
+    q = q * 0.5
+    _check_against_reference(lens, lens, 2, 2, 128, torch.bfloat16, [q, k, v], sparsity_n=n, sparsity_m=m,
+                             dense_window_size=8 if n else 0)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m", [(0, 4), (2, 4), (8, 16)])
+@pytest.mark.parametrize("sched", [tuple(t) for t in ha.BENCH_SCHEDULES_WG3], ids=_sched_id)
+def test_gpu_19_three_consumer_warpgroups_d64(monkeypatch, sched, n, m):
+    """D = 64 with three consumer warpgroups: the ring of three ping-pong turns, the 192-row Q
+    tile (cp.async and a 192-row TMA box), N:M selection, sinks and the dense window, GQA."""
+    _set_schedule(monkeypatch, sched)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", "1")
+    lens = [1, 191, 192, 385, 900]
+    inputs = separated_inputs(lens, lens, 4, 2, 64, m, torch.float64, seed=19 + n)
+    _check_against_reference(lens, lens, 4, 2, 64, torch.float16, inputs, sparsity_n=n, sparsity_m=m,
+                             num_sink_tokens=2 if n else 0, dense_window_size=9 if n else 0)
+    _check_against_reference(lens, lens, 4, 2, 64, torch.float16, inputs, is_causal=False, sparsity_n=n,
+                             sparsity_m=m)

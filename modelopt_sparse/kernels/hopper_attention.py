@@ -48,7 +48,7 @@ LOG = logging.getLogger("modelopt_sparse")
 BACKEND = "hopper"
 SOURCE_DIR = Path(__file__).resolve().parent / "hopper"
 KERNEL = "nm_attn_fwd"
-BLOCK_M = 128
+BLOCK_M = 128  # query rows per CTA with two consumer warpgroups (the three-warpgroup D = 64 variant: 192)
 THREADS = 384
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -76,6 +76,11 @@ class Variant:
     pingpong: bool = False
     overlap: bool = True
     probe: bool = False
+    # Variants added after the first H200 run (compile-checked only, not yet run on a GPU):
+    late_rescale: bool = False  # FA3's order: O rescaled under Q.K^T(i), before P.V(i-1) is issued
+    tma: bool = False  # TMA producer (one thread) instead of cp.async (128 threads); dense and M <= 8
+    lean: bool = False  # FA4's conditional O rescale (slack 2^8) and the two-instruction kept test
+    consumers: int = 2  # 3: three consumer warpgroups, 192 query rows per CTA (D = 64 only)
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -86,16 +91,25 @@ class Variant:
             raise ValueError(f"need 0 <= sparsity_n < sparsity_m, got {self.sparsity_n}:{self.sparsity_m}")
 
     def canonical(self) -> "Variant":
-        """Dense kernels ignore M and the tie rule: one cubin serves all of them."""
-        if self.sparsity_n == 0:
-            return dataclasses.replace(self, sparsity_m=4, tie_index=False)
-        return self
+        """Dense kernels ignore M and the tie rule: one cubin serves all of them. TMA's element
+        stride is at most 8, so an N:M variant with M = 16 keeps the cp.async producer."""
+        v = self
+        if v.consumers not in (2, 3):
+            raise ValueError(f"consumers must be 2 or 3, got {v.consumers}")
+        if v.consumers == 3 and v.head_dim != 64:
+            v = dataclasses.replace(v, consumers=2)
+        if v.sparsity_n == 0:
+            v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
+        if v.tma and v.sparsity_n and v.sparsity_m > 8:
+            v = dataclasses.replace(v, tma=False)
+        return v
 
     @property
     def tag(self) -> str:
         pattern = f"{self.sparsity_n}of{self.sparsity_m}{'i' if self.tie_index else 't'}" if self.sparsity_n else "dense"
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
-                                        ("x", self.probe)) if on)
+                                        ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
+                                        ("3", self.consumers == 3), ("x", self.probe)) if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
     def defines(self) -> list[str]:
@@ -103,13 +117,18 @@ class Variant:
         return [f"-DNMH_HEAD_DIM={v.head_dim}", f"-DNMH_SPARSITY_N={v.sparsity_n}",
                 f"-DNMH_SPARSITY_M={v.sparsity_m}", f"-DNMH_TIE_INDEX={int(v.tie_index)}",
                 f"-DNMH_FP16={int(v.fp16)}", f"-DNMH_PINGPONG={int(v.pingpong)}",
-                f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"]
+                f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"] + \
+            [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
+                             ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3)) if on]
 
 
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs. Schedule switches come from the environment so that the device
-    script can time the alternatives: MODELOPT_SPARSE_HOPPER_PINGPONG (default 0) and
-    MODELOPT_SPARSE_HOPPER_OVERLAP (default 1)."""
+    script can time the alternatives: MODELOPT_SPARSE_HOPPER_PINGPONG (default 0),
+    MODELOPT_SPARSE_HOPPER_OVERLAP (default 1), MODELOPT_SPARSE_HOPPER_LATE_RESCALE (default 0),
+    MODELOPT_SPARSE_HOPPER_TMA (default 0; ignored for M = 16) and MODELOPT_SPARSE_HOPPER_LEAN
+    (default 0), and MODELOPT_SPARSE_HOPPER_D64_WG3 (default 0: three consumer warpgroups at
+    D = 64). The defaults are the schedule verified on the H200 (docs/hopper_engine.md)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -118,6 +137,10 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         fp16=dtype == torch.float16,
         pingpong=_env_flag("MODELOPT_SPARSE_HOPPER_PINGPONG", False),
         overlap=_env_flag("MODELOPT_SPARSE_HOPPER_OVERLAP", True),
+        late_rescale=_env_flag("MODELOPT_SPARSE_HOPPER_LATE_RESCALE", False),
+        tma=_env_flag("MODELOPT_SPARSE_HOPPER_TMA", False),
+        lean=_env_flag("MODELOPT_SPARSE_HOPPER_LEAN", False),
+        consumers=3 if _env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3", False) else 2,
         probe=probe,
     ).canonical()
 
@@ -271,6 +294,17 @@ class _FwdParams(ctypes.Structure):
 
 
 PARAMS_SIZE = 200  # static_assert(sizeof(FwdParams) == 200) in the CUDA source
+
+
+class _TmaParams(ctypes.Structure):
+    """Mirror of ``struct TmaParams`` (TMA variants' second argument): three CUtensorMaps."""
+
+    _fields_ = [("q", ctypes.c_uint64 * 16), ("k", ctypes.c_uint64 * 16), ("v", ctypes.c_uint64 * 16)]
+
+
+# cuTensorMapEncodeTiled's enums (cuda.h): raw 16-bit elements (no conversion, zero fill),
+# no interleave, 128-byte swizzle (the layout the wgmma descriptors expect), L2 promotion 256 B.
+_TMA_UINT16, _TMA_INTERLEAVE_NONE, _TMA_SWIZZLE_128B, _TMA_L2_256B, _TMA_OOB_ZERO = 1, 0, 3, 3, 0
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
@@ -303,6 +337,22 @@ class _Driver:
         self.make_current(primary.value)
         return primary.value
 
+    def encode_tma(self, out, t: torch.Tensor, row_step: int, rows: int = 128) -> None:
+        """Encode a tensor map of the packed [rows, heads, head_dim] tensor ``t`` into ``out``
+        (a 128-byte ctypes array): box {64, 1, rows}, element stride ``row_step`` along rows (an
+        N:M variant's K and V: one box = every M-th row). Host-only work (no device call)."""
+        scratch = ctypes.create_string_buffer(128 + 64)
+        aligned = (ctypes.addressof(scratch) + 63) & ~63  # the API wants a 64-byte aligned map
+        dims = (ctypes.c_uint64 * 3)(t.shape[2], t.shape[1], t.shape[0])
+        strides = (ctypes.c_uint64 * 2)(t.stride(1) * 2, t.stride(0) * 2)  # bytes, dims 1 and 2
+        box = (ctypes.c_uint32 * 3)(64, 1, rows)
+        estrides = (ctypes.c_uint32 * 3)(1, 1, row_step)
+        self.check(self.lib.cuTensorMapEncodeTiled(
+            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(3), ctypes.c_void_p(t.data_ptr()),
+            dims, strides, box, estrides, ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
+            ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled")
+        ctypes.memmove(out, aligned, 128)
+
     def make_current(self, context: int):
         current = ctypes.c_void_p()
         self.check(self.lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
@@ -325,7 +375,9 @@ class _Module:
         config = self._read_global("nmh_config", 16)
         self.smem, threads, block_m, params_size = (int.from_bytes(config[i:i + 4], "little", signed=True)
                                                     for i in range(0, 16, 4))
-        if (threads, block_m, params_size) != (THREADS, BLOCK_M, ctypes.sizeof(_FwdParams)):
+        self.threads, self.block_m = threads, block_m
+        if block_m not in (128, 192) or threads != 128 * (1 + block_m // 64) or \
+                params_size != ctypes.sizeof(_FwdParams):
             raise RuntimeError(f"modelopt_sparse hopper: the cubin's layout (threads {threads}, rows {block_m}, "
                                f"params {params_size} B) does not match the Python side")
         driver.check(driver.lib.cuFuncSetAttribute(self.function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -353,12 +405,15 @@ class _Module:
                               "cuMemsetD32(nmh_timeout)")
         return flag
 
-    def launch(self, grid, params: _FwdParams, stream: int):
+    def launch(self, grid, params: _FwdParams, stream: int, tma: _TmaParams | None = None):
         self.driver.make_current(self.context)  # a launch from a thread torch never made current
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        if tma is None:
+            args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        else:  # TMA variants take the tensor maps as a second argument
+            args = (ctypes.c_void_p * 2)(ctypes.addressof(params), ctypes.addressof(tma))
         self.driver.check(self.driver.lib.cuLaunchKernel(
             self.function, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(grid[2]),
-            ctypes.c_uint(THREADS), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(self.smem),
+            ctypes.c_uint(self.threads), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(self.smem),
             ctypes.c_void_p(stream), args, None), "cuLaunchKernel")
 
 
@@ -451,10 +506,10 @@ def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> 
 # --------------------------------------------------------------------------------------
 # Launch
 # --------------------------------------------------------------------------------------
-def _grid(max_q: int, hq: int, batch: int) -> tuple[int, int, int]:
+def _grid(max_q: int, hq: int, batch: int, block_m: int = BLOCK_M) -> tuple[int, int, int]:
     if batch > 65535:
         raise HopperUnavailable(f"at most 65535 sequences per call, got {batch}")
-    return (max(1, math.ceil(max_q / BLOCK_M)), hq, batch)
+    return (max(1, math.ceil(max_q / block_m)), hq, batch)
 
 
 def _checked() -> bool:
@@ -471,6 +526,8 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     ``[Hq, T, keys]`` for a mask-probe build."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     variant = variant_for(params, q.dtype, d, probe=probe is not None)
+    if variant.tma:  # a tensor map's strides must be non-zero multiples of 16 bytes (broadcast views are not)
+        q, k, v = (t.contiguous() if 0 in (t.stride(0), t.stride(1)) else t for t in (q, k, v))
     device = q.get_device()
     mod = _module(variant, device)
     out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
@@ -494,12 +551,18 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     p.dense_window = params.dense_window_size
     p.sliding_window = params.sliding_window or 0
     p.scale_log2 = params.softmax_scale * LOG2E
-    grid = _grid(max_q, hq, q_len.shape[0])
+    grid = _grid(max_q, hq, q_len.shape[0], mod.block_m)
     if q.shape[0] == 0:
         return out, lse
+    tma = None
+    if variant.tma:
+        tma = _TmaParams()
+        step = variant.sparsity_m if variant.sparsity_n else 1
+        for field, t, row_step, rows in (("q", q, 1, mod.block_m), ("k", k, step, 128), ("v", v, step, 128)):
+            mod.driver.encode_tma(getattr(tma, field), t, row_step, rows)
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        mod.launch(grid, p, stream)
+        mod.launch(grid, p, stream, tma)
         if _checked():
             torch.cuda.synchronize(device)
             flag = mod.take_timeout()
@@ -585,9 +648,26 @@ def kept_mask_probe(q, k, v, q_start, q_len, max_q, k_start, k_len, params, keys
 # --------------------------------------------------------------------------------------
 # Precompiling (no GPU needed): python -m modelopt_sparse.kernels.hopper_attention
 # --------------------------------------------------------------------------------------
-def standard_variants(probe: bool = True) -> list[Variant]:
-    """The variants the GPU tests and the timing table use (tools/device_hopper.sh carries
-    them precompiled)."""
+SCHEDULE_FIELDS = ("pingpong", "overlap", "late_rescale", "tma", "lean")
+_SCHEDULE_ENV = {"pingpong": ("MODELOPT_SPARSE_HOPPER_PINGPONG", False),
+                 "overlap": ("MODELOPT_SPARSE_HOPPER_OVERLAP", True),
+                 "late_rescale": ("MODELOPT_SPARSE_HOPPER_LATE_RESCALE", False),
+                 "tma": ("MODELOPT_SPARSE_HOPPER_TMA", False),
+                 "lean": ("MODELOPT_SPARSE_HOPPER_LEAN", False)}
+
+
+def schedule_from_env() -> dict:
+    """The schedule fields the environment selects (variant_for's switches)."""
+    return {f: _env_flag(name, default) for f, (name, default) in _SCHEDULE_ENV.items()}
+
+
+def schedule_env(schedule: dict) -> str:
+    """``NAME=0/1 ...`` for a schedule (what the device script exports for the test run)."""
+    return " ".join(f"{_SCHEDULE_ENV[f][0]}={int(bool(schedule[f]))}" for f in SCHEDULE_FIELDS)
+
+
+def _test_set(probe: bool) -> list[Variant]:
+    """Every kernel the GPU tests run (default schedule), the probe builds optional."""
     out = []
     for d in HEAD_DIMS:
         for fp16 in (False, True):
@@ -597,14 +677,75 @@ def standard_variants(probe: bool = True) -> list[Variant]:
                 out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie))
         out.append(Variant(head_dim=d, sparsity_n=2, sparsity_m=4, fp16=True))
         out.append(Variant(head_dim=d, sparsity_n=8, sparsity_m=16, fp16=True))
-        # The alternative schedules (ping-pong, no intra-warpgroup overlap), timed side by side.
-        for n, m in ((0, 4), (4, 8), (8, 16)):
-            for pingpong, overlap in ((True, True), (True, False), (False, False)):
-                out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
     if probe:
         for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16), (3, 16), (5, 16)):
             for tie in ((False, True) if n else (False,)):
                 out.append(Variant(head_dim=128, sparsity_n=n, sparsity_m=m, tie_index=tie, probe=True))
+    return out
+
+
+# The schedules the timing table compares (pingpong, overlap, late_rescale, tma, lean); the
+# first is the verified default. Rows past the first four are compile-checked only until a GPU run.
+F, T = False, True
+BENCH_SCHEDULES = [
+    (F, T, F, F, F), (T, T, F, F, F), (T, F, F, F, F), (F, F, F, F, F),
+    (F, T, T, F, F), (T, T, T, F, F), (T, F, T, F, F),
+    (T, F, F, T, F), (T, F, T, T, F), (T, T, T, T, F), (F, T, T, T, F),
+    (T, F, F, F, T), (T, F, T, F, T), (T, F, T, T, T), (T, T, T, T, T),
+]
+# The schedules timed for N:M, non-causal and D = 64 (fewer rows: the dense D = 128 causal rows
+# decide the schedule).
+BENCH_SCHEDULES_SHORT = [(F, T, F, F, F), (T, F, F, F, F), (T, F, F, F, T), (T, F, T, T, T), (T, T, T, T, T)]
+BENCH_NM = ((2, 4), (4, 8), (8, 16))
+
+
+def _sched(t) -> dict:
+    return dict(zip(SCHEDULE_FIELDS, t))
+
+
+# The schedules whose whole GPU test set is precompiled and carried (tools/device_hopper.sh runs
+# the test file once, with the fastest of these in the environment): ping-pong without overlap
+# (the fastest measured so far) and the new schedule most likely to beat it (TMA producer, late
+# rescale, lean softmax). Two, because the probe builds take minutes to compile on 2 cores.
+TEST_SCHEDULES = [(T, F, F, F, F), (T, F, T, T, T)]
+# Three consumer warpgroups at D = 64 (192 query rows per CTA), timed with these schedules.
+BENCH_SCHEDULES_WG3 = [(T, F, F, F, F), (T, F, F, T, F), (T, F, F, T, T), (T, T, T, T, T)]
+
+
+def bench_variants() -> list[Variant]:
+    """The kernels the timing table runs (bench)."""
+    out = [Variant(**_sched(t)) for t in BENCH_SCHEDULES]
+    out += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
+    for t in BENCH_SCHEDULES_SHORT:
+        out.append(Variant(head_dim=64, **_sched(t)))
+        for n, m in BENCH_NM:
+            out.append(Variant(sparsity_n=n, sparsity_m=m, **_sched(t)))
+    out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
+    return out
+
+
+def standard_variants(probe: bool = True, schedule: dict | None = None) -> list[Variant]:
+    """The variants the GPU tests and the timing table use (tools/device_hopper.sh carries
+    them precompiled). With ``schedule``: the test set under that schedule only (what a test
+    run with those switches in the environment loads)."""
+    if schedule is not None:
+        out = [dataclasses.replace(v, **schedule) for v in _test_set(probe)]
+        # test_gpu_11 sets ping-pong and overlap itself; the other switches come from the schedule.
+        out += [Variant(sparsity_n=n, sparsity_m=m, **dict(schedule, pingpong=pp, overlap=ov))
+                for n, m in ((0, 4), (4, 8)) for pp, ov in ((True, True), (True, False), (False, False))]
+    else:
+        out = _test_set(False)
+        # The alternative schedules the schedule tests run side by side.
+        for d in HEAD_DIMS:
+            for n, m in ((0, 4), (4, 8), (8, 16)):
+                for pingpong, overlap in ((True, True), (True, False), (False, False)):
+                    out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
+        out += NEW_VARIANT_TESTS + bench_variants()
+        if probe:
+            out += [v for v in _test_set(True) if v.probe]
+            # The TMA producer's element-strided boxes (the group permutation), bit for bit.
+            out += [Variant(sparsity_n=n, sparsity_m=m, tie_index=tie, probe=True, tma=True)
+                    for n, m, tie in ((0, 4, False), (1, 2, False), (2, 4, True), (4, 8, False))]
     seen, unique = set(), []
     for v in out:
         if v.canonical() not in seen:
@@ -613,19 +754,146 @@ def standard_variants(probe: bool = True) -> list[Variant]:
     return unique
 
 
+# What tests/test_kernel_hopper.py's new-variant tests run (test_gpu_14/15).
+NEW_VARIANT_SCHEDULES = [(F, T, T, F, F), (T, F, T, F, F), (T, F, F, T, F), (T, T, T, T, F), (T, F, F, F, T),
+                         (T, T, T, T, T)]
+NEW_VARIANT_PATTERNS = ((0, 4), (2, 4), (4, 8), (8, 16))
+NEW_VARIANT_TESTS = [Variant(head_dim=128, sparsity_n=n, sparsity_m=m, **_sched(t))
+                     for t in NEW_VARIANT_SCHEDULES for n, m in NEW_VARIANT_PATTERNS] + \
+                    [Variant(head_dim=64, fp16=h, consumers=c, **_sched(t)) for t in NEW_VARIANT_SCHEDULES
+                     for c in (2, 3) for h in (False, True)] + \
+                    [Variant(head_dim=64, sparsity_n=n, sparsity_m=m, fp16=True, consumers=3, **_sched(t))
+                     for t in BENCH_SCHEDULES_WG3 for n, m in ((0, 4), (2, 4), (8, 16))] + \
+                    [Variant(sparsity_n=n, sparsity_m=4 if n == 0 else 8, lean=True) for n in (0, 4)]
+
+
 def _precompile(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    variants = standard_variants(probe=not args.no_probe)
-    print(f"cache: {cache_dir()}  nvcc: {find_nvcc()}  variants: {len(variants)}", flush=True)
+    schedule = schedule_from_env() if args.schedule_from_env else None
+    variants = standard_variants(probe=not args.no_probe, schedule=schedule)
+    if args.test_schedules:  # the carried test sets of every TEST_SCHEDULES entry as well
+        for t in TEST_SCHEDULES:
+            variants += [v for v in standard_variants(probe=not args.no_probe, schedule=_sched(t)) if v not in variants]
+    print(f"cache: {cache_dir()}  nvcc: {find_nvcc()}  variants: {len(variants)}"
+          f"{'  schedule: ' + _sched_label(schedule) if schedule else ''}", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         paths = list(pool.map(compile_variant, variants))
+    if args.no_report:
+        print(f"{len(paths)} cubins ready")
+        return 0
     print(f"{'variant':<22} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}")
     for v, path in zip(variants, paths):
         s = ptxas_summary(path.with_suffix(".log").read_text())
         print(f"{v.tag:<22} {s.get('registers', '?'):>5} {s.get('stack', '?'):>6} {s.get('spill_stores', '?'):>9} "
               f"{s.get('spill_loads', '?'):>9}{'  SERIALIZED WGMMA' if s.get('serialized_wgmma') else ''}")
     return 0
+
+
+def find_nvdisasm() -> str | None:
+    """nvdisasm for the SASS counts: $MODELOPT_SPARSE_NVDISASM, PATH, beside nvcc, or the copy
+    Triton ships (triton/backends/nvidia/bin)."""
+    explicit = os.environ.get("MODELOPT_SPARSE_NVDISASM")
+    if explicit:
+        return explicit
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    nvcc = find_nvcc()
+    if nvcc and (Path(nvcc).parent / "nvdisasm").is_file():
+        return str(Path(nvcc).parent / "nvdisasm")
+    try:
+        import triton  # noqa: PLC0415
+
+        p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        return str(p) if p.is_file() else None
+    except ImportError:
+        return None
+
+
+# Opcode classes of the SASS counts (the pipe they issue to, roughly: MUFU = the SFU's 16
+# lanes/clk/SM; FMNMX/FSETP/FSEL/SEL/LOP3/ISETP = the half-rate ALU pipe; FFMA/FADD/FMUL = FMA).
+SASS_CLASSES = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "SEL", "F2FP", "SHFL", "LOP3",
+                "ISETP", "MOV", "BAR", "SYNCS")
+
+
+def count_main_loop(sass: str) -> dict:
+    """Static instruction counts of the consumers' tile loop in ``sass`` (nvdisasm -c output):
+    the backward branch whose body holds the most HGMMA, less the nested barrier-retry loops.
+    Compile with -DNMH_SASS_INTERIOR=1 so that the body is the interior-tile path."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append(m.group(2))
+    loops = []
+    for k, text in enumerate(ins):
+        m = re.search(r"BRA\b.*`\((\.L_x_\d+)\)", text)
+        if m and labels.get(m.group(1), k + 1) <= k:
+            loops.append((labels[m.group(1)], k))
+    if not loops:
+        return {}
+    lo, hi = max(loops, key=lambda r: (sum("HGMMA" in t for t in ins[r[0]:r[1] + 1]), r[1] - r[0]))
+    skip = set()
+    for a, b in loops:
+        if lo < a and b < hi and not any("HGMMA" in t for t in ins[a:b + 1]):
+            skip.update(range(a, b + 1))
+    body = [ins[i] for i in range(lo, hi + 1) if i not in skip]
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
+    out = {"total": len(ops)}
+    for c in SASS_CLASSES:
+        out[c] = sum(op.split(".")[0] == c for op in ops)
+    return out
+
+
+def _sass(args) -> int:
+    """Inner-loop SASS counts per variant (no GPU): compile with NMH_SASS_INTERIOR, disassemble."""
+    nvcc, nvdisasm = find_nvcc(), find_nvdisasm()
+    if nvcc is None or nvdisasm is None:
+        print("needs nvcc and nvdisasm")
+        return 1
+    if args.variants:
+        variants = [_parse_tag(t) for t in args.variants]
+    else:
+        variants = [Variant(**_sched(t)) for t in BENCH_SCHEDULES]
+        variants += [Variant(sparsity_n=n, sparsity_m=m, **_sched(t)) for n, m in BENCH_NM
+                     for t in BENCH_SCHEDULES_SHORT]
+        variants += [Variant(head_dim=64, **_sched(t)) for t in BENCH_SCHEDULES_SHORT]
+        variants += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
+    print(f"{'variant':<24}" + "".join(f"{c:>7}" for c in ("total",) + SASS_CLASSES) + "   regs spill", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            v = v.canonical()
+            cubin = Path(tmp) / f"{v.tag}.cubin"
+            cmd = [nvcc, *NVCC_FLAGS, *v.defines(), "-DNMH_SASS_INTERIOR=1", "-o", str(cubin),
+                   str(SOURCE_DIR / "nm_attention_fwd.cu")]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if res.returncode != 0:
+                print(f"{v.tag:<24} nvcc failed: {res.stderr[-300:]}")
+                continue
+            summary = ptxas_summary(res.stderr + res.stdout)
+            dis = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, timeout=120).stdout
+            counts = count_main_loop(dis)
+            print(f"{v.tag:<24}" + "".join(f"{counts.get(c, 0):>7}" for c in ("total",) + SASS_CLASSES) +
+                  f"   {summary.get('registers', '?')} {summary.get('spill_stores', '?')}/{summary.get('spill_loads', '?')}",
+                  flush=True)
+    return 0
+
+
+def _parse_tag(tag: str) -> Variant:
+    """``d128_4of8t_pr`` -> Variant (the inverse of Variant.tag, for the sass command)."""
+    m = re.fullmatch(r"d(\d+)_(dense|(\d+)of(\d+)([ti]))_([a-z3-]+)", tag)
+    if not m:
+        raise ValueError(f"not a variant tag: {tag}")
+    flags = m.group(6)
+    return Variant(head_dim=int(m.group(1)), sparsity_n=int(m.group(3) or 0), sparsity_m=int(m.group(4) or 4),
+                   tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
+                   late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
+                   consumers=3 if "3" in flags else 2, probe="x" in flags)
 
 
 def _smoke(args) -> int:
@@ -680,9 +948,20 @@ def _smoke(args) -> int:
     return 1 if failures else 0
 
 
+def _sched_label(sched: dict) -> str:
+    names = (("pingpong", "pp"), ("late_rescale", "late"), ("tma", "tma"), ("lean", "lean"))
+    parts = [short for f, short in names if sched[f]] + ([] if sched["overlap"] else ["no-ovl"]) + \
+        (["3wg"] if sched.get("wg3") else [])
+    return " ".join(parts) or "default"
+
+
 def _bench(args) -> int:
     """Causal/non-causal forward TFLOPS at S x H (batch 1): the engine's schedules against the
-    Triton forward and SDPA. Rows are skipped once the time budget is spent."""
+    Triton forward and SDPA. Every engine row also reports its output's relative L2 distance to
+    the verified default schedule's output on the same inputs ("vs default": a new variant that
+    computes something else shows here at once). Rows are skipped once the time budget is spent.
+    The last line names the fastest dense D=128 causal schedule whose output agrees
+    (BEST_SCHEDULE, read by tools/device_hopper.sh)."""
     import time
 
     from .api import attention as api_attention
@@ -705,27 +984,33 @@ def _bench(args) -> int:
             times.append(e0.elapsed_time(e1))
         return sorted(times)[len(times) // 2]
 
+    # (d, causal, n, m, tie, impl, schedule)
     plan = []
-    for d in (128, 64):
-        for causal in ((True, False) if d == 128 else (True,)):
-            plan.append((d, causal, 0, 4, "threshold", "hopper", False, True))
-            if d == 128 and causal:
-                plan += [(d, causal, 0, 4, "threshold", "hopper", True, True),
-                         (d, causal, 0, 4, "threshold", "hopper", True, False),
-                         (d, causal, 0, 4, "threshold", "hopper", False, False)]
-                for n, m in ((2, 4), (4, 8), (8, 16)):
-                    plan += [(d, causal, n, m, "threshold", "hopper", False, True),
-                             (d, causal, n, m, "threshold", "hopper", True, False)]
-                plan.append((d, causal, 8, 16, "index", "hopper", False, True))
-            plan.append((d, causal, 0, 4, "threshold", "sdpa", False, True))
-    plan += [(128, True, 0, 4, "threshold", "triton", False, True), (128, True, 4, 8, "threshold", "triton", False, True),
-             (128, True, 8, 16, "threshold", "triton", False, True), (64, True, 0, 4, "threshold", "triton", False, True)]
+    for t in BENCH_SCHEDULES:
+        plan.append((128, True, 0, 4, "threshold", "hopper", _sched(t)))
+    plan.append((128, True, 0, 4, "threshold", "sdpa", None))
+    for n, m in BENCH_NM:
+        for t in BENCH_SCHEDULES_SHORT:
+            plan.append((128, True, n, m, "threshold", "hopper", _sched(t)))
+    plan.append((128, True, 8, 16, "index", "hopper", _sched(BENCH_SCHEDULES[0])))
+    for t in BENCH_SCHEDULES_SHORT:
+        plan.append((64, True, 0, 4, "threshold", "hopper", _sched(t)))
+    for t in BENCH_SCHEDULES_WG3:
+        plan.append((64, True, 0, 4, "threshold", "hopper", dict(_sched(t), wg3=True)))
+    plan.append((64, True, 0, 4, "threshold", "sdpa", None))
+    for t in BENCH_SCHEDULES_SHORT:
+        plan.append((128, False, 0, 4, "threshold", "hopper", _sched(t)))
+    plan.append((128, False, 0, 4, "threshold", "sdpa", None))
+    plan += [(128, True, 0, 4, "threshold", "triton", None), (128, True, 4, 8, "threshold", "triton", None),
+             (128, True, 8, 16, "threshold", "triton", None), (64, True, 0, 4, "threshold", "triton", None)]
     g = torch.Generator(device=dev).manual_seed(0)
-    tensors = {}
-    for d, causal, n, m, tie, impl, pingpong, overlap in plan:
+    tensors, reference = {}, {}
+    saved_env = {name: os.environ.get(name) for name, _ in
+                 list(_SCHEDULE_ENV.values()) + [("MODELOPT_SPARSE_HOPPER_D64_WG3", False)]}
+    best = fastest = None
+    for d, causal, n, m, tie, impl, sched in plan:
         label = (f"D={d:<3} {'causal' if causal else 'noncausal':<9} {'dense' if n == 0 else f'{n}:{m}':<5}"
-                 f"{' idx' if tie == 'index' else '    '} {impl:<6}"
-                 f"{(' pp' if pingpong else '') + ('' if overlap else ' no-ovl') if impl == 'hopper' else ''}")
+                 f"{' idx' if tie == 'index' else '    '} {impl:<6} {_sched_label(sched) if sched else ''}")
         if time.perf_counter() - start > args.budget:
             rows.append((label, None, "skipped (time budget)"))
             continue
@@ -736,12 +1021,31 @@ def _bench(args) -> int:
         zero = torch.zeros(1, dtype=torch.int32, device=dev)
         params = SparseParams(causal, d ** -0.5, n, m, 0, 64 if n else 0, tie)
         flops = 4.0 * s_len * s_len * heads * d / (2 if causal else 1)
+        check = ""
         try:
             if impl == "hopper":
-                os.environ["MODELOPT_SPARSE_HOPPER_PINGPONG"] = str(int(pingpong))
-                os.environ["MODELOPT_SPARSE_HOPPER_OVERLAP"] = str(int(overlap))
-                ms = timed(lambda: forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True,
-                                           with_lse=False))
+                for f, (name, _) in _SCHEDULE_ENV.items():
+                    os.environ[name] = str(int(sched[f]))
+                os.environ["MODELOPT_SPARSE_HOPPER_D64_WG3"] = str(int(sched.get("wg3", False)))
+
+                def run():
+                    return forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True, with_lse=False)[0]
+
+                ms = timed(run)
+                out = run()
+                key = (d, causal, n, m, tie)
+                if key not in reference and sched == _sched(BENCH_SCHEDULES[0]):  # the verified default
+                    reference[key] = out
+                if key in reference:
+                    ref = reference[key].float()
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    check = f"  vs default {err:.1e}{'  WRONG' if not err < 2e-3 else ''}"
+                    if d == 128 and causal and n == 0 and err < 2e-3:
+                        if fastest is None or ms < fastest[0]:
+                            fastest = (ms, sched)
+                        if tuple(sched[f] for f in SCHEDULE_FIELDS) in TEST_SCHEDULES and (best is None or ms < best[0]):
+                            best = (ms, sched)
+                del out
             elif impl == "triton":
                 ms = timed(lambda: api_attention(q, k, v, zero, lens, s_len, is_causal=causal, sparsity_n=n,
                                                  sparsity_m=m, dense_window_size=params.dense_window_size,
@@ -750,16 +1054,24 @@ def _bench(args) -> int:
             else:
                 qt, kt, vt = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
                 ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
-            rows.append((label, ms, f"{flops / ms / 1e9:7.1f} TFLOPS"))
+            rows.append((label, ms, f"{flops / ms / 1e9:7.1f} TFLOPS{check}"))
         except Exception as e:  # noqa: BLE001 - a broken row must not hide the others
             rows.append((label, None, f"ERROR {type(e).__name__}: {str(e)[:120]}"))
         print(f"  {rows[-1][0]}  {rows[-1][2]}", flush=True)
-    os.environ.pop("MODELOPT_SPARSE_HOPPER_PINGPONG", None)
-    os.environ.pop("MODELOPT_SPARSE_HOPPER_OVERLAP", None)
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     print(f"\nforward, S={s_len}, H={heads}, bf16, batch 1 (dense-equivalent FLOPs; N:M rows count the same FLOPs "
-          f"as dense, so their TFLOPS compare directly; N:M rows: dense window 64)")
+          f"as dense, so their TFLOPS compare directly; N:M rows: dense window 64; 'vs default': relative L2 "
+          f"distance to the default schedule's output)")
     for label, ms, text in rows:
-        print(f"{label:<44} {'' if ms is None else f'{ms:8.3f} ms'}  {text}")
+        print(f"{label:<60} {'' if ms is None else f'{ms:8.3f} ms'}  {text}")
+    if fastest is not None:
+        print(f"FASTEST {_sched_label(fastest[1])}, {fastest[0]:.3f} ms (dense D=128 causal, output agrees)")
+    if best is not None:  # the fastest whose test set is carried (TEST_SCHEDULES)
+        print(f"BEST_SCHEDULE {schedule_env(best[1])}  # {_sched_label(best[1])}, {best[0]:.3f} ms")
     return 0
 
 
@@ -773,14 +1085,22 @@ def _main(argv=None) -> int:
                                             "and print ptxas's register / spill report")
     pre.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     pre.add_argument("--no-probe", action="store_true", help="skip the mask-probe builds")
+    pre.add_argument("--schedule-from-env", action="store_true",
+                     help="only the GPU tests' kernels, under the schedule the MODELOPT_SPARSE_HOPPER_* switches select")
+    pre.add_argument("--no-report", action="store_true", help="skip ptxas's register / spill table")
+    pre.add_argument("--test-schedules", action="store_true",
+                     help="also the GPU tests' kernels under every schedule in TEST_SCHEDULES (what the device run carries)")
     sub.add_parser("smoke", help="a few small calls against the reference, with diagnostics (GPU)")
+    sass = sub.add_parser("sass", help="static SASS counts of the consumers' tile loop (interior path) per variant "
+                                       "(no GPU)")
+    sass.add_argument("variants", nargs="*", help="variant tags (default: the timed schedules)")
     bench = sub.add_parser("bench", help="forward TFLOPS against Triton and SDPA (GPU)")
     bench.add_argument("--seq-len", type=int, default=16384)
     bench.add_argument("--heads", type=int, default=32)
     bench.add_argument("--iters", type=int, default=5)
     bench.add_argument("--budget", type=float, default=70.0, help="seconds; later rows are skipped")
     args = parser.parse_args(argv)
-    return {"precompile": _precompile, "smoke": _smoke, "bench": _bench}[args.cmd](args)
+    return {"precompile": _precompile, "smoke": _smoke, "bench": _bench, "sass": _sass}[args.cmd](args)
 
 
 if __name__ == "__main__":

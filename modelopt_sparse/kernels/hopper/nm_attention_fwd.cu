@@ -25,6 +25,20 @@
 // overlap: the softmax of tile j runs while P.V(j-1) is in flight; costs the 32 registers of
 // P(j-1) during the softmax), NMH_PROBE (mask-probe build: also writes the raw scores and the
 // kept flags; the same selection code, for tests only).
+// Variants added 2026-12-02 after the first H200 run (compile-checked only, not yet run on a
+// GPU): NMH_LATE_RESCALE (FA3's order: O is rescaled by the previous tile's factor after
+// Q.K^T(i) is issued and before P.V(i-1) is issued, so the 64 FMULs run under the MMA instead
+// of between the last wait and the next issue), NMH_TMA (the producer is one thread issuing TMA
+// box loads instead of 128 threads issuing cp.async; dense, and N:M with M <= 8 through an
+// element-strided box per group member), NMH_SASS_INTERIOR (instruction counting only: every
+// tile is treated as interior so that the loop body in the SASS is the interior path),
+// NMH_LEAN (FlashAttention-4's conditional rescale: the running max is only moved when a tile's
+// max exceeds it by more than 8 in log2 units, so most tiles skip the 64 FMULs of the O rescale
+// and its two ex2; P is then at most 2^8, harmless in f32 sums and in bf16/fp16 P; plus the
+// two-instruction kept test drop_below2), NMH_CONSUMERS = 3 (D = 64 only: three consumer
+// warpgroups, 192 query rows per CTA, FA3's D = 64 shape: while one warpgroup runs its softmax
+// the other two keep the tensor cores busy, which two cannot at D = 64, where a tile's softmax
+// takes longer than the other warpgroup's MMAs; ping-pong becomes a ring of three turns).
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -51,6 +65,21 @@
 #endif
 #ifndef NMH_PROBE
 #define NMH_PROBE 0
+#endif
+#ifndef NMH_LATE_RESCALE
+#define NMH_LATE_RESCALE 0
+#endif
+#ifndef NMH_TMA
+#define NMH_TMA 0
+#endif
+#ifndef NMH_CONSUMERS
+#define NMH_CONSUMERS 2
+#endif
+#ifndef NMH_LEAN
+#define NMH_LEAN 0
+#endif
+#ifndef NMH_SASS_INTERIOR
+#define NMH_SASS_INTERIOR 0
 #endif
 
 using namespace nmh;
@@ -85,6 +114,19 @@ struct FwdParams {
 };
 static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update hopper_attention.py");
 
+// TMA variants only: a second kernel argument with the three tensor maps (CUtensorMap, 128
+// opaque bytes each, encoded on the host by cuTensorMapEncodeTiled; hopper_attention.py,
+// _Driver.encode_tma). Each map views a tensor as 3-D {head_dim, heads, rows} with a box of
+// {64 elements (128 B, one swizzle atom column), 1 head, 128 rows}; the K and V maps of an N:M
+// variant step M rows at a time (element stride M: one box = the G rows of one group member).
+// The default variants keep their one-argument signature (FwdParams unchanged).
+struct alignas(64) TmaMap {
+  uint64_t opaque[16];
+};
+struct TmaParams {
+  TmaMap q, k, v;
+};
+
 constexpr int D = NMH_HEAD_DIM;
 constexpr int N_SEL = NMH_SPARSITY_N;
 constexpr int M_SEL = NMH_SPARSITY_M;
@@ -94,25 +136,45 @@ constexpr bool FP16 = NMH_FP16 != 0;
 constexpr bool PINGPONG = NMH_PINGPONG != 0;
 constexpr bool OVERLAP = NMH_OVERLAP != 0;
 constexpr bool PROBE = NMH_PROBE != 0;
+constexpr bool LATE_RESCALE = NMH_LATE_RESCALE != 0;
+constexpr bool TMA = NMH_TMA != 0;
+constexpr bool SASS_INTERIOR = NMH_SASS_INTERIOR != 0;
+constexpr bool LEAN = NMH_LEAN != 0;
+constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
+// TMA's element stride is at most 8, so M = 16 keeps the cp.async producer (the host never
+// builds that combination: Variant.canonical()).
+static_assert(!TMA || !(NMH_SPARSITY_N > 0 && NMH_SPARSITY_M > 8), "TMA with N:M needs M <= 8");
 static_assert(D == 64 || D == 128, "head dim 64 or 128");
 static_assert(!SPARSE || M_SEL == 2 || M_SEL == 4 || M_SEL == 8 || M_SEL == 16, "M in 2/4/8/16");
 static_assert(N_SEL >= 0 && N_SEL < M_SEL, "0 <= N < M");
 
-constexpr int BM = 128;                 // query rows per CTA (2 consumer warpgroups x 64)
+constexpr int NC = NMH_CONSUMERS;        // consumer warpgroups, 64 query rows each
+static_assert(NC == 2 || (NC == 3 && D == 64), "three consumer warpgroups only at D = 64");
+constexpr int BM = 64 * NC;             // query rows per CTA
 constexpr int BN = 128;                 // keys per tile
-constexpr int THREADS = 384;
+constexpr int THREADS = 128 * (NC + 1);
 constexpr int STAGES = D == 128 ? 2 : 4;
 constexpr int ATOM_BYTES = 128 * 128;   // 128 rows x 128 B (64 elements): a swizzle atom column
 constexpr int TILE_BYTES = (D / 64) * ATOM_BYTES;
+constexpr int Q_BYTES = (D / 64) * BM * 128;  // = TILE_BYTES with two consumers (D = 64 if three)
 constexpr int Q_OFF = 0;
-constexpr int K_OFF = Q_OFF + TILE_BYTES;
+constexpr int K_OFF = Q_OFF + Q_BYTES;
 constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
 constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
 constexpr int BAR_Q = 0, BAR_FULL_K = 1, BAR_FULL_V = 1 + STAGES, BAR_EMPTY_K = 1 + 2 * STAGES,
               BAR_EMPTY_V = 1 + 3 * STAGES, NUM_BARS = 1 + 4 * STAGES;
 constexpr int SMEM_BYTES = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
-constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 128*40 + 256*232 = 384*168
-constexpr int PRODUCER_WARPS = 4, CONSUMER_WARPS = 8;
+// 128*40 + 256*232 = 384*168 (cp.async: the producer computes 128 addresses a tile). The TMA
+// producer is one thread with a few scalars: 24, and the consumers get FA3's 240.
+// Three consumers (512 threads, 128 registers each at launch): 24/160 (TMA) or 40/152.
+constexpr int LAUNCH_REGS = (65536 / THREADS) & ~7;
+constexpr int PRODUCER_REGS = TMA ? 24 : 40;
+constexpr int CONSUMER_REGS = NC == 2 ? (TMA ? 240 : 232) : (TMA ? 160 : 152);
+static_assert(128 * PRODUCER_REGS + 128 * NC * CONSUMER_REGS <= THREADS * LAUNCH_REGS, "register pool");
+
+constexpr int PRODUCER_WARPS = 4, CONSUMER_WARPS = 4 * NC;
+// Full barriers: one arrival per producer warp (cp.async) or the single expect_tx (TMA).
+constexpr int FULL_ARRIVALS = TMA ? 1 : PRODUCER_WARPS;
 
 // Read by the host (cuModuleGetGlobal): dynamic shared memory, threads, query rows per CTA,
 // sizeof(FwdParams).
@@ -135,17 +197,18 @@ __device__ __forceinline__ int col_key(int j, int t, int e) {  // accumulator co
 // copies chunk cc = tid % CPR of rows rb + ROW_STEP * i; the 128-byte swizzle XORs the chunk
 // index with row % 8, which is rb % 8 for all of a thread's rows.
 // ---------------------------------------------------------------------------------------------
-template <bool PERM>
+template <bool PERM, int ROWS = 128>
 __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t* base, int64_t row_stride, int n0,
                                           int limit, int tid) {
   constexpr int CPR = D / 8;
   constexpr int ROW_STEP = 128 / CPR;
+  static_assert(ROWS == 128 || D == 64, "a tile of other than 128 rows only in one atom column");
   const int cc = tid % CPR, rb = tid / CPR;
   const uint32_t col = (uint32_t)((cc / 8) * ATOM_BYTES + (((cc % 8) ^ (rb & 7)) << 4));
   const uint16_t* src0 = base + cc * 8;
   // Partly unrolled: the producer runs on few registers (setmaxnreg) and is not issue-bound.
 #pragma unroll 4
-  for (int i = 0; i < CPR; ++i) {
+  for (int i = 0; i < ROWS / ROW_STEP; ++i) {
     const int c = rb + ROW_STEP * i;
     const int key = n0 + (PERM ? row_key(c) : c);
     const bool valid = key < limit;
@@ -163,6 +226,7 @@ struct RowCtx {
 };
 
 __device__ __forceinline__ bool tile_is_edge(int n0, const RowCtx& x, const FwdParams& p) {
+  if constexpr (SASS_INTERIOR) return false;  // instruction counting only (never launched)
   bool e = n0 + BN > x.kv_len;
   if (p.is_causal) e |= n0 + BN - 1 > x.p_lo;
   if (p.sliding_window > 0) e |= x.p_hi - n0 >= p.sliding_window;
@@ -215,8 +279,9 @@ __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 
 
 // Softmax of one tile: selection, running max, exponentials in place (s becomes P in f32),
 // running sum, and the factor alpha by which O must be rescaled.
+// Returns whether O must be rescaled by alpha (always, unless NMH_LEAN; warp-uniform).
 template <bool EDGE>
-__device__ __forceinline__ void softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
+__device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
                                              float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off) {
   const float c = p.scale_log2;
   // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
@@ -278,16 +343,29 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], int n0, int t, cons
     }
   }
   float mc[2];
+  bool grow_any = !LEAN;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float mn = fmaxf(m[r], mx[r]);
-    // A row with no allowed key so far has max -inf: shift by 0 so ex2 gives 0, not NaN.
-    mc[r] = mn == -INFINITY ? 0.f : mn * c;
-    alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
-    m[r] = mn;
-    l[r] *= alpha[r];
+    if constexpr (LEAN) {
+      // Keep the stale max unless this tile's exceeds it by more than LEAN_SLACK (log2 units);
+      // m = -inf (nothing allowed yet) always moves unless mx is -inf as well.
+      const bool grow = mx[r] * c > fmaf(m[r], c, LEAN_SLACK);
+      const float mn = grow ? mx[r] : m[r];
+      mc[r] = mn == -INFINITY ? 0.f : mn * c;
+      alpha[r] = grow ? ex2(fmaf(m[r], c, -mc[r])) : 1.f;
+      m[r] = mn;
+      l[r] *= alpha[r];
+      grow_any |= grow;
+    } else {
+      const float mn = fmaxf(m[r], mx[r]);
+      // A row with no allowed key so far has max -inf: shift by 0 so ex2 gives 0, not NaN.
+      mc[r] = mn == -INFINITY ? 0.f : mn * c;
+      alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
   }
   // The exponents, with dropped entries at -inf (exact path) or below -2^41 (fast path).
   bool exact = EDGE;
@@ -302,12 +380,15 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], int n0, int t, cons
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int g = 0; g < NGROUPS; ++g)
+        for (int g = 0; g < NGROUPS; ++g) {
+          const float thr_x64 = thr[r][g] * 18446744073709551616.f;  // * 2^64, exact (LEAN only)
 #pragma unroll
           for (int mm = 0; mm < M_SEL; ++mm) {
             const int i = member_index(g, mm, r);
-            s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
+            if constexpr (LEAN) s[i] = drop_below2(fmaf(s[i], c, -mc[r]), s[i], thr_x64);
+            else s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
           }
+        }
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -362,6 +443,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], int n0, int t, cons
     s[i] = ex2(s[i]);
     l[(i >> 1) & 1] += s[i];
   }
+  if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
+  return true;
 }
 
 template <bool F16>
@@ -387,6 +470,17 @@ __device__ __forceinline__ void pv_gemm(float (&o)[DD / 2], const uint32_t (&pr)
     }
   }
 }
+// O *= alpha per row (the online softmax's correction when the running max grew).
+template <int R>
+__device__ __forceinline__ void rescale_o(float (&o)[R], const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < R / 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      o[4 * j + 2 * r] *= alpha[r];
+      o[4 * j + 2 * r + 1] *= alpha[r];
+    }
+}
 // P (f32 accumulator layout) -> the A fragments of 8 m64nDk16 steps: step kk covers
 // accumulator columns 16kk..16kk+15, i.e. registers 8kk..8kk+7 in order.
 __device__ __forceinline__ void convert_p(const float (&s)[64], uint32_t (&pr)[8][4]) {
@@ -396,7 +490,12 @@ __device__ __forceinline__ void convert_p(const float (&s)[64], uint32_t (&pr)[8
     for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
+#if NMH_TMA
+extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __grid_constant__ FwdParams p,
+                                                                     const __grid_constant__ TmaParams tm) {
+#else
 extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __grid_constant__ FwdParams p) {
+#endif
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = (uint8_t*)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   const uint32_t sbase = smem_u32(smem);
@@ -421,10 +520,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
   const int nt = max(t_end - t_begin, 0);  // tiles visited, in descending key order
 
   if (threadIdx.x == 0) {
-    mbar_init(bar(BAR_Q), PRODUCER_WARPS);
+    mbar_init(bar(BAR_Q), FULL_ARRIVALS);
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bar(BAR_FULL_K + s), PRODUCER_WARPS);
-      mbar_init(bar(BAR_FULL_V + s), PRODUCER_WARPS);
+      mbar_init(bar(BAR_FULL_K + s), FULL_ARRIVALS);
+      mbar_init(bar(BAR_FULL_V + s), FULL_ARRIVALS);
       mbar_init(bar(BAR_EMPTY_K + s), CONSUMER_WARPS);
       mbar_init(bar(BAR_EMPTY_V + s), CONSUMER_WARPS);
     }
@@ -440,11 +539,53 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     // ------------------------------------------------------------------ producer
     setmaxnreg_dec<PRODUCER_REGS>();
     if (nt == 0) return;
+#if NMH_TMA
+    // One thread issues every load: expect_tx on the full barrier, then the boxes (D / 64 per
+    // tile, times M for an N:M variant: box mm holds key rows n0 + mm, n0 + mm + M, ... = the
+    // G smem rows mm*G .. mm*G + G - 1 of the group-permuted tile; G*128 B is a multiple of
+    // 1024 B, so the 128-byte swizzle phase matches the whole-tile layout). Rows past the
+    // tensor's end are zero-filled by TMA; rows past a sequence's end inside the packed tensor
+    // are its neighbour's (finite data is masked to -inf / P = 0 by the edge tiles; a
+    // non-finite neighbour would leak into P.V as 0 * inf: documented for this variant).
+    if (threadIdx.x != 0) return;
+    constexpr int ATOMS = D / 64;
+    constexpr int MEMBERS = SPARSE ? M_SEL : 1;
+    constexpr uint32_t BOX_BYTES = ATOM_BYTES / MEMBERS;
+    prefetch_tmap(&tm.q);
+    prefetch_tmap(&tm.k);
+    prefetch_tmap(&tm.v);
+    // The Q map's box is BM rows (the host encodes it from nmh_config's rows per CTA).
+    mbar_expect_tx(bar(BAR_Q), (uint32_t)Q_BYTES);
+#pragma unroll
+    for (int a = 0; a < ATOMS; ++a)
+      tma_load_3d(sbase + Q_OFF + a * BM * 128, &tm.q, 64 * a, head, (int)q_start + m0, bar(BAR_Q));
+    for (int i = 0; i < nt; ++i) {
+      const int s = i % STAGES, u = i / STAGES;
+      const int row0 = (int)k_start + (t_end - 1 - i) * BN;
+      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+      mbar_expect_tx(bar(BAR_FULL_K + s), (uint32_t)TILE_BYTES);
+#pragma unroll
+      for (int a = 0; a < ATOMS; ++a)
+#pragma unroll
+        for (int mm = 0; mm < MEMBERS; ++mm)
+          tma_load_3d(sbase + K_OFF + s * TILE_BYTES + a * ATOM_BYTES + mm * BOX_BYTES, &tm.k, 64 * a, kv_head,
+                      row0 + mm, bar(BAR_FULL_K + s));
+      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+      mbar_expect_tx(bar(BAR_FULL_V + s), (uint32_t)TILE_BYTES);
+#pragma unroll
+      for (int a = 0; a < ATOMS; ++a)
+#pragma unroll
+        for (int mm = 0; mm < MEMBERS; ++mm)
+          tma_load_3d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES + mm * BOX_BYTES, &tm.v, 64 * a, kv_head,
+                      row0 + mm, bar(BAR_FULL_V + s));
+    }
+    return;
+#else
     const int tid = threadIdx.x;
     const uint16_t* qbase = p.q + q_start * p.q_row + (int64_t)head * p.q_head;
     const uint16_t* kbase = p.k + k_start * p.k_row + (int64_t)kv_head * p.k_head;
     const uint16_t* vbase = p.v + k_start * p.v_row + (int64_t)kv_head * p.v_head;
-    load_tile<false>(sbase + Q_OFF, qbase, p.q_row, m0, q_len, tid);
+    load_tile<false, BM>(sbase + Q_OFF, qbase, p.q_row, m0, q_len, tid);
     cp_async_commit();
     // Groups are committed in the order Q, K0, V0, K1, V1, ...: "wait_group 1" right after
     // committing K_i completes V_{i-1}; right after committing V_i it completes K_i (and Q).
@@ -478,6 +619,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     __syncwarp();
     if (lane == 0) mbar_arrive(bar(BAR_FULL_V + (nt - 1) % STAGES));
     return;
+#endif
   }
 
   // -------------------------------------------------------------------- consumers
@@ -503,26 +645,35 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     const uint64_t dq = make_desc_sw128(sbase + Q_OFF + wgc * 64 * 128, 16, 1024);
     auto desc_k = [&](int s) { return make_desc_sw128(sbase + K_OFF + s * TILE_BYTES, 16, 1024); };
     auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * TILE_BYTES, ATOM_BYTES, 1024); };
-    const int my_turn = 1 + wgc, other_turn = 2 - wgc;  // named barrier ids (ping-pong)
+    // Named barrier ids (ping-pong): a ring of turns, warpgroup c waits on 1 + c and hands the
+    // turn to the next one (1 + (c + 1) % NC); 256 = the waiter's and the arriver's threads.
+    const int my_turn = 1 + wgc, other_turn = 1 + (wgc + 1) % NC;
+    const bool last_wg = wgc == NC - 1;  // its final hand-over would have no taker
     float s_acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) s_acc[i] = 0.f;
     uint32_t pr[8][4];
+    bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto softmax = [&](int i) {
       const int n0 = (t_end - 1 - i) * BN;
-      if (tile_is_edge(n0, x, p)) softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
-      else softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
+      if (tile_is_edge(n0, x, p)) need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
+      else need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
+    };
+    // Warp-uniform branch around ordinary FMULs (no wgmma inside: the warpgroup's MMAs stay
+    // in step whatever each warp decides).
+    auto maybe_rescale = [&]() {
+      if (!LEAN || need_rescale) rescale_o(o, alpha);
     };
 
     mbar_wait(bar(BAR_Q), 0, 1);
     // ---- tile 0: Q.K^T and softmax only
-    if (PINGPONG && wgc == 1) named_arrive(1, 256);  // consumer warpgroup 0 issues first
+    if (PINGPONG && last_wg) named_arrive(1, 256);  // consumer warpgroup 0 issues first
     mbar_wait(bar(BAR_FULL_K), 0, 30);
     if (PINGPONG) named_sync(my_turn, 256);
     wg_fence();
     qk_gemm<FP16>(s_acc, dq, desc_k(0));
     wg_commit();
-    if (PINGPONG && (wgc == 0 || nt > 1)) named_arrive(other_turn, 256);
+    if (PINGPONG && (!last_wg || nt > 1)) named_arrive(other_turn, 256);
     wg_wait<0>();
     reg_fence(s_acc);
     __syncwarp();
@@ -541,9 +692,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       wg_fence();
       qk_gemm<FP16>(s_acc, dq, desc_k(s));
       wg_commit();
+      if constexpr (LATE_RESCALE) {
+        // FA3's order: O (tiles < i-1, scaled to m(i-2)) is brought to m(i-1) by the factor of
+        // softmax(i-1), under Q.K^T(i), just before P.V(i-1) adds P(i-1) (scaled to m(i-1)).
+        maybe_rescale();
+        wg_fence();  // O was written by ordinary instructions since the last fence
+      }
       pv_gemm<FP16, D>(o, pr, desc_v(sp));
       wg_commit();
-      if (PINGPONG && (wgc == 0 || i < nt - 1)) named_arrive(other_turn, 256);
+      if (PINGPONG && (!last_wg || i < nt - 1)) named_arrive(other_turn, 256);
       if constexpr (OVERLAP) {
         wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
         reg_fence(s_acc);
@@ -566,18 +723,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         }
         softmax(i);
       }
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          o[4 * j + 2 * r] *= alpha[r];
-          o[4 * j + 2 * r + 1] *= alpha[r];
-        }
+      if constexpr (!LATE_RESCALE) maybe_rescale();
       convert_p(s_acc, pr);
     }
     // ---- last P.V
     const int sl = (nt - 1) % STAGES, ul = (nt - 1) / STAGES;
     mbar_wait(bar(BAR_FULL_V + sl), ul & 1, 40 + sl);
+    if constexpr (LATE_RESCALE) maybe_rescale();  // the last tile's factor
     wg_fence();
     pv_gemm<FP16, D>(o, pr, desc_v(sl));
     wg_commit();

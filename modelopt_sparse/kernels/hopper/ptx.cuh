@@ -87,6 +87,26 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // ---------------------------------------------------------------------------------------------
+// TMA (NMH_TMA variants). The tensor map lives in the kernel's parameter space (a
+// __grid_constant__ argument), addressed generically as PTX allows. The load signals
+// completion on the mbarrier through its transaction count, which the single producer thread
+// announced first with arrive.expect_tx (so the phase completes when the bytes have landed).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void prefetch_tmap(const void* tmap) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Named barriers (id 0 is __syncthreads), register reallocation, wgmma group control.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ void named_sync(int id, int count) {
@@ -168,6 +188,24 @@ __device__ __forceinline__ float drop_below(float arg, float score, float floor)
       "fma.rn.f32 %0, d, 0fFF000000, %1;\n}\n"
       : "=f"(r)
       : "f"(arg), "f"(floor), "f"(score));
+  return r;
+}
+
+// drop_below in two FMA-pipe instructions (NMH_LEAN variants; compile-checked only, not yet
+// run on a GPU): t = sat(floor * 2**64 - score * 2**64) in one fma.sat (``floor_x64`` =
+// floor * 2**64, one multiply per group instead of a subtract per element), then
+// arg - 2**127 * t. Exactness: both products are exact (powers of two), and the exact sum
+// (floor - score) * 2**64 is a multiple of 2**-85, so its one rounding keeps it >= 2**-85 when
+// score < floor (no subnormal, no flush) and <= 0 when score >= floor: the same kept set and
+// the same exponents as drop_below. -inf scores: -inf + -inf * (-1) is NaN, which .sat makes
+// 0, and arg is -inf already; +inf - finite saturates to 1: dropped.
+__device__ __forceinline__ float drop_below2(float arg, float score, float floor_x64) {
+  float r;
+  asm("{\n.reg .f32 t;\n"
+      "fma.rn.sat.f32 t, %2, 0fDF800000, %3;\n"
+      "fma.rn.f32 %0, t, 0fFF000000, %1;\n}\n"
+      : "=f"(r)
+      : "f"(arg), "f"(score), "f"(floor_x64));
   return r;
 }
 
