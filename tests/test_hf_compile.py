@@ -124,6 +124,19 @@ def _greedy(model, ids, mask, **kwargs):
     return out[:, ids.shape[1]:]
 
 
+def _assert_static_compiled_generate_matches_eager(model, device):
+    """Greedy tokens of a left-padded batch: eager generate() against a static cache with a
+    compiled forward (transformers' documented fast path)."""
+    ids = token_ids(2, 24).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = _greedy(model, ids, mask)
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    got = _greedy(model, ids, mask)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_static_cache_compiled_generate_matches_eager(device):
@@ -133,14 +146,7 @@ def test_static_cache_compiled_generate_matches_eager(device):
     dtype = torch.float32
     model = mts.sparsify(tiny_model("llama", dtype=dtype).to(device), sparse_cfg(2, 4, sinks=1, window=4,
                                                                                backend="auto"))
-    ids = token_ids(2, 24).to(device)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    want = _greedy(model, ids, mask)
-    model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, fullgraph=True)
-    got = _greedy(model, ids, mask)
-    assert torch.equal(got, want)
+    _assert_static_compiled_generate_matches_eager(model, device)
 
 
 def test_compiled_sparsified_model_matches_eager_on_cpu():
@@ -258,11 +264,4 @@ def test_static_cache_compiled_generate_of_a_sliding_window_model(device):
     torch._dynamo.reset()
     model = mts.sparsify(tiny_model("mistral", dtype=torch.float32, sliding_window=8).to(device),
                          sparse_cfg(2, 4, sinks=1, window=4, backend="auto"))
-    ids = token_ids(2, 24).to(device)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    want = _greedy(model, ids, mask)
-    model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, fullgraph=True)
-    got = _greedy(model, ids, mask)
-    assert torch.equal(got, want)
+    _assert_static_compiled_generate_matches_eager(model, device)
