@@ -286,6 +286,11 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     v16 = ha.Variant(sparsity_n=8, sparsity_m=16, tma=True).canonical()
     assert not v16.tma and "-DNMH_TMA=1" not in v16.defines()
     assert ha.Variant(tma=True).canonical().tma
+    # Three consumer warpgroups: D = 64 only, always with TMA, so never with M = 16.
+    assert ha.Variant(head_dim=64, consumers=3).canonical() == ha.Variant(head_dim=64, consumers=3, tma=True)
+    assert ha.Variant(head_dim=64, consumers=3).canonical().defines()[-2:] == ["-DNMH_TMA=1", "-DNMH_CONSUMERS=3"]
+    assert ha.Variant(consumers=3).canonical().consumers == 2
+    assert ha.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, consumers=3).canonical().consumers == 2
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     assert ha.schedule_from_env() == dict(pingpong=False, overlap=True, late_rescale=False, tma=False, lean=False)
@@ -663,8 +668,9 @@ def test_gpu_14_new_variants_against_reference(monkeypatch, sched, n, m):
 
 
 @gpu_test
-@pytest.mark.parametrize("wg3", [False, True], ids=["2wg", "3wg"])
-@pytest.mark.parametrize("sched", NEW_SCHEDULES, ids=_sched_id)
+@pytest.mark.parametrize("sched,wg3", [(t, False) for t in NEW_SCHEDULES] +
+                         [(tuple(t), True) for t in ha.BENCH_SCHEDULES_WG3],
+                         ids=lambda x: _sched_id(x) if isinstance(x, tuple) else ("3wg" if x else "2wg"))
 def test_gpu_15_new_variants_d64_chunked_noncausal(monkeypatch, sched, wg3):
     """D = 64 under the new variants, with two and with three consumer warpgroups (192 rows per
     CTA: lengths around 192 and its multiples, chunked prefill, decode rows)."""
@@ -714,11 +720,12 @@ def test_gpu_18_lean_rescale_with_growing_max(monkeypatch, sched, n, m):
 
 
 @gpu_test
-@pytest.mark.parametrize("n,m", [(0, 4), (2, 4), (8, 16)])
+@pytest.mark.parametrize("n,m", [(0, 4), (2, 4), (4, 8), (8, 16)])
 @pytest.mark.parametrize("sched", [tuple(t) for t in ha.BENCH_SCHEDULES_WG3], ids=_sched_id)
 def test_gpu_19_three_consumer_warpgroups_d64(monkeypatch, sched, n, m):
     """D = 64 with three consumer warpgroups: the ring of three ping-pong turns, the 192-row Q
-    tile (cp.async and a 192-row TMA box), N:M selection, sinks and the dense window, GQA."""
+    tile (a 192-row TMA box), N:M selection, sinks and the dense window, GQA; 8:16 (no TMA for
+    M = 16) falls back to two warpgroups."""
     _set_schedule(monkeypatch, sched)
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", "1")
     lens = [1, 191, 192, 385, 900]
