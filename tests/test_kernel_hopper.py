@@ -279,6 +279,12 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert ha.Variant().defines() == ["-DNMH_HEAD_DIM=128", "-DNMH_SPARSITY_N=0", "-DNMH_SPARSITY_M=4",
                                       "-DNMH_TIE_INDEX=0", "-DNMH_FP16=0", "-DNMH_PINGPONG=0", "-DNMH_OVERLAP=1",
                                       "-DNMH_PROBE=0"]
+    # Stage 3: 2:4 only, never with overlap, TMA or a probe build.
+    sp = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, tma=True).canonical()
+    assert sp.sparse_pv and not sp.overlap and not sp.tma and sp.tag == "d128_2of4t_s"
+    assert sp.defines()[-1] == "-DNMH_SPARSE_PV=1"
+    assert not ha.Variant(sparsity_n=4, sparsity_m=8, sparse_pv=True).canonical().sparse_pv
+    assert not ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, probe=True).canonical().sparse_pv
     v = ha.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True)
     assert v.tag == "d128_4of8t_prmz"
     assert v.defines()[-3:] == ["-DNMH_LATE_RESCALE=1", "-DNMH_TMA=1", "-DNMH_LEAN=1"]
@@ -734,3 +740,39 @@ def test_gpu_19_three_consumer_warpgroups_d64(monkeypatch, sched, n, m):
                              num_sink_tokens=2 if n else 0, dense_window_size=9 if n else 0)
     _check_against_reference(lens, lens, 4, 2, 64, torch.float16, inputs, is_causal=False, sparsity_n=n,
                              sparsity_m=m)
+
+
+@gpu_test
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tie", ["threshold", "index"])
+@pytest.mark.parametrize("sched", [tuple(t) for t in ha.BENCH_SCHEDULES_SPARSE_PV], ids=_sched_id)
+def test_gpu_20_sparse_pv_against_reference(monkeypatch, sched, tie, d):
+    """Stage 3, 2:4 P.V through wgmma.sp: interior tiles without ties take the compressed
+    operand (separated inputs never tie), tiles with sinks, the dense window, the diagonal or a
+    sequence end take the split dense path; both on the second V row order, GQA, varlen."""
+    _set_schedule(monkeypatch, sched)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPARSE_PV", "1")
+    lens = [1, 90, 128, 257, 700]
+    inputs = separated_inputs(lens, lens, 4, 2, d, 4, torch.float64, seed=20)
+    _check_against_reference(lens, lens, 4, 2, d, torch.bfloat16, inputs, sparsity_n=2, sparsity_m=4,
+                             tie_break=tie, num_sink_tokens=3, dense_window_size=20)
+    # Non-causal, no dense region: nearly every tile compressed; fp16.
+    _check_against_reference(lens, lens, 4, 2, d, torch.float16, inputs, is_causal=False, sparsity_n=2,
+                             sparsity_m=4, tie_break=tie)
+    # Random (real-valued) scores, MQA.
+    _check_against_reference(lens, lens, 4, 1, d, torch.bfloat16, _random(lens, lens, 4, 1, d, seed=21),
+                             sparsity_n=2, sparsity_m=4, tie_break=tie, dense_window_size=8)
+
+
+@gpu_test
+@pytest.mark.parametrize("tie", ["threshold", "index"])
+def test_gpu_21_sparse_pv_with_ties(monkeypatch, tie):
+    """Exact ties (integer scores): groups whose 2nd and 3rd largest are equal make their
+    warpgroup's tile take the split path (threshold keeps more than two, index resolves by
+    key order); the output equals the reference on the same exact scores."""
+    _set_schedule(monkeypatch, (True, False, False, False, False))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPARSE_PV", "1")
+    lens_q, lens_k = [130, 1, 261, 600], [300, 40, 261, 600]
+    inputs = tied_inputs(lens_q, lens_k, 2, 1, 128, torch.float64, seed=21)
+    _check_against_reference(lens_q, lens_k, 2, 1, 128, torch.bfloat16, inputs, sparsity_n=2, sparsity_m=4,
+                             tie_break=tie)

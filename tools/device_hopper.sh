@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15: the Hopper forward engine's GPU run on the lent H200 (< 200 s in all).
 #
-# Here, before the call (no GPU needed; ~12 min on 2 cores: 207 cubins, 26 MB, which travel as
-# one 2.3 MB archive): the standard set, the timed variants, and the whole test set of each
+# Here, before the call (no GPU needed; ~13 min on 2 cores: 231 cubins, ~29 MB, which travel as
+# one ~2.5 MB archive): the standard set, the timed variants, and the whole test set of each
 # schedule in TEST_SCHEDULES (hopper_attention.py):
 #   export MODELOPT_SPARSE_HOPPER_CACHE=$PWD/build/hopper_cubins
 #   python -m modelopt_sparse.kernels.hopper_attention precompile --test-schedules
@@ -17,7 +17,8 @@
 #   3. the timing table (S=16384, H=32, bf16 forward; each engine row first runs once checked,
 #      so a timed-out barrier wait is an ERROR row, not a hang): every schedule and variant (the
 #      default, ping-pong, no overlap, late rescale, TMA producer, lean softmax and their
-#      combinations), dense and N:M, D=128/64, causal and not, against SDPA and Triton; each
+#      combinations; 2:4 with P.V through wgmma.sp, stage 3; three consumer warpgroups at D=64,
+#      last), dense and N:M, D=128/64, causal and not, against SDPA and Triton; each
 #      engine row with its distance to the default schedule's output ("vs default"); it ends
 #      with BEST_SCHEDULE, the fastest dense D=128 causal schedule whose output agrees;
 #   4. the whole GPU test file once, with that schedule in the environment (ping-pong without

@@ -81,6 +81,7 @@ class Variant:
     tma: bool = False  # TMA producer (one thread) instead of cp.async (128 threads); dense and M <= 8
     lean: bool = False  # FA4's conditional O rescale (slack 2^8) and the two-instruction kept test
     consumers: int = 2  # 3: three consumer warpgroups, 192 query rows per CTA (D = 64 only)
+    sparse_pv: bool = False  # stage 3: 2:4 P.V through wgmma.sp (2:4 only; no overlap, cp.async)
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -103,6 +104,12 @@ class Variant:
             v = dataclasses.replace(v, consumers=2)
         if v.consumers == 3:
             v = dataclasses.replace(v, tma=True)
+        # Sparse P.V: 2:4 only (the hardware's format); the compressed P is built after the last
+        # wait (no overlap), V needs a second row order (cp.async), not in probe builds.
+        if v.sparse_pv and ((v.sparsity_n, v.sparsity_m) != (2, 4) or v.probe):
+            v = dataclasses.replace(v, sparse_pv=False)
+        if v.sparse_pv:
+            v = dataclasses.replace(v, overlap=False, tma=False, consumers=2)
         if v.sparsity_n == 0:
             v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
         if v.tma and v.sparsity_n and v.sparsity_m > 8:
@@ -114,7 +121,8 @@ class Variant:
         pattern = f"{self.sparsity_n}of{self.sparsity_m}{'i' if self.tie_index else 't'}" if self.sparsity_n else "dense"
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
-                                        ("3", self.consumers == 3), ("x", self.probe)) if on)
+                                        ("3", self.consumers == 3), ("s", self.sparse_pv), ("x", self.probe))
+                        if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
     def defines(self) -> list[str]:
@@ -124,7 +132,8 @@ class Variant:
                 f"-DNMH_FP16={int(v.fp16)}", f"-DNMH_PINGPONG={int(v.pingpong)}",
                 f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"] + \
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
-                             ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3)) if on]
+                             ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
+                             ("-DNMH_SPARSE_PV=1", v.sparse_pv)) if on]
 
 
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
@@ -132,8 +141,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     script can time the alternatives: MODELOPT_SPARSE_HOPPER_PINGPONG (default 0),
     MODELOPT_SPARSE_HOPPER_OVERLAP (default 1), MODELOPT_SPARSE_HOPPER_LATE_RESCALE (default 0),
     MODELOPT_SPARSE_HOPPER_TMA (default 0; ignored for M = 16) and MODELOPT_SPARSE_HOPPER_LEAN
-    (default 0), and MODELOPT_SPARSE_HOPPER_D64_WG3 (default 0: three consumer warpgroups at
-    D = 64). The defaults are the schedule verified on the H200 (docs/hopper_engine.md)."""
+    (default 0), MODELOPT_SPARSE_HOPPER_D64_WG3 (default 0: three consumer warpgroups at
+    D = 64) and MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp). The defaults are the schedule verified on the H200 (docs/hopper_engine.md)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -146,6 +155,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         tma=_env_flag("MODELOPT_SPARSE_HOPPER_TMA", False),
         lean=_env_flag("MODELOPT_SPARSE_HOPPER_LEAN", False),
         consumers=3 if _env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3", False) else 2,
+        sparse_pv=_env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         probe=probe,
     ).canonical()
 
@@ -718,9 +728,16 @@ TEST_SCHEDULES = [(T, F, F, F, F), (T, F, T, T, T)]
 BENCH_SCHEDULES_WG3 = [(T, F, F, T, F), (T, F, F, T, T), (T, F, T, T, T)]
 
 
+# Stage 3 (2:4 P.V through wgmma.sp; no overlap), timed with these schedules.
+BENCH_SCHEDULES_SPARSE_PV = [(T, F, F, F, F), (T, F, F, F, T), (F, F, F, F, T)]
+
+
 def bench_variants() -> list[Variant]:
     """The kernels the timing table runs (bench)."""
     out = [Variant(**_sched(t)) for t in BENCH_SCHEDULES]
+    out += [Variant(sparsity_n=2, sparsity_m=4, tie_index=tie, sparse_pv=True, **_sched(t))
+            for t in BENCH_SCHEDULES_SPARSE_PV for tie in (False, True)]
+    out.append(Variant(sparsity_n=2, sparsity_m=4, tie_index=True))
     out += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
     for t in BENCH_SCHEDULES_SHORT:
         out.append(Variant(head_dim=64, **_sched(t)))
@@ -772,7 +789,10 @@ NEW_VARIANT_TESTS = [Variant(head_dim=128, sparsity_n=n, sparsity_m=m, **_sched(
                      for h in (False, True)] + \
                     [Variant(head_dim=64, sparsity_n=n, sparsity_m=m, fp16=True, consumers=3, **_sched(t))
                      for t in BENCH_SCHEDULES_WG3 for n, m in ((0, 4), (2, 4), (4, 8), (8, 16))] + \
-                    [Variant(sparsity_n=n, sparsity_m=4 if n == 0 else 8, lean=True) for n in (0, 4)]
+                    [Variant(sparsity_n=n, sparsity_m=4 if n == 0 else 8, lean=True) for n in (0, 4)] + \
+                    [Variant(head_dim=d, sparsity_n=2, sparsity_m=4, tie_index=tie, fp16=h, sparse_pv=True, **_sched(t))
+                     for t in BENCH_SCHEDULES_SPARSE_PV for d in HEAD_DIMS for tie in (False, True)
+                     for h in (False, True)]
 
 
 def _precompile(args) -> int:
@@ -872,6 +892,7 @@ def _sass(args) -> int:
                      for t in BENCH_SCHEDULES_SHORT]
         variants += [Variant(head_dim=64, **_sched(t)) for t in BENCH_SCHEDULES_SHORT]
         variants += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
+        variants += [Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, **_sched(t)) for t in BENCH_SCHEDULES_SPARSE_PV]
     print(f"{'variant':<24}" + "".join(f"{c:>7}" for c in ("total",) + SASS_CLASSES) + "   regs spill", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
@@ -901,7 +922,7 @@ def _parse_tag(tag: str) -> Variant:
     return Variant(head_dim=int(m.group(1)), sparsity_n=int(m.group(3) or 0), sparsity_m=int(m.group(4) or 4),
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
-                   consumers=3 if "3" in flags else 2, probe="x" in flags)
+                   consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, probe="x" in flags)
 
 
 def _smoke(args) -> int:
@@ -959,7 +980,7 @@ def _smoke(args) -> int:
 def _sched_label(sched: dict) -> str:
     names = (("pingpong", "pp"), ("late_rescale", "late"), ("tma", "tma"), ("lean", "lean"))
     parts = [short for f, short in names if sched[f]] + ([] if sched["overlap"] else ["no-ovl"]) + \
-        (["3wg"] if sched.get("wg3") else [])
+        (["3wg"] if sched.get("wg3") else []) + (["sparse-pv"] if sched.get("sparse_pv") else [])
     return " ".join(parts) or "default"
 
 
@@ -1001,6 +1022,12 @@ def _bench(args) -> int:
         for t in BENCH_SCHEDULES_SHORT:
             plan.append((128, True, n, m, "threshold", "hopper", _sched(t)))
     plan.append((128, True, 8, 16, "index", "hopper", _sched(BENCH_SCHEDULES[0])))
+    # Stage 3: 2:4 with P.V through wgmma.sp (both tie rules), against the rows above (the
+    # index rule's default row first: it is the reference of the index rows).
+    plan.append((128, True, 2, 4, "index", "hopper", _sched(BENCH_SCHEDULES[0])))
+    for t in BENCH_SCHEDULES_SPARSE_PV:
+        for tie in ("threshold", "index"):
+            plan.append((128, True, 2, 4, tie, "hopper", dict(_sched(t), sparse_pv=True)))
     for t in BENCH_SCHEDULES_SHORT:
         plan.append((64, True, 0, 4, "threshold", "hopper", _sched(t)))
     plan.append((64, True, 0, 4, "threshold", "sdpa", None))
@@ -1017,6 +1044,7 @@ def _bench(args) -> int:
     tensors, reference = {}, {}
     saved_env = {name: os.environ.get(name) for name, _ in
                  list(_SCHEDULE_ENV.values()) + [("MODELOPT_SPARSE_HOPPER_D64_WG3", False),
+                                                 ("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
                                                  ("MODELOPT_SPARSE_HOPPER_CHECK", False)]}
     best = fastest = None
     announced = False
@@ -1043,6 +1071,7 @@ def _bench(args) -> int:
                 for f, (name, _) in _SCHEDULE_ENV.items():
                     os.environ[name] = str(int(sched[f]))
                 os.environ["MODELOPT_SPARSE_HOPPER_D64_WG3"] = str(int(sched.get("wg3", False)))
+                os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = str(int(sched.get("sparse_pv", False)))
 
                 def run():
                     return forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True, with_lse=False)[0]

@@ -4,7 +4,10 @@
 Only the forms the kernel issues (f32 accumulate, A/B in bf16 or fp16):
   * S = Q.K^T  : wgmma m64n128k16, A (Q) and B (K) from shared memory, both K-major (SS);
   * O += P.V   : wgmma m64n{64,128}k16, A (P) from registers, B (V) from shared memory,
-                 MN-major (imm-trans-b = 1) (RS).
+                 MN-major (imm-trans-b = 1) (RS);
+  * O += P.V, 2:4 sparse P (NMH_SPARSE_PV variants): wgmma.mma_async.sp m64n{64,128}k32, A from
+                 registers (the two kept values of each 4-chunk), metadata register, sparsity
+                 selector 0 (threads 0 and 1 of each quad supply it), B (V) MN-major (RS).
 Operand order follows the PTX ISA (wgmma.mma_async): d, a, b-desc, scale-d, imm-scale-a,
 imm-scale-b, [imm-trans-a,] imm-trans-b. Written for this package (the stage-1
 microbenchmark, benchmarks/hopper_wgmma/gen_wgmma_ops.py, verified the same forms on an H200).
@@ -15,9 +18,12 @@ microbenchmark, benchmarks/hopper_wgmma/gen_wgmma_ops.py, verified the same form
 TYPES = {"bf16": "bf16", "f16": "f16"}
 
 
-def emit(name: str, n: int, ptx_type: str, rs: bool, trans_b: int) -> None:
+def emit(name: str, n: int, ptx_type: str, rs: bool, trans_b: int, sparse: bool = False) -> None:
     nacc = n // 2  # f32 accumulator registers per thread for m64nN
-    instr = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type}"
+    if sparse:
+        instr = f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{ptx_type}.{ptx_type}"
+    else:
+        instr = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type}"
     acc = ", ".join(f"%{i}" for i in range(nacc))
     idx = nacc
     ins = []
@@ -34,6 +40,11 @@ def emit(name: str, n: int, ptx_type: str, rs: bool, trans_b: int) -> None:
     b_txt = f"%{idx}"
     ins.append('"l"(desc_b)')
     idx += 1
+    if sparse:  # sp-meta (register), sp-sel (immediate 0)
+        b_txt += f", %{idx}, 0"
+        ins.append('"r"(meta)')
+        args += ", uint32_t meta"
+        idx += 1
     ins.append('"r"(scale_d)')
     trans = f"{trans_b}" if rs else f"0, {trans_b}"
     print(f"__device__ __forceinline__ void {name}(float (&d)[{nacc}], {args}) {{")
@@ -55,6 +66,8 @@ def main() -> None:
         emit(f"wgmma_qk_ss_n128_{short}", 128, ptx_type, rs=False, trans_b=0)
         for n in (64, 128):
             emit(f"wgmma_pv_rs_n{n}_{short}", n, ptx_type, rs=True, trans_b=1)
+        for n in (64, 128):
+            emit(f"wgmma_pvsp_rs_n{n}_{short}", n, ptx_type, rs=True, trans_b=1, sparse=True)
 
 
 if __name__ == "__main__":

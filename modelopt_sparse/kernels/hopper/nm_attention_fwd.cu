@@ -38,7 +38,11 @@
 // two-instruction kept test drop_below2), NMH_CONSUMERS = 3 (D = 64 only: three consumer
 // warpgroups, 192 query rows per CTA, FA3's D = 64 shape: while one warpgroup runs its softmax
 // the other two keep the tensor cores busy, which two cannot at D = 64, where a tile's softmax
-// takes longer than the other warpgroup's MMAs; ping-pong becomes a ring of three turns).
+// takes longer than the other warpgroup's MMAs; ping-pong becomes a ring of three turns),
+// NMH_SPARSE_PV (issue 15 stage 3, 2:4 only, no overlap, cp.async: P.V through wgmma.sp with P
+// as the compressed sparse A operand; V is loaded in a second row order, see v_row_key; tiles
+// that keep more than 2 of a group (edge tiles, ties) run P.V as two sparse MMAs per 32 keys
+// with fixed metadata, members {0, 1} and {2, 3}, on the same V layout).
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -77,6 +81,9 @@
 #endif
 #ifndef NMH_LEAN
 #define NMH_LEAN 0
+#endif
+#ifndef NMH_SPARSE_PV
+#define NMH_SPARSE_PV 0
 #endif
 #ifndef NMH_SASS_INTERIOR
 #define NMH_SASS_INTERIOR 0
@@ -141,6 +148,11 @@ constexpr bool TMA = NMH_TMA != 0;
 constexpr bool SASS_INTERIOR = NMH_SASS_INTERIOR != 0;
 constexpr bool LEAN = NMH_LEAN != 0;
 constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
+constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
+// The compressed P is built after the last wait (no overlap: P(j-1)'s registers are free), the
+// second V row order is a cp.async map, and the probe build checks the dense path only.
+static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_OVERLAP && !NMH_TMA && !NMH_PROBE),
+              "sparse P.V: 2:4, no overlap, cp.async, no probe");
 // TMA's element stride is at most 8, so M = 16 keeps the cp.async producer (the host never
 // builds that combination: Variant.canonical()).
 static_assert(!TMA || !(NMH_SPARSITY_N > 0 && NMH_SPARSITY_M > 8), "TMA with N:M needs M <= 8");
@@ -197,7 +209,14 @@ __device__ __forceinline__ int col_key(int j, int t, int e) {  // accumulator co
 // copies chunk cc = tid % CPR of rows rb + ROW_STEP * i; the 128-byte swizzle XORs the chunk
 // index with row % 8, which is rb % 8 for all of a thread's rows.
 // ---------------------------------------------------------------------------------------------
-template <bool PERM, int ROWS = 128>
+// NMH_SPARSE_PV's V order: within every 32 keys, smem row r holds key 8 * ((r % 16) / 4) +
+// 4 * ((r % 32) / 16) + r % 4. With K group-permuted (M = 4), thread t's group (jr, e) holds keys
+// 32 jr + 8 t + 4 e + m (member m); it becomes k-slice jr, chunk t (e = 0) or 4 + t (e = 1) of
+// the sparse A fragment, whose logical k = 16 e + 4 t + m must meet V row 32 jr + 16 e + 4 t + m.
+__device__ __forceinline__ int v_row_key(int c) {
+  return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;
+}
+template <bool PERM, int ROWS = 128, bool VPERM = false>
 __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t* base, int64_t row_stride, int n0,
                                           int limit, int tid) {
   constexpr int CPR = D / 8;
@@ -210,7 +229,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t* base, in
 #pragma unroll 4
   for (int i = 0; i < ROWS / ROW_STEP; ++i) {
     const int c = rb + ROW_STEP * i;
-    const int key = n0 + (PERM ? row_key(c) : c);
+    const int key = n0 + (VPERM ? v_row_key(c) : PERM ? row_key(c) : c);
     const bool valid = key < limit;
     const uint16_t* src = src0 + (int64_t)(valid ? key : 0) * row_stride;
     cp_async16(dst + col + (uint32_t)c * 128u, src, valid ? 16u : 0u);
@@ -280,9 +299,27 @@ __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 
 // Softmax of one tile: selection, running max, exponentials in place (s becomes P in f32),
 // running sum, and the factor alpha by which O must be rescaled.
 // Returns whether O must be rescaled by alpha (always, unless NMH_LEAN; warp-uniform).
+// NMH_SPARSE_PV: all 128 threads of the calling warpgroup vote (bar.red.or on barrier 3 + c):
+// true if any thread's flag is true. wgmma is warpgroup-wide, so the sparse/dense P.V choice
+// must be the same in all four warps.
+__device__ __forceinline__ bool warpgroup_any(bool flag) {
+  const int id = 3 + (int)(threadIdx.x / 128) - 1;
+  uint32_t out;
+  asm volatile(
+      "{\n.reg .pred q, r;\n"
+      "setp.ne.u32 q, %1, 0;\n"
+      "bar.red.or.pred r, %2, 128, q;\n"
+      "selp.u32 %0, 1, 0, r;\n}\n"
+      : "=r"(out)
+      : "r"((uint32_t)flag), "r"(id)
+      : "memory");
+  return out != 0;
+}
+
 template <bool EDGE>
 __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
-                                             float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off) {
+                                             float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off,
+                                             uint32_t (&pr)[8][4], uint32_t (&meta)[4], bool& sp_tile) {
   const float c = p.scale_log2;
   // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
   if constexpr (PROBE) {
@@ -329,7 +366,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
         // A group's maximum is always kept, so the row max of the kept scores is the max of
         // the group maxima (docs/semantics.md, "Output").
         mx[r] = fmaxf(mx[r], v[0]);
-        if constexpr (TIE_INDEX) tie |= v[N_SEL - 1] == v[N_SEL];
+        if constexpr (TIE_INDEX || SPARSE_PV) tie |= v[N_SEL - 1] == v[N_SEL];
       }
     }
   } else {
@@ -365,6 +402,47 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
       alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
       m[r] = mn;
       l[r] *= alpha[r];
+    }
+  }
+  if constexpr (SPARSE_PV) {
+    // Interior tile and no group of the warpgroup with its 2nd and 3rd largest equal: every
+    // group keeps exactly its two largest, which the sparse A operand holds directly.
+    // (NMH_SASS_INTERIOR, counting only: the compressed path alone.)
+    sp_tile = SASS_INTERIOR ? true : (!EDGE && !warpgroup_any(tie));
+    if (sp_tile) {
+      const float* sc = s;
+      uint32_t w[4][2];
+#pragma unroll
+      for (int jr = 0; jr < 4; ++jr) w[jr][0] = w[jr][1] = 0u;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int g = 0; g < NGROUPS; ++g) {
+          const int jr = g >> 1, e = g & 1;
+          const float s0 = sc[member_index(g, 0, r)], s1 = sc[member_index(g, 1, r)];
+          const float s2 = sc[member_index(g, 2, r)], s3 = sc[member_index(g, 3, r)];
+          const float t2 = thr[r][g];
+          const bool k0 = s0 >= t2, k1 = s1 >= t2, k2 = s2 >= t2, k3 = s3 >= t2;  // exactly two
+          // The first kept member is 0, else 1, else 2; the second 3, else 2, else 1.
+          const float v0 = k0 ? s0 : (k1 ? s1 : s2), v1 = k3 ? s3 : (k2 ? s2 : s1);
+          const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);
+          const float p0 = ex2(fmaf(v0, c, -mc[r])), p1 = ex2(fmaf(v1, c, -mc[r]));
+          l[r] += p0 + p1;
+          pr[jr][2 * e + r] = pack2<FP16>(p0, p1);  // reg 0/1: chunk t, rows g / g+8; 2/3: chunk 4+t
+          w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);
+        }
+      // Metadata: lane 4g+0 supplies chunks 0-3 (e = 0 of threads t = 0..3), lane 4g+1 chunks 4-7.
+#pragma unroll
+      for (int jr = 0; jr < 4; ++jr) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 1);
+          w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 2);
+        }
+        meta[jr] = (t & 1) ? w[jr][1] : w[jr][0];
+      }
+      if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
+      return true;
     }
   }
   // The exponents, with dropped entries at -inf (exact path) or below -2^41 (fast path).
@@ -480,6 +558,54 @@ __device__ __forceinline__ void rescale_o(float (&o)[R], const float (&alpha)[2]
       o[4 * j + 2 * r] *= alpha[r];
       o[4 * j + 2 * r + 1] *= alpha[r];
     }
+}
+// NMH_SPARSE_PV, tiles that keep more than two of a group: P (zeros where dropped) as two sparse
+// operands per 32 keys, members {0, 1} (pr[jr]) and {2, 3} (pr[4 + jr]) of every group, with
+// the fixed metadata 0x4 (indices 0, 1) and 0xE (2, 3) in every nibble: a dense P.V on the
+// sparse V layout.
+__device__ __forceinline__ void convert_p_split(const float (&s)[64], uint32_t (&pr)[8][4]) {
+#pragma unroll
+  for (int jr = 0; jr < 4; ++jr)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          pr[4 * h + jr][2 * e + r] =
+              pack2<FP16>(s[member_index(2 * jr + e, 2 * h, r)], s[member_index(2 * jr + e, 2 * h + 1, r)]);
+}
+// P.V through wgmma.sp: one pass of 4 sparse MMAs (32 keys each) for a compressed tile, two for
+// a split one, each pass its own commit group (the caller does not commit). Written as a loop
+// with a run-time trip count and a commit inside, not as if/else and not with wgmma still
+// uncommitted across the back edge: both made ptxas inject a fence on a path it cannot prove
+// uniform and serialize every wgmma of the function (C7519/C7520). The pass's operand is
+// selected into fresh registers before the pass's fence.
+template <bool F16, int DD>
+__device__ __forceinline__ void pv_gemm_sparse(float (&o)[DD / 2], const uint32_t (&pr)[8][4], const uint32_t (&meta)[4],
+                                               const uint64_t (&dsl)[4], int passes) {
+#pragma unroll 1
+  for (int pass = 0; pass < passes; ++pass) {
+    uint32_t a[4][4], mt[4];
+#pragma unroll
+    for (int jr = 0; jr < 4; ++jr) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) a[jr][q] = pass ? pr[4 + jr][q] : pr[jr][q];
+      mt[jr] = pass ? 0xEEEEEEEEu : meta[jr];
+    }
+    wg_fence();
+#pragma unroll
+    for (int jr = 0; jr < 4; ++jr) {
+      if constexpr (DD == 128) {
+        if constexpr (F16) wgmma_pvsp_rs_n128_f16(o, a[jr], dsl[jr], 1, mt[jr]);
+        else wgmma_pvsp_rs_n128_bf16(o, a[jr], dsl[jr], 1, mt[jr]);
+      } else {
+        if constexpr (F16) wgmma_pvsp_rs_n64_f16(o, a[jr], dsl[jr], 1, mt[jr]);
+        else wgmma_pvsp_rs_n64_bf16(o, a[jr], dsl[jr], 1, mt[jr]);
+      }
+    }
+    wg_commit();
+  }
 }
 // P (f32 accumulator layout) -> the A fragments of 8 m64nDk16 steps: step kk covers
 // accumulator columns 16kk..16kk+15, i.e. registers 8kk..8kk+7 in order.
@@ -604,7 +730,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         if (lane == 0) mbar_arrive(bar(BAR_FULL_V + (i - 1) % STAGES));
       }
       if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
-      load_tile<SPARSE>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
+      load_tile<SPARSE, 128, SPARSE_PV>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
       cp_async_commit();
       cp_async_wait<1>();
       fence_proxy_async();
@@ -647,17 +773,53 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * TILE_BYTES, ATOM_BYTES, 1024); };
     // Named barrier ids (ping-pong): a ring of turns, warpgroup c waits on 1 + c and hands the
     // turn to the next one (1 + (c + 1) % NC); 256 = the waiter's and the arriver's threads.
-    const int my_turn = 1 + wgc, other_turn = 1 + (wgc + 1) % NC;
-    const bool last_wg = wgc == NC - 1;  // its final hand-over would have no taker
+    // (Two warpgroups: written as before the ring existed, so that the verified ping-pong
+    // variants compile to the same SASS.)
+    const int my_turn = 1 + wgc, other_turn = NC == 2 ? 2 - wgc : 1 + (wgc + 1) % NC;
+    const bool last_wg = NC == 2 ? wgc == 1 : wgc == NC - 1;  // its final hand-over would have no taker
+    const bool not_last_wg = NC == 2 ? wgc == 0 : wgc != NC - 1;
     float s_acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) s_acc[i] = 0.f;
     uint32_t pr[8][4];
+    uint32_t meta[4];    // NMH_SPARSE_PV: the sparse operand's metadata
+    bool sp_tile = false;  // NMH_SPARSE_PV: this tile's P is compressed (warpgroup-uniform)
     bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto softmax = [&](int i) {
       const int n0 = (t_end - 1 - i) * BN;
-      if (tile_is_edge(n0, x, p)) need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
-      else need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off);
+      if (tile_is_edge(n0, x, p))
+        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, pr, meta, sp_tile);
+      else
+        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, pr, meta, sp_tile);
+    };
+    // P -> the A operand (the sparse path built it already) and the P.V issue.
+    auto to_operand = [&]() {
+      if constexpr (SPARSE_PV) {
+        if (!sp_tile) {
+#pragma unroll
+          for (int jr = 0; jr < 4; ++jr) meta[jr] = 0x44444444u;  // first pass: members {0, 1}
+          convert_p_split(s_acc, pr);
+        }
+      } else {
+        convert_p(s_acc, pr);
+      }
+    };
+    // NMH_SPARSE_PV: every register a wgmma of the branchy P.V reads (the four slice
+    // descriptors, the operand, the metadata) is written before the wgmma fence; one written
+    // after it makes ptxas inject a fence inside the branch and serialize the wgmma (C7520).
+    uint64_t dsl[4];
+    auto prep_pv = [&](int stage) {
+      if constexpr (SPARSE_PV) {
+#pragma unroll
+        for (int jr = 0; jr < 4; ++jr) {
+          dsl[jr] = desc_v(stage) + ((uint32_t)(jr * 4096) >> 4);  // 32 keys x 128 B per k32 step
+          asm volatile("" : "+l"(dsl[jr])::"memory");
+        }
+      }
+    };
+    auto pv = [&](int stage) {
+      if constexpr (SPARSE_PV) pv_gemm_sparse<FP16, D>(o, pr, meta, dsl, sp_tile ? 1 : 2);
+      else pv_gemm<FP16, D>(o, pr, desc_v(stage));
     };
     // Warp-uniform branch around ordinary FMULs (no wgmma inside: the warpgroup's MMAs stay
     // in step whatever each warp decides).
@@ -673,13 +835,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     wg_fence();
     qk_gemm<FP16>(s_acc, dq, desc_k(0));
     wg_commit();
-    if (PINGPONG && (!last_wg || nt > 1)) named_arrive(other_turn, 256);
+    if (PINGPONG && (not_last_wg || nt > 1)) named_arrive(other_turn, 256);
     wg_wait<0>();
     reg_fence(s_acc);
     __syncwarp();
     if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K));
     softmax(0);
-    convert_p(s_acc, pr);
+    to_operand();
 
     // ---- tiles 1..nt-1: Q.K^T(i) and P.V(i-1) issued together. With OVERLAP the softmax of
     // tile i runs while P.V(i-1) is still in flight; without, P(i-1) is dead during it.
@@ -689,6 +851,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
       mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
       if (PINGPONG) named_sync(my_turn, 256);
+      prep_pv(sp);
       wg_fence();
       qk_gemm<FP16>(s_acc, dq, desc_k(s));
       wg_commit();
@@ -698,9 +861,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         maybe_rescale();
         wg_fence();  // O was written by ordinary instructions since the last fence
       }
-      pv_gemm<FP16, D>(o, pr, desc_v(sp));
-      wg_commit();
-      if (PINGPONG && (!last_wg || i < nt - 1)) named_arrive(other_turn, 256);
+      pv(sp);
+      if constexpr (!SPARSE_PV) wg_commit();  // the sparse P.V commits each of its passes
+      if (PINGPONG && (not_last_wg || i < nt - 1)) named_arrive(other_turn, 256);
       if constexpr (OVERLAP) {
         wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
         reg_fence(s_acc);
@@ -724,15 +887,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         softmax(i);
       }
       if constexpr (!LATE_RESCALE) maybe_rescale();
-      convert_p(s_acc, pr);
+      to_operand();
     }
     // ---- last P.V
     const int sl = (nt - 1) % STAGES, ul = (nt - 1) / STAGES;
     mbar_wait(bar(BAR_FULL_V + sl), ul & 1, 40 + sl);
     if constexpr (LATE_RESCALE) maybe_rescale();  // the last tile's factor
+    prep_pv(sl);
     wg_fence();
-    pv_gemm<FP16, D>(o, pr, desc_v(sl));
-    wg_commit();
+    pv(sl);
+    if constexpr (!SPARSE_PV) wg_commit();
     wg_wait<0>();
     reg_fence(o);
   }
