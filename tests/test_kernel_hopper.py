@@ -390,6 +390,43 @@ def test_sass_loop_counter_on_a_synthetic_listing():
     assert counts["SYNCS"] == 0  # the barrier-retry loop is not part of the tile's work
 
 
+def test_sparse_pv_layout_and_compression_rules():
+    """Stage 3's index algebra, as the kernel writes it (the expressions are checked to be in
+    the source): every key of the 2:4 group permutation meets the V row its sparse-operand slot
+    multiplies, and the kept-pair selects give the right values and a valid metadata nibble for
+    all six 2-of-4 patterns."""
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;" in src
+    assert "const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);" in src
+    assert "w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);" in src
+    assert "pr[jr][2 * e + r] = pack2<FP16>(p0, p1);" in src
+
+    def v_row_key(c):
+        return (c // 32) * 32 + 8 * ((c % 16) // 4) + 4 * ((c % 32) // 16) + c % 4
+
+    def col_key(j, t, e, m=4):  # accumulator column -> key (K group permutation, M = 4, R = 4)
+        return m * (8 * (j % 4) + 2 * t + e) + j // 4
+
+    assert sorted(v_row_key(c) for c in range(128)) == list(range(128))
+    for t in range(4):
+        for jr in range(4):
+            for e in range(2):
+                for mm in range(4):
+                    key = col_key(jr + 4 * mm, t, e)  # member mm of group (jr, e) in thread t
+                    k_logical = 16 * e + 4 * t + mm  # chunk t (e = 0) or 4 + t (e = 1), element mm
+                    assert v_row_key(32 * jr + k_logical) == key
+    import itertools
+
+    for kept in itertools.combinations(range(4), 2):
+        k = [i in kept for i in range(4)]
+        i0 = 0 if k[0] else (1 if k[1] else 2)
+        i1 = 3 if k[3] else (2 if k[2] else 1)
+        assert (i0, i1) == kept  # first kept in the low half, idx0 < idx1 (a valid nibble)
+    # The split path's fixed nibbles: members {0, 1} and {2, 3}.
+    assert (0 | 1 << 2) == 0x4 and (2 | 3 << 2) == 0xE
+    assert "0xEEEEEEEEu" in src and "0x44444444u" in src
+
+
 @pytest.mark.slow
 def test_real_nvcc_compiles_a_variant(tmp_path, monkeypatch):
     """Compile one variant with the real toolchain (no GPU needed): no spills, no serialized wgmma."""
