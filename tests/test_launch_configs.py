@@ -56,13 +56,15 @@ def test_defaults_follow_the_measured_order():
 
 @pytest.mark.parametrize("name", ["MODELOPT_SPARSE_AUTOTUNE", "MODELOPT_SPARSE_TMA"])
 def test_switches_take_only_0_or_1(name, monkeypatch):
+    from modelopt_sparse.kernels.switches import env_flag
+
     monkeypatch.setenv(name, "yes")
     with pytest.raises(ValueError, match=f"{name} must be 0 or 1, got 'yes'"):
-        ta._env_flag(name, False)
+        env_flag(name, False)
     monkeypatch.setenv(name, "1")
-    assert ta._env_flag(name, False) is True
+    assert env_flag(name, False) is True
     monkeypatch.delenv(name)
-    assert ta._env_flag(name, True) is True
+    assert env_flag(name, True) is True
 
 
 def test_bad_autotune_switch_fails_before_any_launch(monkeypatch):

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .switches import env_flag
 from .reference import SparseParams
 
 LOG = logging.getLogger("modelopt_sparse")
@@ -149,24 +150,15 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         sparsity_m=params.sparsity_m,
         tie_index=params.tie_break == "index",
         fp16=dtype == torch.float16,
-        pingpong=_env_flag("MODELOPT_SPARSE_HOPPER_PINGPONG", False),
-        overlap=_env_flag("MODELOPT_SPARSE_HOPPER_OVERLAP", True),
-        late_rescale=_env_flag("MODELOPT_SPARSE_HOPPER_LATE_RESCALE", False),
-        tma=_env_flag("MODELOPT_SPARSE_HOPPER_TMA", False),
-        lean=_env_flag("MODELOPT_SPARSE_HOPPER_LEAN", False),
-        consumers=3 if _env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3", False) else 2,
-        sparse_pv=_env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
+        pingpong=env_flag("MODELOPT_SPARSE_HOPPER_PINGPONG", False),
+        overlap=env_flag("MODELOPT_SPARSE_HOPPER_OVERLAP", True),
+        late_rescale=env_flag("MODELOPT_SPARSE_HOPPER_LATE_RESCALE", False),
+        tma=env_flag("MODELOPT_SPARSE_HOPPER_TMA", False),
+        lean=env_flag("MODELOPT_SPARSE_HOPPER_LEAN", False),
+        consumers=3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3", False) else 2,
+        sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         probe=probe,
     ).canonical()
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip()
-    if value == "":
-        return default
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 def cache_dir() -> Path:
@@ -502,7 +494,7 @@ def log_fallback_once(reason: str) -> None:
 def auto_enabled() -> bool:
     """Whether ``backend="auto"`` considers this engine. Off until a GPU run has verified it
     (docs/hopper_engine.md); ``MODELOPT_SPARSE_HOPPER=1`` opts in."""
-    return _env_flag("MODELOPT_SPARSE_HOPPER", False)
+    return env_flag("MODELOPT_SPARSE_HOPPER", False)
 
 
 def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> str:
@@ -530,7 +522,7 @@ def _grid(max_q: int, hq: int, batch: int, block_m: int = BLOCK_M) -> tuple[int,
 def _checked() -> bool:
     """MODELOPT_SPARSE_HOPPER_CHECK=1: synchronize after every launch and raise if a barrier
     wait in the kernel timed out (a deadlock shows as an error, not a hang). For tests."""
-    return _env_flag("MODELOPT_SPARSE_HOPPER_CHECK", False)
+    return env_flag("MODELOPT_SPARSE_HOPPER_CHECK", False)
 
 
 def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams, *, q_covered: bool,
@@ -673,7 +665,7 @@ _SCHEDULE_ENV = {"pingpong": ("MODELOPT_SPARSE_HOPPER_PINGPONG", False),
 
 def schedule_from_env() -> dict:
     """The schedule fields the environment selects (variant_for's switches)."""
-    return {f: _env_flag(name, default) for f, (name, default) in _SCHEDULE_ENV.items()}
+    return {f: env_flag(name, default) for f, (name, default) in _SCHEDULE_ENV.items()}
 
 
 def schedule_env(schedule: dict) -> str:

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .switches import env_flag
 from .api import interpreting
 from .reference import SparseParams
 from .triton_launch import DirectLauncher, LaunchPlan, hooks_allow_plans
@@ -1024,7 +1025,7 @@ def _prune(configs, named_args, kind, **kwargs):
             if bn >= (m if sparse else 16) and _smem_bytes(kind, bm, bn, d, 1, elem) <= _SMEM_LIMIT:
                 kept = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
                 break
-    if not _env_flag("MODELOPT_SPARSE_AUTOTUNE", True):
+    if not env_flag("MODELOPT_SPARSE_AUTOTUNE", True):
         # Tests compile many shape/pattern combinations; tuning each would take minutes.
         return kept[:1]
     return kept
@@ -1107,16 +1108,6 @@ class _TunedKernel:
 _fwd = _TunedKernel(_attn_fwd, "fwd", "max_q_bucket", ["WITH_STATS", "HAS_LEARNED_SINKS"])
 _dkdv = _TunedKernel(_attn_bwd_dkdv, "dkdv", "max_k_bucket", ["TMA"])  # correct given lse: no sink input
 _dq = _TunedKernel(_attn_bwd_dq, "dq", "max_q_bucket", ["HAS_LEARNED_SINKS"])
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    """A 0/1 environment switch; anything else is a mistake worth hearing about."""
-    value = os.environ.get(name, "").strip()
-    if value == "":
-        return default
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -1492,7 +1483,7 @@ def _use_tma(*tensors) -> bool:
     for descriptors explicitly. On the GPU the descriptors need a Triton allocator: a caller's own
     (``triton.set_allocator``) is used as it is, else one backed by PyTorch's caching
     allocator is installed."""
-    if not _env_flag("MODELOPT_SPARSE_TMA", not interpreting()):
+    if not env_flag("MODELOPT_SPARSE_TMA", not interpreting()):
         return False
     if not interpreting() and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
         return _tma_declined("it needs compute capability 9.0 or newer")
