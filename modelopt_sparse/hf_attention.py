@@ -46,9 +46,9 @@ The attention function runs prefill through the module's method on the padded ro
 place (each row's real tokens are one sequence of the varlen layout: no gather, and padded
 query rows come out as zeros), and decode steps (one query per row, which the rule keeps
 dense) through the fused decode kernel on the Triton backend (on CUDA, or interpreted on the
-CPU) and PyTorch's SDPA otherwise. A decode step of a module with a window, a soft cap or
-learned sinks that the decode path cannot take runs through the module's method like a
-prefill: the kernel keeps a single query dense.
+CPU) and PyTorch's SDPA otherwise. Off the Triton backend, a decode step of a module with a
+window, a soft cap or learned sinks (which SDPA cannot take) runs through the module's
+method like a prefill: the kernel keeps a single query dense.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import torch
 
 from . import lazy_checks
 from .kernels.api import interpreting
-from .kernels.semantics import aligned_query_position, selection_applies
+from .kernels.semantics import aligned_query_position, allowed_keys, selection_applies
 from .methods import PackedBatch
 
 __all__ = ["ATTN_IMPLEMENTATION", "register_with_transformers", "sparse_attention_forward", "sparse_attention_mask"]
@@ -347,9 +347,8 @@ def sparse_attention_forward(
         # The fused decode kernel on CUDA, or interpreted on the CPU when the Triton backend
         # was asked for there (tests/conftest.py: the GPU route, checked without a GPU).
         if (query.is_cuda or interpreting()) and state.method.select_backend(query.device) == "triton":
-            if _decode_kernel_takes(features):
-                return _triton_decode(query, key, value, attention_mask, scaling, features), None
-        elif features is _NO_FEATURES:
+            return _triton_decode(query, key, value, attention_mask, scaling, features), None
+        if features is _NO_FEATURES:
             return _dense_decode(module, query, key, value, attention_mask, scaling), None
         # Otherwise the module's method runs it, as a prefill of one query (kept dense).
 
@@ -424,7 +423,7 @@ def _triton_decode(query, key, value, attention_mask, scaling, features) -> torc
     its key mask (a nonzero code is a real token) and zeros for padded query rows."""
     from .kernels.triton_decode import decode_attention
 
-    extra = {} if features is _NO_FEATURES else features.decode_kwargs()
+    extra = {} if features is _NO_FEATURES else features.method_kwargs()
     if attention_mask is None:
         return decode_attention(query, key, value, softmax_scale=scaling, **extra)
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
@@ -432,27 +431,6 @@ def _triton_decode(query, key, value, attention_mask, scaling, features) -> torc
         lambda: _cached((attention_mask,), ("decode-codes", batch, q_len, kv_len, query.device),
                         lambda: _decode_codes(_as_codes(attention_mask, batch, q_len, kv_len, query.device))))
     return decode_attention(query, key, value, codes, query_real, softmax_scale=scaling, **extra)
-
-
-@functools.lru_cache(maxsize=1)
-def _decode_kernel_keywords() -> frozenset | None:
-    """The keywords of the fused decode kernel (``None``: it takes any)."""
-    import inspect
-
-    from .kernels.triton_decode import decode_attention
-
-    params = inspect.signature(decode_attention).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return frozenset(params)
-
-
-def _decode_kernel_takes(features) -> bool:
-    """Whether the fused decode kernel implements every feature the module uses."""
-    if features is _NO_FEATURES:
-        return True
-    keywords = _decode_kernel_keywords()
-    return keywords is None or all(name in keywords for name in features.decode_kwargs())
 
 
 def _decode_codes(codes):
@@ -496,12 +474,9 @@ class _Features(NamedTuple):
     learned_sinks: torch.Tensor | None = None
 
     def method_kwargs(self) -> dict:
-        """The keywords of :meth:`SparseAttentionMethod.attention` for the features that are on."""
+        """The keywords of :meth:`SparseAttentionMethod.attention` (and of the fused decode
+        kernel, which names them alike) for the features that are on."""
         return {name: value for name, value in zip(self._fields, self) if value is not None}
-
-    def decode_kwargs(self) -> dict:
-        """The same for the fused decode kernel (its keywords have the same names)."""
-        return self.method_kwargs()
 
 
 _NO_FEATURES = _Features()
@@ -916,12 +891,7 @@ def _block_causal(layout: _Layout, batch, q_len, kv_len, device, causal=True, wi
     seq_q, pos_q = seq_q.view(batch, q_len), pos_q.view(batch, q_len)
     seq_k, pos_k = seq_k.view(batch, kv_len), pos_k.view(batch, kv_len)
     same = seq_q[:, :, None] == seq_k[:, None, :]
-    if not causal:
-        return same[:, None]
-    seen = same & (pos_k[:, None, :] <= pos_q[:, :, None])
-    if window is not None:
-        seen = seen & (pos_q[:, :, None] - pos_k[:, None, :] < window)
-    return seen[:, None]
+    return (same & allowed_keys(pos_q[:, :, None], pos_k[:, None, :], causal, window))[:, None]
 
 
 def _sequence_positions(starts, lens, total, device):

@@ -137,6 +137,18 @@ def selection_applies(sparsity_n: int, q_len: int) -> bool:
     return sparsity_n > 0 and q_len > 1
 
 
+def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, is_causal: bool, sliding_window=None) -> torch.Tensor:
+    """Which keys a query may attend before selection (broadcasting ``q_pos`` against
+    ``k_pos``): with ``is_causal`` only keys at or before the query's position, and with a
+    ``sliding_window`` W (None or 0: off) only keys with ``q_pos - k_pos < W``."""
+    allowed = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    if is_causal:
+        allowed = k_pos <= q_pos
+    if sliding_window:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    return allowed
+
+
 def kept_mask(
     qk: torch.Tensor,
     q_len: int,
@@ -171,12 +183,8 @@ def kept_mask(
     device = qk.device
     q_pos = query_positions(q_len, kv_len, device)[row_offset : row_offset + rows]
     k_idx = torch.arange(kv_len, device=device)
-    allowed = torch.ones(rows, kv_len, dtype=torch.bool, device=device)
-    if is_causal:
-        allowed = k_idx[None, :] <= q_pos[:, None]
-    if sliding_window:
-        allowed = allowed & (q_pos[:, None] - k_idx[None, :] < sliding_window)
-    allowed = allowed.expand(qk.shape)
+    allowed = allowed_keys(q_pos[:, None], k_idx[None, :], is_causal, sliding_window)
+    allowed = allowed.expand(rows, kv_len).expand(qk.shape)
     # Decode guard: a single query token never goes through selection.
     if not selection_applies(sparsity_n, q_len):
         return allowed
