@@ -121,9 +121,10 @@ def test_choose_forced_raises_auto_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(ha, "_logged", set())
     with pytest.raises(ha.HopperUnavailable, match="backend='hopper' cannot run this call: it supports float16"):
         ha.choose(t, t, t, _params(), forced=True)
+    big = _FakeCuda(shape=(4096, 32, 128), dtype=torch.float32)  # past AUTO_MIN_WORK
     with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
-        assert ha.choose(t, t, t, _params(), forced=False) == "triton"
-        assert ha.choose(t, t, t, _params(), forced=False) == "triton"
+        assert ha.choose(big, big, big, _params(), forced=False) == "triton"
+        assert ha.choose(big, big, big, _params(), forced=False) == "triton"
     lines = [r.getMessage() for r in caplog.records if "Hopper engine is not used" in r.getMessage()]
     assert len(lines) == 1 and "float16 and bfloat16" in lines[0] and "using the Triton kernels" in lines[0]
     # Statistics: even a forced call is served by the Triton forward (documented), with the line.
@@ -133,11 +134,28 @@ def test_choose_forced_raises_auto_logs_once(monkeypatch, caplog):
     assert ha.choose(t16, t16, t16, _params(), forced=True) == "hopper"
 
 
-def test_auto_is_off_unless_opted_in(monkeypatch):
+def test_auto_keeps_small_calls_on_triton_silently(monkeypatch, caplog):
+    """Below AUTO_MIN_WORK auto never asks the engine (not even why it could not run); at and
+    above it, the engine; batched [B, S, H, D] counts B x S rows against S keys."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(ha, "find_nvcc", lambda: "/bin/true")
+    monkeypatch.setattr(ha, "_logged", set())
+    small, edge = _FakeCuda(shape=(2047, 32, 128)), _FakeCuda(shape=(2048, 32, 128))
+    with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
+        assert ha.choose(small, small, small, _params(), forced=False) == "triton"
+        assert ha.choose(small, small, small, _params(), forced=True) == "hopper"
+        assert ha.choose(edge, edge, edge, _params(), forced=False) == "hopper"
+        batched = _FakeCuda(shape=(2, 1024, 32, 128))
+        assert ha._work(batched, batched) == 2 * 1024 * 1024 * 32
+        assert ha.choose(batched, batched, batched, _params(), forced=False) == "triton"
+    assert not caplog.records
+
+
+def test_auto_is_on_unless_opted_out(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
-    assert not ha.auto_enabled()
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "1")
     assert ha.auto_enabled()
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "0")
+    assert not ha.auto_enabled()
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "yes")
     with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER must be 0 or 1"):
         ha.auto_enabled()
@@ -163,11 +181,11 @@ def test_variant_for_reads_schedule_switches(monkeypatch):
     p = _params(sparsity_n=4, sparsity_m=8, tie_break="index")
     v = ha.variant_for(p, torch.float16, 64)
     assert (v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.pingpong, v.overlap) == \
-        (64, 4, 8, True, True, False, True)
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PINGPONG", "1")
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "0")
+        (64, 4, 8, True, True, True, False)  # the measured schedule (no overlap at M = 8)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PINGPONG", "0")
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "1")
     v = ha.variant_for(p, torch.bfloat16, 128)
-    assert v.pingpong and not v.overlap
+    assert not v.pingpong and v.overlap and v.lean  # each switch overrides one field
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "2")
     with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER_OVERLAP must be 0 or 1"):
         ha.variant_for(p, torch.bfloat16, 128)
@@ -258,10 +276,13 @@ def test_param_struct_mirrors_the_cuda_source():
 
 def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in ha.standard_variants()}
-    for m in (2, 4, 8, 16):
+    # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (not at M = 16),
+    # lean, and overlap up to M = 4.
+    for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "prz")):
         for tie in "ti":
-            assert any(re.fullmatch(rf"d128_\dof{m}{tie}_o", t) for t in tags), (m, tie)
-    assert {"d128_dense_o", "d64_dense_o", "d128_dense_ho", "d128_dense_po", "d128_dense_p"} <= tags
+            assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
+    assert {"d128_dense_pormz", "d64_dense_pormz", "d128_dense_hpormz", "d128_dense_o", "d128_dense_po",
+            "d128_dense_p"} <= tags
     assert len(tags) == len(ha.standard_variants())  # no duplicates
 
 
@@ -299,7 +320,10 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert ha.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, consumers=3).canonical().consumers == 2
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert ha.schedule_from_env() == dict(pingpong=False, overlap=True, late_rescale=False, tma=False, lean=False)
+    measured = dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
+    assert ha.schedule_from_env() == measured == ha.measured_schedule(128, 2, 4) == ha.measured_schedule(64, 0, 4)
+    assert ha.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == ha.measured_schedule(128, 8, 16)
+    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prz"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = ha.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -657,13 +681,17 @@ def test_gpu_12_errors_and_auto(monkeypatch, caplog):
     x96 = torch.randn(64, 2, 96, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ha.HopperUnavailable, match="head_dim 64 and 128, not 96"):
         attention(x96, x96, x96, sq, lq, mq, backend="hopper")
-    # auto, opted in: the engine for a supported call, Triton (one log line) otherwise.
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "1")
+    # auto (on by default): a call this small stays on Triton; with the size rule lowered, the
+    # engine for a supported call, Triton (one log line) otherwise.
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
     monkeypatch.setattr(ha, "_logged", set())
     calls = []
     real = ha.hopper_attention
     monkeypatch.setattr(ha, "hopper_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x = torch.randn(64, 2, 128, device="cuda", dtype=torch.bfloat16)
+    attention(x, x, x, sq, lq, mq, backend="auto")
+    assert calls == []
+    monkeypatch.setattr(ha, "AUTO_MIN_WORK", 0)
     attention(x, x, x, sq, lq, mq, backend="auto")
     assert calls == [1]
     with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):

@@ -101,8 +101,10 @@ def attention(
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
             reference), ``"hopper"`` (the sm_90 CUDA forward, docs/hopper_engine.md; raises
             ``HopperUnavailable`` naming the reason when it cannot run the call) or ``"auto"``
-            (triton on CUDA or when interpreting, else torch; with ``MODELOPT_SPARSE_HOPPER=1``
-            the Hopper engine where it can run, else triton with one logged line).
+            (on an sm_90 GPU the Hopper engine for calls of at least 2k x 2k tokens x 32
+            heads of work, where it can run, else triton with one logged line naming why;
+            triton on other GPUs and when interpreting; torch on the CPU;
+            ``MODELOPT_SPARSE_HOPPER=0`` keeps auto off the Hopper engine).
         return_stats: also return per-head sparsity statistics (forward only): a dict of
             ``[Hq]`` tensors ``allowed`` and ``kept`` (score counts), ``rows`` (query rows
             with at least one allowed key) and ``dropped_mass`` (sum over those rows of
