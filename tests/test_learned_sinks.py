@@ -88,10 +88,11 @@ def sink_formula(q, k, v, lens_q, lens_k, sinks, *, is_causal=True, softmax_scal
 
 
 def _packed_call(xs, lens_q, lens_k, sinks, backend, *, starts_q=None, **kw):
-    sq, lq, mq, _ = varlen(lens_q, DEVICE)
-    sk, lk, mk, _ = varlen(lens_k, DEVICE)
+    device = xs[0].device  # CPU-reference cases run on CPU tensors on a GPU host too
+    sq, lq, mq, _ = varlen(lens_q, device)
+    sk, lk, mk, _ = varlen(lens_k, device)
     if starts_q is not None:
-        sq = torch.tensor(starts_q, dtype=torch.int32, device=DEVICE)
+        sq = torch.tensor(starts_q, dtype=torch.int32, device=device)
     return attention(*xs, sq, lq, mq, b_start_loc_k=sk, b_seq_len_k=lk, max_input_len_k=mk, backend=backend,
                      learned_sinks=sinks, **kw)
 

@@ -1091,10 +1091,9 @@ def _bench(args) -> int:
         plan.append((64, True, 0, 4, "threshold", "hopper", dict(_sched(t), wg3=True)))
     g = torch.Generator(device=dev).manual_seed(0)
     tensors, reference = {}, {}
-    saved_env = {name: os.environ.get(name) for name, _ in
-                 list(_SCHEDULE_ENV.values()) + [("MODELOPT_SPARSE_HOPPER_D64_WG3", False),
-                                                 ("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
-                                                 ("MODELOPT_SPARSE_HOPPER_CHECK", False)]}
+    saved_env = {name: os.environ.get(name) for name in
+                 list(_SCHEDULE_ENV.values()) + ["MODELOPT_SPARSE_HOPPER_D64_WG3", "MODELOPT_SPARSE_HOPPER_SPARSE_PV",
+                                                 "MODELOPT_SPARSE_HOPPER_CHECK"]}
     best = fastest = None
     announced = False
     for d, causal, n, m, tie, impl, sched in plan:
@@ -1117,7 +1116,7 @@ def _bench(args) -> int:
         check = ""
         try:
             if impl == "hopper":
-                for f, (name, _) in _SCHEDULE_ENV.items():
+                for f, name in _SCHEDULE_ENV.items():
                     os.environ[name] = str(int(sched[f]))
                 os.environ["MODELOPT_SPARSE_HOPPER_D64_WG3"] = str(int(sched.get("wg3", False)))
                 os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = str(int(sched.get("sparse_pv", False)))
