@@ -53,7 +53,11 @@ def require(ok: torch.Tensor | bool, message: Callable[[], str], error: type[Exc
 
 def raise_failed() -> None:
     """Raise for the first completed check that failed; drop completed ones. Never waits."""
-    if not _pending or torch.compiler.is_compiling():
+    # is_compiling first: Dynamo must never look into _pending. Tracing `not _pending` made it
+    # register the pending checks' torch.cuda.Event objects as graph inputs, and the compiled
+    # code's prologue then weak-referenced Events that had since been dropped: a segfault in
+    # torch._dynamo.graph_bytecode_inputs (H200, torch 2.11, static-cache generate in bf16).
+    if torch.compiler.is_compiling() or not _pending:
         return
     failed = None
     with _lock:

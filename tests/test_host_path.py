@@ -203,3 +203,39 @@ def test_unchecked_metadata_gives_the_checked_result(backend):
         mts.attention(q, k, v, *full, 20, rows_covered=True, **kw)
     with pytest.raises(TypeError, match="check_metadata must be a bool"):
         mts.attention(q, k, v, *full, 20, check_metadata="no", **kw)
+
+
+def test_dynamo_never_traces_into_pending_device_checks(monkeypatch):
+    """raise_failed() under torch.compile returns before looking at the pending checks. When
+    Dynamo traced `not _pending`, it guarded on the list and registered the pending checks'
+    torch.cuda.Event objects as graph inputs; compiled static-cache generate then crashed in
+    Dynamo's user-object registry on the H200. Here: changing the pending list between calls
+    must not recompile, and Dynamo registers no user object."""
+    import torch._dynamo.graph_bytecode_inputs as registry
+
+    from modelopt_sparse import lazy_checks
+
+    class Check:  # stands in for a pending (event, flag, message, error) entry
+        pass
+
+    monkeypatch.setattr(lazy_checks, "_pending", [(Check(), None, None, None)])
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=backend, fullgraph=True)
+    def step(x):
+        lazy_checks.raise_failed()
+        return x + 1
+
+    torch._dynamo.reset()
+    step(torch.ones(3))
+    assert not registry.index_to_bytecode_constructor
+    lazy_checks._pending.append((Check(), None, None, None))
+    step(torch.ones(3))
+    lazy_checks._pending.clear()
+    step(torch.ones(3))
+    assert len(compiles) == 1
+    torch._dynamo.reset()

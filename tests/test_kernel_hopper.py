@@ -451,6 +451,259 @@ def test_sparse_pv_layout_and_compression_rules():
     assert "0xEEEEEEEEu" in src and "0x44444444u" in src
 
 
+# --------------------------------------------------------------------------------------
+# Stage 3 (NMH_SPARSE_PV): a register-level emulation of the sparse P.V of one consumer
+# warpgroup against the PTX ISA's wgmma.mma_async.sp, on the CPU.
+#
+# What the ISA says (PTX ISA 8.x/9.x), and where each fact is used below:
+#   * 9.7.15.6.2.1 "Matrix Fragments for sparse wgmma.mma_async.m64nNk32" (Figure 175) and
+#     CuTe's ALayout_64x32 (mma_traits_sm90_gmma.hpp: thread (4,8,4):(256,1,16), value
+#     (4,2,2):(64,8,1024)): thread (warp w, lane 4g+t) register q holds the two kept values
+#     (first in the low half) of the 4-wide chunk t + 4 (q // 2) of row 16w + g + 8 (q % 2).
+#   * Figure 176 (metadata, .f16/.bf16, sparsity selector 0) and CuTe's ELayout_64x32
+#     (thread (2,2,8,4):(1024,0,1,16), value (16,2):(64,8)): lane 4g + h (h = 0, 1) supplies
+#     chunks 4h..4h+3 of rows g (bits 0-15) and g+8 (bits 16-31), chunk 4h+c in bits 4c..4c+3;
+#     lanes 4g+2 and 4g+3 are not read. A nibble is idx0 | idx1 << 2, idx0 < idx1 the positions
+#     of the two values in the chunk ("Sparse matrix storage"). All of this is what the stage-1
+#     microbenchmark verified bit for bit on the H200 (docs/hopper_wgmma_microbench.md).
+#   * B is the dense 32 x N slice: logical k = smem row of the slice (descriptor + 4096 B).
+#   * 9.7.15.7.3 (wgmma.wait_group): "Accessing the accumulator register or the input register
+#     containing the fragments of matrix A of a wgmma.mma_async instruction without first
+#     performing a wgmma.wait_group instruction that waits on a wgmma-group including that
+#     wgmma.mma_async instruction is undefined behavior": an issued MMA may read its register
+#     operands (A and, like them, the metadata) at any time until the wait that covers it. The
+#     emulation evaluates every MMA twice, with its operands as they were at issue and as they
+#     are at the wait, and also reports a write to an operand register of an MMA in flight.
+# --------------------------------------------------------------------------------------
+_SP_THREADS = [(w, lane) for w in range(4) for lane in range(32)]
+
+
+def _sp_row_key(c):  # K smem row -> key offset (2:4 group permutation, G = 32)
+    return (c % 32) * 4 + c // 32
+
+
+def _sp_v_row_key(c):  # V smem row -> key offset (NMH_SPARSE_PV's second order)
+    return (c // 32) * 32 + 8 * ((c % 16) // 4) + 4 * ((c % 32) // 16) + c % 4
+
+
+def _sp_member_index(gi, m, r):  # the kernel's member_index (M = 4, R_PERM = 4)
+    return 4 * ((gi >> 1) + 4 * m) + 2 * r + (gi & 1)
+
+
+def _sp_fragment(mat, w, lane):
+    """The f32 accumulator fragment of S = Q.K^T (64 x 128, columns = K smem rows) that thread
+    (w, lane) holds: d[4j + 2r + e] = S[16w + g + 8r][8j + 2t + e]; here indexed by key."""
+    g, t = lane // 4, lane % 4
+    return [mat[16 * w + g + 8 * ((i >> 1) & 1)][_sp_row_key(8 * (i >> 2) + 2 * t + (i & 1))] for i in range(64)]
+
+
+def _sp_kernel_compress(s, t):
+    """softmax_tile's compressed branch, transcribed (P = the kept score itself: the emulation
+    checks where values go, not the exponentials): pr[8][4] (pairs, low half first) and the
+    unreduced metadata words w[jr][e]."""
+    pr = [[None] * 4 for _ in range(8)]
+    w = [[0, 0] for _ in range(4)]
+    for r in range(2):
+        for gi in range(8):
+            jr, e = gi >> 1, gi & 1
+            s0, s1, s2, s3 = (s[_sp_member_index(gi, m, r)] for m in range(4))
+            t2 = sorted((s0, s1, s2, s3), reverse=True)[1]  # thr[r][g] = v[N_SEL - 1]
+            k0, k1, k2, k3 = s0 >= t2, s1 >= t2, s2 >= t2, s3 >= t2
+            v0 = s0 if k0 else (s1 if k1 else s2)
+            v1 = s3 if k3 else (s2 if k2 else s1)
+            i0 = 0 if k0 else (1 if k1 else 2)
+            i1 = 3 if k3 else (2 if k2 else 1)
+            pr[jr][2 * e + r] = (v0, v1)
+            w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r)
+    return pr, w
+
+
+def _sp_kernel_split(p):
+    """convert_p_split, transcribed: members {0, 1} -> pr[jr], {2, 3} -> pr[4 + jr]."""
+    pr = [[None] * 4 for _ in range(8)]
+    for jr in range(4):
+        for h in range(2):
+            for e in range(2):
+                for r in range(2):
+                    gi = 2 * jr + e
+                    pr[4 * h + jr][2 * e + r] = (p[_sp_member_index(gi, 2 * h, r)], p[_sp_member_index(gi, 2 * h + 1, r)])
+    return pr
+
+
+def _sp_isa_mma(a_regs, meta_regs, b):
+    """wgmma.mma_async.sp m64nNk32, sparsity selector 0, as the ISA states it: the dense 64 x 32
+    A from the per-thread registers and metadata, times the 32 x N slice b."""
+    a = torch.zeros(64, 32, dtype=torch.float64)
+    for w, lane in _SP_THREADS:
+        g, t = lane // 4, lane % 4
+        for q in range(4):
+            row, chunk = 16 * w + g + 8 * (q % 2), t + 4 * (q // 2)
+            word = meta_regs[(w, 4 * g + chunk // 4)]
+            nib = (word >> (16 * (q % 2) + 4 * (chunk % 4))) & 0xF
+            i0, i1 = nib & 3, nib >> 2
+            assert i0 < i1, f"invalid metadata nibble {nib:#x} (warp {w}, row {row}, chunk {chunk})"
+            lo, hi = a_regs[(w, lane)][q]
+            a[row, 4 * chunk + i0] = lo
+            a[row, 4 * chunk + i1] = hi
+    return a @ b
+
+
+def _sp_pv_program(src: str, passes: int):
+    """The kernel's sparse P.V (pv_gemm_sparse) as a sequence of register-level events, for the
+    form of the function the source has (an unknown form fails: update the model with it).
+    Register names: "pr<k>.<q>" and "meta<jr>" are written by the softmax / to_operand before
+    the P.V; anything else is the P.V's own. A rolled loop (#pragma unroll 1) has one set of
+    registers for its body, so its locals are the same registers in every pass (the SASS of the
+    first form shows it: both passes' HGMMA.SP read R152..R167 and R201..R204)."""
+    ev = []
+    if "a[jr][q] = pass ? pr[4 + jr][q] : pr[jr][q];" in src and "mt[jr] = pass ? 0xEEEEEEEEu : meta[jr];" in src:
+        # Form 1 (first GPU run): each pass selects its operand into loop-local a[4][4], mt[4].
+        for pas in range(passes):
+            for jr in range(4):
+                for q in range(4):
+                    ev.append(("write", f"a{jr}.{q}", f"pr{4 * bool(pas) + jr}.{q}"))
+                ev.append(("write", f"mt{jr}", 0xEEEEEEEE if pas else f"meta{jr}"))
+            ev.append(("fence",))
+            ev += [("mma", [f"a{jr}.{q}" for q in range(4)], f"mt{jr}", jr) for jr in range(4)]
+            ev.append(("commit",))
+    elif "for (int pass = 1; pass < passes; ++pass)" in src and "o, pr[4 + jr], dsl[jr], 1, meta_hi)" in src:
+        # Form 2: pass 0 reads pr[jr] and meta straight from their registers; the split tiles'
+        # second pass pr[4 + jr] and meta_hi (0xEEEEEEEE), all written before the first fence.
+        ev.append(("write", "meta_hi", 0xEEEEEEEE))
+        ev.append(("fence",))
+        ev += [("mma", [f"pr{jr}.{q}" for q in range(4)], f"meta{jr}", jr) for jr in range(4)]
+        ev.append(("commit",))
+        for _ in range(1, passes):
+            ev.append(("fence",))
+            ev += [("mma", [f"pr{4 + jr}.{q}" for q in range(4)], "meta_hi", jr) for jr in range(4)]
+            ev.append(("commit",))
+    else:
+        raise AssertionError("pv_gemm_sparse has a form the emulation does not model")
+    ev.append(("wait",))
+    return ev
+
+
+def _sp_run(events, regs, v_smem, n):
+    """Execute the events on per-thread register files ``regs[(w, lane)][name]``; returns the
+    output under both operand-read times and the list of writes to in-flight operands."""
+    out = {"issue": torch.zeros(64, n, dtype=torch.float64), "wait": torch.zeros(64, n, dtype=torch.float64)}
+    issued, committed, hazards = [], [], []
+    for e in events:
+        if e[0] == "write":
+            _, dst, val = e
+            for op in issued + committed:
+                if dst in op[0] or dst == op[1]:
+                    hazards.append(f"{dst} written while an MMA reading it is in flight")
+                    break
+            for th in _SP_THREADS:
+                regs[th][dst] = regs[th][val] if isinstance(val, str) else val
+        elif e[0] == "mma":
+            _, a_names, m_name, jr = e
+            snap = ({th: [regs[th][x] for x in a_names] for th in _SP_THREADS},
+                    {th: regs[th][m_name] for th in _SP_THREADS})
+            issued.append((a_names, m_name, jr, snap))
+        elif e[0] == "commit":
+            committed += issued
+            issued = []
+        elif e[0] == "wait":
+            for a_names, m_name, jr, (a_snap, m_snap) in committed:
+                b = v_smem[32 * jr:32 * jr + 32]
+                out["issue"] += _sp_isa_mma(a_snap, m_snap, b)
+                out["wait"] += _sp_isa_mma({th: [regs[th][x] for x in a_names] for th in _SP_THREADS},
+                                           {th: regs[th][m_name] for th in _SP_THREADS}, b)
+            committed = []
+    return out, hazards
+
+
+def _sp_emulate_tile(scores, keep, v, src, compressed, v_row_key=_sp_v_row_key):
+    """One 64 x 128 tile through the kernel's sparse P.V; returns (the emulated outputs, the
+    hazards, the reference P_masked @ V)."""
+    n = v.shape[1]
+    p_masked = torch.where(keep, scores, torch.zeros_like(scores))
+    v_smem = torch.stack([v[v_row_key(c)] for c in range(128)])
+    regs = {th: {} for th in _SP_THREADS}
+    words = {}
+    for w, lane in _SP_THREADS:
+        t = lane % 4
+        if compressed:
+            pr, words[(w, lane)] = _sp_kernel_compress(_sp_fragment(scores.tolist(), w, lane), t)
+        else:
+            pr = _sp_kernel_split(_sp_fragment(p_masked.tolist(), w, lane))
+        for k in range(8):
+            for q in range(4):
+                regs[(w, lane)][f"pr{k}.{q}"] = pr[k][q]
+    for w, lane in _SP_THREADS:
+        for jr in range(4):
+            if compressed:  # OR over the quad (two xor shuffles), then lane parity picks the half
+                red = [0, 0]
+                for e in range(2):
+                    for u in range(4):
+                        red[e] |= words[(w, (lane & ~3) | u)][jr][e]
+                regs[(w, lane)][f"meta{jr}"] = red[1] if lane & 1 else red[0]
+            else:  # to_operand: the first pass's fixed metadata
+                regs[(w, lane)][f"meta{jr}"] = 0x44444444
+    out, hazards = _sp_run(_sp_pv_program(src, 1 if compressed else 2), regs, v_smem, n)
+    return out, hazards, p_masked @ v
+
+
+def _sp_top2(scores, tie_index):
+    """The 2:4 kept set in key space (groups 4q..4q+3): docs/semantics.md."""
+    grp = scores.view(64, 32, 4)
+    t2 = grp.sort(dim=-1, descending=True).values[..., 1:2]
+    if not tie_index:
+        return (grp >= t2).view(64, 128)
+    idx = torch.arange(4).view(1, 1, 4)
+    better = (grp.unsqueeze(-1) > grp.unsqueeze(-2)) | ((grp.unsqueeze(-1) == grp.unsqueeze(-2)) & (idx.unsqueeze(-1) < idx.unsqueeze(-2)))
+    rank = better.sum(dim=-2)  # r_ij = #{j' better than j}
+    return (rank < 2).view(64, 128)
+
+
+def test_sparse_pv_register_emulation_against_isa():
+    """NMH_SPARSE_PV on the CPU, register by register: the compressed operand (softmax_tile's
+    selects, the nibbles, the quad OR-reduction, the lane-parity half), the split operand
+    (convert_p_split, 0x44444444 / 0xEEEEEEEE), the second V row order and pv_gemm_sparse's
+    issue sequence, run through the ISA's sparse MMA; the result must be P_masked @ V whether
+    an MMA reads its registers at issue or at the wait, with no write to a register of an MMA
+    in flight."""
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    # The transcriptions above are the kernel's lines.
+    for line in ("const bool k0 = s0 >= t2, k1 = s1 >= t2, k2 = s2 >= t2, k3 = s3 >= t2;",
+                 "const float v0 = k0 ? s0 : (k1 ? s1 : s2), v1 = k3 ? s3 : (k2 ? s2 : s1);",
+                 "const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);",
+                 "pr[jr][2 * e + r] = pack2<FP16>(p0, p1);",
+                 "w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);",
+                 "w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 1);",
+                 "w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 2);",
+                 "meta[jr] = (t & 1) ? w[jr][1] : w[jr][0];",
+                 "pack2<FP16>(s[member_index(2 * jr + e, 2 * h, r)], s[member_index(2 * jr + e, 2 * h + 1, r)]);",
+                 "pr[4 * h + jr][2 * e + r] =",
+                 "for (int jr = 0; jr < 4; ++jr) meta[jr] = 0x44444444u;",
+                 "return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;",
+                 "dsl[jr] = desc_v(stage) + ((uint32_t)(jr * 4096) >> 4);",
+                 "return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);"):
+        assert line in src, line
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randint(-8, 9, (128, 8), generator=gen).double()
+    # Distinct scores (no ties: the compressed path), and small integers with ties at the 2nd /
+    # 3rd largest (the split path: threshold keeps 3 or 4, index resolves by key order).
+    distinct = (torch.randperm(64 * 128, generator=gen).view(64, 128) + 1).double()
+    tied = torch.randint(1, 4, (64, 128), generator=gen).double()
+    cases = [("compressed", distinct, _sp_top2(distinct, False), True),
+             ("split, threshold ties", tied, _sp_top2(tied, False), False),
+             ("split, index ties", tied, _sp_top2(tied, True), False),
+             ("split, dense region (all kept)", tied, torch.ones(64, 128, dtype=torch.bool), False)]
+    for name, scores, keep, compressed in cases:
+        out, hazards, ref = _sp_emulate_tile(scores, keep, v, src, compressed)
+        assert not hazards, f"{name}: {hazards[0]} (PTX ISA 9.7.15.7.3: undefined behaviour)"
+        for when, o in out.items():
+            err = (o - ref).abs().max().item()
+            assert err == 0, f"{name}: operands read at {when}: max |O - P_masked V| = {err}"
+    # The emulation is sensitive to the layout: V in the K order (or in key order) is wrong.
+    for wrong in (_sp_row_key, lambda c: c):
+        out, _, ref = _sp_emulate_tile(distinct, cases[0][2], v, src, True, v_row_key=wrong)
+        assert (out["issue"] - ref).abs().max().item() > 0
+
+
 @pytest.mark.slow
 def test_real_nvcc_compiles_a_variant(tmp_path, monkeypatch):
     """Compile one variant with the real toolchain (no GPU needed): no spills, no serialized wgmma."""
@@ -841,3 +1094,20 @@ def test_gpu_21_sparse_pv_with_ties(monkeypatch, tie):
     inputs = tied_inputs(lens_q, lens_k, 2, 1, 128, torch.float64, seed=21)
     _check_against_reference(lens_q, lens_k, 2, 1, 128, torch.bfloat16, inputs, sparsity_n=2, sparsity_m=4,
                              tie_break=tie)
+
+
+def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
+    """The timing table checks an engine row by its last rows against the float32 reference of
+    those rows as a chunk against every key: the same values as the whole call's last rows."""
+    from modelopt_sparse.kernels.api import attention as api_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(300, 2, 64, generator=g) for _ in range(3))
+    zero, lens = torch.zeros(1, dtype=torch.int32), torch.tensor([300], dtype=torch.int32)
+    for causal in (True, False):
+        for n, m in ((0, 4), (2, 4), (8, 16)):
+            p = ha.SparseParams(causal, 0.125, n, m, 0, 16 if n else 0, "threshold")
+            tail = ha._exact_tail(api_attention, q, k, v, p)
+            whole = api_attention(q, k, v, zero, lens, 300, is_causal=causal, sparsity_n=n, sparsity_m=m,
+                                  dense_window_size=p.dense_window_size, softmax_scale=0.125, backend="torch")
+            assert tail.shape == (256, 2, 64) and torch.equal(tail, whole[-256:])

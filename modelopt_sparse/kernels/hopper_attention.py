@@ -1026,8 +1026,8 @@ def _exact_tail(api_attention, q, k, v, params: SparseParams) -> torch.Tensor:
     dev = q.device
     zero = torch.zeros(1, dtype=torch.int32, device=dev)
     return api_attention(q[-rows:].float(), k.float(), v.float(), zero, torch.tensor([rows], dtype=torch.int32, device=dev),
-                         rows, zero, torch.tensor([keys], dtype=torch.int32, device=dev), keys,
-                         is_causal=params.is_causal, softmax_scale=params.softmax_scale, sparsity_n=params.sparsity_n,
+                         rows, b_start_loc_k=zero, b_seq_len_k=torch.tensor([keys], dtype=torch.int32, device=dev),
+                         max_input_len_k=keys, is_causal=params.is_causal, softmax_scale=params.softmax_scale, sparsity_n=params.sparsity_n,
                          sparsity_m=params.sparsity_m, dense_window_size=params.dense_window_size,
                          tie_break=params.tie_break, backend="torch")
 
