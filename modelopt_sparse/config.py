@@ -68,7 +68,8 @@ class SparseAttentionAttributeConfig(BaseModel):
     dense_window_size: StrictInt = Field(64, description="keys this close before a query are always kept")
     tie_break: Literal["threshold", "index"] = "threshold"
     backend: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="auto: triton on CUDA, torch (the reference) on CPU"
+        "auto", description="auto: on CUDA the kernels' own choice per call (the Hopper engine for long "
+        "prefills on sm_90, else triton), torch (the reference) on CPU"
     )
 
     @model_validator(mode="before")

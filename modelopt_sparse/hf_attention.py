@@ -346,7 +346,7 @@ def sparse_attention_forward(
         # One query per row: the rule keeps every key (the decode guard), whatever the pattern.
         # The fused decode kernel on CUDA, or interpreted on the CPU when the Triton backend
         # was asked for there (tests/conftest.py: the GPU route, checked without a GPU).
-        if (query.is_cuda or interpreting()) and state.method.select_backend(query.device) == "triton":
+        if (query.is_cuda or interpreting()) and state.method.select_backend(query.device) in ("triton", "auto"):
             return _triton_decode(query, key, value, attention_mask, scaling, features), None
         if features is _NO_FEATURES:
             return _dense_decode(module, query, key, value, attention_mask, scaling), None

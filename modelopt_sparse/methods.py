@@ -93,9 +93,12 @@ class SparseAttentionMethod:
         return {field: getattr(self.config, field) for field in KERNEL_FIELDS}
 
     def select_backend(self, device: torch.device) -> str:
-        """Kernel backend for tensors on ``device``: ``"auto"`` is triton on CUDA, else torch."""
+        """Kernel backend for tensors on ``device``. ``"auto"`` stays ``"auto"`` on CUDA, where
+        :func:`modelopt_sparse.kernels.attention` picks per call (the Hopper engine for long
+        prefills on sm_90, the Triton kernels otherwise), and is the reference (``"torch"``)
+        elsewhere."""
         if self.config.backend == "auto":
-            return "triton" if device.type == "cuda" else "torch"
+            return "auto" if device.type == "cuda" else "torch"
         return self.config.backend
 
     def attention(

@@ -282,7 +282,8 @@ def test_sparse_model_split_over_two_gpus(hf_checkpoint, tmp_path, loader):
     devices = {p.device for p in split.parameters()}
     assert devices == {torch.device("cuda", 0), torch.device("cuda", 1)}, devices
     assert {p.device for p in split.model.layers[-1].parameters()} == {torch.device("cuda", 1)}
-    assert mts.print_summary(split, file=io.StringIO()).count("auto->triton") == LAYERS
+    # auto on CUDA: the kernels choose per call (the Hopper engine for long prefills on sm_90).
+    assert [row["backend"] for row in mts.conversion.summary_rows(split)] == ["auto"] * LAYERS
 
     ids = _prompt(device="cuda:0")
     with torch.no_grad():
