@@ -142,20 +142,29 @@ def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
     whose output matched on the H200 (docs/hopper_engine.md, session 10 table). Ping-pong
     consumers, FA3's late rescale, the TMA producer and FA4's conditional rescale everywhere;
     overlap of the next Q.K^T with this tile's softmax only up to M = 4: at M = 8 and 16 the
-    selection's registers make the overlapped variant slower (4:8 465 vs 507 TFLOPS, 8:16 339
-    vs 378), and at dense and 2:4 faster (637 vs 602, 544 vs 532). ``head_dim`` is accepted
-    for when D = 64 wants its own (its two best rows were within 1 %)."""
-    del head_dim
+    selection's registers make the overlapped variant slower (4:8 454 vs 489 TFLOPS, 8:16 338
+    vs 379), and at dense and 2:4 faster (660 vs 613, 558 vs 519)."""
+    if measured_consumers(head_dim, sparsity_n, sparsity_m) == 3:
+        # Dense D = 64 runs three consumer warpgroups, whose ring has no overlap and no late
+        # rescale (440 TFLOPS against 388 for the two-warpgroup schedule below).
+        return dict(pingpong=True, overlap=False, late_rescale=False, tma=True, lean=True)
     return dict(pingpong=True, overlap=not (sparsity_n and sparsity_m >= 8), late_rescale=True, tma=True, lean=True)
+
+
+def measured_consumers(head_dim: int, sparsity_n: int, sparsity_m: int) -> int:
+    """Consumer warpgroups unless MODELOPT_SPARSE_HOPPER_D64_WG3 says otherwise: three for dense
+    D = 64 (192 query rows per CTA; measured 1.13x two), two everywhere else (N:M at D = 64
+    was not timed with three, and 4:8 spills there)."""
+    return 3 if head_dim == 64 and sparsity_n == 0 else 2
 
 
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
     MODELOPT_SPARSE_HOPPER_PINGPONG, _OVERLAP, _LATE_RESCALE, _TMA (ignored for M = 16) and
-    _LEAN (0 or 1; unset: the measured schedule), MODELOPT_SPARSE_HOPPER_D64_WG3 (default 0:
-    three consumer warpgroups at D = 64) and MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4
-    P.V through wgmma.sp)."""
+    _LEAN (0 or 1; unset: the measured schedule), MODELOPT_SPARSE_HOPPER_D64_WG3 (three
+    consumer warpgroups at D = 64; unset: :func:`measured_consumers`) and
+    MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -163,7 +172,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         tie_index=params.tie_break == "index",
         fp16=dtype == torch.float16,
         **schedule_from_env(head_dim, params.sparsity_n, params.sparsity_m),
-        consumers=3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3", False) else 2,
+        consumers=3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
+                                measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2,
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         probe=probe,
     ).canonical()
@@ -705,7 +715,8 @@ def schedule_env(schedule: dict) -> str:
 def _test_set(probe: bool) -> list[Variant]:
     """Every kernel the GPU tests run (the measured schedule, as variant_for picks with no
     switch set), the probe builds optional."""
-    return [dataclasses.replace(v, **measured_schedule(v.head_dim, v.sparsity_n, v.sparsity_m))
+    return [dataclasses.replace(v, **measured_schedule(v.head_dim, v.sparsity_n, v.sparsity_m),
+                                consumers=measured_consumers(v.head_dim, v.sparsity_n, v.sparsity_m))
             for v in _test_set_base(probe)]
 
 
