@@ -1,5 +1,6 @@
 """``modelopt-sparse finetune``: the data order, the schedule, one run end to end on a tiny
-model (sparse and dense control trained, saved, restored), and its option errors."""
+model (sparse and dense control trained, saved, restored), the training corpus in a run
+(tests/test_eval_finetune_corpus.py tests the corpus itself), and its option errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import modelopt_sparse as mts
+from modelopt_sparse.eval.corpus import TrainData, build_corpus
 from modelopt_sparse.eval.data import load_text, split_tokens, split_windows, tokenize
 from modelopt_sparse.eval.finetune import TrainSettings, batch_starts, lr_factor
 from modelopt_sparse.eval.perplexity import perplexity
@@ -50,6 +52,21 @@ def test_batches_depend_on_the_seed_only_and_split_by_rank():
     # Two ranks slicing a global batch of 4 see exactly the windows one process sees.
     four = batch_starts(1000, _settings(batch_size=4))
     assert torch.equal(torch.cat([four[:, 0:2], four[:, 2:4]], dim=1), four)
+
+
+def test_batches_take_each_token_once_per_pass():
+    # 1000 tokens hold 31 windows of 32: 12 windows are distinct, non-overlapping, on the grid.
+    once = batch_starts(1000, _settings()).flatten()
+    assert len(set(once.tolist())) == STEPS * BATCH and all(int(s) % SEQ == 0 for s in once)
+    # 31 windows exactly: one whole pass, every window once.
+    whole = batch_starts(31 * SEQ + 5, _settings(steps=31, batch_size=1)).flatten()
+    assert sorted(whole.tolist()) == [SEQ * i for i in range(31)]
+    # More than a pass: the first pass is whole, then a new order on a shifted grid.
+    more = batch_starts(10 * SEQ, _settings(steps=15, batch_size=2)).flatten()
+    assert sorted(more[:10].tolist()) == [SEQ * i for i in range(10)]
+    second = more[10:19]
+    assert len(set((second % SEQ).tolist())) == 1 and len(set(second.tolist())) == 9
+    assert int(more.max()) <= 10 * SEQ - SEQ
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -140,6 +157,50 @@ def test_finetune_under_bf16_autocast(tiny, tmp_path, capsys):
     assert all(math.isfinite(x) for run in doc["runs"].values() for x in run["train_loss"])
 
 
+@pytest.mark.parametrize("train_data", ["stdlib", "split"])
+def test_finetune_training_data(train_data, tiny, tmp_path, capsys):
+    """12 steps of 4 x 64 tokens need more than the training split of a short text: with
+    'stdlib' the standard library's sources follow it and no token is trained on twice;
+    with 'split' the split is passed over more than once, and the run says so."""
+    seq, steps, batch = 64, 12, 4
+    text_file = tmp_path / "short.txt"
+    text_file.write_text(load_text(tiny["text"]).text[:5_000])
+    code, out, err = run_cli(capsys, "finetune", "--model", tiny["dir"], "--text-file", text_file,
+                             "--train-data", train_data, "--seq-len", seq, "--steps", steps, "--batch-size", batch,
+                             "--warmup-steps", 2, "--seed", SEED, "--eval-windows", 1, "--device", "cpu",
+                             "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "ft")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "ft" / "finetune.json").read_text())["meta"]
+    ids = tokenize(tiny["tokenizer"], load_text(text_file).text)
+    split, heldout = split_tokens(ids, 0.1)
+    trained = steps * batch * seq
+    corpus = build_corpus(tiny["tokenizer"], split, heldout, TrainData(train_data), trained)
+    recorded = meta["train_corpus"]
+    assert recorded == json.loads(json.dumps(corpus.meta(trained)))  # the same corpus, token for token
+    assert meta["train_data"] == train_data and meta["train_split_tokens"] == split.numel() < trained
+    assert meta["trained_tokens"] == trained and meta["train_tokens"] == corpus.ids.numel()
+    assert meta["train_passes"] == pytest.approx(trained / corpus.ids.numel())
+    assert f"{meta['train_passes']:.2f} passes over the training data" in out
+    starts = batch_starts(corpus.ids.numel(), TrainSettings(steps, batch, seq, 1e-4, 2, 0.0, 1.0, SEED))
+    if train_data == "stdlib":
+        # The corpus is cut at the tokens the run trains on: every token exactly once.
+        assert recorded["documents"] >= 1 and meta["train_tokens"] == trained and meta["train_passes"] == 1.0
+        assert "standard library sources" in recorded["label"] and "note:" not in out
+        assert sorted(starts.flatten().tolist()) == list(range(0, trained, seq))
+    else:
+        assert recorded["documents"] == 0 and meta["train_tokens"] == split.numel()
+        passes = meta["train_passes"]
+        assert passes > 1.05 and f"note: training sees each token ~{passes:.1f} times (--train-data split)" in out
+    # Both runs trained on those windows: the dense control's first loss is the base
+    # model's loss on the first of them.
+    first = corpus.ids[starts[0][:, None] + torch.arange(seq)]
+    dense_base = mts.sparsify(load_tiny(tiny), Setting(0, 4, 0, 0).sparse_cfg("torch"))
+    with torch.no_grad():
+        loss = float(dense_base(input_ids=first, labels=first).loss)
+    doc = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert doc["runs"]["dense"]["train_loss"][0] == pytest.approx(loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--pattern", "dense"], "argument --pattern: needs a sparse N:M pattern such as 2:4, not 'dense'"),
     (["--pattern", "2:6"], "bad pattern '2:6'"),
@@ -150,6 +211,10 @@ def test_finetune_under_bf16_autocast(tiny, tmp_path, capsys):
     (["--heldout-fraction", "0.6"], "argument --heldout-fraction: must be in (0, 0.5], got 0.6"),
     (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--train-data", "topics"],
+     "argument --train-data: expected split, stdlib or a UTF-8 text file, got 'topics': no such file"),
+    (["--train-data", "."], "argument --train-data: expected split, stdlib or a UTF-8 text file, got '.': "
+                            "not a regular file"),
 ])
 def test_bad_options_are_argument_errors(argv, message, capsys):
     assert message in argument_error(capsys, "finetune", *argv)
@@ -171,5 +236,6 @@ def test_help_reads_well(capsys):
         run_cli(capsys, "finetune", "--help")
     text = capsys.readouterr().out
     for needle in ("dense control", "accelerate launch --num_processes", "--mixed-precision {auto,no,bf16}",
-                   "--checkpoint DIR", "modelopt_sparse.save", "examples:"):
+                   "--checkpoint DIR", "modelopt_sparse.save", "examples:", "--train-data split|stdlib|PATH",
+                   "each token about once"):
         assert needle in text

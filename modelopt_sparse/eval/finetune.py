@@ -4,7 +4,7 @@ One :class:`accelerate.Accelerator` drives both runs (sparse and dense control),
 same code runs in one process (CPU or one GPU) or under ``accelerate launch`` on several
 GPUs (DistributedDataParallel). Batches are drawn from one seeded generator as a global
 batch and sliced by rank: every run, and every number of processes, trains on the same
-windows in the same order.
+windows in the same order (non-overlapping windows of the corpus, see :func:`batch_starts`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,25 @@ class TrainSettings:
 
 
 def batch_starts(n_tokens: int, settings: TrainSettings) -> torch.Tensor:
-    """``[steps, batch_size]`` window starts in a split of ``n_tokens``, from the seed alone."""
-    last = n_tokens - settings.seq_len
-    if last < 0:
-        raise EvalError(f"the training split has {n_tokens:,} tokens, fewer than --seq-len {settings.seq_len}")
+    """``[steps, batch_size]`` window starts in a corpus of ``n_tokens``, from the seed alone.
+
+    The corpus is cut into non-overlapping windows of ``seq_len`` tokens, taken in a seeded
+    random order: while the steps need no more windows than the corpus holds, no token is
+    trained on twice. Each further pass over the corpus takes its windows in a new order,
+    on a grid shifted by a seeded offset below ``seq_len``.
+    """
+    seq_len = settings.seq_len
+    if n_tokens < seq_len:
+        raise EvalError(f"the training corpus has {n_tokens:,} tokens, fewer than --seq-len {seq_len}")
+    needed = settings.steps * settings.batch_size
     generator = torch.Generator().manual_seed(settings.seed)
-    return torch.randint(0, last + 1, (settings.steps, settings.batch_size), generator=generator)
+    offset, taken, passes = 0, 0, []
+    while taken < needed:
+        count = (n_tokens - offset) // seq_len
+        passes.append(offset + seq_len * torch.randperm(count, generator=generator))
+        taken += count
+        offset = int(torch.randint(0, min(seq_len, n_tokens - seq_len + 1), (1,), generator=generator))
+    return torch.cat(passes)[:needed].view(settings.steps, settings.batch_size)
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:

@@ -22,6 +22,10 @@ def format_report(doc: dict) -> str:
     lines.append("")
     lines.append("gap closed by fine-tuning: " + ("n/a (no gap before training)" if closed is None
                                                    else f"{100 * closed:.1f}% of the gap before training"))
+    corpus = doc["meta"].get("train_corpus")
+    if corpus is not None:
+        lines.append(f"training data ({corpus['name']}): {corpus['tokens']:,} tokens, {corpus['trained_tokens']:,} "
+                     f"trained per run = {corpus['passes']:.2f} passes; result at the last step")
     lines.append(f"fine-tuned sparse weights evaluated with dense attention: "
                  f"{sparse['heldout_ppl_after_evaluated_dense']:.4f}")
     verdict = "matches" if sparse["restored_matches"] else "DOES NOT match"
