@@ -617,9 +617,11 @@ def _sp_run(events, regs, v_smem, n):
         elif e[0] == "wait":
             for a_names, m_name, jr, (a_snap, m_snap) in committed:
                 b = v_smem[32 * jr:32 * jr + 32]
-                out["issue"] += _sp_isa_mma(a_snap, m_snap, b)
-                out["wait"] += _sp_isa_mma({th: [regs[th][x] for x in a_names] for th in _SP_THREADS},
-                                           {th: regs[th][m_name] for th in _SP_THREADS}, b)
+                at_issue = _sp_isa_mma(a_snap, m_snap, b)
+                a_now = {th: [regs[th][x] for x in a_names] for th in _SP_THREADS}
+                m_now = {th: regs[th][m_name] for th in _SP_THREADS}
+                out["issue"] += at_issue
+                out["wait"] += at_issue if (a_now, m_now) == (a_snap, m_snap) else _sp_isa_mma(a_now, m_now, b)
             committed = []
     return out, hazards
 

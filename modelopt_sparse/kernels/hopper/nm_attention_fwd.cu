@@ -576,32 +576,46 @@ __device__ __forceinline__ void convert_p_split(const float (&s)[64], uint32_t (
               pack2<FP16>(s[member_index(2 * jr + e, 2 * h, r)], s[member_index(2 * jr + e, 2 * h + 1, r)]);
 }
 // P.V through wgmma.sp: one pass of 4 sparse MMAs (32 keys each) for a compressed tile, two for
-// a split one, each pass its own commit group (the caller does not commit). Written as a loop
-// with a run-time trip count and a commit inside, not as if/else and not with wgmma still
-// uncommitted across the back edge: both made ptxas inject a fence on a path it cannot prove
-// uniform and serialize every wgmma of the function (C7519/C7520). The pass's operand is
-// selected into fresh registers before the pass's fence.
+// a split one, each pass its own commit group (the caller does not commit). The first pass reads
+// pr[jr] and meta, the second pr[4 + jr] and meta_hi, straight from the registers the softmax /
+// to_operand wrote before the first fence; nothing here writes a register an issued MMA reads.
+// (PTX ISA, wgmma.wait_group: touching the A-fragment registers of a wgmma.mma_async before a
+// wait that covers it is undefined behaviour; the MMA may read them at any time until then. The
+// first version selected each pass's operand into loop-local registers, which a rolled loop
+// reuses: the second pass overwrote the A and metadata registers of the first while its MMAs
+// were in flight, and the split tiles were wrong on the H200.) The registers of the MMAs in
+// flight stay reserved until the caller's wait: ptxas does that for every wgmma register
+// operand (the overlap schedule's P(j-1) relies on it). The second pass is a loop with a
+// run-time trip count (0 or 1) and a commit inside, not an if: a wgmma in a branch ptxas cannot
+// prove uniform, or one left uncommitted across a back edge, made ptxas inject a fence there and
+// serialize every wgmma of the function (C7519/C7520).
 template <bool F16, int DD>
 __device__ __forceinline__ void pv_gemm_sparse(float (&o)[DD / 2], const uint32_t (&pr)[8][4], const uint32_t (&meta)[4],
                                                const uint64_t (&dsl)[4], int passes) {
-#pragma unroll 1
-  for (int pass = 0; pass < passes; ++pass) {
-    uint32_t a[4][4], mt[4];
+  const uint32_t meta_hi = 0xEEEEEEEEu;  // the split tiles' second pass: members {2, 3}
+  wg_fence();
 #pragma unroll
-    for (int jr = 0; jr < 4; ++jr) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) a[jr][q] = pass ? pr[4 + jr][q] : pr[jr][q];
-      mt[jr] = pass ? 0xEEEEEEEEu : meta[jr];
+  for (int jr = 0; jr < 4; ++jr) {
+    if constexpr (DD == 128) {
+      if constexpr (F16) wgmma_pvsp_rs_n128_f16(o, pr[jr], dsl[jr], 1, meta[jr]);
+      else wgmma_pvsp_rs_n128_bf16(o, pr[jr], dsl[jr], 1, meta[jr]);
+    } else {
+      if constexpr (F16) wgmma_pvsp_rs_n64_f16(o, pr[jr], dsl[jr], 1, meta[jr]);
+      else wgmma_pvsp_rs_n64_bf16(o, pr[jr], dsl[jr], 1, meta[jr]);
     }
+  }
+  wg_commit();
+#pragma unroll 1
+  for (int pass = 1; pass < passes; ++pass) {
     wg_fence();
 #pragma unroll
     for (int jr = 0; jr < 4; ++jr) {
       if constexpr (DD == 128) {
-        if constexpr (F16) wgmma_pvsp_rs_n128_f16(o, a[jr], dsl[jr], 1, mt[jr]);
-        else wgmma_pvsp_rs_n128_bf16(o, a[jr], dsl[jr], 1, mt[jr]);
+        if constexpr (F16) wgmma_pvsp_rs_n128_f16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
+        else wgmma_pvsp_rs_n128_bf16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
       } else {
-        if constexpr (F16) wgmma_pvsp_rs_n64_f16(o, a[jr], dsl[jr], 1, mt[jr]);
-        else wgmma_pvsp_rs_n64_bf16(o, a[jr], dsl[jr], 1, mt[jr]);
+        if constexpr (F16) wgmma_pvsp_rs_n64_f16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
+        else wgmma_pvsp_rs_n64_bf16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
       }
     }
     wg_commit();
