@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -1127,3 +1128,38 @@ def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
             whole = api_attention(q, k, v, zero, lens, 300, is_causal=causal, sparsity_n=n, sparsity_m=m,
                                   dense_window_size=p.dense_window_size, softmax_scale=0.125, backend="torch")
             assert tail.shape == (256, 2, 64) and torch.equal(tail, whole[-256:])
+
+
+def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
+    """The device script's timing table, on the CPU with the engine's forward stubbed by the
+    reference (two of its bugs cost GPU calls: a schedule-switch unpacking and a positional
+    argument of the reference call). Every engine row must time and check out correct; a
+    stub that is wrong must be flagged WRONG; the table must name the fastest schedule."""
+    import argparse
+
+    from modelopt_sparse.kernels.api import attention as api_attention
+
+    seen = []
+
+    def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
+        seen.append(ha.schedule_from_env(q.shape[-1], params.sparsity_n, params.sparsity_m))
+        out = api_attention(q, k, v, q_start, q_len, max_q, b_start_loc_k=k_start, b_seq_len_k=k_len,
+                            max_input_len_k=max_q, is_causal=params.is_causal, softmax_scale=params.softmax_scale,
+                            sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
+                            dense_window_size=params.dense_window_size, tie_break=params.tie_break, backend="torch")
+        if os.environ.get("MODELOPT_SPARSE_HOPPER_SPARSE_PV") == "1":
+            out = out.flip(0)  # a wrong kernel
+        return out, None
+
+    monkeypatch.setattr(ha, "forward", fake_forward)
+    args = argparse.Namespace(seq_len=64, heads=2, iters=1, budget=600.0, device="cpu")
+    assert ha._bench(args) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("forward, S=64"):]
+    engine_rows = [line for line in table.splitlines() if " hopper " in line]
+    assert len(engine_rows) > 40 and len(seen) >= len(engine_rows)
+    for line in engine_rows:
+        assert "ERROR" not in line and "vs fp32" in line, line
+        assert ("WRONG" in line) == ("sparse-pv" in line), line
+    assert "FASTEST " in table and "BEST_SCHEDULE MODELOPT_SPARSE_HOPPER_PINGPONG=" in table
+    assert len({tuple(sorted(s.items())) for s in seen}) > 5  # the schedules really change
