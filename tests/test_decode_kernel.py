@@ -256,6 +256,74 @@ def test_split_plan_rule():
             assert splits == 1 or splits * programs <= td.SPLIT_TARGET_WAVES * 132 + programs
 
 
+def test_split_plan_rule_in_compiled_graphs():
+    """Launches of a compiled graph split short caches too while the (row, kv head) programs
+    fill less than one wave (issue 14: batch 1 with 3 kv heads ran 3 programs on 132 SMs);
+    eager launches keep their rule, and so do compiled ones once the programs fill a wave."""
+    block_n, sms = 64, 132
+    # SmolLM2-135M decode (3 kv heads, group 3: one head tile) over a 640-slot static cache.
+    assert split_plan(3, 640, block_n, sms) == (1, 640)  # eager: unchanged
+    assert split_plan(3, 640, block_n, sms, graph=True) == (5, 128)  # 15 programs of 2 tiles
+    assert split_plan(24, 640, block_n, sms, graph=True) == (5, 128)  # batch 8: 120 programs
+    assert split_plan(3, 2048, block_n, sms, graph=True) == (16, 128)  # eager: (8, 256)
+    assert split_plan(3, 2048, block_n, sms) == (8, 256)
+    assert split_plan(3, td.GRAPH_SINGLE_PASS_MAX_KEYS, block_n, sms, graph=True) == (
+        1, td.GRAPH_SINGLE_PASS_MAX_KEYS)
+    assert split_plan(3, td.GRAPH_SINGLE_PASS_MAX_KEYS + 1, block_n, sms, graph=True)[0] == 3
+    for programs, n_keys in ((sms, 640), (4096, 3000), (200, 5000)):  # a full wave: the eager rule
+        assert split_plan(programs, n_keys, block_n, sms, graph=True) == split_plan(programs, n_keys, block_n, sms)
+    for programs in (1, 3, 8, 24, 40, 100, 131):
+        for n_keys in (257, 300, 640, 1000, 1025, 4097, 33_333):
+            for bn in (32, 64):
+                splits, per = split_plan(programs, n_keys, bn, sms, graph=True)
+                assert splits > 1 and per % bn == 0
+                assert (splits - 1) * per < n_keys <= splits * per  # no empty split, all keys covered
+                assert per > td.GRAPH_MIN_KEYS_PER_SPLIT // 2  # at most cdiv(n_keys, that) splits
+                assert splits * programs <= td.SPLIT_TARGET_WAVES * sms + programs
+                assert splits <= td.MAX_SPLITS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in of the compiled op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_compiled_decode_splits_a_short_static_cache(monkeypatch, dtype, batch):
+    """torch.compile(fullgraph=True) of a SmolLM2-135M decode step (9 query / 3 kv heads,
+    D = 64) over a 640-slot static cache, filled up to a different slot per row (holes and
+    the empty tail poisoned with NaN): the compiled op splits the keys 5 ways and merges,
+    and matches the reference and the eager single pass."""
+    cache, filled = 640, [521 + 15 * b for b in range(batch)]
+    q = _randn(batch, 9, 1, 64, dtype=dtype, seed=0)
+    k = _randn(batch, 3, cache, 64, dtype=dtype, seed=1)
+    v = _randn(batch, 3, cache, 64, dtype=dtype, seed=2)
+    codes = torch.zeros(batch, cache, dtype=torch.int32, device=DEVICE)  # token codes, as the adapter's
+    for b, n in enumerate(filled):
+        codes[b, :n - 1] = 1
+        codes[b, n - 1] = 2  # the step's own token
+    if batch > 1:
+        codes[1, :7] = 0  # left padding
+    query_valid = (codes >= 2).any(1)
+    if batch > 1:
+        query_valid[-1] = False  # a padded query row: zeros
+    _poison_unattended(k, v, codes)
+    eager = decode_attention(q, k, v, codes, query_valid)  # eager rule: one pass
+    launches = _Launches(monkeypatch)
+
+    def step(q, k, v, codes, query_valid):
+        return decode_attention(q, k, v, codes, query_valid)
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, codes, query_valid)
+    finally:
+        torch._dynamo.reset()
+    assert [(i, grid[2], s) for i, grid, s in launches.calls] == [(0, 5, True), (1, 1, None)]
+    assert launches.calls[1][1][0] == batch * 9  # the merge: one program per (row, query head)
+    _check(got, q, k, v, codes, query_valid)
+    torch.testing.assert_close(got, eager, atol=TOL[dtype], rtol=TOL[dtype])
+    if batch > 1:
+        assert (got[-1] == 0).all()
+
+
 class _AtenOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -505,7 +573,12 @@ def test_compiled_kernels_do_not_copy_the_cache_gpu():
     only the output or scratch may be among them, never q, k, v or the masks."""
     from torch._functorch.aot_autograd import aot_function
 
-    for name, q, k, v, key_valid, query_valid in _gpu_cases():
+    cases = _gpu_cases()
+    _, q, k, v, _, _ = cases[0]
+    # The compiled op splits the 700-key cases of these 6 programs too (split_plan's graph
+    # rule): a cache within GRAPH_SINGLE_PASS_MAX_KEYS covers its single pass.
+    cases.append(("plain200", q, k[:, :, :200], v[:, :, :200], None, None))
+    for name, q, k, v, key_valid, query_valid in cases:
         cloned = []
 
         def record(graph_module, example_inputs):
@@ -518,7 +591,7 @@ def test_compiled_kernels_do_not_copy_the_cache_gpu():
             aot_function(lambda q, k, v: td._decode_op(q, k, v, None, None, 0.1), fw_compiler=record)(q, k, v)
         else:
             aot_function(lambda *a: td._decode_op(*a, 0.1), fw_compiler=record)(q, k, v, key_valid, query_valid)
-        want = [["OUT"]] if "700" in name else [["OUT"], ["OUT"]]  # split: partials, then merge
+        want = [["OUT"]] if "200" in name else [["OUT"], ["OUT"]]  # split: partials, then merge
         assert cloned == want, (name, cloned)
 
 

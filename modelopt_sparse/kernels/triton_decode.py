@@ -11,7 +11,8 @@ of its kv head against the keys, so K and V are read once per kv head, not once 
 head. The G query heads are padded to a tile of at least 16 rows for ``tl.dot``. Long
 caches with few (row, kv head) pairs are split across programs that write partial
 (acc, max, sum) triples to fp32 scratch, and a second small kernel merges them; the split
-count depends only on shapes, never on tensor values, so the call stays sync-free.
+count depends only on shapes (and on whether a compiled graph issues the launch, see
+``split_plan``), never on tensor values, so the call stays sync-free.
 
 Host. Eager calls go through ``DirectLauncher`` with a fixed config per (dtype, head dim,
 group size, optional inputs): no autotuning, no per-call dataclasses, one dict lookup.
@@ -47,6 +48,15 @@ SINGLE_PASS_MAX_KEYS = 1024
 MIN_KEYS_PER_SPLIT = 256
 SPLIT_TARGET_WAVES = 2
 MAX_SPLITS = 64
+# The same rule for launches that a compiled graph issues (Inductor, CUDA graphs), when the
+# (row, kv head) programs alone fill less than one wave: there a second launch costs no host
+# time, and a few programs streaming a whole cache each (batch 1 with 3 kv heads is 3 of 132
+# SMs) are bound by the latency of their one pipeline. Split from GRAPH_SINGLE_PASS_MAX_KEYS
+# keys on, into pieces of at least GRAPH_MIN_KEYS_PER_SPLIT keys (two 64-key tiles). Eager
+# calls keep the rule above: there the host issues each launch, and the second one (and
+# the scratch) would cost more host time than the GPU saves.
+GRAPH_SINGLE_PASS_MAX_KEYS = 256
+GRAPH_MIN_KEYS_PER_SPLIT = 128
 _DEFAULT_SM_COUNT = 132  # H200; used where no GPU is asked (the interpreter)
 
 # The interpreter computes bf16 wrongly (numpy has no bf16), so there every tile is upcast
@@ -273,13 +283,18 @@ def _sm_count(q) -> int:
     return count
 
 
-def split_plan(programs: int, n_keys: int, block_n: int, sm_count: int) -> tuple[int, int]:
+def split_plan(programs: int, n_keys: int, block_n: int, sm_count: int, graph: bool = False) -> tuple[int, int]:
     """(splits, keys per split) for ``programs`` (row, kv head, head tile) programs over
     ``n_keys`` key slots. Every split but the last holds a whole number of key tiles, and
-    none is empty."""
-    if n_keys <= SINGLE_PASS_MAX_KEYS:
+    none is empty. ``graph``: the launch belongs to a compiled graph (see
+    GRAPH_SINGLE_PASS_MAX_KEYS); it changes the rule only while ``programs < sm_count``."""
+    if graph and programs < sm_count:
+        single_max, min_keys = GRAPH_SINGLE_PASS_MAX_KEYS, GRAPH_MIN_KEYS_PER_SPLIT
+    else:
+        single_max, min_keys = SINGLE_PASS_MAX_KEYS, MIN_KEYS_PER_SPLIT
+    if n_keys <= single_max:
         return 1, n_keys
-    splits = min(_cdiv(SPLIT_TARGET_WAVES * sm_count, programs), _cdiv(n_keys, MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+    splits = min(_cdiv(SPLIT_TARGET_WAVES * sm_count, programs), _cdiv(n_keys, min_keys), MAX_SPLITS)
     if splits <= 1:
         return 1, n_keys
     per_split = _cdiv(_cdiv(n_keys, splits), block_n) * block_n
@@ -287,10 +302,10 @@ def split_plan(programs: int, n_keys: int, block_n: int, sm_count: int) -> tuple
 
 
 def _launch(q, k, v, key_valid, query_valid, softmax_scale, launch_decode, launch_merge, softcap=0.0, sliding_window=0,
-            learned_sinks=None):
+            learned_sinks=None, graph=False):
     """Allocate the output (and scratch when split) and launch; ``launch_*`` are
     ``(grid, key, args, kwargs)`` callables. Inputs are validated already; ``softcap`` and
-    ``sliding_window`` are 0 when off."""
+    ``sliding_window`` are 0 when off; ``graph``: the compiled op's split rule (split_plan)."""
     batch, q_heads, _, head_dim = q.shape
     _, kv_heads, n_keys, _ = k.shape
     has_key_valid = key_valid is not None
@@ -314,10 +329,7 @@ def _launch(q, k, v, key_valid, query_valid, softmax_scale, launch_decode, launc
     programs = batch * kv_heads * g_tiles
     # With a sliding window a row reads at most its window: the splits divide that.
     visited = min(n_keys, sliding_window) if sliding_window > 0 else n_keys
-    if visited > SINGLE_PASS_MAX_KEYS:
-        splits, per_split = split_plan(programs, visited, block_n, _sm_count(q))
-    else:
-        splits, per_split = 1, visited
+    splits, per_split = split_plan(programs, visited, block_n, _sm_count(q), graph)
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     strides = (sq[0], sq[1], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], stride_mb, stride_mn)
     qk_scale = softmax_scale * LOG2E
@@ -368,7 +380,7 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Opt
                query_valid: Optional[torch.Tensor], softmax_scale: float, softcap: float = 0.0,
                sliding_window: int = 0, learned_sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_traced_launchers, softcap, sliding_window,
-                   learned_sinks)
+                   learned_sinks, graph=True)
 
 
 # Interpreted kernels cannot be traced (wrap_triton hands them back unwrapped), so on the
@@ -377,8 +389,9 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Opt
 def _interpreted_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
                     query_valid: Optional[torch.Tensor], softmax_scale: float, softcap: float = 0.0,
                     sliding_window: int = 0, learned_sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # The compiled op's stand-in: the compiled op's split rule, so CPU tests exercise it.
     return _launch(q, k, v, key_valid, query_valid, softmax_scale, *_eager_launchers, softcap, sliding_window,
-                   learned_sinks)
+                   learned_sinks, graph=True)
 
 
 @_interpreted_op.register_fake
