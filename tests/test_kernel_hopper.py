@@ -17,6 +17,7 @@ traceback instead of hanging the run.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import faulthandler
 import logging
 import os
@@ -370,6 +371,37 @@ def test_tma_params_struct_mirrors_the_cuda_source():
     assert re.findall(r"TmaMap (\w+(?:, \w+)*);", body) == ["q, k, v"]
     assert "struct alignas(64) TmaMap" in src and "uint64_t opaque[16]" in src
     assert [f[0] for f in ha._TmaParams._fields_] == ["q", "k", "v"] and ctypes.sizeof(ha._TmaParams) == 384
+
+
+def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
+    """The grouped 4-D maps (tma3d): M = 16 with TMA only, its own define and tag flag, the
+    48-byte-longer TmaParams (kv_rows after the maps, 64-byte aligned), off by default."""
+    v = ha.Variant(sparsity_n=8, sparsity_m=16, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True,
+                   tma3d=True).canonical()
+    assert v.tma and v.tma3d and v.tag == "d128_8of16t_prmzg"
+    assert v.defines()[-4:] == ["-DNMH_LATE_RESCALE=1", "-DNMH_TMA=1", "-DNMH_LEAN=1", "-DNMH_TMA3D=1"]
+    assert ha._parse_tag(v.tag) == v
+    # Dropped wherever the element-strided map (or cp.async) is the kernel: one cubin each.
+    for other in (ha.Variant(sparsity_n=8, sparsity_m=16, tma3d=True), ha.Variant(tma=True, tma3d=True),
+                  ha.Variant(sparsity_n=4, sparsity_m=8, tma=True, tma3d=True)):
+        assert other.canonical() == dataclasses.replace(other, tma3d=False).canonical()
+    assert not ha.Variant(sparsity_n=8, sparsity_m=16, tma3d=True).canonical().tma
+    assert ha.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, tma=True, tma3d=True, consumers=3).canonical().consumers == 2
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert re.search(r"#if NMH_TMA3D\s+int64_t kv_rows;", src)
+    assert ctypes.sizeof(ha._TmaParams3D) == 448 and ha._TmaParams3D.kv_rows.offset == 384
+    # Off by default (not in the measured schedule); the switch turns it on for M = 16 only.
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
+    for name in SWITCHES:
+        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
+    assert not ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tma3d
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "1")
+    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
+    assert ha.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
+    # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
+    carried = set(ha.standard_variants())
+    assert {"d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx", "d128_3of16i_omgx",
+            "d64_8of16t_hprmzg"} <= {c.tag for c in carried}
 
 
 def _f32(bits: int) -> float:
@@ -1111,6 +1143,41 @@ def test_gpu_21_sparse_pv_with_ties(monkeypatch, tie):
     inputs = tied_inputs(lens_q, lens_k, 2, 1, 128, torch.float64, seed=21)
     _check_against_reference(lens_q, lens_k, 2, 1, 128, torch.bfloat16, inputs, sparsity_n=2, sparsity_m=4,
                              tie_break=tie)
+
+
+TMA3D_CASES = [(8, 16, "threshold"), (3, 16, "index")]
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,tie", TMA3D_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("sched", [tuple(t) for t in ha.TMA3D_TEST_SCHEDULES], ids=_sched_id)
+def test_gpu_22_tma3d_grouped_maps_m16(monkeypatch, sched, n, m, tie):
+    """M = 16 through the grouped 4-D TMA maps (MODELOPT_SPARSE_HOPPER_TMA3D=1): tiles inside
+    the maps' bound (one box per atom column) and the tiles near the tensor's end that the
+    producer warps load with cp.async: the last sequence's last tiles, a short last sequence
+    (tail tiles of the sequence before it), a tensor too short for any box, GQA, D = 64 and 128."""
+    _set_schedule(monkeypatch, sched)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "1")
+    kw = dict(sparsity_n=n, sparsity_m=m, tie_break=tie, num_sink_tokens=3, dense_window_size=20)
+    lens = [1, 100, 128, 129, 700]
+    _check_against_reference(lens, lens, 4, 2, 128, torch.bfloat16,
+                             separated_inputs(lens, lens, 4, 2, 128, m, torch.float64, seed=22 + n), **kw)
+    for lens_q, lens_k in (([700, 20], [700, 20]), ([5], [5]), ([3, 130, 1], [40, 400, 17])):
+        _check_against_reference(lens_q, lens_k, 4, 1, 64, torch.float16, _random(lens_q, lens_k, 4, 1, 64, seed=23),
+                                 **kw)
+        _check_against_reference(lens_q, lens_k, 2, 2, 128, torch.bfloat16,
+                                 _random(lens_q, lens_k, 2, 2, 128, seed=24), **kw)
+
+
+@gpu_test
+@pytest.mark.parametrize("case", [PROBE_CASES[6], PROBE_CASES[8]],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_23_tma3d_mask_probe(monkeypatch, case):
+    """The grouped 4-D maps put every key where the group permutation says (M = 16): the kept
+    mask equals semantics.kept_mask bit for bit (as test_gpu_16)."""
+    _set_schedule(monkeypatch, (False, True, False, True, False))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "1")
+    test_gpu_9_mask_probe_equals_semantics(case)
 
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():

@@ -83,6 +83,10 @@ class Variant:
     lean: bool = False  # FA4's conditional O rescale (slack 2^8) and the two-instruction kept test
     consumers: int = 2  # 3: three consumer warpgroups, 192 query rows per CTA (D = 64 only)
     sparse_pv: bool = False  # stage 3: 2:4 P.V through wgmma.sp (2:4 only; no overlap, cp.async)
+    # With tma, M = 16: the group permutation through a 4-D tensor map's dimensions {D, heads,
+    # group, member} instead of element strides (<= 8), so M = 16 gets the TMA producer too.
+    # Compile-checked only; not in the measured schedule (MODELOPT_SPARSE_HOPPER_TMA3D=1).
+    tma3d: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -94,7 +98,8 @@ class Variant:
 
     def canonical(self) -> "Variant":
         """Dense kernels ignore M and the tie rule: one cubin serves all of them. TMA's element
-        stride is at most 8, so an N:M variant with M = 16 keeps the cp.async producer."""
+        stride is at most 8, so an N:M variant with M = 16 keeps the cp.async producer unless
+        ``tma3d`` (grouped 4-D maps, M = 16 only, two consumer warpgroups) asks for TMA."""
         v = self
         if v.consumers not in (2, 3):
             raise ValueError(f"consumers must be 2 or 3, got {v.consumers}")
@@ -113,7 +118,11 @@ class Variant:
             v = dataclasses.replace(v, overlap=False, tma=False, consumers=2)
         if v.sparsity_n == 0:
             v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
-        if v.tma and v.sparsity_n and v.sparsity_m > 8:
+        # Grouped 4-D maps: only where the element-strided map cannot go (M = 16), with TMA, two
+        # consumer warpgroups, no sparse P.V; everywhere else the flag is dropped (one cubin).
+        if v.tma3d and not (v.tma and v.sparsity_n and v.sparsity_m == 16 and v.consumers == 2 and not v.sparse_pv):
+            v = dataclasses.replace(v, tma3d=False)
+        if v.tma and v.sparsity_n and v.sparsity_m > 8 and not v.tma3d:
             v = dataclasses.replace(v, tma=False)
         return v
 
@@ -122,7 +131,8 @@ class Variant:
         pattern = f"{self.sparsity_n}of{self.sparsity_m}{'i' if self.tie_index else 't'}" if self.sparsity_n else "dense"
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
-                                        ("3", self.consumers == 3), ("s", self.sparse_pv), ("x", self.probe))
+                                        ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
+                                        ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -134,7 +144,7 @@ class Variant:
                 f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"] + \
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
-                             ("-DNMH_SPARSE_PV=1", v.sparse_pv)) if on]
+                             ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -164,7 +174,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_PINGPONG, _OVERLAP, _LATE_RESCALE, _TMA (ignored for M = 16) and
     _LEAN (0 or 1; unset: the measured schedule), MODELOPT_SPARSE_HOPPER_D64_WG3 (three
     consumer warpgroups at D = 64; unset: :func:`measured_consumers`) and
-    MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp)."""
+    MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
+    MODELOPT_SPARSE_HOPPER_TMA3D (default 0: with _TMA, M = 16 through the grouped 4-D maps)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -175,6 +186,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         consumers=3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                                 measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2,
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
+        tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", False),
         probe=probe,
     ).canonical()
 
@@ -327,6 +339,13 @@ class _TmaParams(ctypes.Structure):
     _fields_ = [("q", ctypes.c_uint64 * 16), ("k", ctypes.c_uint64 * 16), ("v", ctypes.c_uint64 * 16)]
 
 
+class _TmaParams3D(_TmaParams):
+    """``struct TmaParams`` of an NMH_TMA3D build: the three maps, then ``int64_t kv_rows``; the
+    struct is 64-byte aligned (alignas(64) maps), so sizeof is 448 (the launch copies that many)."""
+
+    _fields_ = [("kv_rows", ctypes.c_int64), ("_pad", ctypes.c_uint64 * 7)]
+
+
 # cuTensorMapEncodeTiled's enums (cuda.h): raw 16-bit elements (no conversion, zero fill),
 # no interleave, 128-byte swizzle (the layout the wgmma descriptors expect), L2 promotion 256 B.
 _TMA_UINT16, _TMA_INTERLEAVE_NONE, _TMA_SWIZZLE_128B, _TMA_L2_256B, _TMA_OOB_ZERO = 1, 0, 3, 3, 0
@@ -377,6 +396,28 @@ class _Driver:
             dims, strides, box, estrides, ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
             ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled")
         ctypes.memmove(out, aligned, 128)
+
+    def encode_tma_grouped(self, out, t: torch.Tensor, m: int) -> int:
+        """NMH_TMA3D's K / V map of the packed [rows, heads, head_dim] tensor ``t``: 4-D
+        {head_dim, heads, g, mm} with g's stride M rows and mm's one row, box {64, 1, 128 / M, M}
+        (smem row g + (128 / M) mm = key M g + mm: the group permutation, element strides 1).
+        mm's extent is 2M - 1 (a tile starting at row M g0 + r is (g0, r)); g's extent stops at
+        rows // M - 1 so that no in-bounds coordinate reads past the tensor's last row. Returns
+        that extent (<= 0: no tile fits the map; the kernel then loads every tile with cp.async;
+        the map itself is encoded with extent 1 and never used)."""
+        groups = t.shape[0] // m - 1
+        scratch = ctypes.create_string_buffer(128 + 64)
+        aligned = (ctypes.addressof(scratch) + 63) & ~63
+        dims = (ctypes.c_uint64 * 4)(t.shape[2], t.shape[1], max(groups, 1), 2 * m - 1)
+        strides = (ctypes.c_uint64 * 3)(t.stride(1) * 2, m * t.stride(0) * 2, t.stride(0) * 2)  # bytes, dims 1..3
+        box = (ctypes.c_uint32 * 4)(64, 1, 128 // m, m)
+        estrides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+        self.check(self.lib.cuTensorMapEncodeTiled(
+            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(4), ctypes.c_void_p(t.data_ptr()),
+            dims, strides, box, estrides, ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
+            ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled (grouped)")
+        ctypes.memmove(out, aligned, 128)
+        return groups
 
     def make_current(self, context: int):
         current = ctypes.c_void_p()
@@ -599,7 +640,13 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     if q.shape[0] == 0:
         return out, lse
     tma = None
-    if variant.tma:
+    if variant.tma3d:
+        tma = _TmaParams3D()
+        mod.driver.encode_tma(tma.q, q, 1, mod.block_m)
+        for field, t in (("k", k), ("v", v)):
+            mod.driver.encode_tma_grouped(getattr(tma, field), t, variant.sparsity_m)
+        tma.kv_rows = min(k.shape[0], v.shape[0])  # the kernel recomputes the maps' g extent from it
+    elif variant.tma:
         tma = _TmaParams()
         step = variant.sparsity_m if variant.sparsity_n else 1
         for field, t, row_step, rows in (("q", q, 1, mod.block_m), ("k", k, step, 128), ("v", v, step, 128)):
@@ -768,6 +815,9 @@ BENCH_SCHEDULES_WG3 = [(T, F, F, T, F), (T, F, F, T, T), (T, F, T, T, T)]
 
 # Stage 3 (2:4 P.V through wgmma.sp; no overlap), timed with these schedules.
 BENCH_SCHEDULES_SPARSE_PV = [(T, F, F, F, F), (T, F, F, F, T), (F, F, F, F, T)]
+# 8:16 through the grouped 4-D TMA maps (tma3d), against the 8:16 rows of the same schedules
+# (where TMA falls back to cp.async): 8:16's measured schedule and the same without late rescale.
+BENCH_SCHEDULES_TMA3D = [(T, F, T, T, T), (T, F, F, T, T)]
 
 
 def bench_variants() -> list[Variant]:
@@ -782,6 +832,7 @@ def bench_variants() -> list[Variant]:
         for n, m in BENCH_NM:
             out.append(Variant(sparsity_n=n, sparsity_m=m, **_sched(t)))
     out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
+    out += [Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **_sched(t)) for t in BENCH_SCHEDULES_TMA3D]
     return out
 
 
@@ -812,6 +863,9 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             # The TMA producer's element-strided boxes (the group permutation), bit for bit.
             out += [Variant(sparsity_n=n, sparsity_m=m, tie_index=tie, probe=True, tma=True)
                     for n, m, tie in ((0, 4, False), (1, 2, False), (2, 4, True), (4, 8, False))]
+            # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
+            out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
+                    for n, tie in ((8, False), (3, True))]
     seen, unique = set(), []
     for v in out:
         if v.canonical() not in seen:
@@ -819,6 +873,10 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             unique.append(v.canonical())
     return unique
 
+
+# What test_gpu_22 runs with MODELOPT_SPARSE_HOPPER_TMA3D=1 (M = 16 through the grouped 4-D maps):
+# the 8:16 measured schedule (no overlap), and TMA with overlap and ping-pong off.
+TMA3D_TEST_SCHEDULES = [(T, F, T, T, T), (F, T, F, T, F)]
 
 # What tests/test_kernel_hopper.py's new-variant tests run (test_gpu_14/15).
 NEW_VARIANT_SCHEDULES = [(F, T, T, F, F), (T, F, T, F, F), (T, F, F, T, F), (T, T, T, T, F), (T, F, F, F, T),
@@ -835,6 +893,9 @@ NEW_VARIANT_TESTS = [Variant(head_dim=128, sparsity_n=n, sparsity_m=m, **_sched(
                     [Variant(sparsity_n=n, sparsity_m=4 if n == 0 else 8, lean=True) for n in (0, 4)] + \
                     [Variant(head_dim=d, sparsity_n=2, sparsity_m=4, tie_index=tie, fp16=h, sparse_pv=True, **_sched(t))
                      for t in BENCH_SCHEDULES_SPARSE_PV for d in HEAD_DIMS for tie in (False, True)
+                     for h in (False, True)] + \
+                    [Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie, fp16=h, tma3d=True, **_sched(t))
+                     for t in TMA3D_TEST_SCHEDULES for d in HEAD_DIMS for n, tie in ((8, False), (3, True))
                      for h in (False, True)]
 
 
@@ -965,7 +1026,8 @@ def _parse_tag(tag: str) -> Variant:
     return Variant(head_dim=int(m.group(1)), sparsity_n=int(m.group(3) or 0), sparsity_m=int(m.group(4) or 4),
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
-                   consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, probe="x" in flags)
+                   consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
+                   probe="x" in flags)
 
 
 def _smoke(args) -> int:
@@ -1023,7 +1085,8 @@ def _smoke(args) -> int:
 def _sched_label(sched: dict) -> str:
     names = (("pingpong", "pp"), ("late_rescale", "late"), ("tma", "tma"), ("lean", "lean"))
     parts = [short for f, short in names if sched[f]] + ([] if sched["overlap"] else ["no-ovl"]) + \
-        (["3wg"] if sched.get("wg3") else []) + (["sparse-pv"] if sched.get("sparse_pv") else [])
+        (["3wg"] if sched.get("wg3") else []) + (["sparse-pv"] if sched.get("sparse_pv") else []) + \
+        (["tma3d"] if sched.get("tma3d") else [])
     return " ".join(parts) or "base"  # the first verified schedule (overlap only), not the measured default
 
 
@@ -1087,6 +1150,9 @@ def _bench(args) -> int:
         for t in BENCH_SCHEDULES_SHORT:
             plan.append((128, True, n, m, "threshold", "hopper", _sched(t)))
     plan.append((128, True, 8, 16, "index", "hopper", _sched(BENCH_SCHEDULES[0])))
+    # 8:16 through the grouped 4-D TMA maps (compare with the 8:16 rows of the same schedule above).
+    for t in BENCH_SCHEDULES_TMA3D:
+        plan.append((128, True, 8, 16, "threshold", "hopper", dict(_sched(t), tma3d=True)))
     # Stage 3: 2:4 with P.V through wgmma.sp (both tie rules), against the rows above (the
     # index rule's default row first: it is the reference of the index rows).
     plan.append((128, True, 2, 4, "index", "hopper", _sched(BENCH_SCHEDULES[0])))
@@ -1110,7 +1176,7 @@ def _bench(args) -> int:
     tensors, reference = {}, {}
     saved_env = {name: os.environ.get(name) for name in
                  list(_SCHEDULE_ENV.values()) + ["MODELOPT_SPARSE_HOPPER_D64_WG3", "MODELOPT_SPARSE_HOPPER_SPARSE_PV",
-                                                 "MODELOPT_SPARSE_HOPPER_CHECK"]}
+                                                 "MODELOPT_SPARSE_HOPPER_TMA3D", "MODELOPT_SPARSE_HOPPER_CHECK"]}
     best = fastest = None
     announced = False
     for d, causal, n, m, tie, impl, sched in plan:
@@ -1137,6 +1203,7 @@ def _bench(args) -> int:
                     os.environ[name] = str(int(sched[f]))
                 os.environ["MODELOPT_SPARSE_HOPPER_D64_WG3"] = str(int(sched.get("wg3", False)))
                 os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = str(int(sched.get("sparse_pv", False)))
+                os.environ["MODELOPT_SPARSE_HOPPER_TMA3D"] = str(int(sched.get("tma3d", False)))
 
                 def run():
                     return forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True, with_lse=False)[0]

@@ -42,7 +42,9 @@
 // NMH_SPARSE_PV (issue 15 stage 3, 2:4 only, no overlap, cp.async: P.V through wgmma.sp with P
 // as the compressed sparse A operand; V is loaded in a second row order, see v_row_key; tiles
 // that keep more than 2 of a group (edge tiles, ties) run P.V as two sparse MMAs per 32 keys
-// with fixed metadata, members {0, 1} and {2, 3}, on the same V layout).
+// with fixed metadata, members {0, 1} and {2, 3}, on the same V layout), NMH_TMA3D (with
+// NMH_TMA and N:M, used for M = 16: the K / V maps express the group permutation through a 4-D
+// view {head_dim, heads, group, member} instead of element strides, see struct TmaParams).
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -75,6 +77,9 @@
 #endif
 #ifndef NMH_TMA
 #define NMH_TMA 0
+#endif
+#ifndef NMH_TMA3D
+#define NMH_TMA3D 0
 #endif
 #ifndef NMH_CONSUMERS
 #define NMH_CONSUMERS 2
@@ -127,11 +132,23 @@ static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update hopper
 // {64 elements (128 B, one swizzle atom column), 1 head, 128 rows}; the K and V maps of an N:M
 // variant step M rows at a time (element stride M: one box = the G rows of one group member).
 // The default variants keep their one-argument signature (FwdParams unchanged).
+// NMH_TMA3D (N:M, any M, used for M = 16): the K and V maps express the group permutation
+// through dimensions instead of element strides: 4-D {head_dim, heads, g, m} with g's global
+// stride M rows and m's one row, box {64, 1, 128/M, M}, all element strides 1. TMA fills shared
+// memory innermost dimension first, so box element (g, m) lands in smem row g + (128/M) m, which
+// holds key M g + m: the group-permuted tile in one box per atom column. The tile's first key
+// row0 = M g0 + r is addressed as (g, m) = (g0, r) (m's extent is 2M - 1). TMA bounds each
+// coordinate separately, not the row M g + m, so the g extent stops M to 2M - 1 rows short of
+// the tensor's end (no read past it); the at most two tiles that reach into those last rows
+// (always the first ones a CTA visits) are loaded by the four producer warps with cp.async.
 struct alignas(64) TmaMap {
   uint64_t opaque[16];
 };
 struct TmaParams {
   TmaMap q, k, v;
+#if NMH_TMA3D
+  int64_t kv_rows;  // rows of the packed K and V tensors (the grouped maps' bound; see the producer)
+#endif
 };
 
 constexpr int D = NMH_HEAD_DIM;
@@ -145,6 +162,7 @@ constexpr bool OVERLAP = NMH_OVERLAP != 0;
 constexpr bool PROBE = NMH_PROBE != 0;
 constexpr bool LATE_RESCALE = NMH_LATE_RESCALE != 0;
 constexpr bool TMA = NMH_TMA != 0;
+constexpr bool TMA3D = NMH_TMA3D != 0;
 constexpr bool SASS_INTERIOR = NMH_SASS_INTERIOR != 0;
 constexpr bool LEAN = NMH_LEAN != 0;
 constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
@@ -155,7 +173,10 @@ static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_
               "sparse P.V: 2:4, no overlap, cp.async, no probe");
 // TMA's element stride is at most 8, so M = 16 keeps the cp.async producer (the host never
 // builds that combination: Variant.canonical()).
-static_assert(!TMA || !(NMH_SPARSITY_N > 0 && NMH_SPARSITY_M > 8), "TMA with N:M needs M <= 8");
+static_assert(!TMA || TMA3D || !(NMH_SPARSITY_N > 0 && NMH_SPARSITY_M > 8), "TMA with N:M needs M <= 8");
+// The grouped (dimension-permuted) maps: N:M only, with the TMA producer, two consumer warpgroups.
+static_assert(!TMA3D || (TMA && NMH_SPARSITY_N > 0 && NMH_CONSUMERS == 2 && !NMH_SPARSE_PV),
+              "NMH_TMA3D: N:M with NMH_TMA, two consumer warpgroups");
 static_assert(D == 64 || D == 128, "head dim 64 or 128");
 static_assert(!SPARSE || M_SEL == 2 || M_SEL == 4 || M_SEL == 8 || M_SEL == 16, "M in 2/4/8/16");
 static_assert(N_SEL >= 0 && N_SEL < M_SEL, "0 <= N < M");
@@ -679,7 +700,69 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     // ------------------------------------------------------------------ producer
     setmaxnreg_dec<PRODUCER_REGS>();
     if (nt == 0) return;
-#if NMH_TMA
+#if NMH_TMA3D
+    // Thread 0 loads Q (as NMH_TMA) and every K / V tile whose rows lie inside the grouped
+    // maps' bounds: one 4-D box per atom column, (g, m) = (row0 / M, row0 % M), which writes
+    // the whole group-permuted tile (TILE_BYTES per expect_tx, as NMH_TMA). A tile whose g range
+    // reaches past the bound (its keys lie within 2M - 1 + 127 rows of the tensor's end) is
+    // loaded by all 128 producer threads with cp.async (zero fill past the sequence's end), then
+    // fenced, synchronized (named barrier 4) and released by one arrival per full barrier
+    // (FULL_ARRIVALS = 1). Such tiles are tiles 0 and 1 only (descending order, and row0 of
+    // tile 0 lies below the tensor's end), i < STAGES: no empty-barrier wait is ever needed
+    // there, so the other threads never wait on a barrier phase that thread 0 may have lapped.
+    {
+      const int tid = threadIdx.x;
+      constexpr int ATOMS = D / 64;
+      const int g_bound = (int)(tm.kv_rows / M_SEL) - 1;  // the maps' g extent (<= 0: no tile fits)
+      if (tid == 0) {
+        prefetch_tmap(&tm.q);
+        prefetch_tmap(&tm.k);
+        prefetch_tmap(&tm.v);
+        mbar_expect_tx(bar(BAR_Q), (uint32_t)Q_BYTES);
+#pragma unroll
+        for (int a = 0; a < ATOMS; ++a)
+          tma_load_3d(sbase + Q_OFF + a * BM * 128, &tm.q, 64 * a, head, (int)q_start + m0, bar(BAR_Q));
+      }
+      for (int i = 0; i < nt; ++i) {
+        const int s = i % STAGES, u = i / STAGES;
+        const int n0 = (t_end - 1 - i) * BN;
+        const int row0 = (int)k_start + n0;
+        const int g0 = row0 / M_SEL, r0 = row0 % M_SEL;
+        if (g0 + G_PERM <= g_bound) {
+          if (tid == 0) {
+            if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+            mbar_expect_tx(bar(BAR_FULL_K + s), (uint32_t)TILE_BYTES);
+#pragma unroll
+            for (int a = 0; a < ATOMS; ++a)
+              tma_load_4d(sbase + K_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.k, 64 * a, kv_head, g0, r0,
+                          bar(BAR_FULL_K + s));
+            if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+            mbar_expect_tx(bar(BAR_FULL_V + s), (uint32_t)TILE_BYTES);
+#pragma unroll
+            for (int a = 0; a < ATOMS; ++a)
+              tma_load_4d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.v, 64 * a, kv_head, g0, r0,
+                          bar(BAR_FULL_V + s));
+          }
+        } else {
+          const uint16_t* kbase = p.k + k_start * p.k_row + (int64_t)kv_head * p.k_head;
+          const uint16_t* vbase = p.v + k_start * p.v_row + (int64_t)kv_head * p.v_head;
+          if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+          load_tile<true>(sbase + K_OFF + s * TILE_BYTES, kbase, p.k_row, n0, kv_len, tid);
+          if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+          load_tile<true>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
+          cp_async_commit();
+          cp_async_wait<0>();
+          fence_proxy_async();
+          named_sync(4, 128);
+          if (tid == 0) {
+            mbar_arrive(bar(BAR_FULL_K + s));
+            mbar_arrive(bar(BAR_FULL_V + s));
+          }
+        }
+      }
+    }
+    return;
+#elif NMH_TMA
     // One thread issues every load: expect_tx on the full barrier, then the boxes (D / 64 per
     // tile, times M for an N:M variant: box mm holds key rows n0 + mm, n0 + mm + M, ... = the
     // G smem rows mm*G .. mm*G + G - 1 of the group-permuted tile; G*128 B is a multiple of
