@@ -170,33 +170,29 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
             padding_offset = 0
     if isinstance(q_offset, torch.Tensor):
         # A static cache keeps its length on the device: so does everything derived from it.
-        first_query = q_offset.to(device=device, dtype=torch.int64).reshape(()) - kv_offset
-        lazy_checks.require(
-            (first_query >= 0) & (first_query + q_length <= kv_length),
-            lambda: f"modelopt_sparse: cannot place {q_length} queries at offset {int(q_offset)} among "
-                    f"{kv_length} keys (kv_offset {kv_offset})",
+        # This runs eagerly at every step of generate() (transformers builds the masks outside
+        # the compiled step), so it is kept to a few kernels and one device check.
+        first_query = q_offset.to(device=device, dtype=torch.int64).reshape(())
+        if kv_offset:
+            first_query = first_query - kv_offset
+        slot_index = _slot_index(kv_length, first_query, device)
+        _require_placed(first_query, slot_index, q_length, kv_length, kv_offset, padding_offset, attention_mask)
+        return token_codes(batch_size, q_length, kv_length, first_query, padding_offset, attention_mask, device,
+                           slot_index=slot_index)
+    first_query = int(q_offset) - kv_offset
+    q_end = first_query + q_length  # key slots up to and including the last query
+    if not q_length <= q_end <= kv_length:
+        raise ValueError(
+            f"modelopt_sparse: cannot place {q_length} queries at offset {int(q_offset)} among {kv_length} "
+            f"keys (kv_offset {kv_offset})"
         )
-        if attention_mask is not None:
-            lazy_checks.require(
-                attention_mask.shape[-1] >= padding_offset + first_query + q_length,
-                lambda: f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but "
-                        f"the queries reach position {int(q_offset) + q_length}",
-            )
-    else:
-        first_query = int(q_offset) - kv_offset
-        q_end = first_query + q_length  # key slots up to and including the last query
-        if not q_length <= q_end <= kv_length:
-            raise ValueError(
-                f"modelopt_sparse: cannot place {q_length} queries at offset {int(q_offset)} among {kv_length} "
-                f"keys (kv_offset {kv_offset})"
-            )
-        if attention_mask is None and q_end == kv_length:
-            return None
-        if attention_mask is not None and attention_mask.shape[-1] < padding_offset + q_end:
-            raise ValueError(
-                f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but the "
-                f"queries reach position {kv_offset + q_end}"
-            )
+    if attention_mask is None and q_end == kv_length:
+        return None
+    if attention_mask is not None and attention_mask.shape[-1] < padding_offset + q_end:
+        raise ValueError(
+            f"modelopt_sparse: the 2-D attention_mask covers {attention_mask.shape[-1]} positions but the "
+            f"queries reach position {kv_offset + q_end}"
+        )
     return token_codes(batch_size, q_length, kv_length, first_query, padding_offset, attention_mask, device)
 
 
@@ -263,25 +259,103 @@ def _closure_value(function, name):
     return function.__closure__[function.__code__.co_freevars.index(name)].cell_contents
 
 
-def token_codes(batch, q_len, width, first_query, kv_offset=0, padding=None, device=None) -> torch.Tensor:
+def _require_placed(first_query, slot_index, q_length, kv_length, kv_offset, padding_offset, attention_mask):
+    """One device check that the queries, first at key slot ``first_query`` (a 0-d device
+    tensor), fit among the ``kv_length`` keys and within the 2-D ``attention_mask`` (if any).
+
+    Both bounds are host ints, so one clamp says whether ``0 <= first_query <= last_start``.
+    Which of the two errors it is is decided when the message is built, from the first
+    query slot as it was at this call (``slot_index[0] = 1 - first_query``; ``first_query``
+    itself may be the cache's live counter, which later steps advance in place).
+    """
+    if torch.compiler.is_compiling():
+        return  # compiled code cannot read a check back (lazy_checks): skip the ops too
+    last_start = kv_length - q_length
+    mask_width = None if attention_mask is None else attention_mask.shape[-1]
+    if mask_width is not None:
+        last_start = min(last_start, mask_width - padding_offset - q_length)
+    if last_start < 0:
+        ok = torch.zeros_like(first_query, dtype=torch.bool)  # no slot fits: fails whatever the value
+    else:
+        ok = first_query.clamp(0, last_start) == first_query
+
+    def message():
+        first = 1 - int(slot_index[0]) if slot_index.numel() else int(first_query)
+        if first < 0 or first + q_length > kv_length or mask_width is None:
+            return (f"modelopt_sparse: cannot place {q_length} queries at offset {first + kv_offset} among "
+                    f"{kv_length} keys (kv_offset {kv_offset})")
+        return (f"modelopt_sparse: the 2-D attention_mask covers {mask_width} positions but the queries reach "
+                f"position {first + kv_offset + q_length}")
+
+    lazy_checks.require(ok, message)
+
+
+# Small constant tensors of the token-code computation, per shape and device (never written).
+_CODE_CONSTANTS: dict = {}
+
+
+def _code_constant(kind, n, device) -> torch.Tensor:
+    """``arange(1, n + 1)`` (kind "slots") or the code table ``[1, 2, ..., n + 1, 0]`` (kind
+    "table", int32), cached per ``(kind, n, device)`` outside compiled code."""
+    def build():
+        if kind == "slots":
+            return torch.arange(1, n + 1, device=device, dtype=torch.int64)
+        # Index i <= n holds code i + 1 (1: before the queries; 2 + r at index r + 1: query row r).
+        table = torch.arange(_FIRST_QUERY_CODE - 1, n + _FIRST_QUERY_CODE + 1, device=device, dtype=_CODES_DTYPE)
+        table[-1] = 0  # index n + 1: after the last query
+        return table
+
+    device = torch.device("cpu" if device is None else device)
+    if torch.compiler.is_compiling() or (device.type != "cpu" and device.index is None):
+        return build()  # ("cuda" without an index follows the current device: not a cache key)
+    key = (kind, n, device)
+    value = _CODE_CONSTANTS.get(key)
+    if value is None:
+        with torch.inference_mode(False):  # usable (read-only) in and out of inference mode
+            value = build()
+        if len(_CODE_CONSTANTS) >= 64:
+            _CODE_CONSTANTS.pop(next(iter(_CODE_CONSTANTS)))
+        _CODE_CONSTANTS[key] = value
+    return value
+
+
+def _slot_index(width, first_query, device) -> torch.Tensor:
+    """``[width]`` int64: ``j + 1 - first_query`` for key slot ``j``, i.e. the query row the slot
+    holds, plus one (``<= 0`` before the first query, ``> q_len`` after the last). One kernel."""
+    if isinstance(first_query, torch.Tensor):
+        return _code_constant("slots", width, device) - first_query
+    return torch.arange(1 - first_query, width + 1 - first_query, device=device, dtype=torch.int64)
+
+
+def token_codes(batch, q_len, width, first_query, kv_offset=0, padding=None, device=None, *,
+                slot_index=None) -> torch.Tensor:
     """``[batch, width]`` int32 token codes (module docstring) of ``q_len`` queries whose first
     sits at key slot ``first_query`` (an int, or a 0-d device tensor), with ``padding[b,
     kv_offset + j]`` saying whether slot ``j`` holds a real token (``None``: every slot up to
-    the last query does). Device ops only."""
+    the last query does). Device ops only: three kernels, plus one for the padding.
+
+    ``slot_index`` (:func:`_slot_index` of ``width`` and ``first_query``) may be passed in
+    when the caller already has it.
+    """
     if padding is not None:
         device = padding.device if device is None else device
         if padding.dtype.is_floating_point:
             raise TypeError("modelopt_sparse: a 2-D attention_mask must be bool or integer 0/1, not floating point")
-    slots = torch.arange(width, device=device, dtype=torch.int64)
-    row = slots - first_query  # the query row a slot holds; negative before the first query
-    real = (row < q_len)[None, :]  # slots after the last query hold no token yet
+    if slot_index is None:
+        slot_index = _slot_index(width, first_query, device)
+    # slot_index clamped to [0, q_len + 1] indexes the table [1, 2, ..., q_len + 1, 0]: 1 for a
+    # token before the queries, 2 + r for query row r, 0 after the last query. The index is
+    # expanded to the batch, so the gather writes the [batch, width] result directly.
+    index = slot_index.clamp(0, q_len + 1).expand(batch, width)
+    codes = _code_constant("table", q_len, device)[index]
     if padding is not None:
-        pad = padding[:, kv_offset : kv_offset + width].to(device=device, dtype=torch.bool)
-        if pad.shape[-1] < width:  # a static cache is longer than the mask: its tail is empty
-            pad = torch.nn.functional.pad(pad, (0, width - pad.shape[-1]), value=False)
-        real = real & pad
-    codes = torch.where(real, torch.where(row >= 0, row + _FIRST_QUERY_CODE, 1), 0)
-    return codes.to(_CODES_DTYPE).expand(batch, width).contiguous()
+        # Slots the mask does not reach (a static cache longer than the mask) lie after the
+        # last query (checked by the callers): their code is 0 already.
+        pad = padding[:, kv_offset : kv_offset + width]
+        if pad.device != codes.device or pad.dtype != torch.bool:
+            pad = pad.to(device=codes.device, dtype=torch.bool)
+        codes[:, : pad.shape[-1]].mul_(pad)
+    return codes
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,12 @@ import torch
 import transformers
 
 import modelopt_sparse as mts
-from modelopt_sparse.hf_attention import ATTN_IMPLEMENTATION, register_with_transformers, sparse_attention_forward
+from modelopt_sparse.hf_attention import (
+    ATTN_IMPLEMENTATION,
+    register_with_transformers,
+    sparse_attention_forward,
+    sparse_attention_mask,
+)
 
 from .hf_tiny import llama, sparse  # noqa: F401  (shared fixtures)
 from .hf_tiny import attention_inputs, logits, sparse_cfg, tiny_model, token_ids
@@ -199,6 +204,42 @@ def test_bad_masks(sparse, mask, match):
     q, k, v = attention_inputs()
     with pytest.raises((ValueError, TypeError), match=match):
         sparse_attention_forward(sparse.model.layers[0].self_attn, q, k, v, mask)
+
+
+PLACE = "cannot place {q} queries at offset {offset} among {kv} keys \\(kv_offset {kv_offset}\\)"
+COVER = "the 2-D attention_mask covers {width} positions but the queries reach position {reach}"
+
+
+@pytest.mark.parametrize("tensor_offset", [False, True], ids=["int offset", "static cache offset"])
+@pytest.mark.parametrize(
+    "q,kv,offset,kv_offset,width,match",
+    [
+        (1, 8, 8, 0, None, PLACE.format(q=1, offset=8, kv=8, kv_offset=0)),  # past the end of the cache
+        (1, 8, 8, 0, 12, PLACE.format(q=1, offset=8, kv=8, kv_offset=0)),  # ...with a mask long enough
+        (4, 8, 6, 0, 12, PLACE.format(q=4, offset=6, kv=8, kv_offset=0)),  # the queries run past the end
+        (1, 8, 2, 3, None, PLACE.format(q=1, offset=2, kv=8, kv_offset=3)),  # before the first key
+        (9, 8, 0, 0, None, PLACE.format(q=9, offset=0, kv=8, kv_offset=0)),  # more queries than keys
+        (1, 8, 4, 0, 4, COVER.format(width=4, reach=5)),  # the mask ends before the query
+        (2, 8, 0, 0, 1, COVER.format(width=1, reach=2)),  # the mask is shorter than the queries
+        (1, 8, 5, 2, 5, COVER.format(width=5, reach=6)),  # the mask counts kv_offset positions too
+    ],
+)
+def test_mask_function_refuses_queries_it_cannot_place(tensor_offset, q, kv, offset, kv_offset, width, match):
+    """The mask function's placement errors, for a Python offset (raised on the host) and for a
+    static cache's device offset (a device check: raised at once on the CPU)."""
+    mask = None if width is None else torch.ones(2, width, dtype=torch.bool)
+    q_offset = torch.tensor(offset) if tensor_offset else offset
+    with pytest.raises(ValueError, match=match):
+        sparse_attention_mask(2, q, kv, q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask)
+
+
+def test_mask_function_places_queries_at_both_bounds():
+    """The placement check admits the first and the last slot that fit (off by one either way fails above)."""
+    for tensor_offset in (False, True):
+        for offset, width in ((0, 8), (7, 8), (3, 4)):
+            q_offset = torch.tensor(offset) if tensor_offset else offset
+            codes = sparse_attention_mask(1, 1, 8, q_offset=q_offset, attention_mask=torch.ones(1, width, dtype=torch.bool))
+            assert codes[0, offset] == 2 and (codes[0, offset + 1:] == 0).all() and (codes[0, :offset] == 1).all()
 
 
 def test_bad_stats_sink(sparse):

@@ -239,3 +239,110 @@ def test_dynamo_never_traces_into_pending_device_checks(monkeypatch):
     step(torch.ones(3))
     assert len(compiles) == 1
     torch._dynamo.reset()
+
+
+def _reference_codes(batch, q_len, width, first_query, kv_offset=0, padding=None):
+    """Token codes written out slot by slot from the module docstring of hf_attention."""
+    codes = torch.zeros(batch, width, dtype=torch.int32)
+    for b in range(batch):
+        for j in range(width):
+            row = j - first_query
+            pad_j = kv_offset + j
+            real = row < q_len and (padding is None or (pad_j < padding.shape[-1] and bool(padding[b, pad_j])))
+            codes[b, j] = (row + 2 if row >= 0 else 1) if real else 0
+    return codes
+
+
+@pytest.mark.parametrize("offset_kind", ["int", "tensor"])
+def test_token_codes_match_their_definition(offset_kind):
+    """token_codes (a few fused kernels, cached constants) against the slot-by-slot definition:
+    queries at the start, middle and end, static-cache tails, padding shorter, as long as and
+    longer than the keys, kv_offset, bool and integer padding."""
+    gen = torch.Generator().manual_seed(0)
+    for batch, q_len, width, first, kv_offset, pad_len, pad_dtype in [
+        (1, 1, 8, 7, 0, None, None), (3, 1, 8, 3, 0, None, None), (2, 4, 10, 0, 0, None, None),
+        (2, 1, 12, 4, 0, 5, torch.bool), (3, 2, 9, 5, 0, 9, torch.int64), (2, 3, 8, 2, 2, 12, torch.bool),
+        (2, 1, 16, 0, 0, 1, torch.int32), (4, 5, 5, 0, 0, 5, torch.bool), (1, 1, 6, 2, 3, 6, torch.bool),
+    ]:
+        padding = None
+        if pad_len is not None:
+            padding = (torch.rand(batch, pad_len, generator=gen) < 0.7).to(pad_dtype)
+        first_query = torch.tensor(first) if offset_kind == "tensor" else first
+        for _ in range(2):  # the second call reuses the cached constants
+            got = hf_attention.token_codes(batch, q_len, width, first_query, kv_offset, padding)
+            assert got.dtype == torch.int32 and got.is_contiguous()
+            assert torch.equal(got, _reference_codes(batch, q_len, width, first, kv_offset, padding))
+
+
+# Ops that make no kernel: views and metadata. aten._local_scalar_dense is the CPU form of a
+# device check (reading the flag at once); on CUDA it is a copy to pinned memory instead,
+# counted as a device check (lazy_checks.require) below.
+_NO_KERNEL = {"aten.view", "aten._unsafe_view", "aten.expand", "aten.slice", "aten.select", "aten.alias",
+              "aten.unsqueeze", "aten.squeeze", "aten.detach", "aten.reshape", "aten.as_strided", "aten.t",
+              "aten._local_scalar_dense"}
+
+
+def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3):
+    """(kernels, device checks) of each call of the mask function with one query per row during
+    a tiny generate(): the work transformers runs eagerly at every decode step, outside a
+    compiled step (create_masks_for_generate) and, in eager decode, inside the model too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    checks = []
+    require = lazy_checks.require
+    monkeypatch.setattr(lazy_checks, "require", lambda *a, **k: (checks.append(1), require(*a, **k))[1])
+    costs = []
+
+    def counted(*args, **kwargs):
+        before = len(checks)
+        with Ops() as ops:
+            out = hf_attention.sparse_attention_mask(*args, **kwargs)
+        if kwargs["q_length"] == 1:
+            costs.append(([n for n in ops.names if n not in _NO_KERNEL], len(checks) - before))
+        return out
+
+    model = mts.sparsify(tiny_model("llama", dtype=torch.float32), sparse_cfg(2, 4))  # (re-)registers the mask
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, hf_attention.ATTN_IMPLEMENTATION, counted)
+    ids = token_ids(batch, 10)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    with torch.no_grad():
+        for _ in range(2):  # the first run fills the caches of constant tensors: count the second
+            costs.clear()
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                           **extra)
+    return costs
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_decode_step_mask_costs_a_few_kernels_and_one_check(monkeypatch, padded):
+    """A static cache's decode-step mask (its offset on the device) is built eagerly every step,
+    where CUDA graphs cannot hide launches: it must stay a few kernels (SDPA's mask is 7) and
+    one device check per call. It was 14-19 kernels and 1-2 checks (each a pinned copy and an
+    event) before the token codes and the two placement checks were fused."""
+    costs = _decode_step_mask_costs(monkeypatch, "static", padded)
+    assert len(costs) == 4  # 2 decode steps x (create_masks_for_generate + the model's own mask call)
+    for kernels, checks in costs:
+        # sub (slot index), clamp + eq (placement check), clamp + index (codes), mul_ (padding)
+        assert len(kernels) <= 6 and checks == 1, (kernels, checks)
+
+
+def test_dynamic_cache_decode_step_mask_costs_a_few_kernels_and_no_check(monkeypatch):
+    """A dynamic cache's offset is a Python int: its checks run on the host, and the codes of a
+    padded batch take four kernels (none without padding: the mask function returns None)."""
+    costs = _decode_step_mask_costs(monkeypatch, None, padded=True)
+    assert len(costs) == 2
+    for kernels, checks in costs:
+        assert len(kernels) <= 4 and checks == 0, (kernels, checks)  # arange, clamp, index, mul_
+    assert _decode_step_mask_costs(monkeypatch, None, padded=False) == [([], 0)] * 2
