@@ -308,6 +308,8 @@ def _code_constant(kind, n, device) -> torch.Tensor:
     device = torch.device("cpu" if device is None else device)
     if torch.compiler.is_compiling() or (device.type != "cpu" and device.index is None):
         return build()  # ("cuda" without an index follows the current device: not a cache key)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return build()  # not cached: a tensor made during a capture lives in that graph's pool
     key = (kind, n, device)
     value = _CODE_CONSTANTS.get(key)
     if value is None:
