@@ -278,9 +278,9 @@ def test_param_struct_mirrors_the_cuda_source():
 
 def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in ha.standard_variants()}
-    # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (not at M = 16),
-    # lean, and overlap up to M = 4.
-    for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "prz")):
+    # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
+    # through the grouped maps), lean, and overlap up to M = 4.
+    for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "prmzg")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
     assert {"d128_dense_pormz", "d64_dense_pmz3", "d128_dense_hpormz", "d128_dense_o", "d128_dense_po",
@@ -328,7 +328,8 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert ha.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pmz3"  # three consumer warpgroups
     assert ha.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
     assert ha.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == ha.measured_schedule(128, 8, 16)
-    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prz"
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
+    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = ha.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -390,14 +391,18 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     assert re.search(r"#if NMH_TMA3D\s+int64_t kv_rows;", src)
     assert ctypes.sizeof(ha._TmaParams3D) == 448 and ha._TmaParams3D.kv_rows.offset == 384
-    # Off by default (not in the measured schedule); the switch turns it on for M = 16 only.
+    # On by default for M = 16 (the measured schedule since session 11), for no other pattern;
+    # the switch set to 0 brings back the cp.async producer there.
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert not ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tma3d
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "1")
     assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
+    assert ha.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
     assert ha.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
+    assert not ha.variant_for(_params(), torch.bfloat16, 128).tma3d
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
+    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prz"
+    assert {v.tag for v in ha._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_prmzg", "d64_3of16i_prmzg"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
     carried = set(ha.standard_variants())
     assert {"d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx", "d128_3of16i_omgx",

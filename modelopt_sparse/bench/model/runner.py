@@ -31,7 +31,7 @@ class ModelBenchConfig:
     warmup: int = 5
     reps: int = 30
     gen_warmup: int = 1
-    gen_reps: int = 3
+    gen_reps: int = 6
     host_calls: int = 2000
     compile_backend: str | None = "inductor"  # None: compiled cases are skipped
     time_budget_s: float | None = None
