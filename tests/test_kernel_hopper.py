@@ -1235,3 +1235,42 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
         assert ("WRONG" in line) == ("sparse-pv" in line), line
     assert "FASTEST " in table and "BEST_SCHEDULE MODELOPT_SPARSE_HOPPER_PINGPONG=" in table
     assert len({tuple(sorted(s.items())) for s in seen}) > 5  # the schedules really change
+
+
+@gpu_test
+@pytest.mark.parametrize("n", [0, 2], ids=["dense", "2of4"])
+def test_gpu_24_auto_runs_the_engine_inside_a_sparsified_model(monkeypatch, n):
+    """``sparsify`` with its default ``backend="auto"``: a transformers model's long prefill runs
+    every layer through the engine (sm_90, at least AUTO_MIN_WORK per call), its logits match
+    the same model forced onto Triton, and a short call in the same model stays on Triton."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import modelopt_sparse as mts
+
+    from .hf_tiny import sparse_cfg
+
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
+    calls = []
+    real = ha.hopper_attention
+    monkeypatch.setattr(ha, "hopper_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=8192)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    tokens = 6144
+    assert tokens * tokens * config.num_attention_heads >= ha.AUTO_MIN_WORK
+    ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).cuda()
+    auto = mts.sparsify(copy.deepcopy(base), sparse_cfg(n, 4, 0, 64))
+    forced = mts.sparsify(copy.deepcopy(base), sparse_cfg(n, 4, 0, 64, backend="triton"))
+    with torch.no_grad():
+        got = auto(input_ids=ids, use_cache=False).logits.float()
+        assert len(calls) == config.num_hidden_layers
+        want = forced(input_ids=ids, use_cache=False).logits.float()
+        assert len(calls) == config.num_hidden_layers
+        auto(input_ids=ids[:, :512], use_cache=False)
+    assert len(calls) == config.num_hidden_layers  # 512 tokens: below the size rule
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 2e-2
