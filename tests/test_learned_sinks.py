@@ -782,5 +782,8 @@ def test_gpu_compile_inductor():
 
     with torch.no_grad():
         got = torch.compile(decode, fullgraph=True)(q, k, v, key_valid, sinks)
-        torch.testing.assert_close(got, decode(q, k, v, key_valid, sinks))
+        # A compiled graph's launch splits the 3000 keys more ways than the eager one (the
+        # split rule for graphs, triton_decode.split_plan): the same values, summed in another
+        # order, so they agree to bf16 rounding, not bit for bit.
+        torch.testing.assert_close(got, decode(q, k, v, key_valid, sinks), atol=1.6e-2, rtol=1.6e-2)
     torch._dynamo.reset()
