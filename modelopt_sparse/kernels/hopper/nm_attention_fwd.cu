@@ -700,6 +700,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     // ------------------------------------------------------------------ producer
     setmaxnreg_dec<PRODUCER_REGS>();
     if (nt == 0) return;
+#if NMH_TMA
+    // The TMA producers' first loads, by thread 0: the three maps prefetched, then Q, D / 64
+    // boxes of BM rows (the host encodes the Q map's box from nmh_config's rows per CTA).
+    auto load_q_by_tma = [&]() {
+      prefetch_tmap(&tm.q);
+      prefetch_tmap(&tm.k);
+      prefetch_tmap(&tm.v);
+      mbar_expect_tx(bar(BAR_Q), (uint32_t)Q_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a)
+        tma_load_3d(sbase + Q_OFF + a * BM * 128, &tm.q, 64 * a, head, (int)q_start + m0, bar(BAR_Q));
+    };
+#endif
 #if NMH_TMA3D
     // Thread 0 loads Q (as NMH_TMA) and every K / V tile whose rows lie inside the grouped
     // maps' bounds: one 4-D box per atom column, (g, m) = (row0 / M, row0 % M), which writes
@@ -714,15 +727,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       const int tid = threadIdx.x;
       constexpr int ATOMS = D / 64;
       const int g_bound = (int)(tm.kv_rows / M_SEL) - 1;  // the maps' g extent (<= 0: no tile fits)
-      if (tid == 0) {
-        prefetch_tmap(&tm.q);
-        prefetch_tmap(&tm.k);
-        prefetch_tmap(&tm.v);
-        mbar_expect_tx(bar(BAR_Q), (uint32_t)Q_BYTES);
-#pragma unroll
-        for (int a = 0; a < ATOMS; ++a)
-          tma_load_3d(sbase + Q_OFF + a * BM * 128, &tm.q, 64 * a, head, (int)q_start + m0, bar(BAR_Q));
-      }
+      if (tid == 0) load_q_by_tma();
       for (int i = 0; i < nt; ++i) {
         const int s = i % STAGES, u = i / STAGES;
         const int n0 = (t_end - 1 - i) * BN;
@@ -774,14 +779,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     constexpr int ATOMS = D / 64;
     constexpr int MEMBERS = SPARSE ? M_SEL : 1;
     constexpr uint32_t BOX_BYTES = ATOM_BYTES / MEMBERS;
-    prefetch_tmap(&tm.q);
-    prefetch_tmap(&tm.k);
-    prefetch_tmap(&tm.v);
-    // The Q map's box is BM rows (the host encodes it from nmh_config's rows per CTA).
-    mbar_expect_tx(bar(BAR_Q), (uint32_t)Q_BYTES);
-#pragma unroll
-    for (int a = 0; a < ATOMS; ++a)
-      tma_load_3d(sbase + Q_OFF + a * BM * 128, &tm.q, 64 * a, head, (int)q_start + m0, bar(BAR_Q));
+    load_q_by_tma();
     for (int i = 0; i < nt; ++i) {
       const int s = i % STAGES, u = i / STAGES;
       const int row0 = (int)k_start + (t_end - 1 - i) * BN;
