@@ -302,10 +302,14 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert ha.Variant().defines() == ["-DNMH_HEAD_DIM=128", "-DNMH_SPARSITY_N=0", "-DNMH_SPARSITY_M=4",
                                       "-DNMH_TIE_INDEX=0", "-DNMH_FP16=0", "-DNMH_PINGPONG=0", "-DNMH_OVERLAP=1",
                                       "-DNMH_PROBE=0"]
-    # Stage 3: 2:4 only, never with overlap, TMA or a probe build.
-    sp = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, tma=True).canonical()
+    # Stage 3: 2:4 only, never with overlap or a probe build; with or without TMA.
+    sp = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True).canonical()
     assert sp.sparse_pv and not sp.overlap and not sp.tma and sp.tag == "d128_2of4t_s"
     assert sp.defines()[-1] == "-DNMH_SPARSE_PV=1"
+    spt = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, tma=True, pingpong=True, late_rescale=True,
+                     lean=True).canonical()
+    assert spt.tma and not spt.overlap and spt.tag == "d128_2of4t_prmzs" and ha._parse_tag(spt.tag) == spt
+    assert {"-DNMH_TMA=1", "-DNMH_SPARSE_PV=1"} <= set(spt.defines())
     assert not ha.Variant(sparsity_n=4, sparsity_m=8, sparse_pv=True).canonical().sparse_pv
     assert not ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, probe=True).canonical().sparse_pv
     v = ha.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True)
@@ -389,7 +393,8 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     assert not ha.Variant(sparsity_n=8, sparsity_m=16, tma3d=True).canonical().tma
     assert ha.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, tma=True, tma3d=True, consumers=3).canonical().consumers == 2
     src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
-    assert re.search(r"#if NMH_TMA3D\s+int64_t kv_rows;", src)
+    assert re.search(r"#if NMH_TMA_BOUNDED\s+int64_t kv_rows;", src)
+    assert "#define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))" in src
     assert ctypes.sizeof(ha._TmaParams3D) == 448 and ha._TmaParams3D.kv_rows.offset == 384
     # On by default for M = 16 (the measured schedule since session 11), for no other pattern;
     # the switch set to 0 brings back the cp.async producer there.
@@ -1134,6 +1139,11 @@ def test_gpu_20_sparse_pv_against_reference(monkeypatch, sched, tie, d):
     # Random (real-valued) scores, MQA.
     _check_against_reference(lens, lens, 4, 1, d, torch.bfloat16, _random(lens, lens, 4, 1, d, seed=21),
                              sparsity_n=2, sparsity_m=4, tie_break=tie, dense_window_size=8)
+    # With TMA, tiles within 131 rows of the tensor's end go by cp.async: a tensor of 120 rows
+    # (every tile), and one of 260 (its last tile; the two before it by TMA).
+    for short in ([120], [260]):
+        _check_against_reference(short, short, 2, 1, d, torch.bfloat16, _random(short, short, 2, 1, d, seed=22),
+                                 is_causal=False, sparsity_n=2, sparsity_m=4, tie_break=tie)
 
 
 @gpu_test
@@ -1274,3 +1284,46 @@ def test_gpu_24_auto_runs_the_engine_inside_a_sparsified_model(monkeypatch, n):
     assert len(calls) == config.num_hidden_layers  # 512 tokens: below the size rule
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < 2e-2
+
+
+def test_sparse_pv_tma_map_writes_the_v_row_order():
+    """Stage 3's V map with the TMA producer, emulated element by element as the ISA defines a
+    tiled box load (innermost dimension first into shared memory; a coordinate outside its
+    extent reads zero): the four 5-D boxes of a tile write smem row r with the tile's key
+    v_row_key(r), for every start row; a tile the kernel sends to TMA reads no row past the
+    tensor's end and no zero-filled element; the kernel's bound test is exactly that."""
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;" in src
+    assert "const bool by_tma = TMA3D ? g0 + G_PERM <= bound : row0 + 96 + 3 < bound;" in src
+    assert "kv_head, row0 + 32 * q32, 0, 0, bar(BAR_FULL_V + s));" in src
+    assert "(int)tm.kv_rows - 31;" in src
+    heads, head_dim = 3, 128
+    row_bytes, head_bytes = heads * head_dim * 2, head_dim * 2
+    for rows in (1, 31, 32, 130, 131, 132, 300, 1000):
+        dims, strides, box = ha.sparse_pv_v_map(rows, heads, head_dim, row_bytes, head_bytes)
+        assert box == (64, 1, 4, 4, 2) and dims[:2] == (head_dim, heads) and dims[3:] == (4, 2)
+        assert all(st % 16 == 0 for st in strides) and strides[0] == head_bytes
+        steps = [st // row_bytes for st in strides[1:]]  # rows per unit of d, c, b
+        assert steps == [1, 8, 4]
+        bound = rows - 31  # the kernel's, from kv_rows
+        assert dims[2] == max(bound, 1)
+        for row0 in range(0, rows + 1):
+            smem = {}
+            zero_filled = False
+            for q32 in range(4):
+                start = row0 + 32 * q32  # the box's d coordinate; c and b start at 0
+                for b in range(box[4]):
+                    for c in range(box[3]):
+                        for d in range(box[2]):
+                            r = 32 * q32 + d + box[2] * c + box[2] * box[3] * b  # innermost first
+                            coords_ok = start + d < dims[2]
+                            zero_filled |= not coords_ok
+                            smem[r] = start + d * steps[0] + c * steps[1] + b * steps[2] if coords_ok else None
+            by_tma = row0 + 96 + 3 < bound
+            assert sorted(smem) == list(range(128))
+            if by_tma:
+                assert not zero_filled
+                assert all(smem[r] == row0 + _sp_v_row_key(r) for r in range(128))
+                assert max(smem.values()) < rows
+            else:  # exactly the tiles whose last box would leave the map
+                assert zero_filled or bound <= 0

@@ -82,7 +82,9 @@ class Variant:
     tma: bool = False  # TMA producer (one thread) instead of cp.async (128 threads); dense and M <= 8
     lean: bool = False  # FA4's conditional O rescale (slack 2^8) and the two-instruction kept test
     consumers: int = 2  # 3: three consumer warpgroups, 192 query rows per CTA (D = 64 only)
-    sparse_pv: bool = False  # stage 3: 2:4 P.V through wgmma.sp (2:4 only; no overlap, cp.async)
+    # Stage 3: 2:4 P.V through wgmma.sp (2:4 only; no overlap). V in its own row order: by
+    # cp.async, or with tma through a 5-D map (since session 11; compile-checked only).
+    sparse_pv: bool = False
     # With tma, M = 16: the group permutation through a 4-D tensor map's dimensions {D, heads,
     # group, member} instead of element strides (<= 8), so M = 16 gets the TMA producer too.
     # Compile-checked only; not in the measured schedule (MODELOPT_SPARSE_HOPPER_TMA3D=1).
@@ -111,11 +113,12 @@ class Variant:
         if v.consumers == 3:
             v = dataclasses.replace(v, tma=True)
         # Sparse P.V: 2:4 only (the hardware's format); the compressed P is built after the last
-        # wait (no overlap), V needs a second row order (cp.async), not in probe builds.
+        # wait (no overlap), two consumer warpgroups, not in probe builds. With TMA, V goes
+        # through its own 5-D map (_Driver.encode_tma_sparse_pv).
         if v.sparse_pv and ((v.sparsity_n, v.sparsity_m) != (2, 4) or v.probe):
             v = dataclasses.replace(v, sparse_pv=False)
         if v.sparse_pv:
-            v = dataclasses.replace(v, overlap=False, tma=False, consumers=2)
+            v = dataclasses.replace(v, overlap=False, consumers=2)
         if v.sparsity_n == 0:
             v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
         # Grouped 4-D maps: only where the element-strided map cannot go (M = 16), with TMA, two
@@ -348,8 +351,9 @@ class _TmaParams(ctypes.Structure):
 
 
 class _TmaParams3D(_TmaParams):
-    """``struct TmaParams`` of an NMH_TMA3D build: the three maps, then ``int64_t kv_rows``; the
-    struct is 64-byte aligned (alignas(64) maps), so sizeof is 448 (the launch copies that many)."""
+    """``struct TmaParams`` of an NMH_TMA_BOUNDED build (NMH_TMA3D, or stage 3 with TMA): the
+    three maps, then ``int64_t kv_rows``; the struct is 64-byte aligned (alignas(64) maps), so
+    sizeof is 448 (the launch copies that many)."""
 
     _fields_ = [("kv_rows", ctypes.c_int64), ("_pad", ctypes.c_uint64 * 7)]
 
@@ -427,11 +431,38 @@ class _Driver:
         ctypes.memmove(out, aligned, 128)
         return groups
 
+    def encode_tma_sparse_pv(self, out, t: torch.Tensor) -> int:
+        """Stage 3's V map (with TMA) of the packed [rows, heads, head_dim] tensor ``t``: see
+        :func:`sparse_pv_v_map`. Returns the d extent (the kernel's bound, kv_rows - 31)."""
+        dims, strides, box = sparse_pv_v_map(t.shape[0], t.shape[1], t.shape[2], t.stride(0) * 2, t.stride(1) * 2)
+        scratch = ctypes.create_string_buffer(128 + 64)
+        aligned = (ctypes.addressof(scratch) + 63) & ~63
+        self.check(self.lib.cuTensorMapEncodeTiled(
+            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(5), ctypes.c_void_p(t.data_ptr()),
+            (ctypes.c_uint64 * 5)(*dims), (ctypes.c_uint64 * 4)(*strides), (ctypes.c_uint32 * 5)(*box),
+            (ctypes.c_uint32 * 5)(1, 1, 1, 1, 1), ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
+            ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled (sparse P.V)")
+        ctypes.memmove(out, aligned, 128)
+        return dims[2]
+
     def make_current(self, context: int):
         current = ctypes.c_void_p()
         self.check(self.lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
         if current.value != context:
             self.check(self.lib.cuCtxSetCurrent(ctypes.c_void_p(context)), "cuCtxSetCurrent")
+
+
+def sparse_pv_v_map(rows: int, heads: int, head_dim: int, row_bytes: int, head_bytes: int):
+    """``(dims, strides in bytes of dims 1-4, box)`` of stage 3's V map (TMA producer): a 5-D
+    view {head_dim, heads, d, c, b} of the packed V with d, c, b stepping 1, 8 and 4 rows, box
+    {64, 1, 4, 4, 2}. TMA fills shared memory innermost dimension first, so a box started at
+    row r0 writes row r0 + d + 8 c + 4 b to smem row d + 4 c + 16 b: 32 rows in v_row_key's
+    order (nm_attention_fwd.cu), four boxes per atom column. d's extent, rows - 31 (at least 1),
+    keeps every in-bounds coordinate below the last row; the kernel loads a tile whose boxes
+    would cross it with cp.async."""
+    dims = (head_dim, heads, max(rows - 31, 1), 4, 2)
+    strides = (head_bytes, row_bytes, 8 * row_bytes, 4 * row_bytes)
+    return dims, strides, (64, 1, 4, 4, 2)
 
 
 class _Module:
@@ -654,6 +685,12 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
         for field, t in (("k", k), ("v", v)):
             mod.driver.encode_tma_grouped(getattr(tma, field), t, variant.sparsity_m)
         tma.kv_rows = min(k.shape[0], v.shape[0])  # the kernel recomputes the maps' g extent from it
+    elif variant.tma and variant.sparse_pv:
+        tma = _TmaParams3D()
+        mod.driver.encode_tma(tma.q, q, 1, mod.block_m)
+        mod.driver.encode_tma(tma.k, k, variant.sparsity_m, 128)
+        mod.driver.encode_tma_sparse_pv(tma.v, v)
+        tma.kv_rows = v.shape[0]  # the kernel recomputes the V map's bound from it
     elif variant.tma:
         tma = _TmaParams()
         step = variant.sparsity_m if variant.sparsity_n else 1
@@ -822,8 +859,9 @@ TEST_SCHEDULES = [(T, F, F, F, F), (T, F, T, T, T)]
 BENCH_SCHEDULES_WG3 = [(T, F, F, T, F), (T, F, F, T, T), (T, F, T, T, T)]
 
 
-# Stage 3 (2:4 P.V through wgmma.sp; no overlap), timed with these schedules.
-BENCH_SCHEDULES_SPARSE_PV = [(T, F, F, F, F), (T, F, F, F, T), (F, F, F, F, T)]
+# Stage 3 (2:4 P.V through wgmma.sp; no overlap), timed with these schedules; the last two with
+# the TMA producer (V through its 5-D map; compile-checked only until a GPU run).
+BENCH_SCHEDULES_SPARSE_PV = [(T, F, F, F, F), (T, F, F, F, T), (F, F, F, F, T), (T, F, T, T, T), (T, F, F, T, T)]
 # 8:16 through the grouped 4-D TMA maps (tma3d), against the 8:16 rows of the same schedules
 # (where TMA falls back to cp.async): 8:16's measured schedule and the same without late rescale.
 BENCH_SCHEDULES_TMA3D = [(T, F, T, T, T), (T, F, F, T, T)]

@@ -39,8 +39,9 @@
 // warpgroups, 192 query rows per CTA, FA3's D = 64 shape: while one warpgroup runs its softmax
 // the other two keep the tensor cores busy, which two cannot at D = 64, where a tile's softmax
 // takes longer than the other warpgroup's MMAs; ping-pong becomes a ring of three turns),
-// NMH_SPARSE_PV (issue 15 stage 3, 2:4 only, no overlap, cp.async: P.V through wgmma.sp with P
-// as the compressed sparse A operand; V is loaded in a second row order, see v_row_key; tiles
+// NMH_SPARSE_PV (issue 15 stage 3, 2:4 only, no overlap: P.V through wgmma.sp with P as the
+// compressed sparse A operand; V is loaded in a second row order, see v_row_key, by cp.async or,
+// with NMH_TMA, through a 5-D map that writes that order, see struct TmaParams; tiles
 // that keep more than 2 of a group (edge tiles, ties) run P.V as two sparse MMAs per 32 keys
 // with fixed metadata, members {0, 1} and {2, 3}, on the same V layout), NMH_TMA3D (with
 // NMH_TMA and N:M, used for M = 16: the K / V maps express the group permutation through a 4-D
@@ -93,6 +94,9 @@
 #ifndef NMH_SASS_INTERIOR
 #define NMH_SASS_INTERIOR 0
 #endif
+// Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
+// map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
+#define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))
 
 using namespace nmh;
 
@@ -141,13 +145,19 @@ static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update hopper
 // coordinate separately, not the row M g + m, so the g extent stops M to 2M - 1 rows short of
 // the tensor's end (no read past it); the at most two tiles that reach into those last rows
 // (always the first ones a CTA visits) are loaded by the four producer warps with cp.async.
+// NMH_SPARSE_PV with NMH_TMA: K as the N:M map above (element stride 4); V through a 5-D view
+// {head_dim, heads, d, c, b} with strides 1, 8 and 4 rows, box {64, 1, 4, 4, 2}: box element
+// (d, c, b) at start row r0 holds row r0 + d + 8 c + 4 b and lands in smem row d + 4 c + 16 b, so
+// four boxes per atom column (r0 = row0 + 32 a, at smem row 32 a) write exactly v_row_key's order.
+// d's extent is rows - 31 (no in-bounds coordinate reads past the last row); a tile whose last
+// box would cross it (row0 + 131 > rows: tiles 0 and 1 at most, as above) goes by cp.async.
 struct alignas(64) TmaMap {
   uint64_t opaque[16];
 };
 struct TmaParams {
   TmaMap q, k, v;
-#if NMH_TMA3D
-  int64_t kv_rows;  // rows of the packed K and V tensors (the grouped maps' bound; see the producer)
+#if NMH_TMA_BOUNDED
+  int64_t kv_rows;  // rows of the packed K and V tensors (the maps' bound; see the producer)
 #endif
 };
 
@@ -167,10 +177,11 @@ constexpr bool SASS_INTERIOR = NMH_SASS_INTERIOR != 0;
 constexpr bool LEAN = NMH_LEAN != 0;
 constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
 constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
-// The compressed P is built after the last wait (no overlap: P(j-1)'s registers are free), the
-// second V row order is a cp.async map, and the probe build checks the dense path only.
-static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_OVERLAP && !NMH_TMA && !NMH_PROBE),
-              "sparse P.V: 2:4, no overlap, cp.async, no probe");
+// The compressed P is built after the last wait (no overlap: P(j-1)'s registers are free), and
+// the probe build checks the dense path only.
+static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_OVERLAP && !NMH_PROBE &&
+                             NMH_CONSUMERS == 2),
+              "sparse P.V: 2:4, no overlap, no probe, two consumer warpgroups");
 // TMA's element stride is at most 8, so M = 16 keeps the cp.async producer (the host never
 // builds that combination: Variant.canonical()).
 static_assert(!TMA || TMA3D || !(NMH_SPARSITY_N > 0 && NMH_SPARSITY_M > 8), "TMA with N:M needs M <= 8");
@@ -713,40 +724,61 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         tma_load_3d(sbase + Q_OFF + a * BM * 128, &tm.q, 64 * a, head, (int)q_start + m0, bar(BAR_Q));
     };
 #endif
-#if NMH_TMA3D
-    // Thread 0 loads Q (as NMH_TMA) and every K / V tile whose rows lie inside the grouped
-    // maps' bounds: one 4-D box per atom column, (g, m) = (row0 / M, row0 % M), which writes
-    // the whole group-permuted tile (TILE_BYTES per expect_tx, as NMH_TMA). A tile whose g range
-    // reaches past the bound (its keys lie within 2M - 1 + 127 rows of the tensor's end) is
-    // loaded by all 128 producer threads with cp.async (zero fill past the sequence's end), then
-    // fenced, synchronized (named barrier 4) and released by one arrival per full barrier
+#if NMH_TMA_BOUNDED
+    // Thread 0 loads Q (as NMH_TMA) and every K / V tile whose rows lie inside the maps' bounds,
+    // which writes the whole tile in its smem order (TILE_BYTES per expect_tx, as NMH_TMA):
+    // NMH_TMA3D, one 4-D box per atom column for K and for V, (g, m) = (row0 / M, row0 % M);
+    // NMH_SPARSE_PV, K as NMH_TMA (M element-strided boxes per atom column) and V as four 5-D
+    // boxes per atom column (start rows row0 + 32 a). A tile that reaches past the bound (its
+    // keys lie within 2M - 1 + 127 rows, or 131 rows, of the tensor's end) is loaded by all 128
+    // producer threads with cp.async (zero fill past the sequence's end), then fenced,
+    // synchronized (named barrier 4) and released by one arrival per full barrier
     // (FULL_ARRIVALS = 1). Such tiles are tiles 0 and 1 only (descending order, and row0 of
     // tile 0 lies below the tensor's end), i < STAGES: no empty-barrier wait is ever needed
     // there, so the other threads never wait on a barrier phase that thread 0 may have lapped.
     {
       const int tid = threadIdx.x;
       constexpr int ATOMS = D / 64;
-      const int g_bound = (int)(tm.kv_rows / M_SEL) - 1;  // the maps' g extent (<= 0: no tile fits)
+      // TMA3D: the maps' g extent (<= 0: no tile fits). SPARSE_PV: the V map's d extent.
+      const int bound = TMA3D ? (int)(tm.kv_rows / M_SEL) - 1 : (int)tm.kv_rows - 31;
       if (tid == 0) load_q_by_tma();
       for (int i = 0; i < nt; ++i) {
         const int s = i % STAGES, u = i / STAGES;
         const int n0 = (t_end - 1 - i) * BN;
         const int row0 = (int)k_start + n0;
         const int g0 = row0 / M_SEL, r0 = row0 % M_SEL;
-        if (g0 + G_PERM <= g_bound) {
+        // The last coordinate a tile's boxes touch lies inside its map.
+        const bool by_tma = TMA3D ? g0 + G_PERM <= bound : row0 + 96 + 3 < bound;
+        if (by_tma) {
           if (tid == 0) {
             if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
             mbar_expect_tx(bar(BAR_FULL_K + s), (uint32_t)TILE_BYTES);
 #pragma unroll
-            for (int a = 0; a < ATOMS; ++a)
-              tma_load_4d(sbase + K_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.k, 64 * a, kv_head, g0, r0,
-                          bar(BAR_FULL_K + s));
+            for (int a = 0; a < ATOMS; ++a) {
+              if constexpr (TMA3D) {
+                tma_load_4d(sbase + K_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.k, 64 * a, kv_head, g0, r0,
+                            bar(BAR_FULL_K + s));
+              } else {
+#pragma unroll
+                for (int mm = 0; mm < M_SEL; ++mm)
+                  tma_load_3d(sbase + K_OFF + s * TILE_BYTES + a * ATOM_BYTES + mm * (ATOM_BYTES / M_SEL), &tm.k,
+                              64 * a, kv_head, row0 + mm, bar(BAR_FULL_K + s));
+              }
+            }
             if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
             mbar_expect_tx(bar(BAR_FULL_V + s), (uint32_t)TILE_BYTES);
 #pragma unroll
-            for (int a = 0; a < ATOMS; ++a)
-              tma_load_4d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.v, 64 * a, kv_head, g0, r0,
-                          bar(BAR_FULL_V + s));
+            for (int a = 0; a < ATOMS; ++a) {
+              if constexpr (TMA3D) {
+                tma_load_4d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.v, 64 * a, kv_head, g0, r0,
+                            bar(BAR_FULL_V + s));
+              } else {
+#pragma unroll
+                for (int q32 = 0; q32 < BN / 32; ++q32)
+                  tma_load_5d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES + q32 * 32 * 128, &tm.v, 64 * a,
+                              kv_head, row0 + 32 * q32, 0, 0, bar(BAR_FULL_V + s));
+              }
+            }
           }
         } else {
           const uint16_t* kbase = p.k + k_start * p.k_row + (int64_t)kv_head * p.k_head;
@@ -754,7 +786,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
           load_tile<true>(sbase + K_OFF + s * TILE_BYTES, kbase, p.k_row, n0, kv_len, tid);
           if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
-          load_tile<true>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
+          load_tile<true, 128, SPARSE_PV>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
           cp_async_commit();
           cp_async_wait<0>();
           fence_proxy_async();
