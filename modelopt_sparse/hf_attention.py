@@ -755,7 +755,8 @@ def _derived_layout(query, key, attention_mask, kwargs, causal=True, window=None
 
         def block_causal():
             layout, source = _position_ids_layout(position_ids, batch, q_len, kv_len, device)
-            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal, window)
+            if not torch.compiler.is_compiling():  # compiled code cannot read a device check back
+                _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal, window)
             return layout
 
         anchors = (attention_mask,) if position_ids is None else (attention_mask, position_ids)
@@ -911,16 +912,45 @@ def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     pos = position_ids.to(device).expand(batch, -1)
     if pos.shape[-1] != q_len:
         raise ValueError(f"modelopt_sparse: position_ids of shape {tuple(position_ids.shape)} for {q_len} tokens")
+    if torch.compiler.is_compiling():
+        # How many sequences there are is data: one op of data-dependent length (Dynamo cannot
+        # trace nonzero without a global flag), and the longest sequence bounded by the row
+        # (no host read; the grid's programs past a sequence's end return at once).
+        flat_starts = sequence_starts(pos.contiguous())
+        longest = q_len
+    else:
+        flat_starts = _sequence_starts(pos)
+        longest = None
+    bounds = torch.cat([flat_starts, torch.full((1,), batch * q_len, dtype=flat_starts.dtype, device=device)])
+    lens = bounds.diff().to(torch.int32)
+    if longest is None:
+        longest = int(lens.max())
+    starts = flat_starts.to(torch.int32)
+    # Valid by construction, and the sequences tile every row: nothing to read back.
+    meta = PackedBatch(starts, lens, longest, starts, lens, longest, trusted=True, rows_covered=True)
+    return _Layout(meta, kv_len), "packed sequences found in position_ids"
+
+
+def _sequence_starts(pos: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) offsets, int64, of the tokens of ``pos`` ``[B, L]`` that start a
+    sequence: the first of each row and every token whose position is not its
+    predecessor's plus one (packing, as transformers finds it)."""
     starts_here = torch.ones_like(pos, dtype=torch.bool)
     starts_here[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    # Flat start offsets of every sequence, in row-major order.
-    flat_starts = starts_here.flatten().nonzero().flatten()
-    bounds = torch.cat([flat_starts, torch.tensor([batch * q_len], device=device)])
-    lens = bounds.diff().to(torch.int32)
-    meta = PackedBatch(
-        flat_starts.to(torch.int32), lens, int(lens.max()), flat_starts.to(torch.int32), lens, int(lens.max())
-    )
-    return _Layout(meta, kv_len), "packed sequences found in position_ids"
+    return starts_here.flatten().nonzero().flatten()
+
+
+@torch.library.custom_op("modelopt_sparse::sequence_starts", mutates_args=())
+def sequence_starts(pos: torch.Tensor) -> torch.Tensor:
+    """:func:`_sequence_starts` as one op for compiled graphs (its length is data)."""
+    return _sequence_starts(pos)
+
+
+@sequence_starts.register_fake
+def _(pos):
+    # At least one sequence per row, at most one per token.
+    count = torch.library.get_ctx().new_dynamic_size(min=pos.shape[0], max=pos.numel())
+    return pos.new_empty(count, dtype=torch.int64)
 
 
 def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True, window=None) -> None:

@@ -265,3 +265,39 @@ def test_static_cache_compiled_generate_of_a_sliding_window_model(device):
     model = mts.sparsify(tiny_model("mistral", dtype=torch.float32, sliding_window=8).to(device),
                          sparse_cfg(2, 4, sinks=1, window=4, backend="auto"))
     _assert_static_compiled_generate_matches_eager(model, device)
+
+
+def _check_fullgraph_position_ids(device, backend, atol):
+    """A prefill without a cache and without a mask: transformers then looks for packing in
+    position_ids and hands over a 4-D mask, and the sequences come from position_ids. How many
+    there are is data, so one graph needs Dynamo's capture_dynamic_output_shape_ops (docs/api.md);
+    with it, no graph break and the eager logits, packed or not."""
+    torch._dynamo.reset()
+    model = mts.sparsify(tiny_model("llama", dtype=torch.float32).to(device),
+                         sparse_cfg(2, 4, sinks=1, window=4, backend=backend))
+    ids = token_ids(2, 40).to(device)
+    packed = torch.cat([torch.arange(15), torch.arange(25)]).view(1, 40).expand(2, 40).to(device)
+    for kwargs in ({"use_cache": False}, {"use_cache": False, "position_ids": packed}):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            explained = torch._dynamo.explain(lambda: model(input_ids=ids, **kwargs).logits)()
+            assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+            torch._dynamo.reset()
+            with torch.no_grad():
+                want = model(input_ids=ids, **kwargs).logits
+                got = torch.compile(model, fullgraph=True)(input_ids=ids, **kwargs).logits
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    # The packed call really is two sequences: the second one's logits do not depend on the first.
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, 15:], use_cache=False).logits
+    torch.testing.assert_close(want[:, 15:], alone, atol=atol, rtol=0)
+    torch._dynamo.reset()
+
+
+def test_fullgraph_prefill_without_cache_or_mask_on_cpu():
+    _check_fullgraph_position_ids("cpu", "torch", 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fullgraph_prefill_without_cache_or_mask_triton():
+    _check_fullgraph_position_ids("cuda", "triton", 1e-3)
