@@ -290,6 +290,16 @@ def _check_fullgraph_position_ids(device, backend, atol):
     with torch.no_grad():
         alone = model(input_ids=ids[:, 15:], use_cache=False).logits
     torch.testing.assert_close(want[:, 15:], alone, atol=atol, rtol=0)
+    # A compiled training step (what a Trainer with torch_compile runs): the eager gradients.
+    torch._dynamo.reset()
+    model.train()
+    grads = []
+    for run in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            run(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=atol, rtol=1e-3)
     torch._dynamo.reset()
 
 
