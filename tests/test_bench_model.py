@@ -320,3 +320,44 @@ def test_interleaved_timing_alternates_implementations():
     ms = interleaved_median_ms(fns, torch.device("cpu"), warmup=2, reps=3)
     assert order == ["sdpa", "dense", "2:4"] * 5
     assert set(ms) == set(fns) and all(v >= 0 for v in ms.values())
+
+
+def test_generate_rounds_rotate_their_order_and_pair_the_ratio(monkeypatch):
+    """Eager generate is host-bound and drifts: each round starts with another implementation,
+    and the reported ratio is the median of the per-round ratios (SDPA's time / ours in the
+    same round), which a drift that slows every later round cancels; the ratio of medians
+    stays in the row beside it."""
+    import types
+
+    from modelopt_sparse.bench.model import measure, report
+    from modelopt_sparse.bench.model.cases import Setting
+
+    clock, order = [0.0], []
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Fake:
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def generate(self, ids, attention_mask=None, generation_config=None):
+            order.append(self.name)
+            clock[0] += self.cost * (1 + len(order))  # every call slower than the one before
+            return torch.zeros(ids.shape[0], ids.shape[1] + 4, dtype=torch.long)
+
+    setting = Setting(batch=2, length=3, new_tokens=4)
+    models = {"sdpa": Fake("sdpa", 1.0), "dense": Fake("dense", 1.0), "2:4": Fake("2:4", 2.0)}
+    out = measure.generate_eager_interleaved(models, torch.zeros(2, 3, dtype=torch.long), setting,
+                                             torch.device("cpu"), warmup=0, reps=3)
+    assert order == ["sdpa", "dense", "2:4", "dense", "2:4", "sdpa", "2:4", "sdpa", "dense"]
+    # Call k costs cost * (1 + k): SDPA 2, 7, 9; dense (same cost) 3, 5, 10; 2:4 (twice) 8, 12,
+    # 16. Paired: dense 2/3, 7/5, 9/10 -> 0.9 (the ratio of medians says 7/5 = 1.4); 2:4 2/8,
+    # 7/12, 9/16 -> 0.5625.
+    assert out["dense"]["paired_ratio_vs_sdpa"] == pytest.approx(0.9)
+    assert out["2:4"]["paired_ratio_vs_sdpa"] == pytest.approx(9 / 16)
+    assert len(out["sdpa"]["round_ms"]) == 3 and "paired_ratio_vs_sdpa" not in out["sdpa"]
+    rows = [dict(case="generate-eager", setting="2x3+4", mode="eager", kind="generate", impl=name,
+                 status="ok", **fields) for name, fields in out.items()]
+    report.annotate(rows)
+    dense = next(r for r in rows if r["impl"] == "dense")
+    assert dense["ratio_vs_sdpa"] == pytest.approx(0.9)
+    assert dense["ratio_of_medians_vs_sdpa"] == pytest.approx(1.4)

@@ -303,13 +303,16 @@ def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warm
     for _ in range(warmup):
         for call in calls.values():
             call()
+    names = list(calls)
     times = {name: [] for name in calls}
     last = {}
-    for _ in range(reps):
-        for name, call in calls.items():
+    for round_index in range(reps):
+        # Each round starts with another implementation: no one always runs first.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             sync(device)
             t0 = time.perf_counter()
-            last[name] = call()
+            last[name] = calls[name]()
             sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
@@ -319,8 +322,22 @@ def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warm
             raise RuntimeError(f"{name}: generate returned {new.shape[1]} new tokens, not {n}")
         ms = sorted(ts)[len(ts) // 2]
         out[name] = {"ms": ms, "tokens_per_s": setting.batch * n / (ms / 1e3), "_tokens": new.tolist(),
-                     "note": f"median of {reps} calls, in turn with the other implementations"}
+                     "round_ms": [round(t, 3) for t in ts],
+                     "note": f"median of {reps} calls, in rounds with the other implementations (rotating order)"}
+    if "sdpa" in times:
+        for name, ts in times.items():
+            if name != "sdpa":
+                # tok/s ratio of each round (SDPA's time / ours, same round), then the median:
+                # slow drift across rounds cancels in the pair.
+                out[name]["paired_ratio_vs_sdpa"] = paired_median_ratio(times["sdpa"], ts)
     return out
+
+
+def paired_median_ratio(reference_ms: list[float], mine_ms: list[float]) -> float:
+    """Median over rounds of ``reference / mine`` (a speed ratio: above 1 when mine is faster)."""
+    ratios = sorted(r / m for r, m in zip(reference_ms, mine_ms))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def host_call_fn(impl: str, grad: bool, device):
