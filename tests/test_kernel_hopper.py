@@ -1327,3 +1327,41 @@ def test_sparse_pv_tma_map_writes_the_v_row_order():
                 assert max(smem.values()) < rows
             else:  # exactly the tiles whose last box would leave the map
                 assert zero_filled or bound <= 0
+
+
+def test_find_nvcc_search_order(monkeypatch, tmp_path):
+    """$MODELOPT_SPARSE_NVCC, then $CUDA_HOME / $CUDA_PATH, PATH, the system toolkit, and last
+    the nvidia-cuda-nvcc wheel (the ``[hopper]`` extra: site-packages/nvidia/cu13/bin/nvcc)."""
+    import types
+
+    def tool(*parts):
+        path = tmp_path.joinpath(*parts, "nvcc")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return str(path)
+
+    wheel = tool("site", "nvidia", "cu13", "bin")
+    home, on_path, system = tool("home", "bin"), tool("path"), tool("system", "bin")
+    for name in ("MODELOPT_SPARSE_NVCC", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(ha, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
+    monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(__path__=[str(tmp_path / "site" / "nvidia")]))
+    assert ha.find_nvcc() == wheel
+    monkeypatch.setattr(ha, "SYSTEM_NVCC", Path(system))
+    assert ha.find_nvcc() == system
+    monkeypatch.setenv("PATH", str(Path(on_path).parent))
+    assert ha.find_nvcc() == on_path
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "home"))
+    assert ha.find_nvcc() == home
+    monkeypatch.setenv("MODELOPT_SPARSE_NVCC", wheel)
+    assert ha.find_nvcc() == wheel
+    monkeypatch.setenv("MODELOPT_SPARSE_NVCC", str(tmp_path / "missing"))
+    assert ha.find_nvcc() is None  # an explicit choice that does not exist is not overridden
+    monkeypatch.delenv("MODELOPT_SPARSE_NVCC")
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(ha, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
+    monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(__path__=[]))
+    assert ha.find_nvcc() is None

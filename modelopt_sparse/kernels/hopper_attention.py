@@ -206,6 +206,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MODELOPT_SPARSE_HOPPER_CACHE") or Path.home() / ".cache" / "modelopt_sparse" / "hopper")
 
 
+SYSTEM_NVCC = Path("/usr/local/cuda/bin/nvcc")  # the toolkit's default install location
+
+
 def find_nvcc() -> str | None:
     """The nvcc to compile with: ``$MODELOPT_SPARSE_NVCC``, then ``$CUDA_HOME``/``$CUDA_PATH``,
     ``PATH``, ``/usr/local/cuda``, and the ``nvidia-cuda-nvcc`` wheel; None when none exists."""
@@ -216,7 +219,7 @@ def find_nvcc() -> str | None:
     on_path = shutil.which("nvcc")
     if on_path:
         candidates.append(Path(on_path))
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    candidates.append(SYSTEM_NVCC)
     try:  # the pip toolchain (nvidia-cuda-nvcc) installs under site-packages/nvidia/
         import nvidia  # noqa: PLC0415
 
