@@ -755,8 +755,7 @@ def _derived_layout(query, key, attention_mask, kwargs, causal=True, window=None
 
         def block_causal():
             layout, source = _position_ids_layout(position_ids, batch, q_len, kv_len, device)
-            if not torch.compiler.is_compiling():  # compiled code cannot read a device check back
-                _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal, window)
+            _verify_dense_mask(attention_mask, layout, q_len, kv_len, source, causal, window)
             return layout
 
         anchors = (attention_mask,) if position_ids is None else (attention_mask, position_ids)
@@ -959,6 +958,8 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True
     batch = mask.shape[0]
     if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
         raise ValueError(f"modelopt_sparse: 4-D attention_mask of shape {tuple(mask.shape)} for {q_len}x{kv_len} scores")
+    if torch.compiler.is_compiling():
+        return  # the value checks are device checks, which compiled code cannot read back (lazy_checks)
     if mask.dtype == torch.bool:
         keep = mask
     else:

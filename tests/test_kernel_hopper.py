@@ -1365,3 +1365,31 @@ def test_find_nvcc_search_order(monkeypatch, tmp_path):
     monkeypatch.setattr(ha, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
     monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(__path__=[]))
     assert ha.find_nvcc() is None
+
+
+def test_tensor_map_encodings(monkeypatch):
+    """The three map encoders through one cuTensorMapEncodeTiled call (a recording stand-in of
+    the driver): the geometry each passes, innermost dimension first, strides in bytes."""
+    calls = []
+
+    class FakeLib:
+        def cuTensorMapEncodeTiled(self, _map, dtype, rank, _ptr, dims, strides, box, estrides, *enums):
+            r = rank.value
+            calls.append((dtype.value, r, list(dims)[:r], list(strides)[:r - 1], list(box)[:r], list(estrides)[:r],
+                          [e.value for e in enums]))
+            return 0
+
+    driver = ha._Driver.__new__(ha._Driver)
+    driver.lib = FakeLib()
+    t = torch.empty(300, 3, 128, dtype=torch.bfloat16)  # packed [rows, heads, head_dim]
+    out = (ctypes.c_uint64 * 16)()
+    driver.encode_tma(out, t, 4, 128)
+    assert driver.encode_tma_grouped(out, t, 16) == 300 // 16 - 1
+    assert driver.encode_tma_sparse_pv(out, t) == 300 - 31
+    row, head = 3 * 128 * 2, 128 * 2
+    enums = [ha._TMA_INTERLEAVE_NONE, ha._TMA_SWIZZLE_128B, ha._TMA_L2_256B, ha._TMA_OOB_ZERO]
+    assert calls == [
+        (ha._TMA_UINT16, 3, [128, 3, 300], [head, row], [64, 1, 128], [1, 1, 4], enums),
+        (ha._TMA_UINT16, 4, [128, 3, 17, 31], [head, 16 * row, row], [64, 1, 8, 16], [1, 1, 1, 1], enums),
+        (ha._TMA_UINT16, 5, [128, 3, 269, 4, 2], [head, row, 8 * row, 4 * row], [64, 1, 4, 4, 2], [1] * 5, enums),
+    ]

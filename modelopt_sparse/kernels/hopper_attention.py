@@ -87,7 +87,7 @@ class Variant:
     sparse_pv: bool = False
     # With tma, M = 16: the group permutation through a 4-D tensor map's dimensions {D, heads,
     # group, member} instead of element strides (<= 8), so M = 16 gets the TMA producer too.
-    # Compile-checked only; not in the measured schedule (MODELOPT_SPARSE_HOPPER_TMA3D=1).
+    # The default for M = 16 since session 11 (measured_tma3d; MODELOPT_SPARSE_HOPPER_TMA3D=0 opts out).
     tma3d: bool = False
 
     def __post_init__(self):
@@ -396,21 +396,25 @@ class _Driver:
         self.make_current(primary.value)
         return primary.value
 
-    def encode_tma(self, out, t: torch.Tensor, row_step: int, rows: int = 128) -> None:
-        """Encode a tensor map of the packed [rows, heads, head_dim] tensor ``t`` into ``out``
-        (a 128-byte ctypes array): box {64, 1, rows}, element stride ``row_step`` along rows (an
-        N:M variant's K and V: one box = every M-th row). Host-only work (no device call)."""
+    def _encode_tiled(self, out, t: torch.Tensor, dims, strides, box, element_strides, what: str) -> None:
+        """cuTensorMapEncodeTiled of ``t`` (16-bit elements, 128-byte swizzle, zero fill) into
+        ``out`` (a 128-byte ctypes array): ``dims`` innermost first, ``strides`` in bytes of
+        dims 1 and up. Host-only work (no device call)."""
+        rank = len(dims)
         scratch = ctypes.create_string_buffer(128 + 64)
         aligned = (ctypes.addressof(scratch) + 63) & ~63  # the API wants a 64-byte aligned map
-        dims = (ctypes.c_uint64 * 3)(t.shape[2], t.shape[1], t.shape[0])
-        strides = (ctypes.c_uint64 * 2)(t.stride(1) * 2, t.stride(0) * 2)  # bytes, dims 1 and 2
-        box = (ctypes.c_uint32 * 3)(64, 1, rows)
-        estrides = (ctypes.c_uint32 * 3)(1, 1, row_step)
         self.check(self.lib.cuTensorMapEncodeTiled(
-            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(3), ctypes.c_void_p(t.data_ptr()),
-            dims, strides, box, estrides, ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
-            ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled")
+            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(rank), ctypes.c_void_p(t.data_ptr()),
+            (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides), (ctypes.c_uint32 * rank)(*box),
+            (ctypes.c_uint32 * rank)(*element_strides), ctypes.c_int(_TMA_INTERLEAVE_NONE),
+            ctypes.c_int(_TMA_SWIZZLE_128B), ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), what)
         ctypes.memmove(out, aligned, 128)
+
+    def encode_tma(self, out, t: torch.Tensor, row_step: int, rows: int = 128) -> None:
+        """The map of the packed [rows, heads, head_dim] tensor ``t``: box {64, 1, rows}, element
+        stride ``row_step`` along rows (an N:M variant's K and V: one box = every M-th row)."""
+        self._encode_tiled(out, t, (t.shape[2], t.shape[1], t.shape[0]), (t.stride(1) * 2, t.stride(0) * 2),
+                           (64, 1, rows), (1, 1, row_step), "cuTensorMapEncodeTiled")
 
     def encode_tma_grouped(self, out, t: torch.Tensor, m: int) -> int:
         """NMH_TMA3D's K / V map of the packed [rows, heads, head_dim] tensor ``t``: 4-D
@@ -421,31 +425,16 @@ class _Driver:
         that extent (<= 0: no tile fits the map; the kernel then loads every tile with cp.async;
         the map itself is encoded with extent 1 and never used)."""
         groups = t.shape[0] // m - 1
-        scratch = ctypes.create_string_buffer(128 + 64)
-        aligned = (ctypes.addressof(scratch) + 63) & ~63
-        dims = (ctypes.c_uint64 * 4)(t.shape[2], t.shape[1], max(groups, 1), 2 * m - 1)
-        strides = (ctypes.c_uint64 * 3)(t.stride(1) * 2, m * t.stride(0) * 2, t.stride(0) * 2)  # bytes, dims 1..3
-        box = (ctypes.c_uint32 * 4)(64, 1, 128 // m, m)
-        estrides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-        self.check(self.lib.cuTensorMapEncodeTiled(
-            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(4), ctypes.c_void_p(t.data_ptr()),
-            dims, strides, box, estrides, ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
-            ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled (grouped)")
-        ctypes.memmove(out, aligned, 128)
+        self._encode_tiled(out, t, (t.shape[2], t.shape[1], max(groups, 1), 2 * m - 1),
+                           (t.stride(1) * 2, m * t.stride(0) * 2, t.stride(0) * 2), (64, 1, 128 // m, m),
+                           (1, 1, 1, 1), "cuTensorMapEncodeTiled (grouped)")
         return groups
 
     def encode_tma_sparse_pv(self, out, t: torch.Tensor) -> int:
         """Stage 3's V map (with TMA) of the packed [rows, heads, head_dim] tensor ``t``: see
         :func:`sparse_pv_v_map`. Returns the d extent (the kernel's bound, kv_rows - 31)."""
         dims, strides, box = sparse_pv_v_map(t.shape[0], t.shape[1], t.shape[2], t.stride(0) * 2, t.stride(1) * 2)
-        scratch = ctypes.create_string_buffer(128 + 64)
-        aligned = (ctypes.addressof(scratch) + 63) & ~63
-        self.check(self.lib.cuTensorMapEncodeTiled(
-            ctypes.c_void_p(aligned), ctypes.c_int(_TMA_UINT16), ctypes.c_uint32(5), ctypes.c_void_p(t.data_ptr()),
-            (ctypes.c_uint64 * 5)(*dims), (ctypes.c_uint64 * 4)(*strides), (ctypes.c_uint32 * 5)(*box),
-            (ctypes.c_uint32 * 5)(1, 1, 1, 1, 1), ctypes.c_int(_TMA_INTERLEAVE_NONE), ctypes.c_int(_TMA_SWIZZLE_128B),
-            ctypes.c_int(_TMA_L2_256B), ctypes.c_int(_TMA_OOB_ZERO)), "cuTensorMapEncodeTiled (sparse P.V)")
-        ctypes.memmove(out, aligned, 128)
+        self._encode_tiled(out, t, dims, strides, box, (1, 1, 1, 1, 1), "cuTensorMapEncodeTiled (sparse P.V)")
         return dims[2]
 
     def make_current(self, context: int):
