@@ -302,12 +302,14 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert ha.Variant().defines() == ["-DNMH_HEAD_DIM=128", "-DNMH_SPARSITY_N=0", "-DNMH_SPARSITY_M=4",
                                       "-DNMH_TIE_INDEX=0", "-DNMH_FP16=0", "-DNMH_PINGPONG=0", "-DNMH_OVERLAP=1",
                                       "-DNMH_PROBE=0"]
-    # Stage 3: 2:4 only, never with overlap or a probe build; with or without TMA.
-    sp = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True).canonical()
+    # Stage 3: 2:4 only, never in a probe build; with or without TMA, with or without overlap.
+    sp = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, overlap=False).canonical()
     assert sp.sparse_pv and not sp.overlap and not sp.tma and sp.tag == "d128_2of4t_s"
+    spo = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, consumers=3, pingpong=True, tma=True).canonical()
+    assert spo.overlap and spo.consumers == 2 and spo.tag == "d128_2of4t_poms" and ha._parse_tag(spo.tag) == spo
     assert sp.defines()[-1] == "-DNMH_SPARSE_PV=1"
     spt = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, tma=True, pingpong=True, late_rescale=True,
-                     lean=True).canonical()
+                     lean=True, overlap=False).canonical()
     assert spt.tma and not spt.overlap and spt.tag == "d128_2of4t_prmzs" and ha._parse_tag(spt.tag) == spt
     assert {"-DNMH_TMA=1", "-DNMH_SPARSE_PV=1"} <= set(spt.defines())
     assert not ha.Variant(sparsity_n=4, sparsity_m=8, sparse_pv=True).canonical().sparse_pv
@@ -469,7 +471,8 @@ def test_sparse_pv_layout_and_compression_rules():
     assert "return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;" in src
     assert "const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);" in src
     assert "w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);" in src
-    assert "pr[jr][2 * e + r] = pack2<FP16>(p0, p1);" in src
+    assert "cp[jr][2 * e + r] = pack2<FP16>(p0, p1);" in src  # staged; to_operand copies cp -> pr
+    assert "for (int q = 0; q < 4; ++q) pr[jr][q] = cp[jr][q];" in src and "meta[jr] = cm[jr];" in src
 
     def v_row_key(c):
         return (c // 32) * 32 + 8 * ((c % 16) // 4) + 4 * ((c % 32) // 16) + c % 4
@@ -724,11 +727,11 @@ def test_sparse_pv_register_emulation_against_isa():
     for line in ("const bool k0 = s0 >= t2, k1 = s1 >= t2, k2 = s2 >= t2, k3 = s3 >= t2;",
                  "const float v0 = k0 ? s0 : (k1 ? s1 : s2), v1 = k3 ? s3 : (k2 ? s2 : s1);",
                  "const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);",
-                 "pr[jr][2 * e + r] = pack2<FP16>(p0, p1);",
+                 "cp[jr][2 * e + r] = pack2<FP16>(p0, p1);",
                  "w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);",
                  "w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 1);",
                  "w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 2);",
-                 "meta[jr] = (t & 1) ? w[jr][1] : w[jr][0];",
+                 "cm[jr] = (t & 1) ? w[jr][1] : w[jr][0];",
                  "pack2<FP16>(s[member_index(2 * jr + e, 2 * h, r)], s[member_index(2 * jr + e, 2 * h + 1, r)]);",
                  "pr[4 * h + jr][2 * e + r] =",
                  "for (int jr = 0; jr < 4; ++jr) meta[jr] = 0x44444444u;",
@@ -761,6 +764,78 @@ def test_sparse_pv_register_emulation_against_isa():
     for wrong in (_sp_row_key, lambda c: c):
         out, _, ref = _sp_emulate_tile(distinct, cases[0][2], v, form, True, v_row_key=wrong)
         assert (out["issue"] - ref).abs().max().item() > 0
+
+
+def _sp_operand_registers(scores, keep, compressed):
+    """Per thread: the operand registers one tile's to_operand leaves (pr<k>.<q>, meta<jr>),
+    from softmax_tile's compressed branch (staged, then copied) or from convert_p_split."""
+    p_masked = torch.where(keep, scores, torch.zeros_like(scores))
+    words, regs = {}, {th: {} for th in _SP_THREADS}
+    for w, lane in _SP_THREADS:
+        if compressed:
+            pr, words[(w, lane)] = _sp_kernel_compress(_sp_fragment(scores.tolist(), w, lane), lane % 4)
+        else:
+            pr = _sp_kernel_split(_sp_fragment(p_masked.tolist(), w, lane))
+        regs[(w, lane)].update({f"pr{k}.{q}": pr[k][q] for k in range(8) for q in range(4)})
+    for w, lane in _SP_THREADS:
+        for jr in range(4):
+            red = [0x44444444, 0x44444444]
+            if compressed:
+                red = [0, 0]
+                for e in range(2):
+                    for u in range(4):
+                        red[e] |= words[(w, (lane & ~3) | u)][jr][e]
+            regs[(w, lane)][f"meta{jr}"] = red[1] if lane & 1 else red[0]
+    return regs, p_masked
+
+
+def test_sparse_pv_overlap_stages_the_next_operand():
+    """With overlap, tile B's softmax runs while P.V(A) is in flight: the compressed branch must
+    write staging registers (cp, cm), and to_operand moves them into the operand registers (pr,
+    meta) only after the wait. Emulated over two tiles: A's P.V issued, B's softmax writes, the
+    wait, B's to_operand, B's P.V; no write may hit an operand of an MMA in flight and the sum
+    must be P_A V + P_B V whenever the MMAs read their registers."""
+    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    staged = "cp[jr][2 * e + r] = pack2<FP16>(p0, p1);" in src
+    assert staged and "for (int q = 0; q < 4; ++q) pr[jr][q] = cp[jr][q];" in src and "meta[jr] = cm[jr];" in src
+    # The overlap loop: softmax(i) between wait<1> and wait<0>, to_operand after wait<0>.
+    loop = src[src.index("if constexpr (OVERLAP) {\n        wg_wait<1>();"):]
+    assert loop.index("softmax(i);") < loop.index("wg_wait<0>();") < loop.index("to_operand();")
+    gen = torch.Generator().manual_seed(12)
+    v = torch.randint(-8, 9, (128, 8), generator=gen).double()
+    v_smem = torch.stack([v[_sp_v_row_key(c)] for c in range(128)])
+    form = _sp_pv_form(src)
+    a_scores = (torch.randperm(64 * 128, generator=gen).view(64, 128) + 1).double()
+    b_scores = (torch.randperm(64 * 128, generator=gen).view(64, 128) + 1).double()
+    tied = torch.randint(1, 4, (64, 128), generator=gen).double()
+    for (sa, ka, ca), (sb, kb, cb) in (((a_scores, _sp_top2(a_scores, False), True), (b_scores, _sp_top2(b_scores, False), True)),
+                                       ((tied, _sp_top2(tied, True), False), (b_scores, _sp_top2(b_scores, False), True)),
+                                       ((a_scores, _sp_top2(a_scores, False), True), (tied, _sp_top2(tied, False), False))):
+        regs_a, pa = _sp_operand_registers(sa, ka, ca)
+        regs_b, pb = _sp_operand_registers(sb, kb, cb)
+        regs = {th: dict(regs_a[th]) for th in _SP_THREADS}
+        for th in _SP_THREADS:  # B's softmax result, where the compressed branch writes it
+            regs[th].update({f"b.{name}": val for name, val in regs_b[th].items()})
+        prog_a = [e for e in _sp_pv_program(form, 1 if ca else 2) if e[0] != "wait"]
+        # B's softmax during P.V(A): staged -> cp/cm (no operand); the split path writes nothing
+        # yet (convert_p_split is in to_operand). Then the wait, to_operand, P.V(B).
+        dest = (lambda name: "c" + name) if staged else (lambda name: name)
+        during = [("write", dest(n), f"b.{n}") for n in regs_b[_SP_THREADS[0]] if cb]
+        after = [("write", n, dest(n) if cb else f"b.{n}") for n in regs_b[_SP_THREADS[0]]]
+        events = prog_a + during + [("wait",)] + after + _sp_pv_program(form, 1 if cb else 2)
+        out, hazards = _sp_run(events, regs, v_smem, v.shape[1])
+        assert not hazards, hazards[0]
+        ref = pa @ v + pb @ v
+        for when, o in out.items():
+            assert (o - ref).abs().max().item() == 0, f"operands read at {when}"
+    # The unstaged form (the softmax writing pr/meta directly) is what the check catches.
+    regs_a, _ = _sp_operand_registers(a_scores, _sp_top2(a_scores, False), True)
+    regs_b, _ = _sp_operand_registers(b_scores, _sp_top2(b_scores, False), True)
+    regs = {th: {**regs_a[th], **{f"b.{n}": x for n, x in regs_b[th].items()}} for th in _SP_THREADS}
+    events = [e for e in _sp_pv_program(form, 1) if e[0] != "wait"] + \
+        [("write", n, f"b.{n}") for n in regs_b[_SP_THREADS[0]]] + [("wait",)]
+    _, hazards = _sp_run(events, regs, v_smem, v.shape[1])
+    assert hazards
 
 
 @pytest.mark.slow

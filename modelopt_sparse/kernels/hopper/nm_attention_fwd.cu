@@ -39,7 +39,7 @@
 // warpgroups, 192 query rows per CTA, FA3's D = 64 shape: while one warpgroup runs its softmax
 // the other two keep the tensor cores busy, which two cannot at D = 64, where a tile's softmax
 // takes longer than the other warpgroup's MMAs; ping-pong becomes a ring of three turns),
-// NMH_SPARSE_PV (issue 15 stage 3, 2:4 only, no overlap: P.V through wgmma.sp with P as the
+// NMH_SPARSE_PV (issue 15 stage 3, 2:4 only: P.V through wgmma.sp with P as the
 // compressed sparse A operand; V is loaded in a second row order, see v_row_key, by cp.async or,
 // with NMH_TMA, through a 5-D map that writes that order, see struct TmaParams; tiles
 // that keep more than 2 of a group (edge tiles, ties) run P.V as two sparse MMAs per 32 keys
@@ -177,11 +177,12 @@ constexpr bool SASS_INTERIOR = NMH_SASS_INTERIOR != 0;
 constexpr bool LEAN = NMH_LEAN != 0;
 constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
 constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
-// The compressed P is built after the last wait (no overlap: P(j-1)'s registers are free), and
-// the probe build checks the dense path only.
-static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_OVERLAP && !NMH_PROBE &&
-                             NMH_CONSUMERS == 2),
-              "sparse P.V: 2:4, no overlap, no probe, two consumer warpgroups");
+// The softmax writes the compressed P into staging registers (cp, cm), which to_operand moves
+// into the operand registers after the wait that frees P(j-1)'s: with overlap that P.V is still
+// in flight during the softmax (without, ptxas coalesces the two sets and the moves vanish).
+// The probe build checks the dense path only.
+static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_PROBE && NMH_CONSUMERS == 2),
+              "sparse P.V: 2:4, no probe, two consumer warpgroups");
 // TMA's element stride is at most 8, so M = 16 keeps the cp.async producer (the host never
 // builds that combination: Variant.canonical()).
 static_assert(!TMA || TMA3D || !(NMH_SPARSITY_N > 0 && NMH_SPARSITY_M > 8), "TMA with N:M needs M <= 8");
@@ -351,7 +352,7 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
 template <bool EDGE>
 __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
                                              float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off,
-                                             uint32_t (&pr)[8][4], uint32_t (&meta)[4], bool& sp_tile) {
+                                             uint32_t (&cp)[4][4], uint32_t (&cm)[4], bool& sp_tile) {
   const float c = p.scale_log2;
   // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
   if constexpr (PROBE) {
@@ -460,7 +461,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
           const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);
           const float p0 = ex2(fmaf(v0, c, -mc[r])), p1 = ex2(fmaf(v1, c, -mc[r]));
           l[r] += p0 + p1;
-          pr[jr][2 * e + r] = pack2<FP16>(p0, p1);  // reg 0/1: chunk t, rows g / g+8; 2/3: chunk 4+t
+          cp[jr][2 * e + r] = pack2<FP16>(p0, p1);  // reg 0/1: chunk t, rows g / g+8; 2/3: chunk 4+t
           w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);
         }
       // Metadata: lane 4g+0 supplies chunks 0-3 (e = 0 of threads t = 0..3), lane 4g+1 chunks 4-7.
@@ -471,7 +472,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
           w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 1);
           w[jr][e] |= __shfl_xor_sync(0xffffffffu, w[jr][e], 2);
         }
-        meta[jr] = (t & 1) ? w[jr][1] : w[jr][0];
+        cm[jr] = (t & 1) ? w[jr][1] : w[jr][0];
       }
       if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
       return true;
@@ -910,19 +911,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     for (int i = 0; i < 64; ++i) s_acc[i] = 0.f;
     uint32_t pr[8][4];
     uint32_t meta[4];    // NMH_SPARSE_PV: the sparse operand's metadata
+    uint32_t cp[4][4], cm[4];  // NMH_SPARSE_PV: the compressed P and its metadata, staged
     bool sp_tile = false;  // NMH_SPARSE_PV: this tile's P is compressed (warpgroup-uniform)
     bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto softmax = [&](int i) {
       const int n0 = (t_end - 1 - i) * BN;
       if (tile_is_edge(n0, x, p))
-        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, pr, meta, sp_tile);
+        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
       else
-        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, pr, meta, sp_tile);
+        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
     };
-    // P -> the A operand (the sparse path built it already) and the P.V issue.
+    // P -> the A operand (after the wait that ends the previous P.V: its operand registers are
+    // read until then) and the P.V issue. The sparse path staged the compressed P already.
     auto to_operand = [&]() {
       if constexpr (SPARSE_PV) {
-        if (!sp_tile) {
+        if (sp_tile) {
+#pragma unroll
+          for (int jr = 0; jr < 4; ++jr) {
+            meta[jr] = cm[jr];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) pr[jr][q] = cp[jr][q];
+          }
+        } else {
 #pragma unroll
           for (int jr = 0; jr < 4; ++jr) meta[jr] = 0x44444444u;  // first pass: members {0, 1}
           convert_p_split(s_acc, pr);

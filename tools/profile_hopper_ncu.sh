@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Nsight Compute on the Hopper engine (issue 15): where the consumer warps stall, per pattern.
+#
+# One launch of each kernel (S=8192, H=32, D=128, bf16, causal forward, the measured schedule;
+# PATTERNS, default "dense 2:4 2:4+sp"; +sp: stage 3's P.V through wgmma.sp;
+# the second launch is profiled: the first loads the cubin), sections SpeedOfLight,
+# WarpStateStats, SchedulerStats, ComputeWorkloadAnalysis, InstructionStats, Occupancy. Prints
+# the stall table of each kernel last; the full reports go to $OUT/ncu_<pattern>.txt.
+# Device call, from a snapshot (see docs/hopper_engine.md, "The GPU run"):
+#   command: bash tools/profile_hopper_ncu.sh   carry: the snapshot   timeout_s: ~240
+# Needs ncu (CUDA toolkit) and permission to read the GPU's performance counters; says so and
+# exits 0 when either is missing, so that it can share a device call with other steps.
+set -u -o pipefail
+source tools/device_env.sh || exit 1
+export MODELOPT_SPARSE_HOPPER_CACHE=${MODELOPT_SPARSE_HOPPER_CACHE:-$PWD/build/hopper_cubins}
+[[ -f build/hopper_cubins.tar.xz && ! -d $MODELOPT_SPARSE_HOPPER_CACHE ]] && tar xJf build/hopper_cubins.tar.xz -C build
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+if [[ -z "$NCU" ]]; then
+  echo "ncu: not found on this machine (no Nsight Compute): skipped"
+  exit 0
+fi
+echo "ncu: $NCU ($($NCU --version 2>/dev/null | tail -n 1))"
+cat > "$OUT/ncu_case.py" <<'EOF'
+import os
+import sys
+import torch
+from modelopt_sparse.kernels import attention
+
+pattern, _, extra = sys.argv[1].partition("+")
+if extra == "sp":  # stage 3: 2:4 P.V through wgmma.sp
+    os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = "1"
+n, m = (int(x) for x in pattern.split(":")) if pattern != "dense" else (0, 4)
+s, h, d = 8192, 32, 128
+q, k, v = (torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+start = torch.zeros(1, dtype=torch.int32, device="cuda")
+length = torch.full((1,), s, dtype=torch.int32, device="cuda")
+for _ in range(2):
+    attention(q, k, v, start, length, s, sparsity_n=n, sparsity_m=m, backend="hopper")
+torch.cuda.synchronize()
+EOF
+for pattern in ${PATTERNS:-dense 2:4 2:4+sp}; do
+  name=${pattern/:/of}; name=${name/+/_}
+  timeout 120 "$NCU" --kernel-name nm_attn_fwd --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section Occupancy \
+    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    --metrics 'regex:sm__(inst_executed_)?pipe_.*(cycles_active|inst_executed)\.avg\.pct_of_peak_sustained_active' \
+    python3 "$OUT/ncu_case.py" "$pattern" > "$OUT/ncu_$name.txt" 2>&1
+  rc=$?
+  if grep -q "ERR_NVGPUCTRPERM" "$OUT/ncu_$name.txt"; then
+    echo "ncu: no permission to read the performance counters (ERR_NVGPUCTRPERM): skipped"
+    exit 0
+  fi
+  echo "== $pattern (ncu rc=$rc)"
+  grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Executed Ipc" \
+    "$OUT/ncu_$name.txt" | head -n 12
+  # The stall reasons (warps per issue, largest first) and the busiest pipes.
+  grep -E "issue_stalled" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -n 8
+  grep -E "sm__(inst_executed_)?pipe_" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -n 8
+done
