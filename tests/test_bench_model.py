@@ -8,6 +8,7 @@ written, the summary comes last); it says nothing about speed.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -17,6 +18,7 @@ import torch
 
 from modelopt_sparse import cli
 from modelopt_sparse.bench.model import CASES, GROUPS, TARGET_LINES
+from modelopt_sparse.bench.model.cases import Setting
 from modelopt_sparse.bench.model.report import annotate, summary
 
 CPU_SKIPPED = {"smollm2-cudagraphs", "smollm2-compiled", "generate-static"}
@@ -100,9 +102,7 @@ def test_tiny_cpu_run_output(tiny_run):
     md = (tiny_run["dir"] / "model_table.md").read_text()
     assert "| case | setting | mode | unit | sdpa | dense | 2:4 | dense/SDPA | 2:4/SDPA |" in md
     assert "| target line | value | target | status |" in md
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         assert "skipping the plot" in out
     else:
         assert (tiny_run["dir"] / "model_speed.png").read_bytes()[:4] == b"\x89PNG"
@@ -140,7 +140,6 @@ def test_verdicts_follow_the_direction_of_each_line():
 def test_report_of_a_gpu_like_run(tmp_path):
     """Rows a CPU run never produces (CUDA-graph and compiled numbers, errors, verdicts) go
     through every output: the summary, both tables, the markdown and the chart."""
-    from modelopt_sparse.bench.model.cases import Setting
     from modelopt_sparse.bench.model.report import (
         markdown_report, public, results_table, save_plot, summary_table)
     from modelopt_sparse.bench.model.runner import new_row
@@ -305,8 +304,16 @@ def test_compile_paths_on_cpu_with_dynamo_only(tmp_path, capsys):
             assert r["note"].startswith("fullgraph=True failed") and r["fullgraph_error"]
     sdpa = [r for r in rows if r["impl"] == "sdpa"]
     assert all(r["fullgraph"] is True and r["graph_breaks"] == 0 for r in sdpa)
-    generate = [r for r in rows if r["case"] == "generate-static" and r["impl"] == "dense"]
-    assert all(isinstance(r["tokens_equal"], bool) for r in generate)
+    generate = [r for r in rows if r["case"] == "generate-static"]
+    # Compiled side by side, then timed in rounds: every row has its one round (--reps 1 gives
+    # one generate call), and dense its ratio paired with SDPA's call of the same round.
+    assert [(r["setting"], r["impl"]) for r in generate] == [("1x16+8", "sdpa"), ("1x16+8", "dense"),
+                                                             ("2x16+8", "sdpa"), ("2x16+8", "dense")]
+    for r in generate:
+        assert len(r["round_ms"]) == 1 and "in rounds with the other implementations" in r["note"]
+        if r["impl"] == "dense":
+            assert isinstance(r["tokens_equal"], bool)
+            assert r["ratio_vs_sdpa"] == r["paired_ratio_vs_sdpa"] > 0
     assert "transformers did not compile" not in json.dumps(rows)
 
 
@@ -322,33 +329,61 @@ def test_interleaved_timing_alternates_implementations():
     assert set(ms) == set(fns) and all(v >= 0 for v in ms.values())
 
 
+class _FakeHost:
+    """A fake clock for measure's timers and the log of the generate calls, in order. Call k
+    (counted from 1) of a model of cost c takes c * (1 + k): every call is slower than the
+    one before, as on a host that drifts."""
+
+    def __init__(self, monkeypatch):
+        import types
+
+        from modelopt_sparse.bench.model import measure
+
+        self.now, self.log, self.calls = 0.0, [], 0
+        monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+    def run(self, name: str, cost: float) -> None:
+        self.calls += 1
+        self.log.append(name)
+        self.now += cost * (1 + self.calls)
+
+
+class _FakeModel:
+    """What the generate measurements call of a model. A static-cache config with a compile
+    config marks the model compiled, as transformers' get_compiled_call does;
+    ``fails_to_compile`` raises on the fullgraph attempt ("fullgraph") or on both ("always")."""
+
+    def __init__(self, host: _FakeHost, name: str, cost: float, fails_to_compile: str | None = None):
+        self.host, self.name, self.cost, self.fails_to_compile = host, name, cost, fails_to_compile
+
+    def generate(self, ids, attention_mask=None, generation_config=None):
+        compile_config = generation_config.compile_config
+        if compile_config is not None and (self.fails_to_compile == "always" or (
+                self.fails_to_compile == "fullgraph" and compile_config.fullgraph)):
+            self.host.log.append(f"{self.name} fails")
+            raise RuntimeError(f"{self.name} cannot be compiled")
+        self.host.run(self.name, self.cost)
+        if compile_config is not None:
+            self._compiled_call = object()
+        return torch.zeros(ids.shape[0], ids.shape[1] + _FAKE_SETTING.new_tokens, dtype=torch.long)
+
+
+_FAKE_SETTING = Setting(batch=2, length=3, new_tokens=4)
+
+
 def test_generate_rounds_rotate_their_order_and_pair_the_ratio(monkeypatch):
     """Eager generate is host-bound and drifts: each round starts with another implementation,
     and the reported ratio is the median of the per-round ratios (SDPA's time / ours in the
     same round), which a drift that slows every later round cancels; the ratio of medians
     stays in the row beside it."""
-    import types
-
     from modelopt_sparse.bench.model import measure, report
-    from modelopt_sparse.bench.model.cases import Setting
 
-    clock, order = [0.0], []
-    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    class Fake:
-        def __init__(self, name, cost):
-            self.name, self.cost = name, cost
-
-        def generate(self, ids, attention_mask=None, generation_config=None):
-            order.append(self.name)
-            clock[0] += self.cost * (1 + len(order))  # every call slower than the one before
-            return torch.zeros(ids.shape[0], ids.shape[1] + 4, dtype=torch.long)
-
-    setting = Setting(batch=2, length=3, new_tokens=4)
-    models = {"sdpa": Fake("sdpa", 1.0), "dense": Fake("dense", 1.0), "2:4": Fake("2:4", 2.0)}
-    out = measure.generate_eager_interleaved(models, torch.zeros(2, 3, dtype=torch.long), setting,
+    host = _FakeHost(monkeypatch)
+    models = {"sdpa": _FakeModel(host, "sdpa", 1.0), "dense": _FakeModel(host, "dense", 1.0),
+              "2:4": _FakeModel(host, "2:4", 2.0)}
+    out = measure.generate_eager_interleaved(models, torch.zeros(2, 3, dtype=torch.long), _FAKE_SETTING,
                                              torch.device("cpu"), warmup=0, reps=3)
-    assert order == ["sdpa", "dense", "2:4", "dense", "2:4", "sdpa", "2:4", "sdpa", "dense"]
+    assert host.log == ["sdpa", "dense", "2:4", "dense", "2:4", "sdpa", "2:4", "sdpa", "dense"]
     # Call k costs cost * (1 + k): SDPA 2, 7, 9; dense (same cost) 3, 5, 10; 2:4 (twice) 8, 12,
     # 16. Paired: dense 2/3, 7/5, 9/10 -> 0.9 (the ratio of medians says 7/5 = 1.4); 2:4 2/8,
     # 7/12, 9/16 -> 0.5625.
@@ -361,3 +396,83 @@ def test_generate_rounds_rotate_their_order_and_pair_the_ratio(monkeypatch):
     dense = next(r for r in rows if r["impl"] == "dense")
     assert dense["ratio_vs_sdpa"] == pytest.approx(0.9)
     assert dense["ratio_of_medians_vs_sdpa"] == pytest.approx(1.4)
+
+
+def _static_interleaved(monkeypatch, host, models, reps=3):
+    """measure.generate_static_interleaved of fake models: Dynamo's resets go to the call log,
+    and every call made while compiling adds one graph to the counts."""
+    from modelopt_sparse.bench.model import measure
+
+    monkeypatch.setattr(measure, "_reset_dynamo", lambda: host.log.append("reset"))
+    monkeypatch.setattr(measure, "_graph_counts", lambda: {"graph_breaks": 0, "graphs": host.calls})
+    return measure.generate_static_interleaved(models, torch.zeros(2, 3, dtype=torch.long), _FAKE_SETTING,
+                                               torch.device("cpu"), warmup=0, reps=reps, backend="eager")
+
+
+def test_static_compiled_rounds_rotate_their_order_and_pair_the_ratio(monkeypatch):
+    """Compiled generate is timed as eager generate is: every implementation compiled side by
+    side (no Dynamo reset between them, or the earlier compiled calls would be thrown away
+    before their rounds), then rounds in rotating order, and the ratio paired per round."""
+    from modelopt_sparse.bench.model import report
+
+    host = _FakeHost(monkeypatch)
+    models = {"sdpa": _FakeModel(host, "sdpa", 1.0), "dense": _FakeModel(host, "dense", 1.0),
+              "2:4": _FakeModel(host, "2:4", 2.0)}
+    out = _static_interleaved(monkeypatch, host, models)
+    assert host.log == ["reset", "sdpa", "dense", "2:4",  # the compiles
+                        "sdpa", "dense", "2:4", "dense", "2:4", "sdpa", "2:4", "sdpa", "dense", "reset"]
+    # Calls 1-3 compile (SDPA 2, dense 3, 2:4 8); then SDPA 5, 10, 12; dense 6, 8, 13; 2:4
+    # (twice the cost) 14, 18, 22. Paired: dense 5/6, 10/8, 12/13 -> 12/13 (the ratio of
+    # medians says 10/8); 2:4 5/14, 10/18, 12/22 -> 12/22.
+    assert [out[name]["compile_s"] for name in models] == [2.0, 3.0, 8.0]
+    assert all(out[name]["fullgraph"] is True and out[name]["graphs"] == 1 for name in models)
+    assert out["sdpa"]["round_ms"] == [5e3, 10e3, 12e3] and "paired_ratio_vs_sdpa" not in out["sdpa"]
+    assert out["dense"]["paired_ratio_vs_sdpa"] == pytest.approx(12 / 13)
+    assert out["2:4"]["paired_ratio_vs_sdpa"] == pytest.approx(12 / 22)
+    assert out["dense"]["note"] == "median of 3 calls, in rounds with the other implementations (rotating order)"
+    rows = [dict(case="generate-static", setting="2x3+4", mode="static-compiled", kind="generate", impl=name,
+                 status="ok", **fields) for name, fields in out.items()]
+    report.annotate(rows)
+    dense = next(r for r in rows if r["impl"] == "dense")
+    assert dense["ratio_vs_sdpa"] == pytest.approx(12 / 13)
+    assert dense["ratio_of_medians_vs_sdpa"] == pytest.approx(10 / 8)
+    assert dense["tokens_equal"] is True
+
+
+def test_a_failed_static_compile_is_one_error_row(monkeypatch):
+    """An implementation that cannot be compiled is an error row; one that compiles only
+    without fullgraph says so; both others are timed in rounds without the failed one."""
+    host = _FakeHost(monkeypatch)
+    models = {"sdpa": _FakeModel(host, "sdpa", 1.0), "dense": _FakeModel(host, "dense", 1.0, "fullgraph"),
+              "2:4": _FakeModel(host, "2:4", 1.0, "always")}
+    out = _static_interleaved(monkeypatch, host, models, reps=2)
+    assert host.log == ["reset", "sdpa", "dense fails", "dense", "2:4 fails", "2:4 fails",
+                        "sdpa", "dense", "dense", "sdpa", "reset"]
+    assert list(out) == ["sdpa", "dense", "2:4"]
+    assert out["2:4"] == {"status": "error", "reason": "RuntimeError: 2:4 cannot be compiled",
+                          "detail": out["2:4"]["detail"]}
+    dense = out["dense"]
+    assert dense["fullgraph"] is False and "dense cannot be compiled" in dense["fullgraph_error"]
+    assert dense["note"] == ("fullgraph=True failed; compiled again with fullgraph=False; "
+                             "median of 2 calls, in rounds with the other implementations (rotating order)")
+    assert len(dense["round_ms"]) == 2 and dense["paired_ratio_vs_sdpa"] > 0
+
+
+def test_runner_keeps_a_static_compile_error_beside_the_timed_rows(monkeypatch):
+    """The runner takes each implementation's status from the static measurement: an error
+    row of one does not turn the others into errors."""
+    from modelopt_sparse.bench.model import ModelBenchConfig, measure, run_model_bench
+
+    def measured(models, ids, setting, device, warmup, reps, backend):
+        assert list(models) == ["sdpa", "dense", "2:4"] and backend == "eager"
+        return {"sdpa": {"ms": 2.0, "tokens_per_s": 1.0, "compile_s": 1.0},
+                "dense": {"ms": 2.0, "tokens_per_s": 1.0, "compile_s": 1.0, "paired_ratio_vs_sdpa": 1.0},
+                "2:4": {"status": "error", "reason": "RuntimeError: no", "detail": "trace"}}
+
+    monkeypatch.setattr(measure, "generate_static_interleaved", measured)
+    cfg = ModelBenchConfig(cases=("generate-static",), device="cpu", tiny=True, compile_backend="eager")
+    rows = run_model_bench(cfg)
+    assert [(r["setting"], r["impl"], r["status"]) for r in rows] == [
+        ("1x16+8", "sdpa", "ok"), ("1x16+8", "dense", "ok"), ("1x16+8", "2:4", "error"),
+        ("2x16+8", "sdpa", "ok"), ("2x16+8", "dense", "ok"), ("2x16+8", "2:4", "error")]
+    assert all(r["reason"] == "RuntimeError: no" for r in rows if r["impl"] == "2:4")

@@ -1,7 +1,11 @@
-"""How one implementation is timed on one setting: build, convert, run, time.
+"""How implementations are timed on one setting: build, convert, run, time.
 
 Every function here returns the fields of one result row (``ms``, ``compile_s``, ``note``,
-...) or raises; the runner records an exception as that row's error and goes on.
+...), or of one row per implementation (the ``*_interleaved`` ones, which time several
+side by side), or raises; the runner records an exception as the error of the rows it
+concerns and goes on. Only :func:`generate_static_interleaved` reports a failure of one
+implementation itself (an error row beside the others), since its compile is per
+implementation.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 import torch
 
 from ..errors import detail, short
-from ..timing import interleaved_median_ms, median_ms, sync, wall_ms
+from ..timing import interleaved_median_ms, median_ms, sync
 from .cases import MODELS, Setting
 
 # sparsify() configs of our implementations. Dense is the same kernel with N=0: it measures
@@ -81,7 +85,7 @@ def _last_logits(out) -> torch.Tensor:
     return out.logits[:, -1].float().cpu()
 
 
-def _graph_stats() -> dict:
+def _graph_counts() -> dict:
     """Dynamo's graph-break and graph counts since the last reset (private counters: None if
     this torch has none)."""
     try:
@@ -91,6 +95,13 @@ def _graph_stats() -> dict:
                 "graphs": int(counters["stats"]["unique_graphs"])}
     except Exception:
         return {"graph_breaks": None, "graphs": None}
+
+
+def _graph_stats_since(before: dict) -> dict:
+    """What :func:`_graph_counts` gained since ``before``: one model's own graphs and breaks
+    when others were compiled before it without a reset."""
+    after = _graph_counts()
+    return {key: None if after[key] is None or before[key] is None else after[key] - before[key] for key in after}
 
 
 def compile_failure(exc: BaseException) -> str:
@@ -138,15 +149,19 @@ def forward_eager_interleaved(models: dict, ids, call_kw, device, warmup, reps) 
                    "_last_logits": _last_logits(call())} for name, call in calls.items()}
 
 
-def _compile_fullgraph_first(attempt):
+def _compile_fullgraph_first(attempt, reset: bool = True):
     """``attempt(fullgraph)`` with ``fullgraph=True``, and again with ``False`` if that raised.
 
+    Dynamo is reset before each attempt unless ``reset`` is False (other models' compiled
+    calls must stay alive); the graph stats count the attempt that worked either way.
     Returns ``(its value, fullgraph, seconds of the attempt that worked, graph stats,
     failure)``, where ``failure`` keeps the fullgraph error for the report (empty if none).
     """
     failure = {}
     for fullgraph in (True, False):
-        _reset_dynamo()
+        if reset:
+            _reset_dynamo()
+        before = _graph_counts()
         start = time.perf_counter()
         try:
             value = attempt(fullgraph)
@@ -156,7 +171,7 @@ def _compile_fullgraph_first(attempt):
             failure = {"note": "fullgraph=True failed; compiled again with fullgraph=False",
                        "fullgraph_error": compile_failure(exc), "fullgraph_error_detail": detail(exc)}
             continue
-        return value, fullgraph, time.perf_counter() - start, _graph_stats(), failure
+        return value, fullgraph, time.perf_counter() - start, _graph_stats_since(before), failure
     raise AssertionError("unreachable: the fullgraph=False attempt returns or raises")
 
 
@@ -214,7 +229,7 @@ def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
             if attempt == 1:
                 raise RuntimeError(message) from exc
             note = f"first capture failed, the second one worked: {message}"
-            del graph
+            graph = None  # dropped before the next capture (as `del`, which pyflakes misreads in a loop)
             torch.cuda.synchronize(device)
     ms = median_ms(graph.replay, device, warmup, reps)
     graph.replay()
@@ -226,95 +241,136 @@ def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
     return {"ms": ms, "replay_vs_eager_max_abs": diff, "note": note, "_last_logits": replayed}
 
 
-def generate(model, ids, setting: Setting, mode: str, device, warmup, reps, backend) -> dict:
-    """Greedy ``model.generate`` of exactly ``setting.new_tokens`` tokens; tokens/s is
-    batch x new tokens over the median wall time of a whole call (prefill included).
+def _greedy_config(new_tokens: int):
+    """Greedy decoding of exactly ``new_tokens`` tokens: no early stop, no sampling."""
+    from transformers import GenerationConfig
 
-    ``static-compiled``: ``cache_implementation="static"`` with a ``CompileConfig``. On CUDA,
-    transformers 5.x then compiles the decode step itself (``_valid_auto_compile_criteria``
-    and ``get_compiled_call`` in generation/utils.py and modeling_utils.py; the prefill runs
-    eagerly). On the CPU that needs ``CompileConfig._compile_all_devices``.
+    return GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                            eos_token_id=None, pad_token_id=0)
+
+
+def _static_compiled_config(new_tokens: int, fullgraph: bool, backend, device):
+    """:func:`_greedy_config` with ``cache_implementation="static"`` and a ``CompileConfig``.
+
+    On CUDA, transformers 5.x then compiles the decode step itself
+    (``_valid_auto_compile_criteria`` and ``get_compiled_call`` in generation/utils.py and
+    modeling_utils.py; the prefill runs eagerly). On the CPU that needs
+    ``CompileConfig._compile_all_devices``.
     """
-    from transformers import CompileConfig, GenerationConfig
+    from transformers import CompileConfig
 
-    n = setting.new_tokens
+    config = _greedy_config(new_tokens)
+    compile_config = CompileConfig(fullgraph=fullgraph, backend=backend)
+    if torch.device(device).type != "cuda":
+        compile_config._compile_all_devices = True
+    config.cache_implementation = "static"
+    config.compile_config = compile_config
+    return config
+
+
+def _generate_call(model, ids, config):
     mask = torch.ones_like(ids)
+    return lambda: model.generate(ids, attention_mask=mask, generation_config=config)
 
-    def config(fullgraph):
-        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                               eos_token_id=None, pad_token_id=0)
-        if mode == "static-compiled":
-            compile_config = CompileConfig(fullgraph=fullgraph, backend=backend)
-            if torch.device(device).type != "cuda":
-                compile_config._compile_all_devices = True
-            gen.cache_implementation = "static"
-            gen.compile_config = compile_config
-        return gen
 
-    failure, fullgraph, compile_s, stats = {}, None, None, {}
-    gen_config = config(True)
-    if mode == "static-compiled":
-        def attempt(fullgraph):
-            for attr in ("_compiled_call", "_last_compile_config"):
-                if attr in vars(model):
-                    delattr(model, attr)
-            compiled_config = config(fullgraph)
-            model.generate(ids, attention_mask=mask, generation_config=compiled_config)
-            sync(device)
-            return compiled_config
+def compile_static_generate(model, ids, new_tokens: int, device, backend):
+    """Compile ``model``'s decode step by one static-cache generate call, fullgraph first (see
+    :func:`_compile_fullgraph_first`). Dynamo is not reset, so implementations compiled
+    before keep their compiled calls. Returns the generation config that compiled and the
+    row fields ``compile_s``, ``fullgraph``, ``graph_breaks``, ``graphs`` (and ``note``,
+    ``fullgraph_error`` after a fallback)."""
 
-        gen_config, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt)
-        if "_compiled_call" not in vars(model):
-            note = "transformers did not compile the decode step (generate ran eagerly)"
-            failure["note"] = f"{failure['note']}; {note}" if failure else note
-            fullgraph = None
-        warmup = max(0, warmup - 1)  # the compiling call above was the first warm-up
+    def attempt(fullgraph):
+        # transformers keeps one compiled call per model, made from the first config it saw.
+        for attr in ("_compiled_call", "_last_compile_config"):
+            if attr in vars(model):
+                delattr(model, attr)
+        config = _static_compiled_config(new_tokens, fullgraph, backend, device)
+        _generate_call(model, ids, config)()
+        sync(device)
+        return config
 
-    def call():
-        return model.generate(ids, attention_mask=mask, generation_config=gen_config)
-
-    for _ in range(warmup):
-        call()
-    outputs = []
-    times = wall_ms(lambda: outputs.append(call()), device, reps)
-    new = outputs[-1][:, ids.shape[1]:]
-    if new.shape[1] != n:
-        raise RuntimeError(f"generate returned {new.shape[1]} new tokens, not {n}")
-    ms = sorted(times)[len(times) // 2]
-    result = {"ms": ms, "tokens_per_s": setting.batch * n / (ms / 1e3), "_tokens": new.tolist(), **failure}
-    if mode == "static-compiled":
-        result.update(compile_s=compile_s, fullgraph=fullgraph, **stats)
-        _reset_dynamo()
-    return result
+    config, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt, reset=False)
+    note = None
+    if "_compiled_call" not in vars(model):
+        note = "transformers did not compile the decode step (generate ran eagerly)"
+        fullgraph = None
+    elif stats["graphs"] == 0:
+        # Dense and 2:4 decode alike: the second finds the first one's graph in Dynamo's cache.
+        note = "no new graph: Dynamo reused one compiled for an implementation before this one"
+    return config, {"compile_s": compile_s, "fullgraph": fullgraph, **stats, **failure,
+                    "note": _joined(failure.get("note"), note)}
 
 
 def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warmup, reps) -> dict:
     """Eager greedy ``generate`` of several implementations (name -> model), timed in rounds
-    of one call each (the calls are seconds long and host-bound: back-to-back blocks of one
-    implementation read up to 2x apart between runs). name -> fields of its row."""
-    from transformers import GenerationConfig
+    of one call each (see :func:`_generate_in_rounds`). name -> fields of its row."""
+    config = _greedy_config(setting.new_tokens)
+    calls = {name: _generate_call(model, ids, config) for name, model in models.items()}
+    return _generate_in_rounds(calls, ids, setting, device, warmup, reps)
 
+
+def generate_static_interleaved(models: dict, ids, setting: Setting, device, warmup, reps, backend) -> dict:
+    """Static-cache greedy ``generate`` with a compiled decode step, of several
+    implementations (name -> model) side by side: each one's decode step compiled in turn
+    (:func:`compile_static_generate`), then all of them timed in rounds as
+    :func:`generate_eager_interleaved` times the eager ones. Timed one after another, each
+    on a fresh compile, two implementations with the same decode graph read 0.72 and 0.97 of
+    SDPA in one run.
+
+    Every compiled call stays alive until the rounds are over: Dynamo is reset once before
+    the first compile and once after the last round, never in between. The compiling calls
+    do not count as warm-up (each ran before the next implementation compiled): ``warmup``
+    rounds follow the last compile. An implementation whose compile fails gets an error row
+    (``status``, ``reason``, ``detail``); the others are timed without it. name -> fields
+    of its row.
+    """
+    compiled, failed, calls = {}, {}, {}
+    _reset_dynamo()
+    try:
+        for name, model in models.items():
+            try:
+                config, compiled[name] = compile_static_generate(model, ids, setting.new_tokens, device, backend)
+            except Exception as exc:
+                failed[name] = {"status": "error", "reason": short(exc), "detail": detail(exc)}
+                continue
+            calls[name] = _generate_call(model, ids, config)
+        timed = _generate_in_rounds(calls, ids, setting, device, warmup, reps) if calls else {}
+    finally:
+        _reset_dynamo()  # frees the compiled graphs before the next setting compiles
+    out = {}
+    for name in models:
+        if name in failed:
+            out[name] = failed[name]
+            continue
+        # The compile's note (a fullgraph fallback, a reused graph) first: it says what was timed.
+        out[name] = {**compiled[name], **timed[name], "note": _joined(compiled[name]["note"], timed[name]["note"])}
+    return out
+
+
+def _joined(*notes) -> str | None:
+    """The notes that are there, in order, as one; None if there is none."""
+    return "; ".join(n for n in notes if n) or None
+
+
+def _generate_in_rounds(calls: dict, ids, setting: Setting, device, warmup, reps) -> dict:
+    """Generate calls (name -> zero-argument callable), ``warmup`` untimed rounds and then
+    ``reps`` timed ones (:func:`_timed_rounds`); name -> ``ms`` (median), ``tokens_per_s``
+    (batch x new tokens over it, prefill included), ``round_ms``, ``note``, ``_tokens`` and,
+    beside an ``sdpa`` entry, ``paired_ratio_vs_sdpa``.
+
+    Generate is host-bound and the host drifts: back-to-back blocks of one implementation
+    read up to 2x apart between runs, so every round calls each implementation once, and
+    the paired ratio compares calls of the same round.
+    """
     n = setting.new_tokens
-    mask = torch.ones_like(ids)
-    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                              eos_token_id=None, pad_token_id=0)
-    calls = {name: (lambda m=m: m.generate(ids, attention_mask=mask, generation_config=config))
-             for name, m in models.items()}
     for _ in range(warmup):
         for call in calls.values():
             call()
-    names = list(calls)
-    times = {name: [] for name in calls}
-    last = {}
-    for round_index in range(reps):
-        # Each round starts with another implementation: no one always runs first.
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            sync(device)
-            t0 = time.perf_counter()
-            last[name] = calls[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    times, last = _timed_rounds(calls, device, reps)
+    note = f"median of {reps} calls"
+    if len(calls) > 1:
+        note += ", in rounds with the other implementations (rotating order)"
     out = {}
     for name, ts in times.items():
         new = last[name][:, ids.shape[1]:]
@@ -322,8 +378,7 @@ def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warm
             raise RuntimeError(f"{name}: generate returned {new.shape[1]} new tokens, not {n}")
         ms = sorted(ts)[len(ts) // 2]
         out[name] = {"ms": ms, "tokens_per_s": setting.batch * n / (ms / 1e3), "_tokens": new.tolist(),
-                     "round_ms": [round(t, 3) for t in ts],
-                     "note": f"median of {reps} calls, in rounds with the other implementations (rotating order)"}
+                     "round_ms": [round(t, 3) for t in ts], "note": note}
     if "sdpa" in times:
         for name, ts in times.items():
             if name != "sdpa":
@@ -331,6 +386,26 @@ def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warm
                 # slow drift across rounds cancels in the pair.
                 out[name]["paired_ratio_vs_sdpa"] = paired_median_ratio(times["sdpa"], ts)
     return out
+
+
+def _timed_rounds(calls: dict, device, reps: int) -> tuple[dict, dict]:
+    """``reps`` rounds that call each of ``calls`` (name -> zero-argument callable) once,
+    synchronised before and after each call. Each round starts with another implementation
+    than the round before, so that no one always runs first (right after the previous
+    round's last call, or on a cold cache). Returns name -> wall ms of each round, and
+    name -> what its last call returned."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    last = {}
+    for round_index in range(reps):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync(device)
+            t0 = time.perf_counter()
+            last[name] = calls[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times, last
 
 
 def paired_median_ratio(reference_ms: list[float], mine_ms: list[float]) -> float:

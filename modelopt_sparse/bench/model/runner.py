@@ -94,17 +94,19 @@ class _Models:
             self.built.pop(name, None)
 
 
-def _run_one(spec: CaseSpec, impl_model, impl: str, setting: Setting, mode: str, cfg: ModelBenchConfig,
-             device) -> dict:
-    """The measured fields of one row (raises on failure)."""
-    vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
-    ids = measure.token_ids(setting, vocab, device, cfg.seed)
-    if spec.kind == "generate":
-        return measure.generate(impl_model, ids, setting, mode, device, cfg.gen_warmup, cfg.gen_reps,
-                                cfg.compile_backend)
+def _forward_call_kw(spec: CaseSpec, cfg: ModelBenchConfig) -> dict:
     call_kw = {"use_cache": cfg.use_cache}
     if spec.prefill:
         call_kw["logits_to_keep"] = 1
+    return call_kw
+
+
+def _run_one(spec: CaseSpec, impl_model, impl: str, setting: Setting, mode: str, cfg: ModelBenchConfig,
+             device) -> dict:
+    """The measured fields of one forward row (raises on failure)."""
+    vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
+    ids = measure.token_ids(setting, vocab, device, cfg.seed)
+    call_kw = _forward_call_kw(spec, cfg)
     with torch.no_grad():
         if mode == "eager":
             return measure.forward_eager(impl_model, ids, call_kw, device, cfg.warmup, cfg.reps)
@@ -143,9 +145,8 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
                 emit(row)
             lost = release(device)
             continue
-        if spec.kind in ("forward", "generate") and spec.mode == "eager" and len(cfg.impls) > 1 and skip is None \
-                and lost is None:
-            for row in _interleaved_eager(spec, cfg, device, models, started, on_start):
+        if _side_by_side(spec, cfg) and skip is None and lost is None:
+            for row in _interleaved_case(spec, cfg, device, models, started, on_start):
                 emit(row)
             models.done_with(spec.model)
             lost = release(device)
@@ -193,18 +194,43 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
     return rows
 
 
-def _interleaved_eager(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _Models, started: float,
-                       on_start) -> list[dict]:
-    """The rows of an eager forward or generate case: per setting, every implementation
-    converted side by side and timed in interleaved rounds (host-bound calls drift with the
-    host)."""
+def _side_by_side(spec: CaseSpec, cfg: ModelBenchConfig) -> bool:
+    """Whether a case converts its implementations side by side and times them in rounds:
+    eager forwards (of more than one implementation) and every generate case, whose rounds
+    serve one implementation alone as well."""
+    if spec.kind == "generate":
+        return True
+    return spec.kind == "forward" and spec.mode == "eager" and len(cfg.impls) > 1
+
+
+def _measure_side_by_side(spec: CaseSpec, converted: dict, setting: Setting, cfg: ModelBenchConfig,
+                          device) -> dict:
+    """impl -> fields of its row, all of ``converted`` (impl -> model) timed in rounds."""
+    vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
+    ids = measure.token_ids(setting, vocab, device, cfg.seed)
+    if spec.kind == "generate" and spec.mode == "static-compiled":
+        return measure.generate_static_interleaved(converted, ids, setting, device, cfg.gen_warmup, cfg.gen_reps,
+                                                   cfg.compile_backend)
+    if spec.kind == "generate":
+        return measure.generate_eager_interleaved(converted, ids, setting, device, cfg.gen_warmup, cfg.gen_reps)
+    if spec.mode == "eager":
+        with torch.no_grad():
+            return measure.forward_eager_interleaved(converted, ids, _forward_call_kw(spec, cfg), device,
+                                                     cfg.warmup, cfg.reps)
+    raise ValueError(f"{spec.name}: mode {spec.mode!r} is not timed side by side")
+
+
+def _interleaved_case(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _Models, started: float,
+                      on_start) -> list[dict]:
+    """The rows of a case timed side by side (:func:`_side_by_side`): per setting, every
+    implementation converted and timed in interleaved rounds (host-bound calls drift with
+    the host; static-cache compiled generate, timed one implementation after another,
+    read 0.72 and 0.97 of SDPA for two identical decode graphs). A static-compiled setting
+    compiles every implementation before its rounds; one whose compile fails gets its
+    error row and the others go on."""
     rows = []
     settings = spec.settings(cfg.tiny)
     per_setting_s = spec.est_s * len(cfg.impls) / max(1, len(settings))
-    vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
-    call_kw = {"use_cache": cfg.use_cache}
-    if spec.prefill:
-        call_kw["logits_to_keep"] = 1
     for setting in settings:
         group = {impl: new_row(spec, impl, setting, spec.mode) for impl in cfg.impls}
         elapsed = time.perf_counter() - started
@@ -227,17 +253,10 @@ def _interleaved_eager(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _M
                     row.update(status="error", reason=short(exc), detail=detail(exc))
             if converted:
                 try:
-                    ids = measure.token_ids(setting, vocab, device, cfg.seed)
-                    if spec.kind == "generate":
-                        measured = measure.generate_eager_interleaved(converted, ids, setting, device,
-                                                                      cfg.gen_warmup, cfg.gen_reps)
-                    else:
-                        with torch.no_grad():
-                            measured = measure.forward_eager_interleaved(converted, ids, call_kw, device,
-                                                                         cfg.warmup, cfg.reps)
+                    measured = _measure_side_by_side(spec, converted, setting, cfg, device)
                     for impl, fields in measured.items():
-                        group[impl].update(fields)
-                        group[impl]["status"] = "ok"
+                        # A row of its own failure (a static compile) brings its status along.
+                        group[impl].update({"status": "ok", **fields})
                 except Exception as exc:
                     for impl in converted:
                         group[impl].update(status="error", reason=short(exc), detail=detail(exc))
