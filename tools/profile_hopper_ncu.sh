@@ -38,23 +38,30 @@ for _ in range(2):
     attention(q, k, v, start, length, s, sparsity_n=n, sparsity_m=m, backend="hopper")
 torch.cuda.synchronize()
 EOF
+SECTIONS=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats
+          --section ComputeWorkloadAnalysis --section InstructionStats --section Occupancy)
+METRICS='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__(inst_executed_)?pipe_.*(cycles_active|inst_executed)\.avg\.pct_of_peak_sustained_active'
 for pattern in ${PATTERNS:-dense 2:4 2:4+sp}; do
   name=${pattern/:/of}; name=${name/+/_}
-  timeout 120 "$NCU" --kernel-name nm_attn_fwd --launch-skip 1 --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-    --section ComputeWorkloadAnalysis --section InstructionStats --section Occupancy \
-    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-    --metrics 'regex:sm__(inst_executed_)?pipe_.*(cycles_active|inst_executed)\.avg\.pct_of_peak_sustained_active' \
-    python3 "$OUT/ncu_case.py" "$pattern" > "$OUT/ncu_$name.txt" 2>&1
+  report="$OUT/ncu_$name.txt"
+  timeout 120 "$NCU" --kernel-name nm_attn_fwd --launch-skip 1 --launch-count 1 "${SECTIONS[@]}" --metrics "$METRICS" \
+    python3 "$OUT/ncu_case.py" "$pattern" > "$report" 2>&1
   rc=$?
-  if grep -q "ERR_NVGPUCTRPERM" "$OUT/ncu_$name.txt"; then
+  if grep -q "==ERROR==.*metric" "$report"; then  # this ncu does not take the metric list: sections only
+    grep -m 2 "==ERROR==" "$report"
+    timeout 120 "$NCU" --kernel-name nm_attn_fwd --launch-skip 1 --launch-count 1 "${SECTIONS[@]}" \
+      python3 "$OUT/ncu_case.py" "$pattern" > "$report" 2>&1
+    rc=$?
+  fi
+  grep -m 3 "==ERROR==" "$report"
+  if grep -q "ERR_NVGPUCTRPERM" "$report"; then
     echo "ncu: no permission to read the performance counters (ERR_NVGPUCTRPERM): skipped"
     exit 0
   fi
   echo "== $pattern (ncu rc=$rc)"
   grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Executed Ipc" \
-    "$OUT/ncu_$name.txt" | head -n 12
+    "$report" | head -n 12
   # The stall reasons (warps per issue, largest first) and the busiest pipes.
-  grep -E "issue_stalled" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -n 8
-  grep -E "sm__(inst_executed_)?pipe_" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -n 8
+  grep -E "issue_stalled" "$report" | awk '{print $NF, $1}' | sort -rn | head -n 8
+  grep -E "sm__(inst_executed_)?pipe_" "$report" | awk '{print $NF, $1}' | sort -rn | head -n 8
 done
