@@ -464,6 +464,8 @@ def sparse_attention_forward(
     else:
         out = result
     if layout.batched:
+        if layout.nan_rows is not None:
+            out = torch.where(layout.nan_rows[:, None, None, None], float("nan"), out)
         return out, None
     # Query rows outside every sequence (padding) come back as zeros.
     if layout.put_q is not None:
@@ -695,13 +697,17 @@ class _Layout:
     padded batches the gathers that pack query and key rows and the one that unpacks the
     output (``None``: rows are used in place)."""
 
-    __slots__ = ("batch", "kv_len", "take_q", "take_k", "put_q", "batched")
+    __slots__ = ("batch", "kv_len", "take_q", "take_k", "put_q", "batched", "nan_rows")
 
-    def __init__(self, batch: PackedBatch, kv_len: int, take_q=None, take_k=None, put_q=None, batched=False):
+    def __init__(self, batch: PackedBatch, kv_len: int, take_q=None, take_k=None, put_q=None, batched=False,
+                 nan_rows=None):
         self.batch, self.kv_len = batch, kv_len
         self.take_q, self.take_k, self.put_q = take_q, take_k, put_q
         # batched: the metadata places sequence b in batch row b of [B, S, H, D] tensors.
         self.batched = batched
+        # [B] bool or None: batch rows whose output is made NaN (packing that static shapes
+        # cannot express, see _position_ids_layout; batched layouts only).
+        self.nan_rows = nan_rows
 
 
 def _layout(query, key, attention_mask, kwargs, causal=True, window=None) -> _Layout:
@@ -795,6 +801,8 @@ def _dense_layout(batch, q_len, kv_len, device) -> _Layout:
         return _build_dense_layout(batch, q_len, kv_len, device)
     key = (batch, q_len, kv_len, device)
     layout = _DENSE_LAYOUTS.get(key)
+    if layout is None and _capturing(device):
+        return _build_dense_layout(*key)  # not cached: a tensor made in a capture lives in its pool
     if layout is None:
         layout = _build_dense_layout(batch, q_len, kv_len, device)
         if len(_DENSE_LAYOUTS) >= 64:
@@ -905,12 +913,25 @@ def _packed_layout(query, key, kwargs) -> _Layout:
 
 
 def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
-    """Sequences per batch row: split where position_ids do not step by one (packing)."""
+    """Sequences per batch row: split where position_ids do not step by one (packing).
+
+    How many sequences there are is data. Where shapes must be static (a CUDA-graph capture,
+    or compiled code without Dynamo's ``capture_dynamic_output_shape_ops``), each batch row is
+    one sequence, and a row whose position_ids restart (packing, which only ``cu_seq_lens_q/k``
+    can express there) comes out as NaN instead of attending across its sequences: transformers
+    hands over this mask whenever it cannot read position_ids itself, packed or not, so the
+    common unpacked row must not cost a host read in every layer (docs/api.md).
+    """
     if position_ids is None or q_len != kv_len:
         return _dense_layout(batch, q_len, kv_len, device), "a causal mask"
     pos = position_ids.to(device).expand(batch, -1)
     if pos.shape[-1] != q_len:
         raise ValueError(f"modelopt_sparse: position_ids of shape {tuple(position_ids.shape)} for {q_len} tokens")
+    if _static_shapes_only(device):
+        packed_rows = (pos[:, 1:] - pos[:, :-1] != 1).any(dim=1)
+        rows = _dense_layout(batch, q_len, kv_len, device)
+        return (_Layout(rows.batch, kv_len, batched=True, nan_rows=packed_rows),
+                "one sequence per row (position_ids under static shapes)")
     if torch.compiler.is_compiling():
         # How many sequences there are is data: one op of data-dependent length (Dynamo cannot
         # trace nonzero without a global flag), and the longest sequence bounded by the row
@@ -928,6 +949,24 @@ def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     # Valid by construction, and the sequences tile every row: nothing to read back.
     meta = PackedBatch(starts, lens, longest, starts, lens, longest, trusted=True, rows_covered=True)
     return _Layout(meta, kv_len), "packed sequences found in position_ids"
+
+
+def _capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@torch.compiler.assume_constant_result
+def _dynamic_output_shapes_allowed() -> bool:
+    """Dynamo's switch for ops whose output shape is data (read once, at trace time)."""
+    return bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
+
+
+def _static_shapes_only(device) -> bool:
+    """No op of data-dependent output size may run: a capture, or a graph without the switch."""
+    if torch.compiler.is_compiling():
+        return not _dynamic_output_shapes_allowed()
+    return _capturing(device)
 
 
 def _sequence_starts(pos: torch.Tensor) -> torch.Tensor:
@@ -958,8 +997,8 @@ def _verify_dense_mask(mask, layout: _Layout, q_len, kv_len, source, causal=True
     batch = mask.shape[0]
     if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
         raise ValueError(f"modelopt_sparse: 4-D attention_mask of shape {tuple(mask.shape)} for {q_len}x{kv_len} scores")
-    if torch.compiler.is_compiling():
-        return  # the value checks are device checks, which compiled code cannot read back (lazy_checks)
+    if torch.compiler.is_compiling() or _capturing(mask.device):
+        return  # the value checks are device checks, which compiled or captured code cannot read back
     if mask.dtype == torch.bool:
         keep = mask
     else:

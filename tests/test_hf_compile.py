@@ -311,3 +311,50 @@ def test_fullgraph_prefill_without_cache_or_mask_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fullgraph_prefill_without_cache_or_mask_triton():
     _check_fullgraph_position_ids("cuda", "triton", 1e-3)
+
+
+def _two_rows_one_packed(device):
+    """Position ids of two rows of 40 tokens: row 0 one sequence, row 1 two (15 + 25)."""
+    return torch.stack([torch.arange(40), torch.cat([torch.arange(15), torch.arange(25)])]).to(device)
+
+
+def test_static_shapes_without_the_dynamo_switch_cost_no_host_read():
+    """Without capture_dynamic_output_shape_ops a compiled prefill without a mask or a cache
+    reads each row as one sequence (no op of data-dependent size: transformers hands over its
+    packed-sequence mask whether or not position_ids pack anything): one graph, the eager
+    logits for unpacked rows, and NaN for a row whose position_ids restart (packing only
+    cu_seq_lens_q/k can express there), never a silent attention across its sequences."""
+    from modelopt_sparse import hf_attention
+
+    torch._dynamo.reset()
+    model = mts.sparsify(tiny_model("llama", dtype=torch.float32), sparse_cfg(2, 4, sinks=1, window=4, backend="torch"))
+    ids = token_ids(2, 40)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        mixed_eager = model(input_ids=ids, use_cache=False, position_ids=_two_rows_one_packed("cpu")).logits
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    for position_ids in (None, _two_rows_one_packed("cpu")):
+        kwargs = {"use_cache": False} if position_ids is None else {"use_cache": False, "position_ids": position_ids}
+        explained = torch._dynamo.explain(lambda: model(input_ids=ids, **kwargs).logits)()
+        assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+        ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert not any("sequence_starts" in op for op in ops), ops
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(model, fullgraph=True)(input_ids=ids, **kwargs).logits
+        torch._dynamo.reset()
+        if position_ids is None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(got[0], mixed_eager[0], atol=1e-4, rtol=0)  # the unpacked row
+            assert got[1].isnan().all() and not mixed_eager[1].isnan().any()
+    # A CUDA-graph capture is the same case in eager code (emulated: the capture flag forced).
+    original = hf_attention._capturing
+    try:
+        hf_attention._capturing = lambda device: True
+        with torch.no_grad():
+            captured = model(input_ids=ids, use_cache=False, position_ids=_two_rows_one_packed("cpu")).logits
+    finally:
+        hf_attention._capturing = original
+    torch.testing.assert_close(captured[0], mixed_eager[0], atol=1e-4, rtol=0)
+    assert captured[1].isnan().all()
