@@ -324,7 +324,7 @@ def test_static_shapes_without_the_dynamo_switch_cost_no_host_read():
     packed-sequence mask whether or not position_ids pack anything): one graph, the eager
     logits for unpacked rows, and NaN for a row whose position_ids restart (packing only
     cu_seq_lens_q/k can express there), never a silent attention across its sequences."""
-    from modelopt_sparse import hf_attention
+    from modelopt_sparse.hf_attention import layouts
 
     torch._dynamo.reset()
     model = mts.sparsify(tiny_model("llama", dtype=torch.float32), sparse_cfg(2, 4, sinks=1, window=4, backend="torch"))
@@ -349,12 +349,12 @@ def test_static_shapes_without_the_dynamo_switch_cost_no_host_read():
             torch.testing.assert_close(got[0], mixed_eager[0], atol=1e-4, rtol=0)  # the unpacked row
             assert got[1].isnan().all() and not mixed_eager[1].isnan().any()
     # A CUDA-graph capture is the same case in eager code (emulated: the capture flag forced).
-    original = hf_attention._capturing
+    original = layouts._capturing
     try:
-        hf_attention._capturing = lambda device: True
+        layouts._capturing = lambda device: True
         with torch.no_grad():
             captured = model(input_ids=ids, use_cache=False, position_ids=_two_rows_one_packed("cpu")).logits
     finally:
-        hf_attention._capturing = original
+        layouts._capturing = original
     torch.testing.assert_close(captured[0], mixed_eager[0], atol=1e-4, rtol=0)
     assert captured[1].isnan().all()

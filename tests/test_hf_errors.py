@@ -259,11 +259,11 @@ def test_bad_shapes(sparse):
 
 
 def test_layout_is_computed_once_per_forward(sparse, monkeypatch):
-    from modelopt_sparse import hf_attention
+    from modelopt_sparse.hf_attention import layouts
 
     calls = []
-    original = hf_attention._codes_layout
-    monkeypatch.setattr(hf_attention, "_codes_layout", lambda *a: calls.append(1) or original(*a))
+    original = layouts._codes_layout
+    monkeypatch.setattr(layouts, "_codes_layout", lambda *a: calls.append(1) or original(*a))
     ids = token_ids(2, 12)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -322,11 +322,11 @@ def test_block_causal_mask_matches_a_loop_over_sequences(batch, q_len, kv_len, s
 def test_packed_mask_is_checked_once_per_forward(sparse, monkeypatch):
     """position_ids that restart make transformers pass a 4-D block-causal mask to every
     layer; its layout and its check are computed once and reused by the other layers."""
-    from modelopt_sparse import hf_attention
+    from modelopt_sparse.hf_attention import layouts
 
     calls = []
-    original = hf_attention._verify_dense_mask
-    monkeypatch.setattr(hf_attention, "_verify_dense_mask", lambda *a: calls.append(1) or original(*a))
+    original = layouts._verify_dense_mask
+    monkeypatch.setattr(layouts, "_verify_dense_mask", lambda *a: calls.append(1) or original(*a))
     ids = token_ids(1, 14)
     pos = torch.cat([torch.arange(6), torch.arange(8)])[None]
     logits(sparse, ids, position_ids=pos)
@@ -339,10 +339,10 @@ def test_inference_mode_reads_no_metadata_back(sparse, monkeypatch, mask_dtype):
     so that they keep version counters and the layout memo works; the adapter's metadata is
     valid by construction, so the kernel's host-side metadata check (a device sync) never
     runs, and the logits are those of torch.no_grad()."""
-    from modelopt_sparse import hf_attention
+    from modelopt_sparse.hf_attention import layouts
     from modelopt_sparse.kernels import api
 
-    hf_attention._DENSE_LAYOUTS.clear()  # its tensors were built by earlier tests
+    layouts._DENSE_LAYOUTS.clear()  # its tensors were built by earlier tests
     checks = []
     original = api._check_metadata_values
     monkeypatch.setattr(api, "_check_metadata_values", lambda *a: checks.append(1) or original(*a))

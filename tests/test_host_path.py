@@ -242,7 +242,7 @@ def test_dynamo_never_traces_into_pending_device_checks(monkeypatch):
 
 
 def _reference_codes(batch, q_len, width, first_query, kv_offset=0, padding=None):
-    """Token codes written out slot by slot from the module docstring of hf_attention."""
+    """Token codes written out slot by slot from the module docstring of hf_attention.masks."""
     codes = torch.zeros(batch, width, dtype=torch.int32)
     for b in range(batch):
         for j in range(width):
