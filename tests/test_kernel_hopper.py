@@ -1,4 +1,9 @@
-"""The Hopper forward engine (``backend="hopper"``, kernels/hopper_attention.py).
+"""The Hopper forward engine (``backend="hopper"``, the kernels/hopper_attention/ package).
+
+A test that replaces a name replaces it in the module that looks it up: ``ha`` (the package)
+for what kernels/api.py calls on it (``choose``, ``hopper_attention``), ``he`` (engine) for
+``find_nvcc`` as ``unsupported_reason`` sees it, ``hb`` (build) for the compile path, ``ht``
+(tools) for the timing table's ``forward``.
 
 CPU tests (always run): the dispatch, the fallback line, the error messages, the cubin cache
 keying and the compile command, and that the ctypes argument struct mirrors the CUDA one.
@@ -31,6 +36,13 @@ import torch
 
 from modelopt_sparse.kernels import attention, kept_mask
 from modelopt_sparse.kernels import hopper_attention as ha
+from modelopt_sparse.kernels.api import _hopper_engine
+from modelopt_sparse.kernels.hopper_attention import build as hb
+from modelopt_sparse.kernels.hopper_attention import driver as hd
+from modelopt_sparse.kernels.hopper_attention import engine as he
+from modelopt_sparse.kernels.hopper_attention import tools as ht
+from modelopt_sparse.kernels.hopper_attention import variant_sets as hs
+from modelopt_sparse.kernels.hopper_attention import variants as hv
 from modelopt_sparse.kernels.reference import SparseParams
 
 from .helpers import rel_err, separated_inputs, tied_inputs, varlen
@@ -85,6 +97,7 @@ def test_auto_on_cpu_is_unchanged(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
     plain = attention(q, k, v, st, ln, 20, backend="auto", **kw)
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "1")
+    assert _hopper_engine() is ha  # attention() asks the package, where the stub below goes
     monkeypatch.setattr(ha, "choose", lambda *a, **kw: pytest.fail("the engine was considered for CPU tensors"))
     assert torch.equal(attention(q, k, v, st, ln, 20, backend="auto", **kw), plain)
 
@@ -110,17 +123,17 @@ def test_unsupported_reason_architecture_and_toolchain(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     assert "needs an sm_90 GPU (H100/H200), this one is sm_80" in ha.unsupported_reason(t, t, t, _params())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(ha, "find_nvcc", lambda: None)
+    monkeypatch.setattr(he, "find_nvcc", lambda: None)
     reason = ha.unsupported_reason(t, t, t, _params())
     assert "no CUDA compiler found" in reason and "modelopt-sparse[hopper]" in reason
-    monkeypatch.setattr(ha, "find_nvcc", lambda: "/bin/true")
+    monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
     assert ha.unsupported_reason(t, t, t, _params()) is None
 
 
 def test_choose_forced_raises_auto_logs_once(monkeypatch, caplog):
     t = _FakeCuda(dtype=torch.float32)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(ha, "_logged", set())
+    monkeypatch.setattr(he, "_logged", set())
     with pytest.raises(ha.HopperUnavailable, match="backend='hopper' cannot run this call: it supports float16"):
         ha.choose(t, t, t, _params(), forced=True)
     big = _FakeCuda(shape=(4096, 32, 128), dtype=torch.float32)  # past AUTO_MIN_WORK
@@ -131,7 +144,7 @@ def test_choose_forced_raises_auto_logs_once(monkeypatch, caplog):
     assert len(lines) == 1 and "float16 and bfloat16" in lines[0] and "using the Triton kernels" in lines[0]
     # Statistics: even a forced call is served by the Triton forward (documented), with the line.
     t16 = _FakeCuda()
-    monkeypatch.setattr(ha, "find_nvcc", lambda: "/bin/true")
+    monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
     assert ha.choose(t16, t16, t16, _params(), forced=True, stats={}) == "triton"
     assert ha.choose(t16, t16, t16, _params(), forced=True) == "hopper"
 
@@ -140,15 +153,15 @@ def test_auto_keeps_small_calls_on_triton_silently(monkeypatch, caplog):
     """Below AUTO_MIN_WORK auto never asks the engine (not even why it could not run); at and
     above it, the engine; batched [B, S, H, D] counts B x S rows against S keys."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(ha, "find_nvcc", lambda: "/bin/true")
-    monkeypatch.setattr(ha, "_logged", set())
+    monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
+    monkeypatch.setattr(he, "_logged", set())
     small, edge = _FakeCuda(shape=(2047, 32, 128)), _FakeCuda(shape=(2048, 32, 128))
     with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
         assert ha.choose(small, small, small, _params(), forced=False) == "triton"
         assert ha.choose(small, small, small, _params(), forced=True) == "hopper"
         assert ha.choose(edge, edge, edge, _params(), forced=False) == "hopper"
         batched = _FakeCuda(shape=(2, 1024, 32, 128))
-        assert ha._work(batched, batched) == 2 * 1024 * 1024 * 32
+        assert he._work(batched, batched) == 2 * 1024 * 1024 * 32
         assert ha.choose(batched, batched, batched, _params(), forced=False) == "triton"
     assert not caplog.records
 
@@ -168,66 +181,66 @@ def test_auto_is_on_unless_opted_out(monkeypatch):
 # ======================================================================================
 def test_variant_validation_and_canonical_form():
     with pytest.raises(ValueError, match="head_dim must be one of"):
-        ha.Variant(head_dim=96)
+        hv.Variant(head_dim=96)
     with pytest.raises(ValueError, match="sparsity_m must be 2, 4, 8 or 16"):
-        ha.Variant(sparsity_n=1, sparsity_m=3)
+        hv.Variant(sparsity_n=1, sparsity_m=3)
     # Dense kernels ignore M and the tie rule: one cubin for all of them.
-    assert ha.Variant(sparsity_m=16, tie_index=True).canonical() == ha.Variant()
-    assert ha.Variant(sparsity_n=2, sparsity_m=4, tie_index=True).canonical().tag == "d128_2of4i_o"
-    d = ha.Variant(head_dim=64, sparsity_n=3, sparsity_m=16, fp16=True, pingpong=True, overlap=False).defines()
+    assert hv.Variant(sparsity_m=16, tie_index=True).canonical() == hv.Variant()
+    assert hv.Variant(sparsity_n=2, sparsity_m=4, tie_index=True).canonical().tag == "d128_2of4i_o"
+    d = hv.Variant(head_dim=64, sparsity_n=3, sparsity_m=16, fp16=True, pingpong=True, overlap=False).defines()
     assert d == ["-DNMH_HEAD_DIM=64", "-DNMH_SPARSITY_N=3", "-DNMH_SPARSITY_M=16", "-DNMH_TIE_INDEX=0",
                  "-DNMH_FP16=1", "-DNMH_PINGPONG=1", "-DNMH_OVERLAP=0", "-DNMH_PROBE=0"]
 
 
 def test_variant_for_reads_schedule_switches(monkeypatch):
     p = _params(sparsity_n=4, sparsity_m=8, tie_break="index")
-    v = ha.variant_for(p, torch.float16, 64)
+    v = hv.variant_for(p, torch.float16, 64)
     assert (v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.pingpong, v.overlap) == \
         (64, 4, 8, True, True, True, False)  # the measured schedule (no overlap at M = 8)
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PINGPONG", "0")
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "1")
-    v = ha.variant_for(p, torch.bfloat16, 128)
+    v = hv.variant_for(p, torch.bfloat16, 128)
     assert not v.pingpong and v.overlap and v.lean  # each switch overrides one field
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_OVERLAP", "2")
     with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER_OVERLAP must be 0 or 1"):
-        ha.variant_for(p, torch.bfloat16, 128)
+        hv.variant_for(p, torch.bfloat16, 128)
 
 
 def test_cache_key_depends_on_sources_variant_and_compiler():
-    v = ha.Variant(sparsity_n=2, sparsity_m=4)
-    base = ha.cache_key(v, "nvcc A", digest="src1")
-    assert base == ha.cache_key(v, "nvcc A", digest="src1")  # stable
-    assert base == ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, probe=False), "nvcc A", digest="src1")
+    v = hv.Variant(sparsity_n=2, sparsity_m=4)
+    base = hb.cache_key(v, "nvcc A", digest="src1")
+    assert base == hb.cache_key(v, "nvcc A", digest="src1")  # stable
+    assert base == hb.cache_key(hv.Variant(sparsity_n=2, sparsity_m=4, probe=False), "nvcc A", digest="src1")
     others = {
-        ha.cache_key(v, "nvcc B", digest="src1"),
-        ha.cache_key(v, "nvcc A", digest="src2"),
-        ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, tie_index=True), "nvcc A", digest="src1"),
-        ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, fp16=True), "nvcc A", digest="src1"),
-        ha.cache_key(ha.Variant(sparsity_n=2, sparsity_m=4, probe=True), "nvcc A", digest="src1"),
-        ha.cache_key(ha.Variant(head_dim=64, sparsity_n=2, sparsity_m=4), "nvcc A", digest="src1"),
+        hb.cache_key(v, "nvcc B", digest="src1"),
+        hb.cache_key(v, "nvcc A", digest="src2"),
+        hb.cache_key(hv.Variant(sparsity_n=2, sparsity_m=4, tie_index=True), "nvcc A", digest="src1"),
+        hb.cache_key(hv.Variant(sparsity_n=2, sparsity_m=4, fp16=True), "nvcc A", digest="src1"),
+        hb.cache_key(hv.Variant(sparsity_n=2, sparsity_m=4, probe=True), "nvcc A", digest="src1"),
+        hb.cache_key(hv.Variant(head_dim=64, sparsity_n=2, sparsity_m=4), "nvcc A", digest="src1"),
     }
     assert base not in others and len(others) == 6
     # Dense variants that differ only in ignored fields share a key.
-    assert ha.cache_key(ha.Variant(sparsity_m=8), "x", digest="s") == ha.cache_key(ha.Variant(), "x", digest="s")
+    assert hb.cache_key(hv.Variant(sparsity_m=8), "x", digest="s") == hb.cache_key(hv.Variant(), "x", digest="s")
 
 
 def test_source_digest_covers_every_cuda_source(tmp_path, monkeypatch):
     for name in ("a.cu", "b.cuh"):
         (tmp_path / name).write_text(name)
-    monkeypatch.setattr(ha, "SOURCE_DIR", tmp_path)
-    d0 = ha.source_digest()
+    monkeypatch.setattr(hb, "SOURCE_DIR", tmp_path)
+    d0 = hb.source_digest()
     (tmp_path / "b.cuh").write_text("changed")
-    assert ha.source_digest() != d0
+    assert hb.source_digest() != d0
     for f in tmp_path.iterdir():
         f.unlink()
     with pytest.raises(ha.HopperUnavailable, match="CUDA sources are missing"):
-        ha.source_digest()
+        hb.source_digest()
 
 
 def test_compile_runs_nvcc_once_then_hits_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
-    monkeypatch.setattr(ha, "find_nvcc", lambda: "/opt/fake/nvcc")
-    monkeypatch.setattr(ha, "nvcc_version", lambda nvcc: "fake 13.0")
+    monkeypatch.setattr(hb, "find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(hb, "nvcc_version", lambda nvcc: "fake 13.0")
     calls = []
 
     def fake_run(cmd, **kw):
@@ -236,48 +249,48 @@ def test_compile_runs_nvcc_once_then_hits_the_cache(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "ptxas info    : Used 168 registers\n"
                                            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
 
-    monkeypatch.setattr(ha.subprocess, "run", fake_run)
-    v = ha.Variant(head_dim=64, sparsity_n=4, sparsity_m=8, tie_index=True)
-    path = ha.compile_variant(v)
+    monkeypatch.setattr(hb.subprocess, "run", fake_run)
+    v = hv.Variant(head_dim=64, sparsity_n=4, sparsity_m=8, tie_index=True)
+    path = hb.compile_variant(v)
     assert path.read_bytes() == b"CUBIN" and path.parent == tmp_path and "d64_4of8i_o" in path.name
-    assert ha.compile_variant(v) == path and len(calls) == 1  # cached: nvcc not run again
+    assert hb.compile_variant(v) == path and len(calls) == 1  # cached: nvcc not run again
     cmd = calls[0]
     assert cmd[0] == "/opt/fake/nvcc" and "-arch=sm_90a" in cmd and "-cubin" in cmd
     assert "--use_fast_math" not in cmd  # the kept test needs subnormals (drop_below)
     assert "-DNMH_SPARSITY_N=4" in cmd and "-DNMH_TIE_INDEX=1" in cmd and cmd[-1].endswith("nm_attention_fwd.cu")
-    summary = ha.ptxas_summary(path.with_suffix(".log").read_text())
+    summary = hb.ptxas_summary(path.with_suffix(".log").read_text())
     assert summary == {"registers": 168, "stack": 0, "spill_stores": 0, "spill_loads": 0, "serialized_wgmma": False}
     # Another compiler version is another cubin.
-    monkeypatch.setattr(ha, "nvcc_version", lambda nvcc: "fake 13.1")
-    assert ha.compile_variant(v) != path and len(calls) == 2
+    monkeypatch.setattr(hb, "nvcc_version", lambda nvcc: "fake 13.1")
+    assert hb.compile_variant(v) != path and len(calls) == 2
 
 
 def test_compile_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
-    monkeypatch.setattr(ha, "find_nvcc", lambda: "/opt/fake/nvcc")
-    monkeypatch.setattr(ha, "nvcc_version", lambda nvcc: "fake")
-    monkeypatch.setattr(ha.subprocess, "run",
+    monkeypatch.setattr(hb, "find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(hb, "nvcc_version", lambda nvcc: "fake")
+    monkeypatch.setattr(hb.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "nm_attention_fwd.cu(1): error: boom"))
     with pytest.raises(ha.HopperUnavailable, match=r"nvcc failed for d128_dense_o:\n.*error: boom"):
-        ha.compile_variant(ha.Variant())
+        hb.compile_variant(hv.Variant())
     assert not list(tmp_path.glob("*.cubin"))  # no partial cubin left behind
-    monkeypatch.setattr(ha, "find_nvcc", lambda: None)
+    monkeypatch.setattr(hb, "find_nvcc", lambda: None)
     with pytest.raises(ha.HopperUnavailable, match="no CUDA compiler found"):
-        ha.compile_variant(ha.Variant())
+        hb.compile_variant(hv.Variant())
 
 
 def test_param_struct_mirrors_the_cuda_source():
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     body = re.search(r"struct FwdParams \{(.*?)\};", src, re.S).group(1)
     names = re.findall(r"^\s*[\w:*\s]+?\*?\s*(\w+(?:,\s*\w+)*);", body, re.M)
     c_fields = [n.strip() for group in names for n in group.split(",")]
-    assert c_fields == [f[0] for f in ha._FwdParams._fields_]
+    assert c_fields == [f[0] for f in hd._FwdParams._fields_]
     size = int(re.search(r"static_assert\(sizeof\(FwdParams\) == (\d+)", src).group(1))
-    assert size == ha.PARAMS_SIZE == ctypes.sizeof(ha._FwdParams)
+    assert size == hd.PARAMS_SIZE == ctypes.sizeof(hd._FwdParams)
 
 
 def test_standard_variants_cover_the_patterns():
-    tags = {v.tag for v in ha.standard_variants()}
+    tags = {v.tag for v in hs.standard_variants()}
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
     # through the grouped maps), lean, and overlap up to M = 4.
     for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "prmzg")):
@@ -285,7 +298,7 @@ def test_standard_variants_cover_the_patterns():
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
     assert {"d128_dense_pormz", "d64_dense_pmz3", "d128_dense_hpormz", "d128_dense_o", "d128_dense_po",
             "d128_dense_p"} <= tags
-    assert len(tags) == len(ha.standard_variants())  # no duplicates
+    assert len(tags) == len(hs.standard_variants())  # no duplicates
 
 
 # The variants added after the first H200 run (compile-checked only, not yet run on a GPU).
@@ -299,66 +312,66 @@ def _set_schedule(monkeypatch, sched):
 
 def test_new_switches_tags_defines_and_env(monkeypatch):
     # Off, the new switches add no define: the default cubins compile exactly the verified source path.
-    assert ha.Variant().defines() == ["-DNMH_HEAD_DIM=128", "-DNMH_SPARSITY_N=0", "-DNMH_SPARSITY_M=4",
+    assert hv.Variant().defines() == ["-DNMH_HEAD_DIM=128", "-DNMH_SPARSITY_N=0", "-DNMH_SPARSITY_M=4",
                                       "-DNMH_TIE_INDEX=0", "-DNMH_FP16=0", "-DNMH_PINGPONG=0", "-DNMH_OVERLAP=1",
                                       "-DNMH_PROBE=0"]
     # Stage 3: 2:4 only, never in a probe build; with or without TMA, with or without overlap.
-    sp = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, overlap=False).canonical()
+    sp = hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, overlap=False).canonical()
     assert sp.sparse_pv and not sp.overlap and not sp.tma and sp.tag == "d128_2of4t_s"
-    spo = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, consumers=3, pingpong=True, tma=True).canonical()
-    assert spo.overlap and spo.consumers == 2 and spo.tag == "d128_2of4t_poms" and ha._parse_tag(spo.tag) == spo
+    spo = hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, consumers=3, pingpong=True, tma=True).canonical()
+    assert spo.overlap and spo.consumers == 2 and spo.tag == "d128_2of4t_poms" and hv._parse_tag(spo.tag) == spo
     assert sp.defines()[-1] == "-DNMH_SPARSE_PV=1"
-    spt = ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, tma=True, pingpong=True, late_rescale=True,
+    spt = hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, tma=True, pingpong=True, late_rescale=True,
                      lean=True, overlap=False).canonical()
-    assert spt.tma and not spt.overlap and spt.tag == "d128_2of4t_prmzs" and ha._parse_tag(spt.tag) == spt
+    assert spt.tma and not spt.overlap and spt.tag == "d128_2of4t_prmzs" and hv._parse_tag(spt.tag) == spt
     assert {"-DNMH_TMA=1", "-DNMH_SPARSE_PV=1"} <= set(spt.defines())
-    assert not ha.Variant(sparsity_n=4, sparsity_m=8, sparse_pv=True).canonical().sparse_pv
-    assert not ha.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, probe=True).canonical().sparse_pv
-    v = ha.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True)
+    assert not hv.Variant(sparsity_n=4, sparsity_m=8, sparse_pv=True).canonical().sparse_pv
+    assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, probe=True).canonical().sparse_pv
+    v = hv.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True)
     assert v.tag == "d128_4of8t_prmz"
     assert v.defines()[-3:] == ["-DNMH_LATE_RESCALE=1", "-DNMH_TMA=1", "-DNMH_LEAN=1"]
     # TMA's element stride is at most 8: M = 16 keeps cp.async (one cubin, no TMA define).
-    v16 = ha.Variant(sparsity_n=8, sparsity_m=16, tma=True).canonical()
+    v16 = hv.Variant(sparsity_n=8, sparsity_m=16, tma=True).canonical()
     assert not v16.tma and "-DNMH_TMA=1" not in v16.defines()
-    assert ha.Variant(tma=True).canonical().tma
+    assert hv.Variant(tma=True).canonical().tma
     # Three consumer warpgroups: D = 64 only, always with TMA, so never with M = 16.
-    assert ha.Variant(head_dim=64, consumers=3).canonical() == ha.Variant(head_dim=64, consumers=3, tma=True)
-    assert ha.Variant(head_dim=64, consumers=3).canonical().defines()[-2:] == ["-DNMH_TMA=1", "-DNMH_CONSUMERS=3"]
-    assert ha.Variant(consumers=3).canonical().consumers == 2
-    assert ha.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, consumers=3).canonical().consumers == 2
+    assert hv.Variant(head_dim=64, consumers=3).canonical() == hv.Variant(head_dim=64, consumers=3, tma=True)
+    assert hv.Variant(head_dim=64, consumers=3).canonical().defines()[-2:] == ["-DNMH_TMA=1", "-DNMH_CONSUMERS=3"]
+    assert hv.Variant(consumers=3).canonical().consumers == 2
+    assert hv.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, consumers=3).canonical().consumers == 2
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     measured = dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
-    assert ha.schedule_from_env() == measured == ha.measured_schedule(128, 2, 4) == ha.measured_schedule(64, 2, 4)
-    assert ha.measured_schedule(64, 0, 4) == dict(measured, overlap=False, late_rescale=False)
-    assert ha.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pmz3"  # three consumer warpgroups
-    assert ha.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
-    assert ha.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == ha.measured_schedule(128, 8, 16)
+    assert hv.schedule_from_env() == measured == hv.measured_schedule(128, 2, 4) == hv.measured_schedule(64, 2, 4)
+    assert hv.measured_schedule(64, 0, 4) == dict(measured, overlap=False, late_rescale=False)
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pmz3"  # three consumer warpgroups
+    assert hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
+    assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(128, 8, 16)
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
-    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
     _set_schedule(monkeypatch, (True, False, True, True, True))
-    got = ha.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
+    got = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
-    assert ha.schedule_env(ha.schedule_from_env()) == (
+    assert hv.schedule_env(hv.schedule_from_env()) == (
         "MODELOPT_SPARSE_HOPPER_PINGPONG=1 MODELOPT_SPARSE_HOPPER_OVERLAP=0 MODELOPT_SPARSE_HOPPER_LATE_RESCALE=1 "
         "MODELOPT_SPARSE_HOPPER_TMA=1 MODELOPT_SPARSE_HOPPER_LEAN=1")
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA", "on")
     with pytest.raises(ValueError, match="MODELOPT_SPARSE_HOPPER_TMA must be 0 or 1"):
-        ha.variant_for(_params(), torch.bfloat16, 128)
+        hv.variant_for(_params(), torch.bfloat16, 128)
 
 
 def test_tags_parse_back_for_every_standard_variant():
-    for v in ha.standard_variants():
-        assert ha._parse_tag(v.tag) == v, v.tag
+    for v in hs.standard_variants():
+        assert hv._parse_tag(v.tag) == v, v.tag
     with pytest.raises(ValueError, match="not a variant tag"):
-        ha._parse_tag("d128_dense")
+        hv._parse_tag("d128_dense")
 
 
 def test_schedule_test_set_covers_every_test_kernel():
     """The device script precompiles the test set of the schedule the timing favours: it must
     hold every (head dim, pattern, tie, dtype, probe) kernel the default set holds."""
     sched = dict(pingpong=True, overlap=False, late_rescale=False, tma=False, lean=False)
-    got = ha.standard_variants(schedule=sched)
+    got = hs.standard_variants(schedule=sched)
     # test_gpu_11's own ping-pong/overlap pairs aside, everything runs the schedule.
     own = {(p, o) for p, o in ((True, True), (True, False), (False, False))}
     assert all((v.pingpong, v.overlap) == (True, False) for v in got
@@ -367,51 +380,51 @@ def test_schedule_test_set_covers_every_test_kernel():
             and not v.fp16 and not v.probe} == own
     strip = {(v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.probe) for v in got}
     assert strip == {(v.head_dim, v.sparsity_n, v.sparsity_m, v.tie_index, v.fp16, v.probe)
-                     for v in ha._test_set(True)}
-    carried = set(ha.standard_variants())
-    assert {v.canonical() for v in ha.NEW_VARIANT_TESTS + ha.bench_variants()} <= carried
+                     for v in hs._test_set(True)}
+    carried = set(hs.standard_variants())
+    assert {v.canonical() for v in hs.NEW_VARIANT_TESTS + hs.bench_variants()} <= carried
 
 
 def test_tma_params_struct_mirrors_the_cuda_source():
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     body = re.search(r"struct TmaParams \{(.*?)\};", src, re.S).group(1)
     assert re.findall(r"TmaMap (\w+(?:, \w+)*);", body) == ["q, k, v"]
     assert "struct alignas(64) TmaMap" in src and "uint64_t opaque[16]" in src
-    assert [f[0] for f in ha._TmaParams._fields_] == ["q", "k", "v"] and ctypes.sizeof(ha._TmaParams) == 384
+    assert [f[0] for f in hd._TmaParams._fields_] == ["q", "k", "v"] and ctypes.sizeof(hd._TmaParams) == 384
 
 
 def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     """The grouped 4-D maps (tma3d): M = 16 with TMA only, its own define and tag flag, the
     48-byte-longer TmaParams (kv_rows after the maps, 64-byte aligned), off by default."""
-    v = ha.Variant(sparsity_n=8, sparsity_m=16, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True,
+    v = hv.Variant(sparsity_n=8, sparsity_m=16, pingpong=True, overlap=False, late_rescale=True, tma=True, lean=True,
                    tma3d=True).canonical()
     assert v.tma and v.tma3d and v.tag == "d128_8of16t_prmzg"
     assert v.defines()[-4:] == ["-DNMH_LATE_RESCALE=1", "-DNMH_TMA=1", "-DNMH_LEAN=1", "-DNMH_TMA3D=1"]
-    assert ha._parse_tag(v.tag) == v
+    assert hv._parse_tag(v.tag) == v
     # Dropped wherever the element-strided map (or cp.async) is the kernel: one cubin each.
-    for other in (ha.Variant(sparsity_n=8, sparsity_m=16, tma3d=True), ha.Variant(tma=True, tma3d=True),
-                  ha.Variant(sparsity_n=4, sparsity_m=8, tma=True, tma3d=True)):
+    for other in (hv.Variant(sparsity_n=8, sparsity_m=16, tma3d=True), hv.Variant(tma=True, tma3d=True),
+                  hv.Variant(sparsity_n=4, sparsity_m=8, tma=True, tma3d=True)):
         assert other.canonical() == dataclasses.replace(other, tma3d=False).canonical()
-    assert not ha.Variant(sparsity_n=8, sparsity_m=16, tma3d=True).canonical().tma
-    assert ha.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, tma=True, tma3d=True, consumers=3).canonical().consumers == 2
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert not hv.Variant(sparsity_n=8, sparsity_m=16, tma3d=True).canonical().tma
+    assert hv.Variant(head_dim=64, sparsity_n=8, sparsity_m=16, tma=True, tma3d=True, consumers=3).canonical().consumers == 2
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     assert re.search(r"#if NMH_TMA_BOUNDED\s+int64_t kv_rows;", src)
     assert "#define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))" in src
-    assert ctypes.sizeof(ha._TmaParams3D) == 448 and ha._TmaParams3D.kv_rows.offset == 384
+    assert ctypes.sizeof(hd._TmaParams3D) == 448 and hd._TmaParams3D.kv_rows.offset == 384
     # On by default for M = 16 (the measured schedule since session 11), for no other pattern;
     # the switch set to 0 brings back the cp.async producer there.
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
-    assert ha.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
-    assert ha.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
-    assert not ha.variant_for(_params(), torch.bfloat16, 128).tma3d
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
+    assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
+    assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
-    assert ha.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prz"
-    assert {v.tag for v in ha._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_prmzg", "d64_3of16i_prmzg"}
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prz"
+    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_prmzg", "d64_3of16i_prmzg"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
-    carried = set(ha.standard_variants())
+    carried = set(hs.standard_variants())
     assert {"d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx", "d128_3of16i_omgx",
             "d64_8of16t_hprmzg"} <= {c.tag for c in carried}
 
@@ -426,7 +439,7 @@ def test_drop_below2_constants_and_kept_set():
     """The two-instruction kept test of the lean variants: its PTX constants are -2^64 and
     -2^127, and (emulating one fma rounding in float64, exact for these operands) it keeps
     exactly the scores >= the floor, on random, tied and adjacent fp32 values."""
-    src = (ha.SOURCE_DIR / "ptx.cuh").read_text()
+    src = (hb.SOURCE_DIR / "ptx.cuh").read_text()
     body = src[src.index("drop_below2"):]
     assert "0fDF800000" in body and "0fFF000000" in body
     assert _f32(0xDF800000) == -2.0 ** 64 and _f32(0xFF000000) == -2.0 ** 127
@@ -457,7 +470,7 @@ def test_sass_loop_counter_on_a_synthetic_listing():
         "        /*0060*/               @P1 BRA `(.L_x_1) ;",
         "        /*0070*/                   EXIT ;",
     ])
-    counts = ha.count_main_loop(sass)
+    counts = ht.count_main_loop(sass)
     assert counts["total"] == 4 and counts["HGMMA"] == 1 and counts["MUFU"] == 1 and counts["FMNMX"] == 1
     assert counts["SYNCS"] == 0  # the barrier-retry loop is not part of the tile's work
 
@@ -467,7 +480,7 @@ def test_sparse_pv_layout_and_compression_rules():
     the source): every key of the 2:4 group permutation meets the V row its sparse-operand slot
     multiplies, and the kept-pair selects give the right values and a valid metadata nibble for
     all six 2-of-4 patterns."""
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     assert "return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;" in src
     assert "const uint32_t i0 = k0 ? 0u : (k1 ? 1u : 2u), i1 = k3 ? 3u : (k2 ? 2u : 1u);" in src
     assert "w[jr][e] |= (i0 | (i1 << 2)) << (4 * t + 16 * r);" in src
@@ -722,7 +735,7 @@ def test_sparse_pv_register_emulation_against_isa():
     issue sequence, run through the ISA's sparse MMA; the result must be P_masked @ V whether
     an MMA reads its registers at issue or at the wait, with no write to a register of an MMA
     in flight."""
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     # The transcriptions above are the kernel's lines.
     for line in ("const bool k0 = s0 >= t2, k1 = s1 >= t2, k2 = s2 >= t2, k3 = s3 >= t2;",
                  "const float v0 = k0 ? s0 : (k1 ? s1 : s2), v1 = k3 ? s3 : (k2 ? s2 : s1);",
@@ -795,7 +808,7 @@ def test_sparse_pv_overlap_stages_the_next_operand():
     meta) only after the wait. Emulated over two tiles: A's P.V issued, B's softmax writes, the
     wait, B's to_operand, B's P.V; no write may hit an operand of an MMA in flight and the sum
     must be P_A V + P_B V whenever the MMAs read their registers."""
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     staged = "cp[jr][2 * e + r] = pack2<FP16>(p0, p1);" in src
     assert staged and "for (int q = 0; q < 4; ++q) pr[jr][q] = cp[jr][q];" in src and "meta[jr] = cm[jr];" in src
     # The overlap loop: softmax(i) between wait<1> and wait<0>, to_operand after wait<0>.
@@ -841,16 +854,16 @@ def test_sparse_pv_overlap_stages_the_next_operand():
 @pytest.mark.slow
 def test_real_nvcc_compiles_a_variant(tmp_path, monkeypatch):
     """Compile one variant with the real toolchain (no GPU needed): no spills, no serialized wgmma."""
-    if ha.find_nvcc() is None:
+    if hb.find_nvcc() is None:
         pytest.skip("no nvcc")
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
-    path = ha.compile_variant(ha.Variant(sparsity_n=2, sparsity_m=4))
-    s = ha.ptxas_summary(path.with_suffix(".log").read_text())
+    path = hb.compile_variant(hv.Variant(sparsity_n=2, sparsity_m=4))
+    s = hb.ptxas_summary(path.with_suffix(".log").read_text())
     assert s["spill_stores"] == 0 and not s["serialized_wgmma"], s
     # The host finds these by their plain names (cuModuleGetFunction / cuModuleGetGlobal): a
     # C++-mangled name (a symbol inside a namespace) would fail every launch on the GPU.
     image = path.read_bytes()
-    for name in (ha.KERNEL, "nmh_config", "nmh_timeout"):
+    for name in (hb.KERNEL, "nmh_config", "nmh_timeout"):
         assert b"\0" + name.encode() + b"\0" in image, f"symbol {name} is missing or mangled"
 
 
@@ -862,7 +875,7 @@ def _hopper_ready() -> str | None:
         return "needs a CUDA GPU"
     if torch.cuda.get_device_capability() != (9, 0):
         return "needs an sm_90 GPU"
-    if ha.find_nvcc() is None:
+    if hb.find_nvcc() is None:
         return "needs nvcc"
     return None
 
@@ -1071,14 +1084,14 @@ def test_gpu_12_errors_and_auto(monkeypatch, caplog):
     # auto (on by default): a call this small stays on Triton; with the size rule lowered, the
     # engine for a supported call, Triton (one log line) otherwise.
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
-    monkeypatch.setattr(ha, "_logged", set())
+    monkeypatch.setattr(he, "_logged", set())
     calls = []
     real = ha.hopper_attention
     monkeypatch.setattr(ha, "hopper_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x = torch.randn(64, 2, 128, device="cuda", dtype=torch.bfloat16)
     attention(x, x, x, sq, lq, mq, backend="auto")
     assert calls == []
-    monkeypatch.setattr(ha, "AUTO_MIN_WORK", 0)
+    monkeypatch.setattr(he, "AUTO_MIN_WORK", 0)
     attention(x, x, x, sq, lq, mq, backend="auto")
     assert calls == [1]
     with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
@@ -1104,15 +1117,15 @@ def test_gpu_13_padded_batch_and_strided_views():
 
 
 
-NEW_SCHEDULES = [tuple(t) for t in ha.NEW_VARIANT_SCHEDULES]
+NEW_SCHEDULES = [tuple(t) for t in hs.NEW_VARIANT_SCHEDULES]
 
 
 def _sched_id(t):
-    return ha._sched_label(ha._sched(t)).replace(" ", "-")
+    return ht._sched_label(hs._sched(t)).replace(" ", "-")
 
 
 @gpu_test
-@pytest.mark.parametrize("n,m", ha.NEW_VARIANT_PATTERNS)
+@pytest.mark.parametrize("n,m", hs.NEW_VARIANT_PATTERNS)
 @pytest.mark.parametrize("sched", NEW_SCHEDULES, ids=_sched_id)
 def test_gpu_14_new_variants_against_reference(monkeypatch, sched, n, m):
     """The variants added after the first H200 run (late rescale, TMA producer, lean softmax,
@@ -1127,7 +1140,7 @@ def test_gpu_14_new_variants_against_reference(monkeypatch, sched, n, m):
 
 @gpu_test
 @pytest.mark.parametrize("sched,wg3", [(t, False) for t in NEW_SCHEDULES] +
-                         [(tuple(t), True) for t in ha.BENCH_SCHEDULES_WG3],
+                         [(tuple(t), True) for t in hs.BENCH_SCHEDULES_WG3],
                          ids=lambda x: _sched_id(x) if isinstance(x, tuple) else ("3wg" if x else "2wg"))
 def test_gpu_15_new_variants_d64_chunked_noncausal(monkeypatch, sched, wg3):
     """D = 64 under the new variants, with two and with three consumer warpgroups (192 rows per
@@ -1179,7 +1192,7 @@ def test_gpu_18_lean_rescale_with_growing_max(monkeypatch, sched, n, m):
 
 @gpu_test
 @pytest.mark.parametrize("n,m", [(0, 4), (2, 4), (4, 8), (8, 16)])
-@pytest.mark.parametrize("sched", [tuple(t) for t in ha.BENCH_SCHEDULES_WG3], ids=_sched_id)
+@pytest.mark.parametrize("sched", [tuple(t) for t in hs.BENCH_SCHEDULES_WG3], ids=_sched_id)
 def test_gpu_19_three_consumer_warpgroups_d64(monkeypatch, sched, n, m):
     """D = 64 with three consumer warpgroups: the ring of three ping-pong turns, the 192-row Q
     tile (a 192-row TMA box), N:M selection, sinks and the dense window, GQA; 8:16 (no TMA for
@@ -1197,7 +1210,7 @@ def test_gpu_19_three_consumer_warpgroups_d64(monkeypatch, sched, n, m):
 @gpu_test
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("tie", ["threshold", "index"])
-@pytest.mark.parametrize("sched", [tuple(t) for t in ha.BENCH_SCHEDULES_SPARSE_PV], ids=_sched_id)
+@pytest.mark.parametrize("sched", [tuple(t) for t in hs.BENCH_SCHEDULES_SPARSE_PV], ids=_sched_id)
 def test_gpu_20_sparse_pv_against_reference(monkeypatch, sched, tie, d):
     """Stage 3, 2:4 P.V through wgmma.sp: interior tiles without ties take the compressed
     operand (separated inputs never tie), tiles with sinks, the dense window, the diagonal or a
@@ -1240,7 +1253,7 @@ TMA3D_CASES = [(8, 16, "threshold"), (3, 16, "index")]
 
 @gpu_test
 @pytest.mark.parametrize("n,m,tie", TMA3D_CASES, ids=lambda x: str(x))
-@pytest.mark.parametrize("sched", [tuple(t) for t in ha.TMA3D_TEST_SCHEDULES], ids=_sched_id)
+@pytest.mark.parametrize("sched", [tuple(t) for t in hs.TMA3D_TEST_SCHEDULES], ids=_sched_id)
 def test_gpu_22_tma3d_grouped_maps_m16(monkeypatch, sched, n, m, tie):
     """M = 16 through the grouped 4-D TMA maps (MODELOPT_SPARSE_HOPPER_TMA3D=1): tiles inside
     the maps' bound (one box per atom column) and the tiles near the tensor's end that the
@@ -1280,8 +1293,8 @@ def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
     zero, lens = torch.zeros(1, dtype=torch.int32), torch.tensor([300], dtype=torch.int32)
     for causal in (True, False):
         for n, m in ((0, 4), (2, 4), (8, 16)):
-            p = ha.SparseParams(causal, 0.125, n, m, 0, 16 if n else 0, "threshold")
-            tail = ha._exact_tail(api_attention, q, k, v, p)
+            p = SparseParams(causal, 0.125, n, m, 0, 16 if n else 0, "threshold")
+            tail = ht._exact_tail(api_attention, q, k, v, p)
             whole = api_attention(q, k, v, zero, lens, 300, is_causal=causal, sparsity_n=n, sparsity_m=m,
                                   dense_window_size=p.dense_window_size, softmax_scale=0.125, backend="torch")
             assert tail.shape == (256, 2, 64) and torch.equal(tail, whole[-256:])
@@ -1299,7 +1312,7 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
     seen = []
 
     def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
-        seen.append(ha.schedule_from_env(q.shape[-1], params.sparsity_n, params.sparsity_m))
+        seen.append(hv.schedule_from_env(q.shape[-1], params.sparsity_n, params.sparsity_m))
         out = api_attention(q, k, v, q_start, q_len, max_q, b_start_loc_k=k_start, b_seq_len_k=k_len,
                             max_input_len_k=max_q, is_causal=params.is_causal, softmax_scale=params.softmax_scale,
                             sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
@@ -1308,9 +1321,9 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
             out = out.flip(0)  # a wrong kernel
         return out, None
 
-    monkeypatch.setattr(ha, "forward", fake_forward)
+    monkeypatch.setattr(ht, "forward", fake_forward)
     args = argparse.Namespace(seq_len=64, heads=2, iters=1, budget=600.0, device="cpu")
-    assert ha._bench(args) == 0
+    assert ht._bench(args) == 0
     text = capsys.readouterr().out
     table = text[text.index("forward, S=64"):]
     engine_rows = [line for line in table.splitlines() if " hopper " in line]
@@ -1346,7 +1359,7 @@ def test_gpu_24_auto_runs_the_engine_inside_a_sparsified_model(monkeypatch, n):
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
     tokens = 6144
-    assert tokens * tokens * config.num_attention_heads >= ha.AUTO_MIN_WORK
+    assert tokens * tokens * config.num_attention_heads >= he.AUTO_MIN_WORK
     ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).cuda()
     auto = mts.sparsify(copy.deepcopy(base), sparse_cfg(n, 4, 0, 64))
     forced = mts.sparsify(copy.deepcopy(base), sparse_cfg(n, 4, 0, 64, backend="triton"))
@@ -1367,7 +1380,7 @@ def test_sparse_pv_tma_map_writes_the_v_row_order():
     extent reads zero): the four 5-D boxes of a tile write smem row r with the tile's key
     v_row_key(r), for every start row; a tile the kernel sends to TMA reads no row past the
     tensor's end and no zero-filled element; the kernel's bound test is exactly that."""
-    src = (ha.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     assert "return (c / 32) * 32 + 8 * ((c % 16) / 4) + 4 * ((c % 32) / 16) + c % 4;" in src
     assert "const bool by_tma = TMA3D ? g0 + G_PERM <= bound : row0 + 96 + 3 < bound;" in src
     assert "kv_head, row0 + 32 * q32, 0, 0, bar(BAR_FULL_V + s));" in src
@@ -1375,7 +1388,7 @@ def test_sparse_pv_tma_map_writes_the_v_row_order():
     heads, head_dim = 3, 128
     row_bytes, head_bytes = heads * head_dim * 2, head_dim * 2
     for rows in (1, 31, 32, 130, 131, 132, 300, 1000):
-        dims, strides, box = ha.sparse_pv_v_map(rows, heads, head_dim, row_bytes, head_bytes)
+        dims, strides, box = hd.sparse_pv_v_map(rows, heads, head_dim, row_bytes, head_bytes)
         assert box == (64, 1, 4, 4, 2) and dims[:2] == (head_dim, heads) and dims[3:] == (4, 2)
         assert all(st % 16 == 0 for st in strides) and strides[0] == head_bytes
         steps = [st // row_bytes for st in strides[1:]]  # rows per unit of d, c, b
@@ -1421,25 +1434,25 @@ def test_find_nvcc_search_order(monkeypatch, tmp_path):
     for name in ("MODELOPT_SPARSE_NVCC", "CUDA_HOME", "CUDA_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(ha, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
+    monkeypatch.setattr(hb, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
     monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(__path__=[str(tmp_path / "site" / "nvidia")]))
-    assert ha.find_nvcc() == wheel
-    monkeypatch.setattr(ha, "SYSTEM_NVCC", Path(system))
-    assert ha.find_nvcc() == system
+    assert hb.find_nvcc() == wheel
+    monkeypatch.setattr(hb, "SYSTEM_NVCC", Path(system))
+    assert hb.find_nvcc() == system
     monkeypatch.setenv("PATH", str(Path(on_path).parent))
-    assert ha.find_nvcc() == on_path
+    assert hb.find_nvcc() == on_path
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "home"))
-    assert ha.find_nvcc() == home
+    assert hb.find_nvcc() == home
     monkeypatch.setenv("MODELOPT_SPARSE_NVCC", wheel)
-    assert ha.find_nvcc() == wheel
+    assert hb.find_nvcc() == wheel
     monkeypatch.setenv("MODELOPT_SPARSE_NVCC", str(tmp_path / "missing"))
-    assert ha.find_nvcc() is None  # an explicit choice that does not exist is not overridden
+    assert hb.find_nvcc() is None  # an explicit choice that does not exist is not overridden
     monkeypatch.delenv("MODELOPT_SPARSE_NVCC")
     monkeypatch.delenv("CUDA_HOME")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(ha, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
+    monkeypatch.setattr(hb, "SYSTEM_NVCC", tmp_path / "none" / "nvcc")
     monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(__path__=[]))
-    assert ha.find_nvcc() is None
+    assert hb.find_nvcc() is None
 
 
 def test_tensor_map_encodings(monkeypatch):
@@ -1454,7 +1467,7 @@ def test_tensor_map_encodings(monkeypatch):
                           [e.value for e in enums]))
             return 0
 
-    driver = ha._Driver.__new__(ha._Driver)
+    driver = hd._Driver.__new__(hd._Driver)
     driver.lib = FakeLib()
     t = torch.empty(300, 3, 128, dtype=torch.bfloat16)  # packed [rows, heads, head_dim]
     out = (ctypes.c_uint64 * 16)()
@@ -1462,9 +1475,9 @@ def test_tensor_map_encodings(monkeypatch):
     assert driver.encode_tma_grouped(out, t, 16) == 300 // 16 - 1
     assert driver.encode_tma_sparse_pv(out, t) == 300 - 31
     row, head = 3 * 128 * 2, 128 * 2
-    enums = [ha._TMA_INTERLEAVE_NONE, ha._TMA_SWIZZLE_128B, ha._TMA_L2_256B, ha._TMA_OOB_ZERO]
+    enums = [hd._TMA_INTERLEAVE_NONE, hd._TMA_SWIZZLE_128B, hd._TMA_L2_256B, hd._TMA_OOB_ZERO]
     assert calls == [
-        (ha._TMA_UINT16, 3, [128, 3, 300], [head, row], [64, 1, 128], [1, 1, 4], enums),
-        (ha._TMA_UINT16, 4, [128, 3, 17, 31], [head, 16 * row, row], [64, 1, 8, 16], [1, 1, 1, 1], enums),
-        (ha._TMA_UINT16, 5, [128, 3, 269, 4, 2], [head, row, 8 * row, 4 * row], [64, 1, 4, 4, 2], [1] * 5, enums),
+        (hd._TMA_UINT16, 3, [128, 3, 300], [head, row], [64, 1, 128], [1, 1, 4], enums),
+        (hd._TMA_UINT16, 4, [128, 3, 17, 31], [head, 16 * row, row], [64, 1, 8, 16], [1, 1, 1, 1], enums),
+        (hd._TMA_UINT16, 5, [128, 3, 269, 4, 2], [head, row, 8 * row, 4 * row], [64, 1, 4, 4, 2], [1] * 5, enums),
     ]

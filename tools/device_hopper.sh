@@ -3,7 +3,7 @@
 #
 # Here, before the call (no GPU needed; ~13 min on 2 cores: 231 cubins, ~29 MB, which travel as
 # one ~2.5 MB archive): the standard set, the timed variants, and the whole test set of each
-# schedule in TEST_SCHEDULES (hopper_attention.py):
+# schedule in TEST_SCHEDULES (kernels/hopper_attention/variant_sets.py):
 #   export MODELOPT_SPARSE_HOPPER_CACHE=$PWD/build/hopper_cubins
 #   python -m modelopt_sparse.kernels.hopper_attention precompile --test-schedules
 #   tar cJf build/hopper_cubins.tar.xz -C build hopper_cubins
@@ -22,9 +22,9 @@
 #      Triton row with the relative L2 distance of its last 256 rows to the float32 reference
 #      ("vs fp32", WRONG above 5e-3); it ends with FASTEST and BEST_SCHEDULE;
 #   4. the whole GPU test file once, with the measured schedule (measured_schedule in
-#      hopper_attention.py; TEST_SCHEDULE="NAME=0/1 ..." overrides it), 12 xdist workers, after
-#      compiling its kernels with 16 jobs; MODELOPT_SPARSE_HOPPER_CHECK=1 (a deadlocked barrier
-#      wait becomes an error naming the barrier) and a hung test ends its worker.
+#      kernels/hopper_attention/variants.py; TEST_SCHEDULE="NAME=0/1 ..." overrides it), 12 xdist
+#      workers, after compiling its kernels with 16 jobs; MODELOPT_SPARSE_HOPPER_CHECK=1 (a
+#      deadlocked barrier wait becomes an error naming the barrier) and a hung test ends its worker.
 # The summary and the table print last.
 set -u -o pipefail
 source tools/device_env.sh || exit 1
@@ -56,7 +56,7 @@ timeout 95 python3 -m modelopt_sparse.kernels.hopper_attention bench --budget 65
 bench_rc=$?
 echo "bench rc=$bench_rc ($((SECONDS - start)) s)"
 
-# The tests run the measured schedule (hopper_attention.measured_schedule, no switch set) unless
+# The tests run the measured schedule (hopper_attention.variants.measured_schedule, no switch set) unless
 # TEST_SCHEDULE names switches ("NAME=0/1 ..."), e.g. the table's BEST_SCHEDULE line.
 best=${TEST_SCHEDULE:-}
 echo "test schedule: ${best:-measured (no switch set)}"

@@ -196,7 +196,7 @@ def attention(
     params = _params(is_causal, float(softmax_scale), sparsity_n, sparsity_m, num_sink_tokens, dense_window_size,
                      tie_break, sliding_window or 0, float(softcap or 0.0))
     stats = _new_stats(q) if return_stats else None
-    if hopper:  # the Hopper engine, or Triton with the reason (kernels/hopper_attention.py)
+    if hopper:  # the Hopper engine, or Triton with the reason (kernels/hopper_attention/)
         backend = _hopper_engine().choose(q, k, v, params, forced=backend == "hopper", stats=stats,
                                           learned_sinks=learned_sinks)
     batch_shape = None
@@ -250,9 +250,11 @@ _HOPPER_MODULE = None
 
 
 def _hopper_engine():
-    """kernels/hopper_attention.py, imported on first use (about 27 ms of variant tables that
-    CPU users never need), then one global read per call instead of an import statement: every
-    CUDA call with backend="auto" asks it (about 2.4 µs of the ~30 µs host path before)."""
+    """The kernels/hopper_attention/ package, imported on first use (CPU users never need it: about
+    27 ms while the test and bench variant tables loaded with it, about 5 ms since they live in
+    its variant_sets module, which the engine does not import), then one global read per call
+    instead of an import statement: every CUDA call with backend="auto" asks it (about 2.4 µs of
+    the ~30 µs host path before)."""
     global _HOPPER_MODULE
     if _HOPPER_MODULE is None:
         from . import hopper_attention

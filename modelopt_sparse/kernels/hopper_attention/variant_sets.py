@@ -1,0 +1,161 @@
+"""The sets of Hopper kernels that are precompiled, timed and tested.
+
+The schedule tuples (pingpong, overlap, late_rescale, tma, lean) the timing table compares
+(``BENCH_SCHEDULES*``), the schedules whose GPU test set the device run carries
+(:data:`TEST_SCHEDULES`), the variants the GPU tests run (``NEW_VARIANT_*``,
+:data:`TMA3D_TEST_SCHEDULES`, ``_test_set``), and :func:`standard_variants` /
+:func:`bench_variants`: what ``python -m modelopt_sparse.kernels.hopper_attention precompile``
+compiles and tools/device_hopper.sh carries. Nothing here is on the path of an
+``attention()`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_schedule, measured_tma3d,
+                       schedule_from_env)
+
+
+def _test_set(probe: bool) -> list[Variant]:
+    """Every kernel the GPU tests run (the measured schedule, as variant_for picks with no
+    switch set), the probe builds optional."""
+    return [dataclasses.replace(v, **measured_schedule(v.head_dim, v.sparsity_n, v.sparsity_m),
+                                consumers=measured_consumers(v.head_dim, v.sparsity_n, v.sparsity_m),
+                                tma3d=measured_tma3d(v.sparsity_n, v.sparsity_m)).canonical()
+            for v in _test_set_base(probe)]
+
+
+def _test_set_base(probe: bool) -> list[Variant]:
+    out = []
+    for d in HEAD_DIMS:
+        for fp16 in (False, True):
+            out.append(Variant(head_dim=d, fp16=fp16))
+        for n, m in ((1, 2), (2, 4), (3, 4), (4, 8), (8, 16), (3, 16)):
+            for tie in (False, True):
+                out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie))
+        out.append(Variant(head_dim=d, sparsity_n=2, sparsity_m=4, fp16=True))
+        out.append(Variant(head_dim=d, sparsity_n=8, sparsity_m=16, fp16=True))
+    if probe:
+        for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16), (3, 16), (5, 16)):
+            for tie in ((False, True) if n else (False,)):
+                out.append(Variant(head_dim=128, sparsity_n=n, sparsity_m=m, tie_index=tie, probe=True))
+    return out
+
+
+# The schedules the timing table compares (pingpong, overlap, late_rescale, tma, lean); the
+# first is the verified default. Rows past the first four are compile-checked only until a GPU run.
+F, T = False, True
+BENCH_SCHEDULES = [
+    (F, T, F, F, F), (T, T, F, F, F), (T, F, F, F, F), (F, F, F, F, F),
+    (F, T, T, F, F), (T, T, T, F, F), (T, F, T, F, F),
+    (T, F, F, T, F), (T, F, T, T, F), (T, T, T, T, F), (F, T, T, T, F),
+    (T, F, F, F, T), (T, F, T, F, T), (T, F, T, T, T), (T, T, T, T, T),
+]
+# The schedules timed for N:M, non-causal and D = 64 (fewer rows: the dense D = 128 causal rows
+# decide the schedule).
+BENCH_SCHEDULES_SHORT = [(F, T, F, F, F), (T, F, F, F, F), (T, F, F, F, T), (T, F, T, T, T), (T, T, T, T, T)]
+BENCH_NM = ((2, 4), (4, 8), (8, 16))
+
+
+def _sched(t) -> dict:
+    return dict(zip(SCHEDULE_FIELDS, t))
+
+
+# The schedules whose whole GPU test set is precompiled and carried (tools/device_hopper.sh runs
+# the test file once, with the fastest of these in the environment): ping-pong without overlap
+# (the fastest measured so far) and the new schedule most likely to beat it (TMA producer, late
+# rescale, lean softmax). Two, because the probe builds take minutes to compile on 2 cores.
+TEST_SCHEDULES = [(T, F, F, F, F), (T, F, T, T, T)]
+# Three consumer warpgroups at D = 64 (192 query rows per CTA), timed with these schedules.
+# TMA (the shape requires it) and no overlap (overlap keeps P(j-1) alive: spills at 160 registers).
+BENCH_SCHEDULES_WG3 = [(T, F, F, T, F), (T, F, F, T, T), (T, F, T, T, T)]
+
+
+# Stage 3 (2:4 P.V through wgmma.sp), timed and tested with these schedules: the cp.async
+# producer (V in its second row order), the TMA producer (V through its 5-D map; session 11:
+# 472 TFLOPS without overlap, against 554 for the masked 2:4 with overlap), and the TMA producer
+# with overlap (the compressed P staged in registers while P.V(j-1) runs; session 12).
+BENCH_SCHEDULES_SPARSE_PV = [(T, F, F, F, T), (T, F, T, T, T), (T, F, F, T, T), (T, T, T, T, T), (T, T, F, T, T)]
+# 8:16 through the grouped 4-D TMA maps (tma3d), against the 8:16 rows of the same schedules
+# (where TMA falls back to cp.async): 8:16's measured schedule and the same without late rescale.
+BENCH_SCHEDULES_TMA3D = [(T, F, T, T, T), (T, F, F, T, T)]
+
+
+def bench_variants() -> list[Variant]:
+    """The kernels the timing table runs (bench)."""
+    out = [Variant(**_sched(t)) for t in BENCH_SCHEDULES]
+    out += [Variant(sparsity_n=2, sparsity_m=4, tie_index=tie, sparse_pv=True, **_sched(t))
+            for t in BENCH_SCHEDULES_SPARSE_PV for tie in (False, True)]
+    out.append(Variant(sparsity_n=2, sparsity_m=4, tie_index=True))
+    out += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
+    for t in BENCH_SCHEDULES_SHORT:
+        out.append(Variant(head_dim=64, **_sched(t)))
+        for n, m in BENCH_NM:
+            out.append(Variant(sparsity_n=n, sparsity_m=m, **_sched(t)))
+    out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
+    out += [Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **_sched(t)) for t in BENCH_SCHEDULES_TMA3D]
+    return out
+
+
+def standard_variants(probe: bool = True, schedule: dict | str | None = None) -> list[Variant]:
+    """The variants the GPU tests and the timing table use (tools/device_hopper.sh carries
+    them precompiled). With ``schedule``: the test set under that schedule only (what a test
+    run with those switches in the environment loads); ``"env"``: each kernel's schedule as
+    the environment gives it (:func:`schedule_from_env`)."""
+    if schedule is not None:
+        def sched(v):  # "env": each kernel's schedule as variant_for reads it from the environment
+            return schedule_from_env(v.head_dim, v.sparsity_n, v.sparsity_m) if schedule == "env" else schedule
+
+        out = [dataclasses.replace(v, **sched(v)) for v in _test_set_base(probe)]
+        # test_gpu_11 sets ping-pong and overlap itself; the other switches come from the schedule.
+        out += [dataclasses.replace(v, **dict(sched(v), pingpong=pp, overlap=ov))
+                for v in (Variant(sparsity_n=0, sparsity_m=4), Variant(sparsity_n=4, sparsity_m=8))
+                for pp, ov in ((True, True), (True, False), (False, False))]
+    else:
+        out = _test_set(False)
+        # The alternative schedules the schedule tests run side by side.
+        for d in HEAD_DIMS:
+            for n, m in ((0, 4), (4, 8), (8, 16)):
+                for pingpong, overlap in ((True, True), (True, False), (False, False)):
+                    out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
+        out += NEW_VARIANT_TESTS + bench_variants()
+        if probe:
+            out += [v for v in _test_set(True) if v.probe]
+            # The TMA producer's element-strided boxes (the group permutation), bit for bit.
+            out += [Variant(sparsity_n=n, sparsity_m=m, tie_index=tie, probe=True, tma=True)
+                    for n, m, tie in ((0, 4, False), (1, 2, False), (2, 4, True), (4, 8, False))]
+            # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
+            out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
+                    for n, tie in ((8, False), (3, True))]
+    seen, unique = set(), []
+    for v in out:
+        if v.canonical() not in seen:
+            seen.add(v.canonical())
+            unique.append(v.canonical())
+    return unique
+
+
+# What test_gpu_22 runs with MODELOPT_SPARSE_HOPPER_TMA3D=1 (M = 16 through the grouped 4-D maps):
+# the 8:16 measured schedule (no overlap), and TMA with overlap and ping-pong off.
+TMA3D_TEST_SCHEDULES = [(T, F, T, T, T), (F, T, F, T, F)]
+
+# What tests/test_kernel_hopper.py's new-variant tests run (test_gpu_14/15).
+NEW_VARIANT_SCHEDULES = [(F, T, T, F, F), (T, F, T, F, F), (T, F, F, T, F), (T, T, T, T, F), (T, F, F, F, T),
+                         (T, T, T, T, T)]
+NEW_VARIANT_PATTERNS = ((0, 4), (2, 4), (4, 8), (8, 16))
+NEW_VARIANT_TESTS = [Variant(head_dim=128, sparsity_n=n, sparsity_m=m, **_sched(t))
+                     for t in NEW_VARIANT_SCHEDULES for n, m in NEW_VARIANT_PATTERNS] + \
+                    [Variant(head_dim=64, fp16=h, **_sched(t)) for t in NEW_VARIANT_SCHEDULES
+                     for h in (False, True)] + \
+                    [Variant(head_dim=64, fp16=h, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3
+                     for h in (False, True)] + \
+                    [Variant(head_dim=64, sparsity_n=n, sparsity_m=m, fp16=True, consumers=3, **_sched(t))
+                     for t in BENCH_SCHEDULES_WG3 for n, m in ((0, 4), (2, 4), (4, 8), (8, 16))] + \
+                    [Variant(sparsity_n=n, sparsity_m=4 if n == 0 else 8, lean=True) for n in (0, 4)] + \
+                    [Variant(head_dim=d, sparsity_n=2, sparsity_m=4, tie_index=tie, fp16=h, sparse_pv=True, **_sched(t))
+                     for t in BENCH_SCHEDULES_SPARSE_PV for d in HEAD_DIMS for tie in (False, True)
+                     for h in (False, True)] + \
+                    [Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie, fp16=h, tma3d=True, **_sched(t))
+                     for t in TMA3D_TEST_SCHEDULES for d in HEAD_DIMS for n, tie in ((8, False), (3, True))
+                     for h in (False, True)]

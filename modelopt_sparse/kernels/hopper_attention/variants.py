@@ -1,0 +1,193 @@
+"""The Hopper engine's kernel variants: what one call compiles and runs.
+
+:class:`Variant` is everything that is a template parameter of the CUDA source (head dim,
+N:M pattern, tie rule, dtype, schedule switches), with its canonical form, its tag (the
+cubin's name) and its ``-D`` flags. :func:`variant_for` picks the variant of a call: the
+schedule measured fastest on the H200 (:func:`measured_schedule`, :func:`measured_consumers`,
+:func:`measured_tma3d`), each switch overridable through the environment
+(:func:`schedule_from_env`) so that the device script can time the alternatives. Pure Python:
+no compiler, no driver, no GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from ..reference import SparseParams
+from ..switches import env_flag
+
+HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: everything that is a template parameter of the CUDA source."""
+
+    head_dim: int = 128
+    sparsity_n: int = 0
+    sparsity_m: int = 4
+    tie_index: bool = False
+    fp16: bool = False
+    pingpong: bool = False
+    overlap: bool = True
+    probe: bool = False
+    # Variants added after the first H200 run (compile-checked only, not yet run on a GPU):
+    late_rescale: bool = False  # FA3's order: O rescaled under Q.K^T(i), before P.V(i-1) is issued
+    tma: bool = False  # TMA producer (one thread) instead of cp.async (128 threads); dense and M <= 8
+    lean: bool = False  # FA4's conditional O rescale (slack 2^8) and the two-instruction kept test
+    consumers: int = 2  # 3: three consumer warpgroups, 192 query rows per CTA (D = 64 only)
+    # Stage 3: 2:4 P.V through wgmma.sp (2:4 only). V in its own row order: by cp.async, or
+    # with tma through a 5-D map (since session 11). With overlap since session 12.
+    sparse_pv: bool = False
+    # With tma, M = 16: the group permutation through a 4-D tensor map's dimensions {D, heads,
+    # group, member} instead of element strides (<= 8), so M = 16 gets the TMA producer too.
+    # The default for M = 16 since session 11 (measured_tma3d; MODELOPT_SPARSE_HOPPER_TMA3D=0 opts out).
+    tma3d: bool = False
+
+    def __post_init__(self):
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
+        if self.sparsity_n and self.sparsity_m not in (2, 4, 8, 16):
+            raise ValueError(f"sparsity_m must be 2, 4, 8 or 16, got {self.sparsity_m}")
+        if not 0 <= self.sparsity_n < max(self.sparsity_m, 1):
+            raise ValueError(f"need 0 <= sparsity_n < sparsity_m, got {self.sparsity_n}:{self.sparsity_m}")
+
+    def canonical(self) -> "Variant":
+        """Dense kernels ignore M and the tie rule: one cubin serves all of them. TMA's element
+        stride is at most 8, so an N:M variant with M = 16 keeps the cp.async producer unless
+        ``tma3d`` (grouped 4-D maps, M = 16 only, two consumer warpgroups) asks for TMA."""
+        v = self
+        if v.consumers not in (2, 3):
+            raise ValueError(f"consumers must be 2 or 3, got {v.consumers}")
+        # Three consumer warpgroups only at D = 64 and only with the TMA producer: the cp.async
+        # producer needs 40 registers, which leaves the consumers 152, and ptxas then spills
+        # and serializes the wgmma (C7512); so M = 16 (no TMA) keeps two warpgroups.
+        if v.consumers == 3 and (v.head_dim != 64 or (v.sparsity_n and v.sparsity_m > 8)):
+            v = dataclasses.replace(v, consumers=2)
+        if v.consumers == 3:
+            v = dataclasses.replace(v, tma=True)
+        # Sparse P.V: 2:4 only (the hardware's format), two consumer warpgroups, not in probe
+        # builds. With TMA, V goes through its own 5-D map (_Driver.encode_tma_sparse_pv).
+        if v.sparse_pv and ((v.sparsity_n, v.sparsity_m) != (2, 4) or v.probe):
+            v = dataclasses.replace(v, sparse_pv=False)
+        if v.sparse_pv:
+            v = dataclasses.replace(v, consumers=2)
+        if v.sparsity_n == 0:
+            v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
+        # Grouped 4-D maps: only where the element-strided map cannot go (M = 16), with TMA, two
+        # consumer warpgroups, no sparse P.V; everywhere else the flag is dropped (one cubin).
+        if v.tma3d and not (v.tma and v.sparsity_n and v.sparsity_m == 16 and v.consumers == 2 and not v.sparse_pv):
+            v = dataclasses.replace(v, tma3d=False)
+        if v.tma and v.sparsity_n and v.sparsity_m > 8 and not v.tma3d:
+            v = dataclasses.replace(v, tma=False)
+        return v
+
+    @property
+    def tag(self) -> str:
+        pattern = f"{self.sparsity_n}of{self.sparsity_m}{'i' if self.tie_index else 't'}" if self.sparsity_n else "dense"
+        flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
+                                        ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
+                                        ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
+                                        ("x", self.probe))
+                        if on)
+        return f"d{self.head_dim}_{pattern}_{flags or '-'}"
+
+    def defines(self) -> list[str]:
+        v = self.canonical()
+        return [f"-DNMH_HEAD_DIM={v.head_dim}", f"-DNMH_SPARSITY_N={v.sparsity_n}",
+                f"-DNMH_SPARSITY_M={v.sparsity_m}", f"-DNMH_TIE_INDEX={int(v.tie_index)}",
+                f"-DNMH_FP16={int(v.fp16)}", f"-DNMH_PINGPONG={int(v.pingpong)}",
+                f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"] + \
+            [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
+                             ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
+                             ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d)) if on]
+
+
+def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
+    """The schedule a kernel runs unless the environment overrides a switch: the fastest one
+    whose output matched on the H200 (docs/hopper_engine.md, session 10 table). Ping-pong
+    consumers, FA3's late rescale, the TMA producer and FA4's conditional rescale everywhere;
+    overlap of the next Q.K^T with this tile's softmax only up to M = 4: at M = 8 and 16 the
+    selection's registers make the overlapped variant slower (4:8 454 vs 489 TFLOPS, 8:16 338
+    vs 379), and at dense and 2:4 faster (660 vs 613, 558 vs 519)."""
+    if measured_consumers(head_dim, sparsity_n, sparsity_m) == 3:
+        # Dense D = 64 runs three consumer warpgroups, whose ring has no overlap and no late
+        # rescale (440 TFLOPS against 388 for the two-warpgroup schedule below).
+        return dict(pingpong=True, overlap=False, late_rescale=False, tma=True, lean=True)
+    return dict(pingpong=True, overlap=not (sparsity_n and sparsity_m >= 8), late_rescale=True, tma=True, lean=True)
+
+
+def measured_tma3d(sparsity_n: int, sparsity_m: int) -> bool:
+    """M = 16 loads K and V through the grouped 4-D maps unless MODELOPT_SPARSE_HOPPER_TMA3D=0:
+    8:16 463 TFLOPS against 374 with the cp.async producer (session 11, H200; tests 22/23 and
+    the whole GPU file pass with it). Other patterns ignore the flag (Variant.canonical)."""
+    return bool(sparsity_n) and sparsity_m == 16
+
+
+def measured_consumers(head_dim: int, sparsity_n: int, sparsity_m: int) -> int:
+    """Consumer warpgroups unless MODELOPT_SPARSE_HOPPER_D64_WG3 says otherwise: three for dense
+    D = 64 (192 query rows per CTA; measured 1.13x two), two everywhere else (N:M at D = 64
+    was not timed with three, and 4:8 spills there)."""
+    return 3 if head_dim == 64 and sparsity_n == 0 else 2
+
+
+def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
+    """The kernel a call runs: :func:`measured_schedule`, where the environment can override
+    each switch so that the device script can time the alternatives:
+    MODELOPT_SPARSE_HOPPER_PINGPONG, _OVERLAP, _LATE_RESCALE, _TMA (ignored for M = 16) and
+    _LEAN (0 or 1; unset: the measured schedule), MODELOPT_SPARSE_HOPPER_D64_WG3 (three
+    consumer warpgroups at D = 64; unset: :func:`measured_consumers`) and
+    MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
+    MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
+    :func:`measured_tma3d`, on for M = 16)."""
+    return Variant(
+        head_dim=head_dim,
+        sparsity_n=params.sparsity_n,
+        sparsity_m=params.sparsity_m,
+        tie_index=params.tie_break == "index",
+        fp16=dtype == torch.float16,
+        **schedule_from_env(head_dim, params.sparsity_n, params.sparsity_m),
+        consumers=3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
+                                measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2,
+        sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
+        tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
+        probe=probe,
+    ).canonical()
+
+
+# The schedule switches (a schedule tuple's order) and the environment variables that override
+# them (variant_for, the device script).
+SCHEDULE_FIELDS = ("pingpong", "overlap", "late_rescale", "tma", "lean")
+_SCHEDULE_ENV = {"pingpong": "MODELOPT_SPARSE_HOPPER_PINGPONG",
+                 "overlap": "MODELOPT_SPARSE_HOPPER_OVERLAP",
+                 "late_rescale": "MODELOPT_SPARSE_HOPPER_LATE_RESCALE",
+                 "tma": "MODELOPT_SPARSE_HOPPER_TMA",
+                 "lean": "MODELOPT_SPARSE_HOPPER_LEAN"}
+
+
+def schedule_from_env(head_dim: int = 128, sparsity_n: int = 0, sparsity_m: int = 4) -> dict:
+    """The schedule fields for a kernel: :func:`measured_schedule`, each switch overridden by
+    its environment variable when that is set (variant_for's switches)."""
+    measured = measured_schedule(head_dim, sparsity_n, sparsity_m)
+    return {f: env_flag(name, measured[f]) for f, name in _SCHEDULE_ENV.items()}
+
+
+def schedule_env(schedule: dict) -> str:
+    """``NAME=0/1 ...`` for a schedule (what the device script exports for the test run)."""
+    return " ".join(f"{_SCHEDULE_ENV[f]}={int(bool(schedule[f]))}" for f in SCHEDULE_FIELDS)
+
+
+def _parse_tag(tag: str) -> Variant:
+    """``d128_4of8t_pr`` -> Variant (the inverse of Variant.tag, for the sass command)."""
+    m = re.fullmatch(r"d(\d+)_(dense|(\d+)of(\d+)([ti]))_([a-z3-]+)", tag)
+    if not m:
+        raise ValueError(f"not a variant tag: {tag}")
+    flags = m.group(6)
+    return Variant(head_dim=int(m.group(1)), sparsity_n=int(m.group(3) or 0), sparsity_m=int(m.group(4) or 4),
+                   tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
+                   late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
+                   consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
+                   probe="x" in flags)
