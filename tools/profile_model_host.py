@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
-import copy
 import pstats
 import time
 
@@ -30,7 +29,6 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="profile generate() (512 + 32 tokens) instead")
     args = parser.parse_args()
 
-    import modelopt_sparse as mts
     from modelopt_sparse.bench.model import measure
     from transformers import AttentionInterface
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,7 +80,6 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / args.forwards * 1e3
         per_call = spent[0] / max(spent[1], 1) * 1e6
-        counter = OpCount()
         calls = []
 
         def counted(*a, _f=original, **kw):
@@ -103,7 +100,7 @@ def main() -> None:
             prof.disable()
             torch.cuda.synchronize()
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
-        del model
+        model = None  # freed before the next implementation is built (not `del`: run() reads it)
     print(f"{'impl':6s} {'ms/forward':>10s} {'attn us/call':>12s} {'calls':>6s} {'aten ops/call':>13s}  ops")
     for impl, wall, per_call, calls_per, nops, ops in rows:
         print(f"{impl:6s} {wall:10.2f} {per_call:12.1f} {calls_per:6d} {nops:13d}  {ops}")
