@@ -80,7 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = DESCRIPTION, _epilog()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--cases", nargs="+", type=_names, metavar="CASE",
-                   help="cases or groups to run (default: default); listed below")
+                   help="cases or groups to run (default: default); listed below. They run in the order "
+                        "listed below (cheap first, compiling cases last), whatever the order given, "
+                        "so a --time-budget cuts the last of that order")
     p.add_argument("--impls", nargs="+", type=_names, metavar="IMPL",
                    help=f"implementations, a subset of {','.join(IMPLS)} (default all)")
     p.add_argument("--out", type=Path, default=Path("modelopt-sparse-bench-model"), metavar="DIR",
