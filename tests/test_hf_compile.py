@@ -172,9 +172,13 @@ import triton
 from torch._inductor.codegen.wrapper import (
     user_defined_triton_kernel_transitive_closure_source_code as kernel_source,
 )
+import pkgutil
 from modelopt_sparse.kernels import triton_attention as ta
+from modelopt_sparse.kernels.triton_attention import backward, forward
 
-kernels = [v for v in vars(ta).values() if isinstance(v, triton.JITFunction)]
+# Every JIT function of the package, each once (modules import their helpers by name).
+modules = [importlib.import_module(f"{ta.__name__}.{m.name}") for m in pkgutil.iter_modules(ta.__path__)]
+kernels = list({id(v): v for mod in modules for v in vars(mod).values() if isinstance(v, triton.JITFunction)}.values())
 assert len(kernels) > 10, kernels
 out = pathlib.Path(sys.argv[1])
 for kernel in kernels:
@@ -194,7 +198,8 @@ for kernel in kernels:
 import inspect
 from triton.backends.compiler import GPUTarget
 
-launched = [(ta._attn_fwd, dict(WITH_STATS=False)), (ta._attn_bwd_dkdv, dict(TMA=False)), (ta._attn_bwd_dq, {})]
+launched = [(forward._attn_fwd, dict(WITH_STATS=False)), (backward._attn_bwd_dkdv, dict(TMA=False)),
+            (backward._attn_bwd_dq, {})]
 for kernel, extra in launched:
     consts = dict(GROUPS=1, HEAD_DIM=64, BLOCK_D=64, IS_CAUSAL=True, SPARSITY_N=2, SPARSITY_M=4,
                   TIE_INDEX=False, HAS_WINDOW=False, SOFTCAP=False, UPCAST=False, DOT_PRECISION="tf32",

@@ -126,9 +126,9 @@ def test_bad_cu_seq_lens_raise_at_the_next_call():
 def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
     """Unaligned and aligned inputs, forward and backward: the direct launcher picks the
     kernel JITFunction.run picks (checked on every hit) and gives the same bits."""
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import configs, launch
 
-    launchers = {tuned: tuned.launcher for tuned in (ta._fwd, ta._dkdv, ta._dq)}
+    launchers = {tuned: tuned.launcher for tuned in (configs._fwd, configs._dkdv, configs._dq)}
     for launcher in launchers.values():
         monkeypatch.setattr(launcher, "_verify", True)
     base = tiny_model("llama", dtype=torch.bfloat16).cuda()
@@ -167,9 +167,9 @@ def test_direct_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
                                             sparsity_n=2, sparsity_m=4)
                 got.append([packed, batched])
         results[direct] = got
-    assert launchers[ta._fwd].direct_launches > 0 and launchers[ta._dq].direct_launches > 0
+    assert launchers[configs._fwd].direct_launches > 0 and launchers[configs._dq].direct_launches > 0
     # Aligned inference calls ran from plans (each hit also checked against JITFunction.run).
-    assert sum(plan.launches for plan in ta._FORWARD_PLANS.values()) >= 4
+    assert sum(plan.launches for plan in launch._FORWARD_PLANS.values()) >= 4
     for a, b in zip(results["1"], results["0"]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)

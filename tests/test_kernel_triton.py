@@ -127,7 +127,7 @@ def test_descriptor_allocator_keeps_a_callers_own():
     """The TMA path needs a Triton allocator; it installs one only where none was set."""
     import contextvars
 
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import tma
     from triton.runtime._allocation import _allocator
 
     def callers(size, alignment, stream):
@@ -136,11 +136,11 @@ def test_descriptor_allocator_keeps_a_callers_own():
     def run(preset):
         if preset is not None:
             triton.set_allocator(preset)
-        ta._ensure_allocator()
+        tma._ensure_allocator()
         return _allocator.get()
 
     # Fresh contexts: the test must not leave an allocator behind.
-    assert contextvars.Context().run(run, None) is ta._descriptor_scratch
+    assert contextvars.Context().run(run, None) is tma._descriptor_scratch
     assert contextvars.Context().run(run, callers) is callers
 
 
@@ -149,15 +149,15 @@ def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
     """The dK/dV path with tensor-descriptor loads (the GPU default; MODELOPT_SPARSE_TMA=1):
     interior query blocks of two packed sequences (the second starts mid-tensor, so a
     descriptor whose block crossed its end would read the wrong rows), GQA."""
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import tma
 
     monkeypatch.setenv("MODELOPT_SPARSE_TMA", "1")
     probe = torch.empty(8, 2, 16, device=DEVICE, dtype=torch.float32)
-    if not ta._use_tma(probe):
+    if not tma._use_tma(probe):
         pytest.skip("tensor descriptors need sm_90+")
-    ta._warn_tma_declined.cache_clear()
+    tma._warn_tma_declined.cache_clear()
     with pytest.warns(RuntimeWarning, match="MODELOPT_SPARSE_TMA=1 ignored: q or grad_out is not 16-byte"):
-        assert not ta._use_tma(probe[:, :, 1:])  # base 4 bytes past an aligned one
+        assert not tma._use_tma(probe[:, :, 1:])  # base 4 bytes past an aligned one
     lens_q, lens_k = [150, 100], [200, 100]
     inputs = separated_inputs(lens_q, lens_k, 4, 2, 16, m, torch.float64, seed=7 + n)
     errs, _ = _compare(lens_q, lens_k, 4, 2, 16, torch.float32, inputs, sparsity_n=n, sparsity_m=m,
@@ -168,17 +168,17 @@ def test_tensor_descriptor_loads_match_reference(n, m, monkeypatch):
 def test_tensor_descriptors_are_the_gpu_default_and_quietly_declined(monkeypatch):
     """Without MODELOPT_SPARSE_TMA the GPU uses descriptors (the interpreter does not), and
     unaligned inputs fall back to pointer loads without a warning nobody asked for."""
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import tma
 
     monkeypatch.delenv("MODELOPT_SPARSE_TMA", raising=False)
     probe = torch.empty(8, 2, 16, device=DEVICE, dtype=torch.float32)
-    assert ta._use_tma(probe) == (DEVICE == "cuda" and torch.cuda.get_device_capability() >= (9, 0))
-    ta._warn_tma_declined.cache_clear()
+    assert tma._use_tma(probe) == (DEVICE == "cuda" and torch.cuda.get_device_capability() >= (9, 0))
+    tma._warn_tma_declined.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not ta._use_tma(probe[:, :, 1:])
+        assert not tma._use_tma(probe[:, :, 1:])
     monkeypatch.setenv("MODELOPT_SPARSE_TMA", "0")
-    assert not ta._use_tma(probe)
+    assert not tma._use_tma(probe)
 
 
 @pytest.mark.parametrize("tie_break", ["threshold", "index"])

@@ -685,13 +685,15 @@ def test_gpu_launch_plans_with_sinks(monkeypatch):
     """Repeated inference calls with sinks run from launch plans (verified against the
     ordinary path on every hit); the plans read the sinks at their address, so an in-place
     update is seen, and another sinks tensor gets its own plan. Forward and decode."""
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import configs, launch
     from modelopt_sparse.kernels import triton_decode as td
 
-    monkeypatch.setattr(ta, "_FORWARD_PLANS", {})
+    plans = {}  # where _forward_launch looks the plans up, and where forget() clears them
+    monkeypatch.setattr(launch, "_FORWARD_PLANS", plans)
+    monkeypatch.setattr(configs, "_FORWARD_PLANS", plans)
     monkeypatch.setattr(td, "_PLANS", {})
-    if ta._fwd.launcher is not None:
-        monkeypatch.setattr(ta._fwd.launcher, "_verify", True)
+    if configs._fwd.launcher is not None:
+        monkeypatch.setattr(configs._fwd.launcher, "_verify", True)
     monkeypatch.setattr(td._eager_launchers[0], "_verify", True, raising=False)
     lens = [300, 77]
     inputs = [t.to(DEVICE, torch.bfloat16) for t in separated_inputs(lens, lens, 8, 2, 64, 4, torch.float64, seed=1)]
@@ -712,8 +714,8 @@ def test_gpu_launch_plans_with_sinks(monkeypatch):
         other = sinks.clone()  # another address: another plan
         _packed_call(inputs, lens, lens, other, "triton", **kw)
         td.decode_attention(q, k, v, key_valid, learned_sinks=other, sliding_window=300, softcap=20.0)
-    if ta._fwd.launcher is not None:
-        assert len(ta._FORWARD_PLANS) == 2 and sum(p.launches for p in ta._FORWARD_PLANS.values()) > 0
+    if configs._fwd.launcher is not None:
+        assert len(launch._FORWARD_PLANS) == 2 and sum(p.launches for p in launch._FORWARD_PLANS.values()) > 0
     if td._PLANS_ON:
         assert len(td._PLANS) == 2 and sum(p.launches for p in td._PLANS.values()) > 0
 

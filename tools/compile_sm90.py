@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modelopt_sparse.kernels import triton_attention as ta  # noqa: E402
+from modelopt_sparse.kernels.triton_attention import backward, configs, forward  # noqa: E402
 
 FLOAT_PTRS = {"LSE", "STATS", "DELTA"}
 INT_PTRS = {"Q_START", "Q_LEN", "K_START", "K_LEN"}
@@ -108,7 +108,7 @@ def default_config(kind, n, m, head_dim, tie_index):
     os.environ["MODELOPT_SPARSE_AUTOTUNE"] = "0"
     args = {"Q": torch.empty(1, dtype=torch.bfloat16), "SPARSITY_N": n, "SPARSITY_M": m, "BLOCK_D": head_dim,
             "TIE_INDEX": tie_index}
-    cfg = ta._prune(ta._configs(kind), args, kind)[0]
+    cfg = configs._prune(configs._configs(kind), args, kind)[0]
     return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
 
 
@@ -118,9 +118,9 @@ def main():
                 HAS_WINDOW=False, SOFTCAP=False, UPCAST=False, DOT_PRECISION="tf32")
     variants = [(0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (2, 4, True)]
     plans = [
-        ("fwd", ta._attn_fwd, dict(WITH_STATS=False)),
-        ("dkdv", ta._attn_bwd_dkdv, dict(TMA=os.environ.get("TMA", "0") == "1")),
-        ("dq", ta._attn_bwd_dq, {}),
+        ("fwd", forward._attn_fwd, dict(WITH_STATS=False)),
+        ("dkdv", backward._attn_bwd_dkdv, dict(TMA=os.environ.get("TMA", "0") == "1")),
+        ("dq", backward._attn_bwd_dq, {}),
     ]
     for kind, kernel, extra in plans:
         for n, m, tie in variants:

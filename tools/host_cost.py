@@ -37,6 +37,7 @@ def main() -> None:
     import modelopt_sparse as mts
     from modelopt_sparse.kernels import api
     from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import configs, launch
     from modelopt_sparse.kernels.reference import SparseParams
 
     q, k, v = (torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -58,11 +59,11 @@ def main() -> None:
             lambda: mts.attention(q, k, v, starts, lens, 16, sparsity_n=2, sparsity_m=4), args.calls)))
         rows.append(("triton_attention (after validation)", _per_call_us(
             lambda: ta.triton_attention(q, k, v, starts, lens, 16, starts, lens, 16, params), args.calls)))
-        rows.append(("_launch_forward", _per_call_us(lambda: ta._launch_forward(*fwd_args), args.calls)))
-        launcher, ta._fwd.launcher = ta._fwd.launcher, None  # as MODELOPT_SPARSE_DIRECT_LAUNCH=0
-        rows.append(("_launch_forward, JITFunction.run", _per_call_us(lambda: ta._launch_forward(*fwd_args),
+        rows.append(("_launch_forward", _per_call_us(lambda: launch._launch_forward(*fwd_args), args.calls)))
+        launcher, configs._fwd.launcher = configs._fwd.launcher, None  # as MODELOPT_SPARSE_DIRECT_LAUNCH=0
+        rows.append(("_launch_forward, JITFunction.run", _per_call_us(lambda: launch._launch_forward(*fwd_args),
                                                                         args.calls)))
-        ta._fwd.launcher = launcher
+        configs._fwd.launcher = launcher
         rows.append(("validation only (api checks)", _per_call_us(lambda: (
             api._check_tensors(q, k, v), api._check_metadata(q, k, starts, lens, 16, starts, lens, 16)), args.calls)))
         profiler = cProfile.Profile()

@@ -38,9 +38,9 @@ GRID = {
 
 def _pin(kind, shape):
     import triton
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import configs
 
-    tuner = {"fwd": ta._fwd, "dkdv": ta._dkdv, "dq": ta._dq}[kind]
+    tuner = {"fwd": configs._fwd, "dkdv": configs._dkdv, "dq": configs._dq}[kind]
     bm, bn, w, s = shape
     tuner.autotuner.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
     tuner.forget()
@@ -49,10 +49,10 @@ def _pin(kind, shape):
 def _pin_defaults():
     """Every kernel back on the configs a launch with autotuning off would take (the
     kernels' own preference order and pruning, which depend on head dim and pattern)."""
-    from modelopt_sparse.kernels import triton_attention as ta
+    from modelopt_sparse.kernels.triton_attention import configs
 
-    for kind, tuner in (("fwd", ta._fwd), ("dkdv", ta._dkdv), ("dq", ta._dq)):
-        tuner.autotuner.configs = ta._configs(kind)
+    for kind, tuner in (("fwd", configs._fwd), ("dkdv", configs._dkdv), ("dq", configs._dq)):
+        tuner.autotuner.configs = configs._configs(kind)
         tuner.forget()
 
 

@@ -5,7 +5,7 @@ this rule:
 
 * the PyTorch reference calls :func:`kept_mask` below;
 * the Triton kernels call ``_allowed_scores``, ``_dense_region`` and ``_selection_exponent`` in
-  ``triton_attention.py``, which the forward, the dK/dV and the dQ kernels share, and which
+  ``triton_attention/rule.py``, which the forward, the dK/dV and the dQ kernels share, and which
   the test-suite compares element for element with :func:`kept_mask` through a mask probe
   (``tests/test_kernel_triton.py``), for several tile shapes and both tile classifications.
 

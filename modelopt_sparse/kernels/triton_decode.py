@@ -60,7 +60,7 @@ GRAPH_MIN_KEYS_PER_SPLIT = 128
 _DEFAULT_SM_COUNT = 132  # H200; used where no GPU is asked (the interpreter)
 
 # The interpreter computes bf16 wrongly (numpy has no bf16), so there every tile is upcast
-# to fp32 on load, as in triton_attention.py.
+# to fp32 on load, as in triton_attention (``launch._common_constexprs``).
 _UPCAST = interpreting()
 
 
