@@ -256,7 +256,7 @@ def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     if pos.shape[-1] != q_len:
         raise ValueError(f"modelopt_sparse: position_ids of shape {tuple(position_ids.shape)} for {q_len} tokens")
     if _static_shapes_only(device):
-        packed_rows = (pos[:, 1:] - pos[:, :-1] != 1).any(dim=1)
+        packed_rows = _continues_no_sequence(pos).any(dim=1)
         rows = _dense_layout(batch, q_len, kv_len, device)
         return (_Layout(rows.batch, kv_len, batched=True, nan_rows=packed_rows),
                 "one sequence per row (position_ids under static shapes)")
@@ -297,12 +297,18 @@ def _static_shapes_only(device) -> bool:
     return _capturing(device)
 
 
+def _continues_no_sequence(pos: torch.Tensor) -> torch.Tensor:
+    """``[B, L - 1]`` bool: token ``j + 1`` of ``pos`` ``[B, L]`` starts a new sequence, its
+    position not its predecessor's plus one (packing, as transformers finds it). The one
+    statement of that rule: the static-shape path and the sequence starts both use it."""
+    return pos[:, 1:] - pos[:, :-1] != 1
+
+
 def _sequence_starts(pos: torch.Tensor) -> torch.Tensor:
     """Flat (row-major) offsets, int64, of the tokens of ``pos`` ``[B, L]`` that start a
-    sequence: the first of each row and every token whose position is not its
-    predecessor's plus one (packing, as transformers finds it)."""
+    sequence: the first of each row and every token :func:`_continues_no_sequence` marks."""
     starts_here = torch.ones_like(pos, dtype=torch.bool)
-    starts_here[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    starts_here[:, 1:] = _continues_no_sequence(pos)
     return starts_here.flatten().nonzero().flatten()
 
 
