@@ -6,7 +6,7 @@
 #include <cstdint>
 
 // Set by a wait that timed out: (barrier id << 16 | parity << 15 | block's linear index % 32768) + 1.
-// Read by the host after a launch in checked mode (hopper_attention.py, by this unmangled name).
+// Read by the host after a launch in checked mode (hopper_attention/driver.py, by this unmangled name).
 extern "C" __device__ int nmh_timeout = 0;
 
 namespace nmh {
