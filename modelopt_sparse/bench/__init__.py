@@ -1,11 +1,12 @@
-"""TFLOPS of modelopt_sparse N:M sparse flash attention against PyTorch's attention kernels.
+"""TFLOPS of modelopt_sparse N:M sparse flash attention against PyTorch's and FlashAttention-4's kernels.
 
 One run measures, for every configuration (mode x causal x sequence length x head dim):
 
 * ours: ``modelopt_sparse.kernels.attention`` on one varlen-packed sequence, dense and
   2:4, 4:8, 8:16 and 2:4 with ``tie_break="index"``;
-* peers: PyTorch SDPA pinned to the flash and to the cuDNN backend, and FlexAttention
-  compiled with ``torch.compile`` (causal through a ``create_block_mask`` BlockMask).
+* peers: PyTorch SDPA pinned to the flash and to the cuDNN backend, FlexAttention
+  compiled with ``torch.compile`` (causal through a ``create_block_mask`` BlockMask), and
+  FlashAttention-4 (``flash_attn.cute``; n/a with the reason when it is not installed).
 
 TFLOPS are *effective*: every implementation of a configuration is credited with the dense
 FLOPs ``4*S^2*H*D`` (halved when causal, x3.5 for forward+backward), so a ratio of two

@@ -18,8 +18,10 @@ OUR_VARIANTS: dict[str, dict] = {
     "8:16": {"sparsity_n": 8, "sparsity_m": 16, "tie_break": "threshold"},
     "2:4-index": {"sparsity_n": 2, "sparsity_m": 4, "tie_break": "index"},
 }
-PEERS = ("sdpa-flash", "sdpa-cudnn", "flex", "sdpa-math")
-DEFAULT_PEERS = {"cuda": ("sdpa-flash", "sdpa-cudnn", "flex"), "cpu": ("sdpa-math", "flex")}
+PEERS = ("sdpa-flash", "sdpa-cudnn", "flex", "fa4", "sdpa-math")
+# fa4 (FlashAttention-4) is a default on CUDA: timed when flash-attn-4 is installed, else a
+# column of n/a that says so. It is CUDA-only, so the CPU defaults leave it out.
+DEFAULT_PEERS = {"cuda": ("sdpa-flash", "sdpa-cudnn", "flex", "fa4"), "cpu": ("sdpa-math", "flex")}
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,7 +46,7 @@ class BenchConfig:
     backend: str | None = None  # ours; None: "triton" on CUDA, "torch" elsewhere
     dense_window_size: int = 64
     num_sink_tokens: int = 0
-    # Sliding-window attention (0: off): ours and FlexAttention get the window, SDPA has none.
+    # Sliding-window attention (0: off): ours, FlexAttention and FA4 get the window, SDPA has none.
     # FLOPs stay those of full causal attention, so TFLOPS against a run without the window
     # read as the speed-up the window brings.
     sliding_window: int = 0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .cases import DTYPES, MODES, OUR_VARIANTS, PEERS, QUICK_SHAPES, BenchConfig, Case, cases, implementations
-from .cases import resolve_config, resolve_device
+from .cases import DEFAULT_PEERS, DTYPES, MODES, OUR_VARIANTS, PEERS, QUICK_SHAPES, BenchConfig, Case, cases
+from .cases import implementations, resolve_config, resolve_device
 from .env import collect_env
 from .report import compute_ratios, fmt_tflops, format_report, reasons, save_plot
 from .runner import run_benchmarks
@@ -19,7 +19,8 @@ from .runner import run_benchmarks
 DESCRIPTION = (
             "Forward and forward+backward effective TFLOPS of modelopt_sparse N:M sparse "
             "attention (dense, 2:4, 4:8, 8:16, 2:4 index tie-break) against PyTorch SDPA "
-            "(flash, cuDNN) and compiled FlexAttention, on one varlen-packed sequence. "
+            "(flash, cuDNN), compiled FlexAttention and FlashAttention-4 (when installed), "
+            "on one varlen-packed sequence. "
             "FLOPs = 4*S^2*H*D, /2 when causal, x3.5 for fwd+bwd, the same for every "
             "implementation, so TFLOPS ratios are speed ratios."
 )
@@ -71,14 +72,17 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
     what.add_argument("--variants", nargs="+", type=_list_arg(str), metavar="V",
                       help=f"our variants, a subset of {','.join(OUR_VARIANTS)} (default all); 'none' for none")
     what.add_argument("--peers", nargs="+", type=_list_arg(str), metavar="P",
-                      help=f"peers, a subset of {','.join(PEERS)}; default sdpa-flash,sdpa-cudnn,flex on CUDA "
-                           "and sdpa-math,flex (flex reported n/a) on CPU; 'none' for none")
-    what.add_argument("--backend", choices=("triton", "torch", "auto"),
-                      help="backend= for our attention() (default triton on CUDA, torch on CPU)")
+                      help=f"peers, a subset of {','.join(PEERS)}; default {','.join(DEFAULT_PEERS['cuda'])} "
+                           "on CUDA (fa4: FlashAttention-4's CuTe kernel, flash_attn.cute; reported n/a with "
+                           "the reason when flash-attn-4 is not installed or this GPU is unsupported) and "
+                           f"{','.join(DEFAULT_PEERS['cpu'])} (flex reported n/a) on CPU; 'none' for none")
+    what.add_argument("--backend", choices=("triton", "torch", "auto", "hopper"),
+                      help="backend= for our attention() (default triton on CUDA, torch on CPU; hopper: the "
+                           "sm_90 CUDA forward engine, docs/hopper_engine.md, with Triton's backward)")
     what.add_argument("--dense-window-size", type=int, default=64, help="default 64")
     what.add_argument("--num-sink-tokens", type=int, default=0, help="default 0")
     what.add_argument("--sliding-window", type=int, default=0, metavar="W",
-                      help="sliding-window attention for ours and FlexAttention (keys W or more positions "
+                      help="sliding-window attention for ours, FlexAttention and FA4 (keys W or more positions "
                            "behind the query are out; SDPA reported n/a); FLOPs stay those of full causal "
                            "attention, so compare TFLOPS with a run without it (default 0: off)")
     what.add_argument("--flex-compile-mode", default=None,
@@ -190,7 +194,8 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
               flush=True)
         dump(done, None, False)  # a crash midway still leaves what was measured
 
-    print(f"benchmarking on {env['gpu'] or 'CPU'}: torch {env['torch']}, triton {env['triton']}, "
+    fa4 = f", flash-attn-4 {env.get('flash_attn_4') or 'not installed'}" if "fa4" in cfg.peers else ""
+    print(f"benchmarking on {env['gpu'] or 'CPU'}: torch {env['torch']}, triton {env['triton']}{fa4}, "
           f"commit {(env['git_commit'] or 'unknown')[:12]}", file=sys.stderr, flush=True)
     rows = run_benchmarks(cfg, on_row=progress)
     ratios = compute_ratios(rows, gpu=not on_cpu)

@@ -100,6 +100,7 @@ def collect_env(device: str) -> dict:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "transformers": _installed_version("transformers"),
+        "flash_attn_4": _installed_version("flash-attn-4"),  # the fa4 peer (None: not installed)
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(dev),

@@ -1,7 +1,8 @@
 """What each implementation of the kernel benchmark runs: inputs and the call to time.
 
 Ours is ``modelopt_sparse.kernels.attention`` on one varlen-packed sequence; the peers are
-PyTorch SDPA pinned to one backend and compiled FlexAttention. Each ``prepare_*`` returns a
+PyTorch SDPA pinned to one backend, compiled FlexAttention and FlashAttention-4 (its CuTe DSL
+kernel, ``flash_attn.cute``, when installed). Each ``prepare_*`` returns a
 :class:`Prepared` (the callable, the leaves whose gradients are reset between calls, and a
 context to run it in) or raises :class:`~.errors.Unsupported`.
 """
@@ -150,9 +151,95 @@ def prepare_flex(case: Case, cfg: BenchConfig, device, dtype) -> Prepared:
     return with_backward(forward, (q, k, v), train)
 
 
+# Compute capability majors FlashAttention-4 (flash-attn-4 4.0.0b36, flash_attn/cute/interface.py)
+# accepts: _flash_attn_fwd asserts ``arch // 10 in [8, 9, 10, 11, 12]`` and _flash_attn_bwd
+# ``arch // 10 in [9, 10, 11, 12]``. Its tuned kernels are sm_90 (Hopper) and sm_100 (Blackwell);
+# sm_8x and sm_12x run a simpler forward.
+FA4_FWD_MAJORS = (8, 9, 10, 11, 12)
+FA4_BWD_MAJORS = (9, 10, 11, 12)
+FA4_NOT_INSTALLED = "FlashAttention-4 is not installed (pip install flash-attn-4)"
+
+
+def fa4_device_reason(device, mode: str) -> str | None:
+    """Why FlashAttention-4 cannot run ``mode`` on ``device`` (None when it can): it is CUDA-only
+    and checks the compute capability. Checked before the import, so that a GPU it does not
+    support is not told to install it."""
+    if device.type != "cuda":
+        return f"FlashAttention-4 needs CUDA (device is {device})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in FA4_FWD_MAJORS:
+        return (f"FlashAttention-4 does not support compute capability {major}.{minor} (sm_{major}{minor}); "
+                "it runs on 8.x-12.x, tuned for sm_90 and sm_100")
+    if mode == "fwdbwd" and major not in FA4_BWD_MAJORS:
+        return (f"FlashAttention-4's backward does not support compute capability {major}.{minor} "
+                f"(sm_{major}{minor}); it needs 9.x-12.x")
+    return None
+
+
+def import_fa4() -> Callable:
+    """``flash_attn.cute.flash_attn_func``, or :class:`Unsupported` saying why not: not installed,
+    or installed but broken (a missing dependency, a CUDA library that does not load)."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ModuleNotFoundError as exc:
+        if exc.name in ("flash_attn", "flash_attn.cute"):  # (flash_attn alone is FlashAttention-2)
+            raise Unsupported(FA4_NOT_INSTALLED) from None
+        raise Unsupported(f"FlashAttention-4 cannot be imported: {short(exc)}") from None
+    except Exception as exc:  # a broken install must not stop the run
+        raise Unsupported(f"FlashAttention-4 cannot be imported: {short(exc)}") from None
+    return flash_attn_func
+
+
+def prepare_fa4(case: Case, cfg: BenchConfig, device, dtype) -> Prepared:
+    reason = fa4_device_reason(device, case.mode)
+    if reason:
+        raise Unsupported(reason)
+    flash_attn_func = import_fa4()
+    train = case.mode == "fwdbwd"
+    s, d = case.seq_len, case.head_dim
+    # FA4's layout is (batch, seqlen, heads, head_dim); GQA is K/V with fewer heads.
+    q = randn((1, s, case.heads, d), device, dtype, train)
+    k = randn((1, s, case.kv_heads, d), device, dtype, train)
+    v = randn((1, s, case.kv_heads, d), device, dtype, train)
+    window = cfg.sliding_window
+    # FA4 (as FlashAttention-2) lets query i see the keys j with i - left <= j <= i + right
+    # (equal lengths; flash_attn/cute/mask.py masks j < i - window_size_left and
+    # j > i + window_size_right). Our rule drops a key when i - j >= window, i.e. keeps
+    # i - j <= window - 1: left = window - 1, and right = 0 is causal (which
+    # _resolve_causal_local_window sets for causal=True anyway). No window: (None, None).
+    window_size = (window - 1, 0) if window else (None, None)
+    # Keywords only: flash_attn_func's 4th and 5th positional parameters are qv and
+    # gather_kv_indices in 4.0.0b36.
+    kwargs = dict(causal=case.causal, window_size=window_size)
+
+    def forward():
+        out = flash_attn_func(q, k, v, **kwargs)
+        # 4.0.0b36 returns (out, lse), lse None unless return_lse; older builds returned out alone.
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def context():
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    prep = with_backward(forward, (q, k, v), train, context=context)
+    # One call before timing: it compiles the CuTe DSL kernels (forward, and backward when
+    # training), and a kernel FA4 has not for this GPU or shape (its backward, a head dim)
+    # becomes an n/a row with FA4's own short reason.
+    try:
+        with context(), (contextlib.nullcontext() if train else torch.no_grad()):
+            prep.fn()
+    except Exception as exc:
+        raise Unsupported(f"FlashAttention-4 {'forward+backward' if train else 'forward'} failed here: "
+                          f"{short(exc)}") from None
+    for t in prep.grads:
+        t.grad = None
+    return prep
+
+
 def prepare(impl: str, case: Case, cfg: BenchConfig, device, dtype) -> Prepared:
     if impl in OUR_VARIANTS:
         return prepare_ours(impl, case, cfg, device, dtype)
     if impl == "flex":
         return prepare_flex(case, cfg, device, dtype)
+    if impl == "fa4":
+        return prepare_fa4(case, cfg, device, dtype)
     return prepare_sdpa(impl, case, cfg, device, dtype)
