@@ -2,8 +2,9 @@
 # Nsight Compute on the Hopper engine (issue 15): where the consumer warps stall, per pattern.
 #
 # One launch of each kernel (S=8192, H=32, D=128, bf16, causal forward, the measured schedule;
-# PATTERNS, default "dense 2:4 2:4+sp"; +sp: stage 3's P.V through wgmma.sp;
-# the second launch is profiled: the first loads the cubin), sections SpeedOfLight,
+# PATTERNS, default "dense 2:4 2:4+sp"; +sp: stage 3's P.V through wgmma.sp; "fa4": FlashAttention-4's
+# kernel on the same problem, when tools/device_fa4.sh installed it; the second launch is
+# profiled: the first call loads or compiles the kernel), sections SpeedOfLight,
 # WarpStateStats, SchedulerStats, ComputeWorkloadAnalysis, InstructionStats, Occupancy. Prints
 # the stall table of each kernel last; the full reports go to $OUT/ncu_<pattern>.txt.
 # Device call, from a snapshot (see docs/hopper_engine.md, "The GPU run"):
@@ -27,15 +28,21 @@ import torch
 from modelopt_sparse.kernels import attention
 
 pattern, _, extra = sys.argv[1].partition("+")
-if extra == "sp":  # stage 3: 2:4 P.V through wgmma.sp
-    os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = "1"
-n, m = (int(x) for x in pattern.split(":")) if pattern != "dense" else (0, 4)
 s, h, d = 8192, 32, 128
 q, k, v = (torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-start = torch.zeros(1, dtype=torch.int32, device="cuda")
-length = torch.full((1,), s, dtype=torch.int32, device="cuda")
-for _ in range(2):
-    attention(q, k, v, start, length, s, sparsity_n=n, sparsity_m=m, backend="hopper")
+if pattern == "fa4":  # FlashAttention-4's sm90 kernel on the same problem (tools/device_fa4.sh installs it)
+    from flash_attn.cute import flash_attn_func
+    q4, k4, v4 = (t.unsqueeze(0) for t in (q, k, v))
+    call = lambda: flash_attn_func(q4, k4, v4, causal=True)
+else:
+    if extra == "sp":  # stage 3: 2:4 P.V through wgmma.sp
+        os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = "1"
+    n, m = (int(x) for x in pattern.split(":")) if pattern != "dense" else (0, 4)
+    start = torch.zeros(1, dtype=torch.int32, device="cuda")
+    length = torch.full((1,), s, dtype=torch.int32, device="cuda")
+    call = lambda: attention(q, k, v, start, length, s, sparsity_n=n, sparsity_m=m, backend="hopper")
+for _ in range(2):  # the first call loads (or JIT-compiles) the kernel; ncu profiles the second launch
+    call()
 torch.cuda.synchronize()
 EOF
 SECTIONS=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats
@@ -44,12 +51,14 @@ METRICS='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,rege
 for pattern in ${PATTERNS:-dense 2:4 2:4+sp}; do
   name=${pattern/:/of}; name=${name/+/_}
   report="$OUT/ncu_$name.txt"
-  timeout 120 "$NCU" --kernel-name nm_attn_fwd --launch-skip 1 --launch-count 1 "${SECTIONS[@]}" --metrics "$METRICS" \
+  if [[ $pattern == fa4 ]]; then kernel=(--kernel-name 'regex:(?i)flash'); else kernel=(--kernel-name nm_attn_fwd); fi
+  filter=("${kernel[@]}" --launch-skip 1 --launch-count 1)
+  timeout 120 "$NCU" "${filter[@]}" "${SECTIONS[@]}" --metrics "$METRICS" \
     python3 "$OUT/ncu_case.py" "$pattern" > "$report" 2>&1
   rc=$?
   if grep -q "==ERROR==.*metric" "$report"; then  # this ncu does not take the metric list: sections only
     grep -m 2 "==ERROR==" "$report"
-    timeout 120 "$NCU" --kernel-name nm_attn_fwd --launch-skip 1 --launch-count 1 "${SECTIONS[@]}" \
+    timeout 120 "$NCU" "${filter[@]}" "${SECTIONS[@]}" \
       python3 "$OUT/ncu_case.py" "$pattern" > "$report" 2>&1
     rc=$?
   fi
@@ -59,8 +68,8 @@ for pattern in ${PATTERNS:-dense 2:4 2:4+sp}; do
     exit 0
   fi
   echo "== $pattern (ncu rc=$rc)"
-  grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Executed Ipc" \
-    "$report" | head -n 12
+  grep -E "SM Frequency|Duration|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Executed Ipc" \
+    "$report" | head -n 14
   # The stall reasons (warps per issue, largest first) and the busiest pipes.
   grep -E "issue_stalled" "$report" | awk '{print $NF, $1}' | sort -rn | head -n 8
   grep -E "sm__(inst_executed_)?pipe_" "$report" | awk '{print $NF, $1}' | sort -rn | head -n 8
