@@ -282,7 +282,7 @@ _NO_KERNEL = {"aten.view", "aten._unsafe_view", "aten.expand", "aten.slice", "at
               "aten._local_scalar_dense"}
 
 
-def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3):
+def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3, got_mask=None):
     """(kernels, device checks) of each call of the mask function with one query per row during
     a tiny generate(): the work transformers runs eagerly at every decode step, outside a
     compiled step (create_masks_for_generate) and, in eager decode, inside the model too."""
@@ -308,6 +308,8 @@ def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3):
             out = hf_attention.sparse_attention_mask(*args, **kwargs)
         if kwargs["q_length"] == 1:
             costs.append(([n for n in ops.names if n not in _NO_KERNEL], len(checks) - before))
+            if got_mask is not None:  # whether transformers handed this call a 2-D attention mask
+                got_mask.append(kwargs.get("attention_mask") is not None)
         return out
 
     model = mts.sparsify(tiny_model("llama", dtype=torch.float32), sparse_cfg(2, 4))  # (re-)registers the mask
@@ -320,6 +322,8 @@ def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3):
     with torch.no_grad():
         for _ in range(2):  # the first run fills the caches of constant tensors: count the second
             costs.clear()
+            if got_mask is not None:
+                got_mask.clear()
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
                            **extra)
     return costs
@@ -340,9 +344,39 @@ def test_decode_step_mask_costs_a_few_kernels_and_one_check(monkeypatch, padded)
 
 def test_dynamic_cache_decode_step_mask_costs_a_few_kernels_and_no_check(monkeypatch):
     """A dynamic cache's offset is a Python int: its checks run on the host, and the codes of a
-    padded batch take four kernels (none without padding: the mask function returns None)."""
+    padded batch take four kernels. Without padding: none where transformers hands the mask
+    function no 2-D mask (5.24: the function returns None), the same four where it hands it an
+    all-ones mask (5.17: telling that it is all ones would need a host read)."""
     costs = _decode_step_mask_costs(monkeypatch, None, padded=True)
     assert len(costs) == 2
     for kernels, checks in costs:
         assert len(kernels) <= 4 and checks == 0, (kernels, checks)  # arange, clamp, index, mul_
-    assert _decode_step_mask_costs(monkeypatch, None, padded=False) == [([], 0)] * 2
+    got_mask = []
+    costs = _decode_step_mask_costs(monkeypatch, None, padded=False, got_mask=got_mask)
+    assert len(costs) == len(got_mask) == 2
+    for (kernels, checks), masked in zip(costs, got_mask):
+        assert checks == 0 and (len(kernels) <= 4 if masked else kernels == []), (kernels, checks, masked)
+
+
+def test_code_table_is_built_without_host_writes():
+    """The cached code table [1, 2, ..., n + 1, 0] is built by device ops only: a Python scalar
+    written into a CUDA tensor (`table[-1] = 0`) is a host-to-device copy that synchronizes,
+    which the GPU no-sync tests caught at the first decode step (session 13)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modelopt_sparse.hf_attention import masks
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    masks._CODE_CONSTANTS.clear()
+    with Ops() as ops:
+        table = masks._code_constant("table", 5, "cpu")
+    assert table.tolist() == [1, 2, 3, 4, 5, 6, 0]
+    assert not {"aten.fill_", "aten.copy_", "aten.index_put_", "aten.lift_fresh"} & set(ops.names), ops.names

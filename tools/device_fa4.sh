@@ -10,7 +10,8 @@
 #     nvidia-cutlass-dsl-libs-cu13==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
 #     nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl==4.8.1 flash-attn-4==4.0.0b36 \
 #     quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
-#   (and into W/extra: einops, protobuf, cuda-bindings 13.x: installed only if the image lacks them)
+#   (and into W/extra: einops, protobuf, cuda-pathfinder, cuda-bindings 13.x: each installed only if
+#   the image cannot import it; cuda-bindings 13.5 needs cuda-pathfinder)
 #   mkdir X && (cd X && unzip -q W/nvidia_cutlass_dsl_libs_cu13-*.whl) && tar cf - -C X . | xz -9e > cu13.tar.xz
 #   split -b 31800000 -d cu13.tar.xz cupart     -> .fa1/cupart00, .fa2/cupart01 + the other wheels + extra/
 #   (both folders in .git/info/exclude)
@@ -31,13 +32,14 @@ case "$fa4_action" in
     mkdir -p /tmp/fsite
     if cat /tmp/fa4parts/cupart* | xz -d | tar xf - -C /tmp/fsite; then
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fsite "$fa4_dir"/*.whl
-      for mod_wheel in einops:einops protobuf:google.protobuf cuda_bindings:cuda.bindings; do
+      for mod_wheel in einops:einops protobuf:google.protobuf cuda_pathfinder:cuda.pathfinder cuda_bindings:cuda.bindings; do
         python3 -c "import ${mod_wheel#*:}" 2>/dev/null ||
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fsite "$fa4_dir"/extra/"${mod_wheel%%:*}"-*.whl
       done
       export PYTHONPATH=/tmp/fsite:/tmp/fsite/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
-      python3 -c "from flash_attn.cute import flash_attn_func; import flash_attn, cutlass; print('FA4 ready:', flash_attn.__file__)" ||
-        echo "FA4: installed but the import fails (see above)"
+      python3 -c "from flash_attn.cute import flash_attn_func; import flash_attn, cutlass; print('FA4 ready:', flash_attn.__file__)" \
+        > /tmp/fa4_import.log 2>&1 && tail -n 1 /tmp/fa4_import.log ||
+        { echo "FA4: installed but the import fails:"; grep -E "Error|^  File" /tmp/fa4_import.log | tail -n 12; }
     else
       echo "FA4: the parts in /tmp/fa4parts do not unpack (call 1 missing, or the host was not kept warm)"
     fi

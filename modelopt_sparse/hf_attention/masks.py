@@ -245,10 +245,12 @@ def _code_constant(kind, n, device) -> torch.Tensor:
     def build():
         if kind == "slots":
             return torch.arange(1, n + 1, device=device, dtype=torch.int64)
-        # Index i <= n holds code i + 1 (1: before the queries; 2 + r at index r + 1: query row r).
-        table = torch.arange(_FIRST_QUERY_CODE - 1, n + _FIRST_QUERY_CODE + 1, device=device, dtype=_CODES_DTYPE)
-        table[-1] = 0  # index n + 1: after the last query
-        return table
+        # Index i <= n holds code i + 1 (1: before the queries; 2 + r at index r + 1: query row r),
+        # index n + 1 code 0 (after the last query): the remainder wraps the last value to 0.
+        # (Not `table[-1] = 0`: a Python scalar written into a CUDA tensor is a host-to-device
+        # copy, which synchronizes.)
+        top = n + _FIRST_QUERY_CODE
+        return torch.arange(_FIRST_QUERY_CODE - 1, top + 1, device=device, dtype=_CODES_DTYPE).remainder_(top)
 
     device = torch.device("cpu" if device is None else device)
     if torch.compiler.is_compiling() or (device.type != "cpu" and device.index is None):
