@@ -429,26 +429,6 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
             "d64_8of16t_hprmzg"} <= {c.tag for c in carried}
 
 
-def test_max_chain_variant_flag_env_and_carried(monkeypatch):
-    """The old dependent-chain row max (session 13 made the balanced tree the kernel): its own
-    define and tag flag, off unless MODELOPT_SPARSE_HOPPER_MAX_CHAIN=1, and the timing table's
-    chain kernels are precompiled beside the same schedules with the tree."""
-    v = hv.Variant(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True, max_chain=True).canonical()
-    assert v.tag == "d128_dense_pormzc" and v.defines()[-1] == "-DNMH_MAX_CHAIN=1"
-    assert hv._parse_tag(v.tag) == v
-    assert "-DNMH_MAX_CHAIN=1" not in dataclasses.replace(v, max_chain=False).defines()
-    for name in SWITCHES + ("MAX_CHAIN",):
-        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert not hv.variant_for(_params(), torch.bfloat16, 128).max_chain
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MAX_CHAIN", "1")
-    assert hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128).tag == "d128_2of4t_pormzc"
-    carried = {c.tag for c in hs.standard_variants()}
-    assert {"d128_dense_pormzc", "d128_dense_pormz", "d128_2of4t_pormzc", "d128_2of4t_pormz",
-            "d64_dense_pmz3c", "d64_dense_pmz3"} <= carried
-    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
-    assert "NMH_MAX_CHAIN" in src and "max_tree(pair)" in src and "max_tree(gmax)" in src
-
-
 def _f32(bits: int) -> float:
     import struct
 

@@ -94,9 +94,6 @@
 #ifndef NMH_SASS_INTERIOR
 #define NMH_SASS_INTERIOR 0
 #endif
-#ifndef NMH_MAX_CHAIN
-#define NMH_MAX_CHAIN 0
-#endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
 #define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))
@@ -180,9 +177,6 @@ constexpr bool SASS_INTERIOR = NMH_SASS_INTERIOR != 0;
 constexpr bool LEAN = NMH_LEAN != 0;
 constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
 constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
-// The row max as one chain of dependent FMNMX (32 long, dense), the form before session 13; kept
-// only to time it against the balanced tree (max_tree below) in the same run.
-constexpr bool MAX_CHAIN = NMH_MAX_CHAIN != 0;
 // The softmax writes the compressed P into staging registers (cp, cm), which to_operand moves
 // into the operand registers after the wait that frees P(j-1)'s: with overlap that P.V is still
 // in flight during the softmax (without, ptxas coalesces the two sets and the moves vanish).
@@ -355,26 +349,6 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
   return out != 0;
 }
 
-// The max of K values as a balanced tree (depth log2 K). max is exact, so any order gives the
-// same value; the order decides the latency: the softmax of a tile cannot start its
-// exponentials before the row max is known, and a chain of K dependent FMNMX costs K times
-// their latency on that path, a tree log2 K times (Nsight Compute named fixed-latency
-// dependencies the top stall of the dense kernel).
-// (Template recursion, so that every index is a constant: a halving loop is not fully unrolled
-// and puts the array in local memory.)
-template <int W, int K>
-__device__ __forceinline__ void max_fold(float (&a)[K]) {
-#pragma unroll
-  for (int k = 0; k < W; ++k) a[k] = fmaxf(a[k], a[k + W]);
-  if constexpr (W > 1) max_fold<W / 2>(a);
-}
-template <int K>
-__device__ __forceinline__ float max_tree(float (&a)[K]) {
-  static_assert(K >= 1 && (K & (K - 1)) == 0, "max_tree: K must be a power of two");
-  if constexpr (K > 1) max_fold<K / 2>(a);
-  return a[0];
-}
-
 template <bool EDGE>
 __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
                                              float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off,
@@ -414,7 +388,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
   if constexpr (SPARSE) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float gmax[NGROUPS];
+      mx[r] = -INFINITY;
 #pragma unroll
       for (int g = 0; g < NGROUPS; ++g) {
         float v[M_SEL];
@@ -422,34 +396,20 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
         for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
         sort_desc<M_SEL>(v);
         thr[r][g] = v[N_SEL - 1];
-        gmax[g] = v[0];
+        // A group's maximum is always kept, so the row max of the kept scores is the max of
+        // the group maxima (docs/semantics.md, "Output").
+        mx[r] = fmaxf(mx[r], v[0]);
         if constexpr (TIE_INDEX || SPARSE_PV) tie |= v[N_SEL - 1] == v[N_SEL];
-      }
-      // A group's maximum is always kept, so the row max of the kept scores is the max of
-      // the group maxima (docs/semantics.md, "Output").
-      if constexpr (MAX_CHAIN) {
-        mx[r] = -INFINITY;
-#pragma unroll
-        for (int g = 0; g < NGROUPS; ++g) mx[r] = fmaxf(mx[r], gmax[g]);
-      } else {
-        mx[r] = max_tree(gmax);
       }
     }
   } else {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if constexpr (MAX_CHAIN) {
-        mx[r] = s[2 * r];
+      mx[r] = s[2 * r];
 #pragma unroll
-        for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < 16; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
-      } else {
-        float pair[16];  // this row's two columns of each 8-column block, then the tree
-#pragma unroll
-        for (int j = 0; j < 16; ++j) pair[j] = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
-        mx[r] = max_tree(pair);
-      }
+        for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
     }
   }
   float mc[2];

@@ -23,7 +23,7 @@ import torch
 from ..reference import SparseParams
 from .build import NVCC_FLAGS, SOURCE_DIR, cache_dir, compile_variant, find_nvcc, nvcc_version, ptxas_summary
 from .engine import LOG2E, forward, forward_with_lse
-from .variant_sets import (MAX_CHAIN_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
+from .variant_sets import (BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
                            BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES, _sched, standard_variants)
 from .variants import _SCHEDULE_ENV, SCHEDULE_FIELDS, Variant, _parse_tag, schedule_env
 
@@ -202,7 +202,7 @@ def _sched_label(sched: dict) -> str:
     names = (("pingpong", "pp"), ("late_rescale", "late"), ("tma", "tma"), ("lean", "lean"))
     parts = [short for f, short in names if sched[f]] + ([] if sched["overlap"] else ["no-ovl"]) + \
         (["3wg"] if sched.get("wg3") else []) + (["sparse-pv"] if sched.get("sparse_pv") else []) + \
-        (["tma3d"] if sched.get("tma3d") else []) + (["max-chain"] if sched.get("max_chain") else [])
+        (["tma3d"] if sched.get("tma3d") else [])
     return " ".join(parts) or "base"  # the first verified schedule (overlap only), not the measured default
 
 
@@ -261,18 +261,10 @@ def _bench(args) -> int:
     plan = []
     for t in BENCH_SCHEDULES:
         plan.append((128, True, 0, 4, "threshold", "hopper", _sched(t)))
-    # The row max as the old dependent chain against the balanced tree (every other row), same
-    # schedules: MAX_CHAIN_BENCH. Dense D = 128 here; 2:4 and D = 64 beside their own rows.
-    chain = {(v.head_dim, v.sparsity_n): dict(((f, getattr(v, f)) for f in SCHEDULE_FIELDS), max_chain=True,
-                                              wg3=v.consumers == 3)
-             for v in MAX_CHAIN_BENCH}
-    plan.append((128, True, 0, 4, "threshold", "hopper", chain[128, 0]))
     plan.append((128, True, 0, 4, "threshold", "sdpa", None))
     for n, m in BENCH_NM:
         for t in BENCH_SCHEDULES_SHORT:
             plan.append((128, True, n, m, "threshold", "hopper", _sched(t)))
-        if (128, n) in chain:
-            plan.append((128, True, n, m, "threshold", "hopper", chain[128, n]))
     plan.append((128, True, 8, 16, "index", "hopper", _sched(BENCH_SCHEDULES[0])))
     # 8:16 through the grouped 4-D TMA maps (compare with the 8:16 rows of the same schedule above).
     for t in BENCH_SCHEDULES_TMA3D:
@@ -296,13 +288,11 @@ def _bench(args) -> int:
     # deadlock cannot be caught by the in-kernel watchdog (the step's timeout ends it).
     for t in BENCH_SCHEDULES_WG3:
         plan.append((64, True, 0, 4, "threshold", "hopper", dict(_sched(t), wg3=True)))
-    plan.append((64, True, 0, 4, "threshold", "hopper", chain[64, 0]))
     g = torch.Generator(device=dev).manual_seed(0)
     tensors, reference = {}, {}
     saved_env = {name: os.environ.get(name) for name in
                  list(_SCHEDULE_ENV.values()) + ["MODELOPT_SPARSE_HOPPER_D64_WG3", "MODELOPT_SPARSE_HOPPER_SPARSE_PV",
-                                                 "MODELOPT_SPARSE_HOPPER_TMA3D", "MODELOPT_SPARSE_HOPPER_MAX_CHAIN",
-                                                 "MODELOPT_SPARSE_HOPPER_CHECK"]}
+                                                 "MODELOPT_SPARSE_HOPPER_TMA3D", "MODELOPT_SPARSE_HOPPER_CHECK"]}
     best = fastest = None
     announced = False
     for d, causal, n, m, tie, impl, sched in plan:
@@ -330,7 +320,6 @@ def _bench(args) -> int:
                 os.environ["MODELOPT_SPARSE_HOPPER_D64_WG3"] = str(int(sched.get("wg3", False)))
                 os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = str(int(sched.get("sparse_pv", False)))
                 os.environ["MODELOPT_SPARSE_HOPPER_TMA3D"] = str(int(sched.get("tma3d", False)))
-                os.environ["MODELOPT_SPARSE_HOPPER_MAX_CHAIN"] = str(int(sched.get("max_chain", False)))
 
                 def run():
                     return forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True, with_lse=False)[0]

@@ -95,18 +95,7 @@ def bench_variants() -> list[Variant]:
             out.append(Variant(sparsity_n=n, sparsity_m=m, **_sched(t)))
     out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
     out += [Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **_sched(t)) for t in BENCH_SCHEDULES_TMA3D]
-    out += [dataclasses.replace(v, max_chain=True) for v in MAX_CHAIN_BENCH]
     return out
-
-
-# The row max as the old dependent chain (max_chain), timed beside the same kernels with the
-# balanced tree (session 13): dense D = 128 and 2:4 under their measured schedules, and dense
-# D = 64 with three consumer warpgroups.
-MAX_CHAIN_BENCH = [
-    Variant(**measured_schedule(128, 0, 4)),
-    Variant(sparsity_n=2, sparsity_m=4, **measured_schedule(128, 2, 4)),
-    Variant(head_dim=64, consumers=3, **measured_schedule(64, 0, 4)),
-]
 
 
 def standard_variants(probe: bool = True, schedule: dict | str | None = None) -> list[Variant]:
