@@ -9,7 +9,7 @@
 # the stall table of each kernel last; the full reports go to $OUT/ncu_<pattern>.txt.
 # Device call, from a snapshot (see docs/hopper_engine.md, "The GPU run"):
 #   command: bash tools/profile_hopper_ncu.sh   carry: the snapshot   timeout_s: ~240
-# Needs ncu (CUDA toolkit) and permission to read the GPU's performance counters; says so and
+# SOURCE=1 adds per-instruction stall sampling (see the end). Needs ncu (CUDA toolkit) and permission to read the GPU's performance counters; says so and
 # exits 0 when either is missing, so that it can share a device call with other steps.
 set -u -o pipefail
 source tools/device_env.sh || exit 1
@@ -74,3 +74,41 @@ for pattern in ${PATTERNS:-dense 2:4 2:4+sp}; do
   grep -E "issue_stalled" "$report" | awk '{print $NF, $1}' | sort -rn | head -n 8
   grep -E "sm__(inst_executed_)?pipe_" "$report" | awk '{print $NF, $1}' | sort -rn | head -n 8
 done
+
+# SOURCE=1: where the stalls sit, per SASS instruction (PC sampling, SourceCounters): one more
+# profiled launch per pattern, exported and read back as the source page (CSV, in $OUT), then
+# the instructions with the most samples of the stall reason SOURCE_STALL (default "wait";
+# all samples when the CSV has no per-reason column), with their neighbours' opcodes.
+if [[ -n "${SOURCE:-}" ]]; then
+  for pattern in ${PATTERNS:-dense 2:4 2:4+sp}; do
+    name=${pattern/:/of}; name=${name/+/_}
+    if [[ $pattern == fa4 ]]; then kernel=(--kernel-name 'regex:(?i)flash'); else kernel=(--kernel-name nm_attn_fwd); fi
+    timeout 150 "$NCU" "${kernel[@]}" --launch-skip 1 --launch-count 1 --section SourceCounters --section WarpStateStats \
+      -f -o "$OUT/src_$name" python3 "$OUT/ncu_case.py" "$pattern" > "$OUT/src_$name.log" 2>&1
+    timeout 60 "$NCU" -i "$OUT/src_$name.ncu-rep" --page source --csv --print-source sass > "$OUT/src_$name.csv" 2>&1
+    echo "== $pattern: per-instruction stalls (ncu rc=$?, $(wc -l < "$OUT/src_$name.csv") lines)"
+    python3 - "$OUT/src_$name.csv" "${SOURCE_STALL:-wait}" <<'PY'
+import csv, re, sys
+path, reason = sys.argv[1], sys.argv[2]
+rows = list(csv.reader(open(path, errors="replace")))
+head_i = next((i for i, r in enumerate(rows) if any("Source" == c.strip() for c in r)), None)
+if head_i is None:
+    print("no source table in the CSV:", rows[:3]); sys.exit(0)
+head, body = rows[head_i], [r for r in rows[head_i + 1:] if len(r) == len(rows[head_i])]
+print("columns:", "; ".join(head))
+def col(pat):
+    return next((i for i, c in enumerate(head) if re.search(pat, c, re.I)), None)
+src = head.index(next(c for c in head if c.strip() == "Source"))
+key = col(re.escape(reason)) or col(r"Warp Stall Sampling \(All") or col(r"Sampl")
+def num(x):
+    try: return float(x.replace(",", ""))
+    except ValueError: return 0.0
+total = sum(num(r[key]) for r in body) or 1.0
+print(f"sorted by: {head[key]} (total {total:.0f})")
+order = sorted(range(len(body)), key=lambda i: -num(body[i][key]))
+for i in order[:30]:
+    ctx = " | ".join(body[j][src].strip()[:28] for j in range(max(i - 2, 0), i))
+    print(f"{num(body[i][key]) / total:6.1%}  {body[i][src].strip()[:60]:<60}  after: {ctx}")
+PY
+  done
+fi
