@@ -20,7 +20,9 @@
 # After "install" (sourced), PYTHONPATH has /tmp/fsite and `from flash_attn.cute import
 # flash_attn_func` works; later calls on the same warm host only need that PYTHONPATH:
 #   export PYTHONPATH=/tmp/fsite:/tmp/fsite/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
-# (the meta wheel's .pth file is not read with pip --target, hence the second path).
+# (the meta wheel's .pth file is not read from a PYTHONPATH entry, hence the second path).
+# Session 13: this ran FA4 on the H200 (the image has einops, protobuf, cuda-bindings 13.3.1 and
+# cuda-pathfinder 1.8.1, so the extras are not installed there).
 fa4_action=${1:-}
 fa4_dir=${2:-}
 case "$fa4_action" in
@@ -31,7 +33,10 @@ case "$fa4_action" in
     cp "$fa4_dir"/cupart* /tmp/fa4parts/ 2>/dev/null || { mkdir -p /tmp/fa4parts && cp "$fa4_dir"/cupart* /tmp/fa4parts/; }
     mkdir -p /tmp/fsite
     if cat /tmp/fa4parts/cupart* | xz -d | tar xf - -C /tmp/fsite; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fsite "$fa4_dir"/*.whl
+      # Unzipped, not `pip install --target`: pip skips a top-level folder that exists already,
+      # and nvidia_cutlass_dsl/ (from the tarball) is one, so libs-base's cutlass/cute would be
+      # missing (session 13: "No module named 'cutlass.cute'"). A wheel is a zip; unzipping merges.
+      for wheel in "$fa4_dir"/*.whl; do python3 -m zipfile -e "$wheel" /tmp/fsite; done
       for mod_wheel in einops:einops protobuf:google.protobuf cuda_pathfinder:cuda.pathfinder cuda_bindings:cuda.bindings; do
         python3 -c "import ${mod_wheel#*:}" 2>/dev/null ||
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fsite "$fa4_dir"/extra/"${mod_wheel%%:*}"-*.whl
