@@ -304,6 +304,14 @@ def test_compile_paths_on_cpu_with_dynamo_only(tmp_path, capsys):
             assert r["note"].startswith("fullgraph=True failed") and r["fullgraph_error"]
     sdpa = [r for r in rows if r["impl"] == "sdpa"]
     assert all(r["fullgraph"] is True and r["graph_breaks"] == 0 for r in sdpa)
+    # The compiled forward too: both compiled, then one round (--reps 1) of both, the ratio paired.
+    forward = [r for r in rows if r["case"] == "smollm2-compiled"]
+    assert [(r["setting"], r["impl"]) for r in forward] == [("1x64", "sdpa"), ("1x64", "dense"),
+                                                            ("2x64", "sdpa"), ("2x64", "dense")]
+    for r in forward:
+        assert len(r["round_ms"]) == 1 and "in rounds with the other implementations" in r["note"]
+        if r["impl"] == "dense":
+            assert r["ratio_vs_sdpa"] == r["paired_ratio_vs_sdpa"] > 0 and r["logits_vs_sdpa_max_abs"] < 0.05
     generate = [r for r in rows if r["case"] == "generate-static"]
     # Compiled side by side, then timed in rounds: every row has its one round (--reps 1 gives
     # one generate call), and dense its ratio paired with SDPA's call of the same round.
@@ -476,3 +484,118 @@ def test_runner_keeps_a_static_compile_error_beside_the_timed_rows(monkeypatch):
         ("1x16+8", "sdpa", "ok"), ("1x16+8", "dense", "ok"), ("1x16+8", "2:4", "error"),
         ("2x16+8", "sdpa", "ok"), ("2x16+8", "dense", "ok"), ("2x16+8", "2:4", "error")]
     assert all(r["reason"] == "RuntimeError: no" for r in rows if r["impl"] == "2:4")
+
+
+def test_round_order_balances_first_place_and_neighbours():
+    """Over 2 x (number of implementations) rounds each one starts as often as any other and
+    runs right after each other one as often: a rotation alone keeps dense after SDPA."""
+    from collections import Counter
+
+    from modelopt_sparse.bench.model.measure import round_order
+
+    names = ["sdpa", "dense", "2:4"]
+    orders = [round_order(names, i) for i in range(6)]
+    assert orders[:3] == [["sdpa", "dense", "2:4"], ["dense", "2:4", "sdpa"], ["2:4", "sdpa", "dense"]]
+    assert Counter(o[0] for o in orders) == {name: 2 for name in names}
+    after = Counter((a, b) for o in orders for a, b in zip(o, o[1:]))
+    assert after == {(a, b): 2 for a in names for b in names if a != b}
+    assert [round_order(["sdpa", "dense"], i) for i in range(4)] == [
+        ["sdpa", "dense"], ["dense", "sdpa"], ["dense", "sdpa"], ["sdpa", "dense"]]
+
+
+class _FakeForward:
+    """A model's forward on the fake host: logs its name, costs ``cost`` by the host's clock."""
+
+    def __init__(self, host: _FakeHost, name: str, cost: float):
+        self.host, self.name, self.cost = host, name, cost
+
+    def __call__(self, ids, **call_kw):
+        import types
+
+        self.host.run(self.name, self.cost)
+        return types.SimpleNamespace(logits=torch.zeros(ids.shape[0], 1, 4))
+
+
+def test_compiled_forward_compiles_side_by_side_then_pairs_rotating_rounds(monkeypatch):
+    """smollm2-compiled through the runner: every implementation of a setting compiled (no
+    Dynamo reset between them), then timed in rounds of a few calls each whose order
+    rotates, the ratio the median of the per-round ratios; the setting that does not fit
+    --time-budget is recorded as skipped. Timed one implementation after another (the old
+    way), the call log would be compile sdpa, sdpa x reps, compile dense, ..."""
+    import types
+
+    from modelopt_sparse.bench.model import ModelBenchConfig, measure, report, run_model_bench, runner
+
+    host = _FakeHost(monkeypatch)
+    costs = {"sdpa": 1.0, "dense": 1.0, "2:4": 2.0}
+
+    def fake_compile(model, fullgraph, backend):
+        assert fullgraph is True and backend == "eager"
+        host.log.append(f"compile {model.name}")
+        return model
+
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: host.now))
+    monkeypatch.setattr(measure, "build_model", lambda *args: "base")
+    monkeypatch.setattr(measure, "implementation", lambda base, impl: _FakeForward(host, impl, costs[impl]))
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(measure, "_reset_dynamo", lambda: host.log.append("reset"))
+    monkeypatch.setattr(measure, "_graph_counts", lambda: {"graph_breaks": 0, "graphs": host.calls})
+    monkeypatch.setattr(measure, "FORWARD_CALLS_PER_ROUND", 2)
+    # One setting takes ~180 s by the estimate (120 s per implementation, two settings): the
+    # first fits 300 s, the second not after the first's 337 s on the fake clock.
+    cfg = ModelBenchConfig(cases=("smollm2-compiled",), device="cpu", compile_backend="eager", warmup=0, reps=3,
+                           time_budget_s=300)
+    rows = run_model_bench(cfg)
+    assert host.log == ["reset", "compile sdpa", "sdpa", "compile dense", "dense", "compile 2:4", "2:4",
+                        *["sdpa"] * 2, *["dense"] * 2, *["2:4"] * 2,
+                        *["dense"] * 2, *["2:4"] * 2, *["sdpa"] * 2,
+                        *["2:4"] * 2, *["sdpa"] * 2, *["dense"] * 2, "reset"]
+    assert [(r["setting"], r["impl"], r["status"]) for r in rows] == [
+        ("1x1024", "sdpa", "ok"), ("1x1024", "dense", "ok"), ("1x1024", "2:4", "ok"),
+        ("8x1024", "sdpa", "skipped"), ("8x1024", "dense", "skipped"), ("8x1024", "2:4", "skipped")]
+    assert all(r["reason"].startswith("not run: --time-budget 300 s") for r in rows[3:])
+    sdpa, dense, sparse = rows[:3]
+    # Call k costs cost * (1 + k). Compiles: calls 1-3 (SDPA 2 s, dense 3 s, 2:4 8 s). Rounds
+    # of two calls, ms per call: SDPA 5.5, 15.5, 19.5 s; dense 7.5, 11.5, 21.5; 2:4 19, 27,
+    # 35. Paired: dense 7.5/5.5, 11.5/15.5, 21.5/19.5 -> 43/39 (the ratio of medians says
+    # 11.5/15.5); 2:4 -> 35/19.5 (27/15.5).
+    assert [r["compile_s"] for r in rows[:3]] == [2.0, 3.0, 8.0]
+    assert all(r["fullgraph"] is True and r["graphs"] == 1 and r["graph_breaks"] == 0 for r in rows[:3])
+    assert sdpa["round_ms"] == [5.5e3, 15.5e3, 19.5e3] and sdpa["ms"] == 15.5e3
+    assert dense["round_ms"] == [7.5e3, 11.5e3, 21.5e3] and dense["ms"] == 11.5e3
+    assert "paired_ratio_vs_sdpa" not in sdpa
+    assert dense["paired_ratio_vs_sdpa"] == pytest.approx(43 / 39)
+    assert sparse["paired_ratio_vs_sdpa"] == pytest.approx(35 / 19.5)
+    assert dense["note"] == "median of 3 rounds of 2 calls, in rounds with the other implementations (rotating order)"
+    report.annotate(rows)
+    assert dense["ratio_vs_sdpa"] == pytest.approx(43 / 39)
+    assert dense["ratio_of_medians_vs_sdpa"] == pytest.approx(11.5 / 15.5)
+    assert dense["logits_vs_sdpa_max_abs"] == 0.0
+
+
+def test_cudagraph_forward_captures_side_by_side_then_pairs_rotating_rounds(monkeypatch):
+    """smollm2-cudagraphs: every implementation captured first, its replays timed in rotating
+    rounds with the others, each replay checked against an eager forward after the rounds;
+    a capture that fails is that implementation's error row alone."""
+    from modelopt_sparse.bench.model import measure
+
+    host = _FakeHost(monkeypatch)
+    models = {name: _FakeForward(host, name, 1.0) for name in ("sdpa", "dense", "2:4")}
+
+    def fake_capture(model, ids, call_kw, device, warmup):
+        host.log.append(f"capture {model.name}")
+        if model.name == "2:4":
+            raise RuntimeError("CUDA graph capture failed: no")
+        return (lambda: model(ids)), ids.clone(), None
+
+    monkeypatch.setattr(measure, "capture_forward", fake_capture)
+    out = measure.forward_cudagraphs_interleaved(models, torch.zeros(1, 3, dtype=torch.long), {},
+                                                 torch.device("cpu"), warmup=1, reps=2)
+    per = measure.FORWARD_CALLS_PER_ROUND
+    assert host.log == ["capture sdpa", "capture dense", "capture 2:4", "sdpa", "dense",
+                        *["sdpa"] * per, *["dense"] * per, *["dense"] * per, *["sdpa"] * per,
+                        "sdpa", "dense"]  # the eager forwards the replays are checked against
+    assert out["2:4"]["status"] == "error" and out["2:4"]["reason"] == "RuntimeError: CUDA graph capture failed: no"
+    for name in ("sdpa", "dense"):
+        assert len(out[name]["round_ms"]) == 2 and out[name]["replay_vs_eager_max_abs"] == 0.0
+    assert out["dense"]["paired_ratio_vs_sdpa"] > 0 and "paired_ratio_vs_sdpa" not in out["sdpa"]

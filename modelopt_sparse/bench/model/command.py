@@ -91,7 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=_non_negative_int,
                    help="untimed calls before timing (default 5; --tiny: 1); generate: 1 (0 if this is 0)")
     p.add_argument("--reps", type=_positive_int,
-                   help="timed calls, median reported (default 30; --tiny: 3); generate: reps/5, at least 1 (host-bound calls seconds long: eager rounds read up to 25 %% apart at 3)")
+                   help="timed calls, median reported (default 30; --tiny: 3); compiled and CUDA-graph forwards: reps "
+                        "rounds of 3 back-to-back calls per implementation; generate: reps/5 rounds of one call, "
+                        "at least 1 (host-bound calls seconds long: eager rounds read up to 25 %% apart at 3)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available; without CUDA the command refuses), cuda, cuda:N, or cpu "
                         "(a tiny smoke test)")

@@ -3,9 +3,15 @@
 Every function here returns the fields of one result row (``ms``, ``compile_s``, ``note``,
 ...), or of one row per implementation (the ``*_interleaved`` ones, which time several
 side by side), or raises; the runner records an exception as the error of the rows it
-concerns and goes on. Only :func:`generate_static_interleaved` reports a failure of one
-implementation itself (an error row beside the others), since its compile is per
-implementation.
+concerns and goes on. The compiled and captured ones (:func:`forward_compiled_interleaved`,
+:func:`forward_cudagraphs_interleaved`, :func:`generate_static_interleaved`) report a
+failure of one implementation themselves (an error row beside the others), since its
+compile or capture is per implementation.
+
+Side by side means: every implementation prepared first (converted, compiled, captured),
+then all timed in the same rounds (:func:`_timed_rounds`: the order changes every round),
+and each of ours reported with the median of its per-round ratios to SDPA
+(``paired_ratio_vs_sdpa``) beside the median of its own times (``ms``).
 """
 
 from __future__ import annotations
@@ -149,18 +155,16 @@ def forward_eager_interleaved(models: dict, ids, call_kw, device, warmup, reps) 
                    "_last_logits": _last_logits(call())} for name, call in calls.items()}
 
 
-def _compile_fullgraph_first(attempt, reset: bool = True):
+def _compile_fullgraph_first(attempt):
     """``attempt(fullgraph)`` with ``fullgraph=True``, and again with ``False`` if that raised.
 
-    Dynamo is reset before each attempt unless ``reset`` is False (other models' compiled
-    calls must stay alive); the graph stats count the attempt that worked either way.
-    Returns ``(its value, fullgraph, seconds of the attempt that worked, graph stats,
-    failure)``, where ``failure`` keeps the fullgraph error for the report (empty if none).
+    Dynamo is not reset between the attempts (other implementations' compiled calls must
+    stay alive until their rounds); the graph stats count the attempt that worked. Returns
+    ``(its value, fullgraph, seconds of the attempt that worked, graph stats, failure)``,
+    where ``failure`` keeps the fullgraph error for the report (empty if none).
     """
     failure = {}
     for fullgraph in (True, False):
-        if reset:
-            _reset_dynamo()
         before = _graph_counts()
         start = time.perf_counter()
         try:
@@ -175,26 +179,55 @@ def _compile_fullgraph_first(attempt, reset: bool = True):
     raise AssertionError("unreachable: the fullgraph=False attempt returns or raises")
 
 
+def _compile_fields(fullgraph, compile_s: float, stats: dict, failure: dict, note: str | None = None) -> dict:
+    """The compile fields of a row; a compile that added no graph says so in its note."""
+    if stats["graphs"] == 0 and note is None:
+        # Two implementations with the same graph: the second finds the first one's in Dynamo's cache.
+        note = "no new graph: Dynamo reused one compiled for an implementation before this one"
+    return {"compile_s": compile_s, "fullgraph": fullgraph, **stats, **failure,
+            "note": _joined(failure.get("note"), note)}
+
+
+def forward_compiled_interleaved(models: dict, ids, call_kw, device, warmup, reps, backend) -> dict:
+    """``torch.compile(model, fullgraph=True)`` of several implementations (name -> model)
+    side by side, then timed in rotating rounds (:func:`forward_in_rounds`). A model whose
+    whole graph cannot be captured keeps the error (``fullgraph_error``, ``note``) and is
+    compiled again with ``fullgraph=False``; one that cannot be compiled at all is an error
+    row and the others are timed without it.
+
+    Compiled one after another and each timed right after its compile, the same model read
+    SDPA 12.6 ms at 1x1024 and 10.0 ms at 8x1024, 2:4 a third faster than SDPA at 1x1024 and
+    slower at 8x1024 (H200, session 13): host-bound calls timed minutes apart. Dynamo is reset
+    once before the first compile and once after the last round, never in between, so every
+    compiled model stays alive until the rounds are over. name -> fields of its row.
+    """
+
+    def prepare(name, model):
+        def attempt(fullgraph):
+            compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
+            compiled(ids, **call_kw)
+            sync(device)
+            return compiled
+
+        compiled, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt)
+        return (lambda: compiled(ids, **call_kw)), _compile_fields(fullgraph, compile_s, stats, failure)
+
+    _reset_dynamo()
+    try:
+        return _prepare_then_rounds(models, prepare, lambda calls: forward_in_rounds(calls, device, warmup, reps))
+    finally:
+        _reset_dynamo()  # frees the compiled graphs before the next setting compiles
+
+
 def forward_compiled(model, ids, call_kw, device, warmup, reps, backend) -> dict:
-    """``torch.compile(model, fullgraph=True)``; if that cannot capture the model, the error is
-    kept in ``note`` and the model is compiled again with ``fullgraph=False``."""
-
-    def attempt(fullgraph):
-        compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
-        compiled(ids, **call_kw)
-        sync(device)
-        return compiled
-
-    compiled, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt)
-    ms = median_ms(lambda: compiled(ids, **call_kw), device, warmup, reps)
-    last = _last_logits(compiled(ids, **call_kw))
-    _reset_dynamo()  # frees the compiled graphs before the next model is compiled
-    return {"ms": ms, "compile_s": compile_s, "fullgraph": fullgraph, **stats, **failure, "_last_logits": last}
+    """:func:`forward_compiled_interleaved` of one model (raises if it cannot be compiled)."""
+    return _only(forward_compiled_interleaved({"model": model}, ids, call_kw, device, warmup, reps, backend))
 
 
-def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
-    """One forward captured in a ``torch.cuda.CUDAGraph`` (static input, warm-up on a side
-    stream as the PyTorch docs prescribe); ``graph.replay()`` is timed.
+def capture_forward(model, ids, call_kw, device, warmup):
+    """One forward captured in a ``torch.cuda.CUDAGraph`` (a static copy of ``ids``, warm-up
+    on a side stream as the PyTorch docs prescribe). Returns ``(replay, static_ids, note)``:
+    ``replay()`` replays the graph and returns its (static) output.
 
     transformers builds its masks differently while a stream captures (it skips the checks
     that read tensors back), so the capture runs a path the eager warm-up did not; a first
@@ -231,14 +264,76 @@ def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
             note = f"first capture failed, the second one worked: {message}"
             graph = None  # dropped before the next capture (as `del`, which pyflakes misreads in a loop)
             torch.cuda.synchronize(device)
-    ms = median_ms(graph.replay, device, warmup, reps)
-    graph.replay()
-    replayed = _last_logits(static_out)
-    eager = _last_logits(model(static_ids, **call_kw))
-    # A graph that baked in host-side state would replay something else than eager runs.
-    diff = float((replayed - eager).abs().max())
-    del graph, static_out
-    return {"ms": ms, "replay_vs_eager_max_abs": diff, "note": note, "_last_logits": replayed}
+
+    def replay():
+        graph.replay()
+        return static_out
+
+    return replay, static_ids, note
+
+
+def forward_cudagraphs_interleaved(models: dict, ids, call_kw, device, warmup, reps) -> dict:
+    """Every implementation (name -> model) captured in its own CUDA graph
+    (:func:`capture_forward`), then the replays timed in rotating rounds
+    (:func:`forward_in_rounds`); all graphs stay alive until the rounds are over. After
+    them each replay's output is checked against an eager forward of the same input
+    (``replay_vs_eager_max_abs``: a graph that baked in host-side state would replay
+    something else). An implementation whose capture fails is an error row beside the
+    others. name -> fields of its row."""
+    static = {}
+
+    def prepare(name, model):
+        replay, static_ids, note = capture_forward(model, ids, call_kw, device, warmup)
+        static[name] = (model, static_ids)
+        return replay, {"note": note}
+
+    def rounds_then_check(calls):
+        timed = forward_in_rounds(calls, device, warmup, reps)
+        for name, fields in timed.items():
+            model, static_ids = static[name]
+            eager = _last_logits(model(static_ids, **call_kw))
+            fields["replay_vs_eager_max_abs"] = float((fields["_last_logits"] - eager).abs().max())
+        return timed
+
+    return _prepare_then_rounds(models, prepare, rounds_then_check)
+
+
+def forward_cudagraphs(model, ids, call_kw, device, warmup, reps) -> dict:
+    """:func:`forward_cudagraphs_interleaved` of one model (raises if its capture fails)."""
+    return _only(forward_cudagraphs_interleaved({"model": model}, ids, call_kw, device, warmup, reps))
+
+
+def _only(out: dict) -> dict:
+    """The one row of a side-by-side measurement of one model; its error raised."""
+    (row,) = out.values()
+    if row.get("status") == "error":
+        raise RuntimeError(row["reason"])
+    return row
+
+
+def _prepare_then_rounds(models: dict, prepare, timed_rounds) -> dict:
+    """Side by side: ``prepare(name, model)`` of every model first (a compile, a capture),
+    which returns ``(zero-argument call, fields of its row)``; then ``timed_rounds(calls)``
+    (name -> call) times all the prepared calls together, name -> fields. A model whose
+    prepare raises gets an error row (``status``, ``reason``, ``detail``) and the others go
+    on without it. name -> fields of its row, in the order of ``models``; the prepare's note
+    comes first (a fullgraph fallback, a reused graph: it says what was timed)."""
+    prepared, calls, failed = {}, {}, {}
+    for name, model in models.items():
+        try:
+            calls[name], prepared[name] = prepare(name, model)
+        except Exception as exc:
+            failed[name] = {"status": "error", "reason": short(exc), "detail": detail(exc)}
+    timed = timed_rounds(calls) if calls else {}
+    calls.clear()  # the compiled calls and graphs go before the caller releases memory
+    out = {}
+    for name in models:
+        if name in failed:
+            out[name] = failed[name]
+        else:
+            out[name] = {**prepared[name], **timed[name],
+                         "note": _joined(prepared[name].get("note"), timed[name].get("note"))}
+    return out
 
 
 def _greedy_config(new_tokens: int):
@@ -290,16 +385,13 @@ def compile_static_generate(model, ids, new_tokens: int, device, backend):
         sync(device)
         return config
 
-    config, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt, reset=False)
+    config, fullgraph, compile_s, stats, failure = _compile_fullgraph_first(attempt)
     note = None
     if "_compiled_call" not in vars(model):
         note = "transformers did not compile the decode step (generate ran eagerly)"
         fullgraph = None
-    elif stats["graphs"] == 0:
-        # Dense and 2:4 decode alike: the second finds the first one's graph in Dynamo's cache.
-        note = "no new graph: Dynamo reused one compiled for an implementation before this one"
-    return config, {"compile_s": compile_s, "fullgraph": fullgraph, **stats, **failure,
-                    "note": _joined(failure.get("note"), note)}
+    # Dense and 2:4 decode alike: the second finds the first one's graph (graphs 0, its note).
+    return config, _compile_fields(fullgraph, compile_s, stats, failure, note)
 
 
 def generate_eager_interleaved(models: dict, ids, setting: Setting, device, warmup, reps) -> dict:
@@ -325,27 +417,17 @@ def generate_static_interleaved(models: dict, ids, setting: Setting, device, war
     (``status``, ``reason``, ``detail``); the others are timed without it. name -> fields
     of its row.
     """
-    compiled, failed, calls = {}, {}, {}
+
+    def prepare(name, model):
+        config, fields = compile_static_generate(model, ids, setting.new_tokens, device, backend)
+        return _generate_call(model, ids, config), fields
+
     _reset_dynamo()
     try:
-        for name, model in models.items():
-            try:
-                config, compiled[name] = compile_static_generate(model, ids, setting.new_tokens, device, backend)
-            except Exception as exc:
-                failed[name] = {"status": "error", "reason": short(exc), "detail": detail(exc)}
-                continue
-            calls[name] = _generate_call(model, ids, config)
-        timed = _generate_in_rounds(calls, ids, setting, device, warmup, reps) if calls else {}
+        return _prepare_then_rounds(
+            models, prepare, lambda calls: _generate_in_rounds(calls, ids, setting, device, warmup, reps))
     finally:
         _reset_dynamo()  # frees the compiled graphs before the next setting compiles
-    out = {}
-    for name in models:
-        if name in failed:
-            out[name] = failed[name]
-            continue
-        # The compile's note (a fullgraph fallback, a reused graph) first: it says what was timed.
-        out[name] = {**compiled[name], **timed[name], "note": _joined(compiled[name]["note"], timed[name]["note"])}
-    return out
 
 
 def _joined(*notes) -> str | None:
@@ -354,63 +436,106 @@ def _joined(*notes) -> str | None:
 
 
 def _generate_in_rounds(calls: dict, ids, setting: Setting, device, warmup, reps) -> dict:
-    """Generate calls (name -> zero-argument callable), ``warmup`` untimed rounds and then
-    ``reps`` timed ones (:func:`_timed_rounds`); name -> ``ms`` (median), ``tokens_per_s``
-    (batch x new tokens over it, prefill included), ``round_ms``, ``note``, ``_tokens`` and,
-    beside an ``sdpa`` entry, ``paired_ratio_vs_sdpa``.
+    """Generate calls (name -> zero-argument callable), ``warmup`` untimed calls each and
+    then ``reps`` timed rounds of one call each (:func:`_timed_rounds`); name -> ``ms``
+    (median), ``tokens_per_s`` (batch x new tokens over it, prefill included),
+    ``round_ms``, ``note``, ``_tokens`` and, beside an ``sdpa`` entry,
+    ``paired_ratio_vs_sdpa`` (a tok/s ratio: SDPA's time / ours, per round).
 
     Generate is host-bound and the host drifts: back-to-back blocks of one implementation
     read up to 2x apart between runs, so every round calls each implementation once, and
     the paired ratio compares calls of the same round.
     """
     n = setting.new_tokens
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times, last = _timed_rounds(calls, device, reps)
-    note = f"median of {reps} calls"
-    if len(calls) > 1:
-        note += ", in rounds with the other implementations (rotating order)"
-    out = {}
-    for name, ts in times.items():
+    times, last = _timed_rounds(calls, device, reps, per_round=1, warmup=warmup)
+    out = _round_fields(times, per_round=1, speed=True)
+    for name, fields in out.items():
         new = last[name][:, ids.shape[1]:]
         if new.shape[1] != n:
             raise RuntimeError(f"{name}: generate returned {new.shape[1]} new tokens, not {n}")
-        ms = sorted(ts)[len(ts) // 2]
-        out[name] = {"ms": ms, "tokens_per_s": setting.batch * n / (ms / 1e3), "_tokens": new.tolist(),
-                     "round_ms": [round(t, 3) for t in ts], "note": note}
-    if "sdpa" in times:
-        for name, ts in times.items():
-            if name != "sdpa":
-                # tok/s ratio of each round (SDPA's time / ours, same round), then the median:
-                # slow drift across rounds cancels in the pair.
-                out[name]["paired_ratio_vs_sdpa"] = paired_median_ratio(times["sdpa"], ts)
+        fields.update(tokens_per_s=setting.batch * n / (fields["ms"] / 1e3), _tokens=new.tolist())
     return out
 
 
-def _timed_rounds(calls: dict, device, reps: int) -> tuple[dict, dict]:
-    """``reps`` rounds that call each of ``calls`` (name -> zero-argument callable) once,
-    synchronised before and after each call. Each round starts with another implementation
-    than the round before, so that no one always runs first (right after the previous
-    round's last call, or on a cold cache). Returns name -> wall ms of each round, and
-    name -> what its last call returned."""
+# Forward calls timed back to back within a round: one call between two synchronisations
+# would time the launch queue filling up, not a call in a stream of calls.
+FORWARD_CALLS_PER_ROUND = 3
+
+
+def forward_in_rounds(calls: dict, device, warmup, reps) -> dict:
+    """Forward calls (name -> zero-argument callable returning the model's output),
+    ``warmup`` untimed calls each, then ``reps`` rounds of :data:`FORWARD_CALLS_PER_ROUND`
+    back-to-back calls each (:func:`_timed_rounds`). name -> ``ms`` (the median round's ms
+    per call), ``round_ms``, ``note``, ``_last_logits`` and, beside an ``sdpa`` entry,
+    ``paired_ratio_vs_sdpa`` (a time ratio: ours / SDPA's, per round)."""
+    times, last = _timed_rounds(calls, device, reps, per_round=FORWARD_CALLS_PER_ROUND, warmup=warmup)
+    out = _round_fields(times, per_round=FORWARD_CALLS_PER_ROUND, speed=False)
+    for name, fields in out.items():
+        fields["_last_logits"] = _last_logits(last[name])
+    return out
+
+
+def _round_fields(times: dict, per_round: int, speed: bool) -> dict:
+    """The row fields of rounds timed by :func:`_timed_rounds` (name -> ms per call of each
+    round): ``ms`` (the median round), ``round_ms``, ``note`` and, beside ``sdpa``,
+    ``paired_ratio_vs_sdpa``: the median over rounds of SDPA's time / ours (``speed``: a
+    tok/s ratio) or of ours / SDPA's (a time ratio). Slow drift across rounds cancels in
+    each pair, which the ratio of the medians does not."""
+    out = {}
+    for name, ts in times.items():
+        rounds = len(ts)
+        note = f"median of {rounds} calls" if per_round == 1 else f"median of {rounds} rounds of {per_round} calls"
+        if len(times) > 1:
+            note += ", in rounds with the other implementations (rotating order)"
+        out[name] = {"ms": sorted(ts)[rounds // 2], "round_ms": [round(t, 3) for t in ts], "note": note}
+    if "sdpa" in times:
+        for name, ts in times.items():
+            if name != "sdpa":
+                pair = (times["sdpa"], ts) if speed else (ts, times["sdpa"])
+                out[name]["paired_ratio_vs_sdpa"] = paired_median_ratio(*pair)
+    return out
+
+
+def round_order(names: list, round_index: int) -> list:
+    """The order of ``names`` in round ``round_index``: rotated by one each round, and
+    reversed every other cycle of ``len(names)`` rounds, so that over ``2 len(names)``
+    rounds each one runs first as often as any other and right after each other one as
+    often (a rotation alone keeps dense right after SDPA in two rounds of three)."""
+    n = len(names)
+    base = list(names) if (round_index // n) % 2 == 0 else list(reversed(names))
+    shift = round_index % n
+    return base[shift:] + base[:shift]
+
+
+def _timed_rounds(calls: dict, device, rounds: int, per_round: int = 1, warmup: int = 0) -> tuple[dict, dict]:
+    """The rounds every side-by-side measurement is timed in: ``warmup`` untimed calls of
+    each of ``calls`` (name -> zero-argument callable) in turn, then ``rounds`` rounds that
+    call each one ``per_round`` times back to back, synchronised before and after each
+    block, in the order :func:`round_order` gives (no implementation always runs first,
+    right after the previous round's last call or on a cold cache, nor always after the
+    same other). Returns name -> wall ms per call of each round (the block over
+    ``per_round``), and name -> what its last call returned."""
     names = list(calls)
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
     times = {name: [] for name in names}
     last = {}
-    for round_index in range(reps):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for round_index in range(rounds):
+        for name in round_order(names, round_index):
             sync(device)
             t0 = time.perf_counter()
-            last[name] = calls[name]()
+            for _ in range(per_round):
+                last[name] = calls[name]()
             sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((time.perf_counter() - t0) * 1e3 / per_round)
     return times, last
 
 
-def paired_median_ratio(reference_ms: list[float], mine_ms: list[float]) -> float:
-    """Median over rounds of ``reference / mine`` (a speed ratio: above 1 when mine is faster)."""
-    ratios = sorted(r / m for r, m in zip(reference_ms, mine_ms))
+def paired_median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median over rounds of ``numerators[i] / denominators[i]`` (two implementations' times
+    in the same round)."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
     mid = len(ratios) // 2
     return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 

@@ -107,15 +107,10 @@ def _run_one(spec: CaseSpec, impl_model, impl: str, setting: Setting, mode: str,
     vocab = MODELS[spec.model]["tiny" if cfg.tiny else "full"]["vocab_size"]
     ids = measure.token_ids(setting, vocab, device, cfg.seed)
     call_kw = _forward_call_kw(spec, cfg)
-    with torch.no_grad():
-        if mode == "eager":
+    if mode == "eager":  # one implementation alone; the other modes are timed side by side
+        with torch.no_grad():
             return measure.forward_eager(impl_model, ids, call_kw, device, cfg.warmup, cfg.reps)
-        if mode == "compiled":
-            return measure.forward_compiled(impl_model, ids, call_kw, device, cfg.warmup, cfg.reps,
-                                            cfg.compile_backend)
-        if mode == "cudagraphs":
-            return measure.forward_cudagraphs(impl_model, ids, call_kw, device, cfg.warmup, cfg.reps)
-    raise ValueError(f"unknown mode {mode!r}")
+    raise ValueError(f"{spec.name}: mode {mode!r} is not timed one implementation at a time")
 
 
 def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | None = None,
@@ -196,11 +191,13 @@ def run_model_bench(cfg: ModelBenchConfig, *, on_row: Callable[[dict], None] | N
 
 def _side_by_side(spec: CaseSpec, cfg: ModelBenchConfig) -> bool:
     """Whether a case converts its implementations side by side and times them in rounds:
-    eager forwards (of more than one implementation) and every generate case, whose rounds
-    serve one implementation alone as well."""
+    eager forwards (of more than one implementation), and every compiled, CUDA-graph and
+    generate case, whose rounds serve one implementation alone as well."""
     if spec.kind == "generate":
         return True
-    return spec.kind == "forward" and spec.mode == "eager" and len(cfg.impls) > 1
+    if spec.kind != "forward":
+        return False
+    return spec.mode in ("compiled", "cudagraphs") or (spec.mode == "eager" and len(cfg.impls) > 1)
 
 
 def _measure_side_by_side(spec: CaseSpec, converted: dict, setting: Setting, cfg: ModelBenchConfig,
@@ -213,10 +210,15 @@ def _measure_side_by_side(spec: CaseSpec, converted: dict, setting: Setting, cfg
                                                    cfg.compile_backend)
     if spec.kind == "generate":
         return measure.generate_eager_interleaved(converted, ids, setting, device, cfg.gen_warmup, cfg.gen_reps)
-    if spec.mode == "eager":
-        with torch.no_grad():
-            return measure.forward_eager_interleaved(converted, ids, _forward_call_kw(spec, cfg), device,
-                                                     cfg.warmup, cfg.reps)
+    call_kw = _forward_call_kw(spec, cfg)
+    with torch.no_grad():
+        if spec.mode == "eager":
+            return measure.forward_eager_interleaved(converted, ids, call_kw, device, cfg.warmup, cfg.reps)
+        if spec.mode == "compiled":
+            return measure.forward_compiled_interleaved(converted, ids, call_kw, device, cfg.warmup, cfg.reps,
+                                                        cfg.compile_backend)
+        if spec.mode == "cudagraphs":
+            return measure.forward_cudagraphs_interleaved(converted, ids, call_kw, device, cfg.warmup, cfg.reps)
     raise ValueError(f"{spec.name}: mode {spec.mode!r} is not timed side by side")
 
 
@@ -225,9 +227,10 @@ def _interleaved_case(spec: CaseSpec, cfg: ModelBenchConfig, device, models: _Mo
     """The rows of a case timed side by side (:func:`_side_by_side`): per setting, every
     implementation converted and timed in interleaved rounds (host-bound calls drift with
     the host; static-cache compiled generate, timed one implementation after another,
-    read 0.72 and 0.97 of SDPA for two identical decode graphs). A static-compiled setting
-    compiles every implementation before its rounds; one whose compile fails gets its
-    error row and the others go on."""
+    read 0.72 and 0.97 of SDPA for two identical decode graphs). A compiled or CUDA-graph
+    setting compiles or captures every implementation before its rounds; one that fails
+    there gets its error row and the others go on. ``--time-budget`` skips whole settings
+    (the estimate of all implementations of one), each row with the reason."""
     rows = []
     settings = spec.settings(cfg.tiny)
     per_setting_s = spec.est_s * len(cfg.impls) / max(1, len(settings))
