@@ -380,3 +380,139 @@ def test_code_table_is_built_without_host_writes():
         table = masks._code_constant("table", 5, "cpu")
     assert table.tolist() == [1, 2, 3, 4, 5, 6, 0]
     assert not {"aten.fill_", "aten.copy_", "aten.index_put_", "aten.lift_fresh"} & set(ops.names), ops.names
+
+
+# --------------------------------------------------------------------------------------
+# The eager autograd path with the forward kernel stubbed out (tools/host_cost_cpu.py):
+# what Python and PyTorch do around the launch when autograd records the call.
+# --------------------------------------------------------------------------------------
+def _host_cost_tool():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "host_cost_cpu.py"
+    if "host_cost_cpu" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("host_cost_cpu", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["host_cost_cpu"] = module
+    return sys.modules["host_cost_cpu"]
+
+
+def _needs_triton():
+    from modelopt_sparse.kernels import interpreting
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def test_autograd_call_allocates_out_and_lse_only_and_runs_from_the_launch_plan(monkeypatch):
+    """One mts.attention call that autograd records (the host case: 16 tokens, 4 heads, D=64)
+    dispatches out, lse and the detach that saving out costs, and launches from the same
+    kind of plan as an inference call. It was 3 allocations (an empty row-statistics tensor
+    too) through a 22-argument Function.apply with three outputs, a SparseParams rebuilt
+    from scalars on every call: 2.8x SDPA's host time on the H200 (issue 14)."""
+    _needs_triton()
+    from modelopt_sparse.kernels import api
+    from modelopt_sparse.kernels.triton_attention import ops
+
+    tool = _host_cost_tool()
+    seen = []
+    launch = ops._forward_launch
+    monkeypatch.setattr(ops, "_forward_launch", lambda *a, **kw: (seen.append(a[11]), launch(*a, **kw))[1])
+    with tool.stub_forward_kernel() as stub:
+        # Recorded: out, lse, and the detach that saving out for the backward costs.
+        for grad, expected in ((False, ["aten.new_empty"]),
+                               (True, ["aten.new_empty", "aten.new_empty", "aten.detach"])):
+            call, (q, k, v) = tool.host_case(grad)
+            with torch.set_grad_enabled(grad):
+                call()
+                call()  # the first launch goes the ordinary way and records the plan
+                before = (stub.launches, stub.plan_launches())
+                assert tool.aten_ops(call) == expected
+                out = call()
+            assert (stub.launches, stub.plan_launches()) == (before[0], before[1] + 2)
+            assert out.requires_grad == grad
+        # The node's tensor inputs: q, k and v (the metadata tensors travel in one tuple
+        # argument with the scalars; the old node had 7 of its 22 arguments as tensor inputs).
+        assert len(out.grad_fn.next_functions) == 3
+    # The eager Function launched with the caller's params object, not a rebuilt one.
+    params = api._PARAMS[(True, 0.125, 0, 4, 0, 64, "threshold", 0, 0.0)]
+    assert len(seen) == 8 and all(p is params for p in seen)  # 4 calls under no_grad, 4 recorded
+
+
+def test_autograd_node_saves_what_the_backward_reads(monkeypatch):
+    """The backward gets q, k, v, out, the lse and the metadata as saved tensors, and the
+    caller's scalars and params; it materialises no zero gradients for outputs that have
+    none (the lse and statistics outputs of the old node cost two zero fills per backward)."""
+    _needs_triton()
+    from modelopt_sparse.kernels import api
+    from modelopt_sparse.kernels.triton_attention import ops
+
+    tool = _host_cost_tool()
+    got = []
+
+    def backward_launch(grad_out, q, k, v, out, lse, *rest):
+        got.append((grad_out, q, k, v, out, lse, *rest))
+        return torch.ones_like(q), torch.ones_like(k) * 2, torch.ones_like(v) * 3, q.new_empty(0)
+
+    monkeypatch.setattr(ops, "_backward_launch", backward_launch)
+    with tool.stub_forward_kernel():
+        call, (q, k, v) = tool.host_case(True)
+        out = call()
+        node = out.grad_fn
+        saved = node.saved_tensors
+        assert len(saved) == 10 and saved[-1] is None
+        assert all(a is b for a, b in zip(saved[:3], (q, k, v)))
+        assert saved[3].shape == out.shape and saved[3].data_ptr() == out.data_ptr()
+        lse = saved[4]
+        assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+        assert [t.tolist() for t in saved[5:9]] == [[0], [16], [0], [16]]
+        loss = out.float().sum()
+        ops_run = tool.aten_ops(loss.backward)
+    assert not {"aten.zeros", "aten.new_zeros", "aten.fill_", "aten.zero_"} & set(ops_run), ops_run
+    (grad_out, gq, gk, gv, gout, glse, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, params,
+     sinks) = got[0]
+    assert (gq, gk, gv) == (q, k, v) and gout.data_ptr() == out.data_ptr() and glse.data_ptr() == lse.data_ptr()
+    assert (max_q, max_k, q_covered, k_covered, sinks) == (16, 16, True, True, None)
+    assert params is api._PARAMS[(True, 0.125, 0, 4, 0, 64, "threshold", 0, 0.0)]
+    assert grad_out.shape == out.shape
+    assert [t.grad.float().unique().tolist() for t in (q, k, v)] == [[1.0], [2.0], [3.0]]
+
+
+def test_autograd_path_keeps_its_errors_and_checks():
+    """What the 22-argument Function.apply did besides launching: under a functorch transform
+    it raises torch's message, and metadata written in place after the forward fails the
+    backward's version check."""
+    _needs_triton()
+    tool = _host_cost_tool()
+    with tool.stub_forward_kernel():
+        call, (q, k, v) = tool.host_case(True)
+        with pytest.raises(RuntimeError, match="must override the setup_context staticmethod"):
+            torch.func.grad(lambda x: mts.attention(x, k, v, *call.metadata, 16, backend="triton").float().sum())(
+                q.detach())
+        lens = call.metadata[1].clone()
+        out = mts.attention(q, k, v, call.metadata[0], lens, 16, backend="triton", check_metadata=False)
+        lens.add_(0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.float().sum().backward()
+
+
+def test_params_reach_the_eager_function_as_plain_fields():
+    """The custom ops pass params as bool/float/int/str scalars; the eager Function takes the
+    params object itself when its fields are of those exact types, else a plain copy."""
+    import enum
+
+    from modelopt_sparse.kernels.reference import SparseParams
+    from modelopt_sparse.kernels.triton_attention.ops import _plain_params
+
+    class N(enum.IntEnum):
+        TWO = 2
+
+    plain = SparseParams(True, 0.125, 2, 4, 0, 64, "threshold")
+    assert _plain_params(plain) is plain and _plain_params(plain) is plain
+    odd = SparseParams(True, 0.125, N.TWO, 4, 0, 64, "threshold")
+    got = _plain_params(odd)
+    assert got == plain and got is not odd and type(got.sparsity_n) is int
+    assert _plain_params(odd) is got

@@ -66,6 +66,10 @@ def main() -> None:
         configs._fwd.launcher = launcher
         rows.append(("validation only (api checks)", _per_call_us(lambda: (
             api._check_tensors(q, k, v), api._check_metadata(q, k, starts, lens, 16, starts, lens, 16)), args.calls)))
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():  # autograd records the call (the model benchmark's host case, autograd)
+            rows.append(("mts.attention dense, q/k/v require grad", _per_call_us(
+                lambda: mts.attention(qg, kg, vg, starts, lens, 16), args.calls)))
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.calls):

@@ -29,7 +29,7 @@ call under their own names.
 
 This module re-exports the entry points and the internals other modules import from here.
 A test that replaces a name must replace it in the module that looks it up (e.g.
-``ops._launch_forward`` for the eager path, ``configs.interpreting`` for the autotune
+``ops._forward_launch`` for the eager path, ``configs.interpreting`` for the autotune
 configs, ``launch._FORWARD_PLANS`` for the forward's plan lookups), not here: the package's
 copy is not the one its callers read.
 """

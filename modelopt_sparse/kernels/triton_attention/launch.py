@@ -234,6 +234,14 @@ def _launch_backward(
     empty without learned sinks (a custom op returns tensors only)."""
     params = SparseParams(is_causal, softmax_scale, sparsity_n, sparsity_m, num_sink_tokens,
                           dense_window_size, tie_break, sliding_window, softcap)
+    return _backward_launch(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, max_q, max_k, q_covered,
+                            k_covered, params, learned_sinks)
+
+
+def _backward_launch(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered,
+                     params, learned_sinks=None):
+    """The backward launches proper (:func:`_launch_backward` with its params object, as the
+    eager autograd.Function calls them)."""
     q, k, v, do = (_unit_stride_rows(t) for t in (q, k, v, grad_out))
     hq, hkv = q.shape[1], k.shape[1]
     delta = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)

@@ -6,11 +6,14 @@ The custom ops are registered when this module is imported (once: Python imports
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..api import interpreting
-from .launch import (_forward_launch, _launch_backward, _launch_forward, _reduce_row_stats, _traced_forward,
-                     _unit_stride_rows)
+from ..reference import SparseParams
+from .launch import (_backward_launch, _forward_launch, _launch_backward, _launch_forward, _reduce_row_stats,
+                     _traced_forward, _unit_stride_rows)
 
 
 if interpreting():
@@ -50,8 +53,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_out, launch_backward):
-    """The gradients of the forward's 22 inputs: q, k, v, then 18 non-tensors, then the
-    learned sinks (None without them)."""
+    """The gradients of the custom forward op's 22 inputs (compiled callers): q, k, v, then 18
+    non-tensors, then the learned sinks (None without them)."""
     q, k, v, out, lse, q_start, q_len, k_start, k_len, learned_sinks = ctx.saved_tensors
     dq, dk, dv, d_sinks = launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len,
                                           *ctx.scalars, learned_sinks)
@@ -65,24 +68,41 @@ _forward_op.register_autograd(
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The eager path: the same launches as the custom ops, without their wrapper."""
+    """The eager path: the same launches as the custom ops, without their wrapper.
+
+    Called as ``(q, k, v, learned_sinks, call)`` with everything else in one tuple ``call =
+    (q_start, q_len, k_start, k_len, (max_q, max_k, q_covered, k_covered, with_stats,
+    params))``: every argument of ``apply`` costs host time (the custom ops' 22 did, and the
+    three outputs and their zero gradients too). The output is ``out``, or ``(out,
+    row_stats)`` with statistics; the lse is saved for the backward, not returned."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _launch_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, q, k, v, learned_sinks, call):
+        q_start, q_len, k_start, k_len, scalars = call
+        max_q, max_k, q_covered, _k_covered, with_stats, params = scalars
+        out, lse, row_stats = _forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered,
+                                              with_stats, params, True, learned_sinks)
+        ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len, learned_sinks)
+        ctx.scalars = scalars
+        if row_stats is None:
+            return out
+        ctx.mark_non_differentiable(row_stats)
+        return out, row_stats
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse, _grad_stats):
+    def backward(ctx, grad_out, *_grad_stats):
+        q, k, v, out, lse, q_start, q_len, k_start, k_len, learned_sinks = ctx.saved_tensors
+        max_q, max_k, q_covered, k_covered, _with_stats, params = ctx.scalars
         with torch.no_grad():
-            dq, dk, dv, *nones, d_sinks = _gradients(ctx, grad_out, _launch_backward)
+            dq, dk, dv, d_sinks = _backward_launch(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len,
+                                                   max_q, max_k, q_covered, k_covered, params, learned_sinks)
+        if learned_sinks is None:
+            d_sinks = None
         if torch.is_grad_enabled():  # create_graph=True
-            q, k, v = ctx.saved_tensors[:3]
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v, grad_out)
             if d_sinks is not None:
-                d_sinks = _NoSecondDerivativeOfSinks.apply(d_sinks, ctx.saved_tensors[-1], grad_out)
-        return (dq, dk, dv, *nones, d_sinks)
+                d_sinks = _NoSecondDerivativeOfSinks.apply(d_sinks, learned_sinks, grad_out)
+        return dq, dk, dv, d_sinks, None
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -111,6 +131,39 @@ class _NoSecondDerivativeOfSinks(_NoSecondDerivative):
         return d_sinks.view_as(d_sinks)
 
 
+# What Function.apply (Python) does for a Function without setup_context while no functorch
+# transform is active: unwrap dead functorch wrappers among the tensor arguments, then call
+# the C half. The eager path does that itself (~2 us less per call on the CPU harness,
+# tools/host_cost_cpu.py); with a transform active it calls Function.apply, which raises
+# torch's message as before. A torch without these internals gets Function.apply.
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_c_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_eager_apply = (_c_apply.__get__(_EagerAttention, _EagerAttention)
+                if _c_apply is not None and _unwrap_if_dead is not None and _functorch_active is not None else None)
+
+
+_PLAIN_PARAMS: dict = {}
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SparseParams))
+
+
+def _plain_params(p):
+    """``p`` with every field of its exact type (bool, float, int, str), as the custom ops'
+    scalar arguments rebuild it: ``p`` itself when it is already (SparseParams made by
+    :func:`modelopt_sparse.kernels.attention` are), remembered per object."""
+    hit = _PLAIN_PARAMS.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1]
+    plain = SparseParams(bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
+                         int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break), int(p.sliding_window),
+                         float(p.softcap))
+    if type(p) is SparseParams and all(type(getattr(plain, f)) is type(getattr(p, f)) for f in _FIELD_NAMES):
+        plain = p
+    if len(_PLAIN_PARAMS) < 4096:
+        _PLAIN_PARAMS[id(p)] = (p, plain)  # p held: its id is not reused while remembered
+    return plain
+
+
 def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, stats=None,
                      covered=(False, False), learned_sinks=None):
     """Launch the fused kernels; inputs are validated by :func:`modelopt_sparse.kernels.attention`.
@@ -119,24 +172,30 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
     every sequence read as 0 in the output and gradients, which then needs a zero fill."""
     p = params
     if torch.compiler.is_compiling():
-        forward = _forward_op
+        out, _lse, row_stats = _forward_op(
+            q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
+            bool(covered[0]), bool(covered[1]), stats is not None,
+            bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
+            int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break), int(p.sliding_window),
+            float(p.softcap), learned_sinks,
+        )
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
             learned_sinks is not None and learned_sinks.requires_grad)):
-        forward = _EagerAttention.apply
+        scalars = (max(int(max_q), 1), max(int(max_k), 1), bool(covered[0]), bool(covered[1]), stats is not None,
+                   _plain_params(p))
+        if _eager_apply is not None and not _functorch_active():
+            u = _unwrap_if_dead
+            result = _eager_apply(u(q), u(k), u(v), None if learned_sinks is None else u(learned_sinks),
+                                  (u(q_start), u(q_len), u(k_start), u(k_len), scalars))
+        else:
+            result = _EagerAttention.apply(q, k, v, learned_sinks, (q_start, q_len, k_start, k_len, scalars))
+        if stats is None:
+            return result
+        out, row_stats = result
     else:  # inference: no autograd node to build, and the params object as it is
         out, _lse, row_stats = _forward_launch(
             q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
             bool(covered[0]), stats is not None, p, with_lse=False, learned_sinks=learned_sinks)
-        if stats is not None:
-            _reduce_row_stats(row_stats, q_start, q_len, stats)
-        return out
-    out, _lse, row_stats = forward(
-        q, k, v, q_start, q_len, k_start, k_len, max(int(max_q), 1), max(int(max_k), 1),
-        bool(covered[0]), bool(covered[1]), stats is not None,
-        bool(p.is_causal), float(p.softmax_scale), int(p.sparsity_n), int(p.sparsity_m),
-        int(p.num_sink_tokens), int(p.dense_window_size), str(p.tie_break), int(p.sliding_window),
-        float(p.softcap), learned_sinks,
-    )
     if stats is not None:
         _reduce_row_stats(row_stats, q_start, q_len, stats)
     return out
