@@ -286,17 +286,6 @@ def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3, 
     """(kernels, device checks) of each call of the mask function with one query per row during
     a tiny generate(): the work transformers runs eagerly at every decode step, outside a
     compiled step (create_masks_for_generate) and, in eager decode, inside the model too."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     checks = []
     require = lazy_checks.require
     monkeypatch.setattr(lazy_checks, "require", lambda *a, **k: (checks.append(1), require(*a, **k))[1])
@@ -304,10 +293,11 @@ def _decode_step_mask_costs(monkeypatch, cache_implementation, padded, batch=3, 
 
     def counted(*args, **kwargs):
         before = len(checks)
-        with Ops() as ops:
-            out = hf_attention.sparse_attention_mask(*args, **kwargs)
+        result = []
+        names = _host_cost_tool().aten_ops(lambda: result.append(hf_attention.sparse_attention_mask(*args, **kwargs)))
+        out = result[0]
         if kwargs["q_length"] == 1:
-            costs.append(([n for n in ops.names if n not in _NO_KERNEL], len(checks) - before))
+            costs.append(([n for n in names if n not in _NO_KERNEL], len(checks) - before))
             if got_mask is not None:  # whether transformers handed this call a 2-D attention mask
                 got_mask.append(kwargs.get("attention_mask") is not None)
         return out
@@ -362,24 +352,13 @@ def test_code_table_is_built_without_host_writes():
     """The cached code table [1, 2, ..., n + 1, 0] is built by device ops only: a Python scalar
     written into a CUDA tensor (`table[-1] = 0`) is a host-to-device copy that synchronizes,
     which the GPU no-sync tests caught at the first decode step (session 13)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from modelopt_sparse.hf_attention import masks
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     masks._CODE_CONSTANTS.clear()
-    with Ops() as ops:
-        table = masks._code_constant("table", 5, "cpu")
-    assert table.tolist() == [1, 2, 3, 4, 5, 6, 0]
-    assert not {"aten.fill_", "aten.copy_", "aten.index_put_", "aten.lift_fresh"} & set(ops.names), ops.names
+    built = []
+    names = _host_cost_tool().aten_ops(lambda: built.append(masks._code_constant("table", 5, "cpu")))
+    assert built[0].tolist() == [1, 2, 3, 4, 5, 6, 0]
+    assert not {"aten.fill_", "aten.copy_", "aten.index_put_", "aten.lift_fresh"} & set(names), names
 
 
 # --------------------------------------------------------------------------------------
