@@ -429,6 +429,29 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
             "d64_8of16t_hprmzg"} <= {c.tag for c in carried}
 
 
+def test_split_loop_variant_flag_env_and_carried(monkeypatch):
+    """The split tile loop (edge-tile and interior-tile loops): its own define and tag flag, off
+    unless MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1, timed beside the one-loop kernels (both are
+    precompiled), and the source classifies every tile of both loops with tile_is_edge."""
+    v = hv.Variant(head_dim=64, consumers=3, pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True,
+                   split_loop=True).canonical()
+    assert v.tag == "d64_dense_pormz3l" and v.defines()[-1] == "-DNMH_SPLIT_LOOP=1"
+    assert hv._parse_tag(v.tag) == v
+    assert "-DNMH_SPLIT_LOOP=1" not in dataclasses.replace(v, split_loop=False).defines()
+    for name in SWITCHES + ("SPLIT_LOOP",):
+        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
+    assert not hv.variant_for(_params(), torch.bfloat16, 128).split_loop
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "1")
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmzl"
+    carried = {c.tag for c in hs.standard_variants()}
+    assert {"d128_dense_pormz", "d128_dense_pormzl", "d128_8of16t_prmzg", "d128_8of16t_prmzgl",
+            "d64_dense_pmz3", "d64_dense_pmz3l", "d64_dense_pormz3", "d64_dense_pormz3l"} <= carried
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    loops = src[src.index("if constexpr (SPLIT_LOOP) {"):src.index("// ---- last P.V")]
+    assert loops.count("tile_is_edge(tile_n0(i), x, p)") == 2
+    assert "step(i, EdgeTile{})" in loops and "step(i, InteriorTile{})" in loops
+
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -813,7 +836,7 @@ def test_sparse_pv_overlap_stages_the_next_operand():
     assert staged and "for (int q = 0; q < 4; ++q) pr[jr][q] = cp[jr][q];" in src and "meta[jr] = cm[jr];" in src
     # The overlap loop: softmax(i) between wait<1> and wait<0>, to_operand after wait<0>.
     loop = src[src.index("if constexpr (OVERLAP) {\n        wg_wait<1>();"):]
-    assert loop.index("softmax(i);") < loop.index("wg_wait<0>();") < loop.index("to_operand();")
+    assert loop.index("softmax(i, kind);") < loop.index("wg_wait<0>();") < loop.index("to_operand();")
     gen = torch.Generator().manual_seed(12)
     v = torch.randint(-8, 9, (128, 8), generator=gen).double()
     v_smem = torch.stack([v[_sp_v_row_key(c)] for c in range(128)])
@@ -1281,6 +1304,32 @@ def test_gpu_23_tma3d_mask_probe(monkeypatch, case):
     _set_schedule(monkeypatch, (False, True, False, True, False))
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "1")
     test_gpu_9_mask_probe_equals_semantics(case)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,d,wg3,overlap", [(0, 4, 128, False, True), (2, 4, 128, False, True),
+                                               (4, 8, 128, False, False), (8, 16, 128, False, False),
+                                               (0, 4, 64, True, False), (0, 4, 64, True, True), (2, 4, 64, False, True)],
+                         ids=lambda x: str(x))
+def test_gpu_24_split_loop_equals_one_loop(monkeypatch, n, m, d, wg3, overlap):
+    """The split tile loop (MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1) runs the same arithmetic on every
+    tile as the one loop: outputs equal bit for bit, with edge tiles leading (causal diagonal,
+    sequence ends, dense window), trailing (sinks, the sliding window's far end) and alone
+    (decode rows, chunked prefill), and close to the reference."""
+    _set_schedule(monkeypatch, (True, overlap, not wg3, True, True))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    inputs = _random(lens_q, lens_k, 4, 2, d, seed=24 + n + d)
+    for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
+        kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+        outs = []
+        for split in (0, 1):
+            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", str(split))
+            outs.append(_run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "hopper", **kw)[0])
+        assert torch.equal(outs[0], outs[1]), kw
+        ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
+        assert rel_err(outs[1], ref) < TOL[torch.bfloat16], kw
 
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():

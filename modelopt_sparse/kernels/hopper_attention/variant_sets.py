@@ -95,7 +95,23 @@ def bench_variants() -> list[Variant]:
             out.append(Variant(sparsity_n=n, sparsity_m=m, **_sched(t)))
     out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
     out += [Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **_sched(t)) for t in BENCH_SCHEDULES_TMA3D]
+    out += [dataclasses.replace(v, split_loop=split) for v in SPLIT_LOOP_BENCH for split in (False, True)]
     return out
+
+
+# The split tile loop (split_loop: an edge-tile loop and an interior-tile loop), timed beside
+# the same kernels with one loop: every pattern under its measured schedule, dense D = 64 with
+# three consumer warpgroups, and those with overlap and late rescale too (FA4's D = 64 shape
+# overlaps; with one loop that variant spills 144 B inside the loop, split 5 spill
+# instructions remain in the interior loop).
+SPLIT_LOOP_BENCH = [
+    Variant(**measured_schedule(128, 0, 4)),
+    Variant(sparsity_n=2, sparsity_m=4, **measured_schedule(128, 2, 4)),
+    Variant(sparsity_n=4, sparsity_m=8, **measured_schedule(128, 4, 8)),
+    Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **measured_schedule(128, 8, 16)),
+    Variant(head_dim=64, consumers=3, **measured_schedule(64, 0, 4)),
+    Variant(head_dim=64, consumers=3, pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True),
+]
 
 
 def standard_variants(probe: bool = True, schedule: dict | str | None = None) -> list[Variant]:

@@ -46,6 +46,10 @@ class Variant:
     # group, member} instead of element strides (<= 8), so M = 16 gets the TMA producer too.
     # The default for M = 16 since session 11 (measured_tma3d; MODELOPT_SPARSE_HOPPER_TMA3D=0 opts out).
     tma3d: bool = False
+    # The tile loop split into an edge-tile loop and an interior-tile loop, each with one
+    # softmax path (session 13: compile-checked, not yet timed; MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1,
+    # tag flag "l"). Same results tile for tile: every tile is classified as before.
+    split_loop: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -91,7 +95,7 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("x", self.probe))
+                                        ("l", self.split_loop), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -103,7 +107,8 @@ class Variant:
                 f"-DNMH_OVERLAP={int(v.overlap)}", f"-DNMH_PROBE={int(v.probe)}"] + \
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
-                             ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d)) if on]
+                             ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
+                             ("-DNMH_SPLIT_LOOP=1", v.split_loop)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -142,7 +147,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     consumer warpgroups at D = 64; unset: :func:`measured_consumers`) and
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
-    :func:`measured_tma3d`, on for M = 16)."""
+    :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
+    tile loop; 1: separate edge and interior loops, not yet timed)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -154,6 +160,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
                                 measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2,
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
+        split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
         probe=probe,
     ).canonical()
 
@@ -190,4 +197,4 @@ def _parse_tag(tag: str) -> Variant:
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
-                   probe="x" in flags)
+                   split_loop="l" in flags, probe="x" in flags)
