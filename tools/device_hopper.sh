@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15: the Hopper forward engine's GPU run on the lent H200 (< 200 s in all).
+# Issue 15: the Hopper forward engine's GPU run on the lent H200 (< 250 s in all).
 #
 # Here, before the call (no GPU needed; ~13 min on 2 cores: 231 cubins, ~29 MB, which travel as
 # one ~2.5 MB archive): the standard set, the timed variants, and the whole test set of each
@@ -52,7 +52,7 @@ smoke_rc=$?
 cat "$OUT/smoke.log"
 
 # The table first: its BEST_SCHEDULE decides the schedule the test suite runs with.
-timeout 95 python3 -m modelopt_sparse.kernels.hopper_attention bench --budget 65 > "$OUT/bench.log" 2>&1
+timeout 130 python3 -m modelopt_sparse.kernels.hopper_attention bench --budget 100 > "$OUT/bench.log" 2>&1
 bench_rc=$?
 echo "bench rc=$bench_rc ($((SECONDS - start)) s)"
 
@@ -68,7 +68,7 @@ timeout 45 python3 -m modelopt_sparse.kernels.hopper_attention precompile --jobs
 sched_rc=$?
 echo "precompile (test schedule) rc=$sched_rc ($((SECONDS - start)) s)"
 
-left=$((195 - (SECONDS - start)))
+left=$((240 - (SECONDS - start)))
 timeout -s INT -k 5 $((left > 30 ? left : 30)) python3 -m pytest -v -p no:cacheprovider -n 12 -m gpu --tb=short -rA \
   tests/test_kernel_hopper.py > "$OUT/gpu_tests.log" 2>&1
 test_rc=$?
