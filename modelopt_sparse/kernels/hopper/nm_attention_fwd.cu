@@ -935,15 +935,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     auto softmax = [&](int i, auto kind) {
       const int n0 = tile_n0(i);
       constexpr int K = decltype(kind)::value;
-      if constexpr (K == EdgeTile::value) {
+      // A constant for EdgeTile / InteriorTile: the other branch is not compiled into that loop.
+      if (K == EdgeTile::value || (K == AnyTile::value && tile_is_edge(n0, x, p)))
         need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
-      } else if constexpr (K == InteriorTile::value) {
+      else
         need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
-      } else if (tile_is_edge(n0, x, p)) {
-        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
-      } else {
-        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
-      }
     };
     // P -> the A operand (after the wait that ends the previous P.V: its operand registers are
     // read until then) and the P.V issue. The sparse path staged the compressed P already.
