@@ -452,6 +452,29 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     assert "step(i, EdgeTile{})" in loops and "step(i, InteriorTile{})" in loops
 
 
+def test_rowsum_mma_variant_flag_env_and_carried(monkeypatch):
+    """The row sums on the tensor cores: own define and tag flag, off unless
+    MODELOPT_SPARSE_HOPPER_ROWSUM_MMA=1, dropped with stage 3's sparse P.V (which has its own
+    P layout), and timed beside the same kernels without it (both precompiled)."""
+    v = hv.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, late_rescale=True, tma=True, lean=True,
+                   overlap=False, rowsum_mma=True).canonical()
+    assert v.tag == "d128_4of8t_prmzu" and v.defines()[-1] == "-DNMH_ROWSUM_MMA=1"
+    assert hv._parse_tag(v.tag) == v
+    assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, rowsum_mma=True).canonical().rowsum_mma
+    for name in SWITCHES + ("SPLIT_LOOP", "ROWSUM_MMA"):
+        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
+    assert not hv.variant_for(_params(), torch.bfloat16, 128).rowsum_mma
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", "1")
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmzu"
+    carried = {c.tag for c in hs.standard_variants()}
+    assert {"d128_dense_pormz", "d128_dense_pormzu", "d128_8of16t_prmzg", "d128_8of16t_prmzgu",
+            "d64_dense_pmz3", "d64_dense_pmz3u"} <= carried
+    # The softmax keeps no running sum in these builds: every FADD into l is compiled out.
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "if constexpr (!ROWSUM_MMA) l[(i >> 1) & 1] += s[i];" in src
+    assert src.count("if constexpr (!ROWSUM_MMA) l[r] *= alpha[r];") == 2
+
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -1330,6 +1353,48 @@ def test_gpu_24_split_loop_equals_one_loop(monkeypatch, n, m, d, wg3, overlap):
         assert torch.equal(outs[0], outs[1]), kw
         ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
         assert rel_err(outs[1], ref) < TOL[torch.bfloat16], kw
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,d,wg3,dtype", [(0, 4, 128, False, torch.bfloat16), (2, 4, 128, False, torch.float16),
+                                             (4, 8, 128, False, torch.bfloat16), (8, 16, 128, False, torch.bfloat16),
+                                             (3, 16, 64, False, torch.float16), (0, 4, 64, True, torch.float16),
+                                             (4, 8, 64, True, torch.bfloat16)],
+                         ids=lambda x: str(x))
+def test_gpu_25_rowsum_mma_against_reference(monkeypatch, n, m, d, wg3, dtype):
+    """The row sums on the tensor cores (MODELOPT_SPARSE_HOPPER_ROWSUM_MMA=1): output and the
+    saved log-sum-exp against the float64 reference and the one-loop default, with the running
+    max growing tile after tile (the ones accumulator is rescaled with O), empty rows (sum 0:
+    output 0, lse -inf), sinks, the dense window, a sliding window, decode rows, chunked prefill."""
+    _set_schedule(monkeypatch, (True, not (n and m >= 8) and not wg3, not wg3, True, True))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
+    lens_q, lens_k = [1, 300, 5, 700, 150], [1, 300, 900, 700, 20]
+    q, k, v = _random(lens_q, lens_k, 4, 2, d, seed=25 + n + d)
+    pos = torch.cat([torch.arange(n_, dtype=torch.float64) for n_ in lens_k])
+    k = k * (1.0 + 2.0 * (1.0 - pos / 900.0))[:, None, None]  # larger scores toward each sequence's start
+    sq, lq, mq, _ = varlen(lens_q, "cuda")
+    sk, lk, mk, _ = varlen(lens_k, "cuda")
+    for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
+        kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+        params = _params(softmax_scale=d ** -0.5, **kw)
+        xs = [t.to("cuda", dtype) for t in (q, k, v)]
+        outs = {}
+        for on in (0, 1):
+            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", str(on))
+            outs[on] = ha.forward_with_lse(*xs, sq, lq, mq, sk, lk, params, covered=True)
+        ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, [q, k, v], "torch", **kw)
+        out, lse = outs[1]
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype], kw
+        assert rel_err(out, outs[0][0]) < TOL[dtype] / 2, kw
+        # Same rows empty, the rest within the 16-bit rounding of P (relative 2^-8 on the sum).
+        base = outs[0][1]
+        assert torch.equal(torch.isinf(lse), torch.isinf(base)), kw
+        finite = torch.isfinite(base)
+        assert (lse[finite] - base[finite]).abs().max().item() < 1e-2, kw
+        if not kw.get("is_causal", True):
+            continue
+        assert out[sum(lens_q[:4]):sum(lens_q[:4]) + 130].abs().max().item() == 0.0  # q_len > kv_len: empty rows
 
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():

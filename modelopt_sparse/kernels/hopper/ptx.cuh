@@ -172,6 +172,15 @@ __device__ __forceinline__ uint64_t make_desc_sw128(uint32_t addr, uint32_t lbo,
   return d;
 }
 
+// The same without swizzle (layout type 0): core matrices of 8 rows x 16 bytes.
+__device__ __forceinline__ uint64_t make_desc_noswizzle(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= (uint64_t)((addr & 0x3FFFFu) >> 4);
+  d |= (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16;
+  d |= (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32;
+  return d;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Numerics
 // ---------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def bench_variants() -> list[Variant]:
     out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
     out += [Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **_sched(t)) for t in BENCH_SCHEDULES_TMA3D]
     out += [dataclasses.replace(v, split_loop=split) for v in SPLIT_LOOP_BENCH for split in (False, True)]
+    out += [dataclasses.replace(v, rowsum_mma=on) for v in ROWSUM_MMA_BENCH for on in (False, True)]
     return out
 
 
@@ -117,6 +118,12 @@ SPLIT_LOOP_BENCH = [
     Variant(sparsity_n=8, sparsity_m=16, tma3d=True, pingpong=True, overlap=True, late_rescale=True, tma=True,
             lean=True),
 ]
+
+
+# The row sums on the tensor cores (rowsum_mma), timed beside the same kernels without: every
+# pattern under its measured schedule (D = 128; the N:M loops are issue-bound, where 64 FADDs a
+# tile fewer should show), and dense D = 64 with three consumer warpgroups.
+ROWSUM_MMA_BENCH = SPLIT_LOOP_BENCH[:5]
 
 
 def standard_variants(probe: bool = True, schedule: dict | str | None = None) -> list[Variant]:

@@ -50,6 +50,11 @@ class Variant:
     # softmax path (session 13: compile-checked, not yet timed; MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1,
     # tag flag "l"). Same results tile for tile: every tile is classified as before.
     split_loop: bool = False
+    # The row sums of P on the tensor cores: with each P.V, 8 more wgmma m64n8k16 multiply P
+    # by a block of ones in shared memory, so the softmax drops its 64 FADDs a tile (session 14:
+    # compile-checked, not yet timed; MODELOPT_SPARSE_HOPPER_ROWSUM_MMA=1, tag flag "u"). The
+    # sums then come from the 16-bit P that P.V uses. Not with sparse_pv.
+    rowsum_mma: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -78,7 +83,7 @@ class Variant:
         if v.sparse_pv and ((v.sparsity_n, v.sparsity_m) != (2, 4) or v.probe):
             v = dataclasses.replace(v, sparse_pv=False)
         if v.sparse_pv:
-            v = dataclasses.replace(v, consumers=2)
+            v = dataclasses.replace(v, consumers=2, rowsum_mma=False)
         if v.sparsity_n == 0:
             v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
         # Grouped 4-D maps: only where the element-strided map cannot go (M = 16), with TMA, two
@@ -95,7 +100,8 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("l", self.split_loop), ("x", self.probe))
+                                        ("l", self.split_loop), ("u", self.rowsum_mma),
+                                        ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -108,7 +114,7 @@ class Variant:
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
-                             ("-DNMH_SPLIT_LOOP=1", v.split_loop)) if on]
+                             ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_ROWSUM_MMA=1", v.rowsum_mma)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -148,7 +154,9 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
-    tile loop; 1: separate edge and interior loops, not yet timed)."""
+    tile loop; 1: separate edge and interior loops, not yet timed) and
+    MODELOPT_SPARSE_HOPPER_ROWSUM_MMA (default 0; 1: P's row sums on the tensor cores, not yet
+    timed)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -161,6 +169,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
         split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
+        rowsum_mma=env_flag("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", False),
         probe=probe,
     ).canonical()
 
@@ -197,4 +206,4 @@ def _parse_tag(tag: str) -> Variant:
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
-                   split_loop="l" in flags, probe="x" in flags)
+                   split_loop="l" in flags, rowsum_mma="u" in flags, probe="x" in flags)
