@@ -947,7 +947,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     auto desc_k = [&](int s) { return make_desc_sw128(sbase + K_OFF + s * TILE_BYTES, 16, 1024); };
     auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * TILE_BYTES, ATOM_BYTES, 1024); };
     // Ones, K-major without swizzle: core matrices of 8 rows x 16 B, the two along K 128 B apart.
-    const uint64_t dones = make_desc_noswizzle(sbase + ONES_OFF, 128, 256);
+    const uint64_t dones = make_desc(sbase + ONES_OFF, 128, 256, 0);
     // Named barrier ids (ping-pong): a ring of turns, warpgroup c waits on 1 + c and hands the
     // turn to the next one (1 + (c + 1) % NC); 256 = the waiter's and the arriver's threads.
     // (Two warpgroups: written as before the ring existed, so that the verified ping-pong
