@@ -1423,10 +1423,11 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
 
     from modelopt_sparse.kernels.api import attention as api_attention
 
-    seen = []
+    seen, rowsum = [], []
 
     def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
         seen.append(hv.schedule_from_env(q.shape[-1], params.sparsity_n, params.sparsity_m))
+        rowsum.append(os.environ.get("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA") == "1")
         out = api_attention(q, k, v, q_start, q_len, max_q, b_start_loc_k=k_start, b_seq_len_k=k_len,
                             max_input_len_k=max_q, is_causal=params.is_causal, softmax_scale=params.softmax_scale,
                             sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
@@ -1447,6 +1448,9 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
         assert ("WRONG" in line) == ("sparse-pv" in line), line
     assert "FASTEST " in table and "BEST_SCHEDULE MODELOPT_SPARSE_HOPPER_PINGPONG=" in table
     assert len({tuple(sorted(s.items())) for s in seen}) > 5  # the schedules really change
+    # The row-sum A/B rows: each kernel once without and once with the switch set while it runs.
+    assert sum("rowsum-mma" in line for line in engine_rows) == len(hs.ROWSUM_MMA_BENCH)
+    assert 2 * len(hs.ROWSUM_MMA_BENCH) <= sum(rowsum) < len(rowsum)
 
 
 @gpu_test
