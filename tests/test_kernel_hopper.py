@@ -292,11 +292,11 @@ def test_param_struct_mirrors_the_cuda_source():
 def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in hs.standard_variants()}
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
-    # through the grouped maps), lean, and overlap up to M = 4.
-    for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "prmzg")):
+    # through the grouped maps), lean, and overlap except at M = 8.
+    for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "pormzg")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
-    assert {"d128_dense_pormz", "d64_dense_pmz3", "d128_dense_hpormz", "d128_dense_o", "d128_dense_po",
+    assert {"d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormz", "d128_dense_o", "d128_dense_po",
             "d128_dense_p"} <= tags
     assert len(tags) == len(hs.standard_variants())  # no duplicates
 
@@ -343,12 +343,13 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     measured = dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
     assert hv.schedule_from_env() == measured == hv.measured_schedule(128, 2, 4) == hv.measured_schedule(64, 2, 4)
-    assert hv.measured_schedule(64, 0, 4) == dict(measured, overlap=False, late_rescale=False)
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pmz3"  # three consumer warpgroups
+    assert hv.measured_schedule(64, 0, 4) == measured  # session 14: overlap and late rescale at three warpgroups too
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3"  # three consumer warpgroups
     assert hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
-    assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(128, 8, 16)
+    assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
+    assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzg"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -416,16 +417,16 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prmzg"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzg"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_prz"
-    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_prmzg", "d64_3of16i_prmzg"}
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porz"
+    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzg", "d64_3of16i_prmzg"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
     carried = set(hs.standard_variants())
-    assert {"d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx", "d128_3of16i_omgx",
+    assert {"d128_8of16t_pormzg", "d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx", "d128_3of16i_omgx",
             "d64_8of16t_hprmzg"} <= {c.tag for c in carried}
 
 
@@ -444,35 +445,12 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "1")
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmzl"
     carried = {c.tag for c in hs.standard_variants()}
-    assert {"d128_dense_pormz", "d128_dense_pormzl", "d128_8of16t_prmzg", "d128_8of16t_prmzgl",
-            "d64_dense_pmz3", "d64_dense_pmz3l", "d64_dense_pormz3", "d64_dense_pormz3l"} <= carried
+    assert {"d128_dense_pormz", "d128_dense_pormzl", "d128_8of16t_pormzg", "d128_8of16t_pormzgl", "d128_8of16t_prmzg",
+            "d128_8of16t_prmzgl", "d64_dense_pmz3", "d64_dense_pmz3l", "d64_dense_pormz3", "d64_dense_pormz3l"} <= carried
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     loops = src[src.index("if constexpr (SPLIT_LOOP) {"):src.index("// ---- last P.V")]
     assert loops.count("tile_is_edge(tile_n0(i), x, p)") == 2
     assert "step(i, EdgeTile{})" in loops and "step(i, InteriorTile{})" in loops
-
-
-def test_rowsum_mma_variant_flag_env_and_carried(monkeypatch):
-    """The row sums on the tensor cores: own define and tag flag, off unless
-    MODELOPT_SPARSE_HOPPER_ROWSUM_MMA=1, dropped with stage 3's sparse P.V (which has its own
-    P layout), and timed beside the same kernels without it (both precompiled)."""
-    v = hv.Variant(sparsity_n=4, sparsity_m=8, pingpong=True, late_rescale=True, tma=True, lean=True,
-                   overlap=False, rowsum_mma=True).canonical()
-    assert v.tag == "d128_4of8t_prmzu" and v.defines()[-1] == "-DNMH_ROWSUM_MMA=1"
-    assert hv._parse_tag(v.tag) == v
-    assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, rowsum_mma=True).canonical().rowsum_mma
-    for name in SWITCHES + ("SPLIT_LOOP", "ROWSUM_MMA"):
-        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert not hv.variant_for(_params(), torch.bfloat16, 128).rowsum_mma
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", "1")
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmzu"
-    carried = {c.tag for c in hs.standard_variants()}
-    assert {"d128_dense_pormz", "d128_dense_pormzu", "d128_8of16t_prmzg", "d128_8of16t_prmzgu",
-            "d64_dense_pmz3", "d64_dense_pmz3u"} <= carried
-    # The softmax keeps no running sum in these builds: every FADD into l is compiled out.
-    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
-    assert "if constexpr (!ROWSUM_MMA) l[(i >> 1) & 1] += s[i];" in src
-    assert src.count("if constexpr (!ROWSUM_MMA) l[r] *= alpha[r];") == 2
 
 
 def _f32(bits: int) -> float:
@@ -1355,48 +1333,6 @@ def test_gpu_24_split_loop_equals_one_loop(monkeypatch, n, m, d, wg3, overlap):
         assert rel_err(outs[1], ref) < TOL[torch.bfloat16], kw
 
 
-@gpu_test
-@pytest.mark.parametrize("n,m,d,wg3,dtype", [(0, 4, 128, False, torch.bfloat16), (2, 4, 128, False, torch.float16),
-                                             (4, 8, 128, False, torch.bfloat16), (8, 16, 128, False, torch.bfloat16),
-                                             (3, 16, 64, False, torch.float16), (0, 4, 64, True, torch.float16),
-                                             (4, 8, 64, True, torch.bfloat16)],
-                         ids=lambda x: str(x))
-def test_gpu_25_rowsum_mma_against_reference(monkeypatch, n, m, d, wg3, dtype):
-    """The row sums on the tensor cores (MODELOPT_SPARSE_HOPPER_ROWSUM_MMA=1): output and the
-    saved log-sum-exp against the float64 reference and the one-loop default, with the running
-    max growing tile after tile (the ones accumulator is rescaled with O), empty rows (sum 0:
-    output 0, lse -inf), sinks, the dense window, a sliding window, decode rows, chunked prefill."""
-    _set_schedule(monkeypatch, (True, not (n and m >= 8) and not wg3, not wg3, True, True))
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
-    lens_q, lens_k = [1, 300, 5, 700, 150], [1, 300, 900, 700, 20]
-    q, k, v = _random(lens_q, lens_k, 4, 2, d, seed=25 + n + d)
-    pos = torch.cat([torch.arange(n_, dtype=torch.float64) for n_ in lens_k])
-    k = k * (1.0 + 2.0 * (1.0 - pos / 900.0))[:, None, None]  # larger scores toward each sequence's start
-    sq, lq, mq, _ = varlen(lens_q, "cuda")
-    sk, lk, mk, _ = varlen(lens_k, "cuda")
-    for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
-        kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
-        params = _params(softmax_scale=d ** -0.5, **kw)
-        xs = [t.to("cuda", dtype) for t in (q, k, v)]
-        outs = {}
-        for on in (0, 1):
-            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", str(on))
-            outs[on] = ha.forward_with_lse(*xs, sq, lq, mq, sk, lk, params, covered=True)
-        ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, [q, k, v], "torch", **kw)
-        out, lse = outs[1]
-        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype], kw
-        assert rel_err(out, outs[0][0]) < TOL[dtype] / 2, kw
-        # Same rows empty, the rest within the 16-bit rounding of P (relative 2^-8 on the sum).
-        base = outs[0][1]
-        assert torch.equal(torch.isinf(lse), torch.isinf(base)), kw
-        finite = torch.isfinite(base)
-        assert (lse[finite] - base[finite]).abs().max().item() < 1e-2, kw
-        if not kw.get("is_causal", True):
-            continue
-        assert out[sum(lens_q[:4]):sum(lens_q[:4]) + 130].abs().max().item() == 0.0  # q_len > kv_len: empty rows
-
-
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
     """The timing table checks an engine row by its last rows against the float32 reference of
     those rows as a chunk against every key: the same values as the whole call's last rows."""
@@ -1423,11 +1359,10 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
 
     from modelopt_sparse.kernels.api import attention as api_attention
 
-    seen, rowsum = [], []
+    seen = []
 
     def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
         seen.append(hv.schedule_from_env(q.shape[-1], params.sparsity_n, params.sparsity_m))
-        rowsum.append(os.environ.get("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA") == "1")
         out = api_attention(q, k, v, q_start, q_len, max_q, b_start_loc_k=k_start, b_seq_len_k=k_len,
                             max_input_len_k=max_q, is_causal=params.is_causal, softmax_scale=params.softmax_scale,
                             sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
@@ -1448,9 +1383,6 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
         assert ("WRONG" in line) == ("sparse-pv" in line), line
     assert "FASTEST " in table and "BEST_SCHEDULE MODELOPT_SPARSE_HOPPER_PINGPONG=" in table
     assert len({tuple(sorted(s.items())) for s in seen}) > 5  # the schedules really change
-    # The row-sum A/B rows: each kernel once without and once with the switch set while it runs.
-    assert sum("rowsum-mma" in line for line in engine_rows) == len(hs.ROWSUM_MMA_BENCH)
-    assert 2 * len(hs.ROWSUM_MMA_BENCH) <= sum(rowsum) < len(rowsum)
 
 
 @gpu_test

@@ -97,9 +97,6 @@
 #ifndef NMH_SPLIT_LOOP
 #define NMH_SPLIT_LOOP 0
 #endif
-#ifndef NMH_ROWSUM_MMA
-#define NMH_ROWSUM_MMA 0
-#endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
 #define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))
@@ -189,12 +186,6 @@ constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
 // body, the D = 64 three-warpgroup overlap variants spill 144 B, inside the loop; built with
 // the interior path alone (NMH_SASS_INTERIOR) they spill nothing.
 constexpr bool SPLIT_LOOP = NMH_SPLIT_LOOP != 0;
-// The row sums of P on the tensor cores (session 14, not yet timed): each P.V also multiplies
-// P by a 128 x 8 block of ones (8 wgmma m64n8k16, 4 accumulator registers, every column the
-// row sum), so the softmax keeps no running sum: 64 FADDs a tile fewer on the issue slots,
-// which the N:M selection fills (its FMNMX network). The sum is then over the 16-bit P that
-// P.V multiplies, the normalizer of exactly the weights O holds.
-constexpr bool ROWSUM_MMA = NMH_ROWSUM_MMA != 0;
 // Which softmax path a loop body runs: decided per tile at run time, or fixed by the loop.
 template <int K>
 struct TileKind {
@@ -207,7 +198,6 @@ using InteriorTile = TileKind<2>;
 // into the operand registers after the wait that frees P(j-1)'s: with overlap that P.V is still
 // in flight during the softmax (without, ptxas coalesces the two sets and the moves vanish).
 // The probe build checks the dense path only.
-static_assert(!(ROWSUM_MMA && SPARSE_PV), "the ones-block row sum with the dense P.V only");
 static_assert(!SPARSE_PV || (NMH_SPARSITY_N == 2 && NMH_SPARSITY_M == 4 && !NMH_PROBE && NMH_CONSUMERS == 2),
               "sparse P.V: 2:4, no probe, two consumer warpgroups");
 // TMA's element stride is at most 8, so M = 16 keeps the cp.async producer (the host never
@@ -235,9 +225,7 @@ constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
 constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
 constexpr int BAR_Q = 0, BAR_FULL_K = 1, BAR_FULL_V = 1 + STAGES, BAR_EMPTY_K = 1 + 2 * STAGES,
               BAR_EMPTY_V = 1 + 3 * STAGES, NUM_BARS = 1 + 4 * STAGES;
-// NMH_ROWSUM_MMA: 1 KB of 16-bit ones (the B operand of the row-sum MMAs) after the barriers.
-constexpr int ONES_OFF = BAR_OFF + 1024;
-constexpr int SMEM_BYTES = (ROWSUM_MMA ? ONES_OFF + 1024 : BAR_OFF + 8 * NUM_BARS) + 1024;  // + slack to align the base to 1024
+constexpr int SMEM_BYTES = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
 // 128*40 + 256*232 = 384*168 (cp.async: the producer computes 128 addresses a tile). The TMA
 // producer is one thread with a few scalars: 24, and the consumers get FA3's 240.
 // Three consumers (512 threads, 128 registers each at launch): 24/160 (TMA) or 40/152.
@@ -455,7 +443,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
       mc[r] = mn == -INFINITY ? 0.f : mn * c;
       alpha[r] = grow ? ex2(fmaf(m[r], c, -mc[r])) : 1.f;
       m[r] = mn;
-      if constexpr (!ROWSUM_MMA) l[r] *= alpha[r];
+      l[r] *= alpha[r];
       grow_any |= grow;
     } else {
       const float mn = fmaxf(m[r], mx[r]);
@@ -463,7 +451,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
       mc[r] = mn == -INFINITY ? 0.f : mn * c;
       alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
       m[r] = mn;
-      if constexpr (!ROWSUM_MMA) l[r] *= alpha[r];
+      l[r] *= alpha[r];
     }
   }
   if constexpr (SPARSE_PV) {
@@ -581,7 +569,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     s[i] = ex2(s[i]);
-    if constexpr (!ROWSUM_MMA) l[(i >> 1) & 1] += s[i];
+    l[(i >> 1) & 1] += s[i];
   }
   if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
   return true;
@@ -608,16 +596,6 @@ __device__ __forceinline__ void pv_gemm(float (&o)[DD / 2], const uint32_t (&pr)
       if constexpr (F16) wgmma_pv_rs_n64_f16(o, pr[kk], d, 1);
       else wgmma_pv_rs_n64_bf16(o, pr[kk], d, 1);
     }
-  }
-}
-// NMH_ROWSUM_MMA: lsum += P . ones (8 k-steps; every step reads the same 256 bytes of ones,
-// K-major, no swizzle). Issued right after pv_gemm, in the same commit group.
-template <bool F16>
-__device__ __forceinline__ void rowsum_gemm(float (&lsum)[4], const uint32_t (&pr)[8][4], uint64_t dones) {
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    if constexpr (F16) wgmma_rowsum_rs_n8_f16(lsum, pr[kk], dones, 1);
-    else wgmma_rowsum_rs_n8_bf16(lsum, pr[kk], dones, 1);
   }
 }
 // O *= alpha per row (the online softmax's correction when the running max grew).
@@ -738,13 +716,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       mbar_init(bar(BAR_FULL_V + s), FULL_ARRIVALS);
       mbar_init(bar(BAR_EMPTY_K + s), CONSUMER_WARPS);
       mbar_init(bar(BAR_EMPTY_V + s), CONSUMER_WARPS);
-    }
-  }
-  if constexpr (ROWSUM_MMA) {
-    if (threadIdx.x < 256) {  // 1 KB of 16-bit ones, made visible to the tensor cores' (async) proxy
-      const uint32_t one2 = FP16 ? 0x3C003C00u : 0x3F803F80u;
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sbase + ONES_OFF + 4u * threadIdx.x), "r"(one2) : "memory");
-      fence_proxy_async();
     }
   }
   __syncthreads();
@@ -940,14 +911,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
-  float lsum[4] = {0.f, 0.f, 0.f, 0.f};  // NMH_ROWSUM_MMA: the m64n8 accumulator of P . ones
 
   if (nt > 0) {
     const uint64_t dq = make_desc_sw128(sbase + Q_OFF + wgc * 64 * 128, 16, 1024);
     auto desc_k = [&](int s) { return make_desc_sw128(sbase + K_OFF + s * TILE_BYTES, 16, 1024); };
     auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * TILE_BYTES, ATOM_BYTES, 1024); };
-    // Ones, K-major without swizzle: core matrices of 8 rows x 16 B, the two along K 128 B apart.
-    const uint64_t dones = make_desc(sbase + ONES_OFF, 128, 256, 0);
     // Named barrier ids (ping-pong): a ring of turns, warpgroup c waits on 1 + c and hands the
     // turn to the next one (1 + (c + 1) % NC); 256 = the waiter's and the arriver's threads.
     // (Two warpgroups: written as before the ring existed, so that the verified ping-pong
@@ -1009,15 +977,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     auto pv = [&](int stage) {
       if constexpr (SPARSE_PV) pv_gemm_sparse<FP16, D>(o, pr, meta, dsl, sp_tile ? 1 : 2);
       else pv_gemm<FP16, D>(o, pr, desc_v(stage));
-      if constexpr (ROWSUM_MMA) rowsum_gemm<FP16>(lsum, pr, dones);
     };
     // Warp-uniform branch around ordinary FMULs (no wgmma inside: the warpgroup's MMAs stay
     // in step whatever each warp decides).
     auto maybe_rescale = [&]() {
-      if (!LEAN || need_rescale) {
-        rescale_o(o, alpha);
-        if constexpr (ROWSUM_MMA) rescale_o(lsum, alpha);
-      }
+      if (!LEAN || need_rescale) rescale_o(o, alpha);
     };
 
     mbar_wait(bar(BAR_Q), 0, 1);
@@ -1065,7 +1029,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         softmax(i, kind);
         wg_wait<0>();  // P.V(i-1) done: its P registers and V stage are free
         reg_fence(o);
-        if constexpr (ROWSUM_MMA) reg_fence(lsum);
         reg_fence(s_acc);
         __syncwarp();
         if (lane == 0) mbar_arrive(bar(BAR_EMPTY_V + sp));
@@ -1073,7 +1036,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         wg_wait<0>();
         reg_fence(s_acc);
         reg_fence(o);
-        if constexpr (ROWSUM_MMA) reg_fence(lsum);
         __syncwarp();
         if (lane == 0) {
           mbar_arrive(bar(BAR_EMPTY_K + s));
@@ -1107,19 +1069,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     if constexpr (!SPARSE_PV) wg_commit();
     wg_wait<0>();
     reg_fence(o);
-    if constexpr (ROWSUM_MMA) reg_fence(lsum);
   }
 
   // -------------------------------------------------------------------- epilogue
-  if constexpr (ROWSUM_MMA) {  // every column of the ones product is the whole row's sum
-    l[0] = lsum[0];
-    l[1] = lsum[2];
-  } else {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -162,18 +162,14 @@ __device__ __forceinline__ void reg_fence(uint32_t (&x)[R]) {
 
 // 64-bit wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"):
 // start address, leading and stride byte offsets (all >> 4), layout type in bits 62-63
-// (0 = no swizzle: core matrices of 8 rows x 16 bytes; 1 = 128-byte swizzle). Every tile
-// starts 1024-byte aligned, so the base offset is 0.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint32_t layout) {
+// (1 = 128-byte swizzle). Every tile starts 1024-byte aligned, so the base offset is 0.
+__device__ __forceinline__ uint64_t make_desc_sw128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   uint64_t d = 0;
   d |= (uint64_t)((addr & 0x3FFFFu) >> 4);
   d |= (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16;
   d |= (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32;
-  d |= (uint64_t)layout << 62;
+  d |= (uint64_t)1 << 62;
   return d;
-}
-__device__ __forceinline__ uint64_t make_desc_sw128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return make_desc(addr, lbo, sbo, 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from ..reference import SparseParams
 from .build import NVCC_FLAGS, SOURCE_DIR, cache_dir, compile_variant, find_nvcc, nvcc_version, ptxas_summary
 from .engine import LOG2E, forward, forward_with_lse
-from .variant_sets import (ROWSUM_MMA_BENCH, SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
+from .variant_sets import (SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
                            BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES, _sched, standard_variants)
 from .variants import _SCHEDULE_ENV, SCHEDULE_FIELDS, Variant, _parse_tag, schedule_env
 
@@ -202,8 +202,7 @@ def _sched_label(sched: dict) -> str:
     names = (("pingpong", "pp"), ("late_rescale", "late"), ("tma", "tma"), ("lean", "lean"))
     parts = [short for f, short in names if sched[f]] + ([] if sched["overlap"] else ["no-ovl"]) + \
         (["3wg"] if sched.get("wg3") else []) + (["sparse-pv"] if sched.get("sparse_pv") else []) + \
-        (["tma3d"] if sched.get("tma3d") else []) + (["split"] if sched.get("split_loop") else []) + \
-        (["rowsum-mma"] if sched.get("rowsum_mma") else [])
+        (["tma3d"] if sched.get("tma3d") else []) + (["split"] if sched.get("split_loop") else [])
     return " ".join(parts) or "base"  # the first verified schedule (overlap only), not the measured default
 
 
@@ -263,12 +262,6 @@ def _bench(args) -> int:
     for t in BENCH_SCHEDULES:
         plan.append((128, True, 0, 4, "threshold", "hopper", _sched(t)))
     plan.append((128, True, 0, 4, "threshold", "sdpa", None))
-    # The row sums on the tensor cores (ROWSUM_MMA_BENCH), each kernel without and with, back to back.
-    for v in ROWSUM_MMA_BENCH:
-        sched = dict(((f, getattr(v, f)) for f in SCHEDULE_FIELDS), wg3=v.consumers == 3, tma3d=v.tma3d)
-        for on in (False, True):
-            plan.append((v.head_dim, True, v.sparsity_n, v.sparsity_m, "threshold", "hopper",
-                         dict(sched, rowsum_mma=on)))
     # The split tile loop (SPLIT_LOOP_BENCH), each kernel without and with it, back to back.
     for v in SPLIT_LOOP_BENCH:
         sched = dict(((f, getattr(v, f)) for f in SCHEDULE_FIELDS), wg3=v.consumers == 3, tma3d=v.tma3d)
@@ -306,7 +299,7 @@ def _bench(args) -> int:
     saved_env = {name: os.environ.get(name) for name in
                  list(_SCHEDULE_ENV.values()) + ["MODELOPT_SPARSE_HOPPER_D64_WG3", "MODELOPT_SPARSE_HOPPER_SPARSE_PV",
                                                  "MODELOPT_SPARSE_HOPPER_TMA3D", "MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
-                                                 "MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", "MODELOPT_SPARSE_HOPPER_CHECK"]}
+                                                 "MODELOPT_SPARSE_HOPPER_CHECK"]}
     best = fastest = None
     announced = False
     for d, causal, n, m, tie, impl, sched in plan:
@@ -335,7 +328,6 @@ def _bench(args) -> int:
                 os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = str(int(sched.get("sparse_pv", False)))
                 os.environ["MODELOPT_SPARSE_HOPPER_TMA3D"] = str(int(sched.get("tma3d", False)))
                 os.environ["MODELOPT_SPARSE_HOPPER_SPLIT_LOOP"] = str(int(sched.get("split_loop", False)))
-                os.environ["MODELOPT_SPARSE_HOPPER_ROWSUM_MMA"] = str(int(sched.get("rowsum_mma", False)))
 
                 def run():
                     return forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True, with_lse=False)[0]

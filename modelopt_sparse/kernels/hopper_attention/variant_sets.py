@@ -96,34 +96,26 @@ def bench_variants() -> list[Variant]:
     out.append(Variant(sparsity_n=8, sparsity_m=16, tie_index=True))
     out += [Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **_sched(t)) for t in BENCH_SCHEDULES_TMA3D]
     out += [dataclasses.replace(v, split_loop=split) for v in SPLIT_LOOP_BENCH for split in (False, True)]
-    out += [dataclasses.replace(v, rowsum_mma=on) for v in ROWSUM_MMA_BENCH for on in (False, True)]
     return out
 
 
 # The split tile loop (split_loop: an edge-tile loop and an interior-tile loop), timed beside
-# the same kernels with one loop: every pattern under its measured schedule, dense D = 64 with
-# three consumer warpgroups, and those with overlap and late rescale too (FA4's D = 64 shape
-# overlaps; with one loop that variant spills 144 B inside the loop, split 5 spill
-# instructions remain in the interior loop).
+# the same kernels with one loop: every pattern under its measured schedule (dense D = 64 with
+# three consumer warpgroups overlaps since session 14; with one loop it spills 144 B inside the
+# loop, split 5 spill instructions remain in the interior loop), and the alternatives below.
 SPLIT_LOOP_BENCH = [
     Variant(**measured_schedule(128, 0, 4)),
     Variant(sparsity_n=2, sparsity_m=4, **measured_schedule(128, 2, 4)),
     Variant(sparsity_n=4, sparsity_m=8, **measured_schedule(128, 4, 8)),
     Variant(sparsity_n=8, sparsity_m=16, tma3d=True, **measured_schedule(128, 8, 16)),
     Variant(head_dim=64, consumers=3, **measured_schedule(64, 0, 4)),
-    Variant(head_dim=64, consumers=3, pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True),
-    # 4:8 and 8:16 with overlap (no spill in either loop form, but 8 % slower than without
-    # overlap with one loop, session 13): whether the leaner interior loop changes that.
+    # The schedules before session 14 (D = 64 three warpgroups and 8:16 without overlap), and
+    # 4:8 with overlap (slower than without in one loop, sessions 10 and 14).
+    Variant(head_dim=64, consumers=3, pingpong=True, overlap=False, late_rescale=False, tma=True, lean=True),
     Variant(sparsity_n=4, sparsity_m=8, pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True),
-    Variant(sparsity_n=8, sparsity_m=16, tma3d=True, pingpong=True, overlap=True, late_rescale=True, tma=True,
+    Variant(sparsity_n=8, sparsity_m=16, tma3d=True, pingpong=True, overlap=False, late_rescale=True, tma=True,
             lean=True),
 ]
-
-
-# The row sums on the tensor cores (rowsum_mma), timed beside the same kernels without: every
-# pattern under its measured schedule (D = 128; the N:M loops are issue-bound, where 64 FADDs a
-# tile fewer should show), and dense D = 64 with three consumer warpgroups.
-ROWSUM_MMA_BENCH = SPLIT_LOOP_BENCH[:5]
 
 
 def standard_variants(probe: bool = True, schedule: dict | str | None = None) -> list[Variant]:

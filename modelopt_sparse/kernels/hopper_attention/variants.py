@@ -50,11 +50,6 @@ class Variant:
     # softmax path (session 13: compile-checked, not yet timed; MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1,
     # tag flag "l"). Same results tile for tile: every tile is classified as before.
     split_loop: bool = False
-    # The row sums of P on the tensor cores: with each P.V, 8 more wgmma m64n8k16 multiply P
-    # by a block of ones in shared memory, so the softmax drops its 64 FADDs a tile (session 14:
-    # compile-checked, not yet timed; MODELOPT_SPARSE_HOPPER_ROWSUM_MMA=1, tag flag "u"). The
-    # sums then come from the 16-bit P that P.V uses. Not with sparse_pv.
-    rowsum_mma: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -83,7 +78,7 @@ class Variant:
         if v.sparse_pv and ((v.sparsity_n, v.sparsity_m) != (2, 4) or v.probe):
             v = dataclasses.replace(v, sparse_pv=False)
         if v.sparse_pv:
-            v = dataclasses.replace(v, consumers=2, rowsum_mma=False)
+            v = dataclasses.replace(v, consumers=2)
         if v.sparsity_n == 0:
             v = dataclasses.replace(v, sparsity_m=4, tie_index=False)
         # Grouped 4-D maps: only where the element-strided map cannot go (M = 16), with TMA, two
@@ -100,8 +95,7 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("l", self.split_loop), ("u", self.rowsum_mma),
-                                        ("x", self.probe))
+                                        ("l", self.split_loop), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -114,21 +108,25 @@ class Variant:
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
-                             ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_ROWSUM_MMA=1", v.rowsum_mma)) if on]
+                             ("-DNMH_SPLIT_LOOP=1", v.split_loop)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
     """The schedule a kernel runs unless the environment overrides a switch: the fastest one
     whose output matched on the H200 (docs/hopper_engine.md, session 10 table). Ping-pong
     consumers, FA3's late rescale, the TMA producer and FA4's conditional rescale everywhere;
-    overlap of the next Q.K^T with this tile's softmax only up to M = 4: at M = 8 and 16 the
-    selection's registers make the overlapped variant slower (4:8 454 vs 489 TFLOPS, 8:16 338
-    vs 379), and at dense and 2:4 faster (660 vs 613, 558 vs 519)."""
+    overlap of the next Q.K^T with this tile's softmax except at M = 8 (and at M = 16 with
+    D = 64, never timed): there the selection's registers make the overlapped variant slower
+    (4:8 454 vs 489 TFLOPS; session 14: 451-460 vs 471-486); at dense and 2:4 it is faster
+    (660 vs 613, 558 vs 519). 8:16 at D = 128 (grouped 4-D maps) overlaps since session 14:
+    455-473 against 439-446 without, same run (with cp.async, session 10: 338 vs 379)."""
     if measured_consumers(head_dim, sparsity_n, sparsity_m) == 3:
-        # Dense D = 64 runs three consumer warpgroups, whose ring has no overlap and no late
-        # rescale (440 TFLOPS against 388 for the two-warpgroup schedule below).
-        return dict(pingpong=True, overlap=False, late_rescale=False, tma=True, lean=True)
-    return dict(pingpong=True, overlap=not (sparsity_n and sparsity_m >= 8), late_rescale=True, tma=True, lean=True)
+        # Dense D = 64 runs three consumer warpgroups (440 TFLOPS against 388 for two, session
+        # 10), with overlap and late rescale since session 14: 443-446 against 415-431 without
+        # (same run), although ptxas then spills 144 B in the tile loop.
+        return dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
+    no_overlap = bool(sparsity_n) and (sparsity_m == 8 or (sparsity_m == 16 and head_dim != 128))
+    return dict(pingpong=True, overlap=not no_overlap, late_rescale=True, tma=True, lean=True)
 
 
 def measured_tma3d(sparsity_n: int, sparsity_m: int) -> bool:
@@ -154,9 +152,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
-    tile loop; 1: separate edge and interior loops, not yet timed) and
-    MODELOPT_SPARSE_HOPPER_ROWSUM_MMA (default 0; 1: P's row sums on the tensor cores, not yet
-    timed)."""
+    tile loop; 1: separate edge and interior loops, not yet timed)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -169,7 +165,6 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
         split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
-        rowsum_mma=env_flag("MODELOPT_SPARSE_HOPPER_ROWSUM_MMA", False),
         probe=probe,
     ).canonical()
 
@@ -206,4 +201,4 @@ def _parse_tag(tag: str) -> Variant:
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
-                   split_loop="l" in flags, rowsum_mma="u" in flags, probe="x" in flags)
+                   split_loop="l" in flags, probe="x" in flags)
