@@ -67,9 +67,52 @@ def main() -> None:
         rows.append(("validation only (api checks)", _per_call_us(lambda: (
             api._check_tensors(q, k, v), api._check_metadata(q, k, starts, lens, 16, starts, lens, 16)), args.calls)))
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        q4g, k4g, v4g = (t.transpose(0, 1)[None] for t in (qg, kg, vg))
+        kept = []
         with torch.enable_grad():  # autograd records the call (the model benchmark's host case, autograd)
+            rows.append(("sdpa, q/k/v require grad", _per_call_us(
+                lambda: torch.nn.functional.scaled_dot_product_attention(q4g, k4g, v4g, is_causal=True),
+                args.calls)))
             rows.append(("mts.attention dense, q/k/v require grad", _per_call_us(
                 lambda: mts.attention(qg, kg, vg, starts, lens, 16), args.calls)))
+            rows.append(("  same, outputs kept (no graph teardown)", _per_call_us(
+                lambda: kept.append(mts.attention(qg, kg, vg, starts, lens, 16)), args.calls)))
+            kept.clear()
+            rows.append(("  triton_attention (after validation)", _per_call_us(
+                lambda: ta.triton_attention(qg, kg, vg, starts, lens, 16, starts, lens, 16, params), args.calls)))
+            rows.append(("  _forward_launch with lse (no node)", _per_call_us(
+                lambda: launch._forward_launch(q, k, v, starts, lens, starts, lens, 16, 16, True, False, params,
+                                               True), args.calls)))
+
+            class _Identity(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x, y, z):
+                    ctx.save_for_backward(x, y, z)
+                    return x.view_as(x)
+
+                @staticmethod
+                def backward(ctx, g):
+                    return g, None, None
+
+            rows.append(("  an empty autograd.Function (3 inputs)", _per_call_us(
+                lambda: _Identity.apply(qg, kg, vg), args.calls)))
+            rows.append(("  qg * 1 (one aten op with a node)", _per_call_us(lambda: qg * 1, args.calls)))
+            graph_profiler = cProfile.Profile()
+            graph_profiler.enable()
+            for _ in range(args.calls):
+                mts.attention(qg, kg, vg, starts, lens, 16)
+            graph_profiler.disable()
+            torch.cuda.synchronize()
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as torch_prof:
+                for _ in range(50):
+                    mts.attention(qg, kg, vg, starts, lens, 16)
+                for _ in range(50):
+                    torch.nn.functional.scaled_dot_product_attention(q4g, k4g, v4g, is_causal=True)
+                torch.cuda.synchronize()
+        print(torch_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+        print("cProfile of the autograd path:")
+        pstats.Stats(graph_profiler).sort_stats("tottime").print_stats(args.top)
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.calls):
