@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import os
 
+# Some switches are read on every attention call (backend="auto" asks MODELOPT_SPARSE_HOPPER,
+# the launch path TRITON_INTERPRET). ``os.environ.get`` encodes the key and decodes the value
+# each time (~1 µs); the mapping underneath (CPython's ``os.environ._data``, which every
+# ``os.environ[...] = ...`` and ``monkeypatch.setenv`` updates) answers in ~0.1 µs. Platforms
+# without it take os.environ.get.
+_RAW = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+_DECODE = getattr(os.environ, "decodevalue", None)
+_KEYS: dict = {}
+
+
+def env_value(name: str, default: str = "") -> str:
+    """``os.environ.get(name, default)``, cheaper."""
+    if _RAW is None or _ENCODE is None or _DECODE is None:
+        return os.environ.get(name, default)
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = _ENCODE(name)
+    raw = _RAW.get(key)
+    return default if raw is None else _DECODE(raw)
+
 
 def env_flag(name: str, default: bool) -> bool:
     """A 0/1 environment switch: unset or empty gives ``default``; anything other than 0 or
     1 is a mistake worth hearing about (ValueError)."""
-    value = os.environ.get(name, "").strip()
+    value = env_value(name).strip()
     if value == "":
         return default
     if value not in ("0", "1"):
