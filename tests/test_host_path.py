@@ -402,8 +402,8 @@ def test_autograd_call_allocates_out_and_lse_only_and_runs_from_the_launch_plan(
     monkeypatch.setattr(ops, "_forward_launch", lambda *a, **kw: (seen.append(a[11]), launch(*a, **kw))[1])
     with tool.stub_forward_kernel() as stub:
         # Recorded: out, lse, and the detach that saving out for the backward costs.
-        for grad, expected in ((False, ["aten.new_empty"]),
-                               (True, ["aten.new_empty", "aten.new_empty", "aten.detach"])):
+        for grad, expected in ((False, ["aten.empty_like"]),
+                               (True, ["aten.empty_like", "aten.new_empty", "aten.detach"])):
             call, (q, k, v) = tool.host_case(grad)
             with torch.set_grad_enabled(grad):
                 call()
