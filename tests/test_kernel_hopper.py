@@ -1216,7 +1216,7 @@ def test_gpu_18_lean_rescale_with_growing_max(monkeypatch, sched, n, m):
 
 @gpu_test
 @pytest.mark.parametrize("n,m", [(0, 4), (2, 4), (4, 8), (8, 16)])
-@pytest.mark.parametrize("sched", [tuple(t) for t in hs.BENCH_SCHEDULES_WG3], ids=_sched_id)
+@pytest.mark.parametrize("sched", [tuple(t) for t in hs.TEST_SCHEDULES_WG3], ids=_sched_id)
 def test_gpu_19_three_consumer_warpgroups_d64(monkeypatch, sched, n, m):
     """D = 64 with three consumer warpgroups: the ring of three ping-pong turns, the 192-row Q
     tile (a 192-row TMA box), N:M selection, sinks and the dense window, GQA; 8:16 (no TMA for

@@ -72,6 +72,9 @@ TEST_SCHEDULES = [(T, F, F, F, F), (T, F, T, T, T)]
 # late rescale (P(j-1) stays alive: ptxas spills 144 B at 160 registers, and it is still faster);
 # SPLIT_LOOP_BENCH times it, the measured-schedule GPU tests run it.
 BENCH_SCHEDULES_WG3 = [(T, F, F, T, F), (T, F, F, T, T), (T, F, T, T, T)]
+# The GPU tests of three warpgroups (test_gpu_19, NEW_VARIANT_TESTS) also run the measured
+# schedule's overlapped form, with every pattern.
+TEST_SCHEDULES_WG3 = BENCH_SCHEDULES_WG3 + [(T, T, T, T, T)]
 
 
 # Stage 3 (2:4 P.V through wgmma.sp), timed and tested with these schedules: the cp.async
@@ -171,10 +174,10 @@ NEW_VARIANT_TESTS = [Variant(head_dim=128, sparsity_n=n, sparsity_m=m, **_sched(
                      for t in NEW_VARIANT_SCHEDULES for n, m in NEW_VARIANT_PATTERNS] + \
                     [Variant(head_dim=64, fp16=h, **_sched(t)) for t in NEW_VARIANT_SCHEDULES
                      for h in (False, True)] + \
-                    [Variant(head_dim=64, fp16=h, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3
+                    [Variant(head_dim=64, fp16=h, consumers=3, **_sched(t)) for t in TEST_SCHEDULES_WG3
                      for h in (False, True)] + \
                     [Variant(head_dim=64, sparsity_n=n, sparsity_m=m, fp16=True, consumers=3, **_sched(t))
-                     for t in BENCH_SCHEDULES_WG3 for n, m in ((0, 4), (2, 4), (4, 8), (8, 16))] + \
+                     for t in TEST_SCHEDULES_WG3 for n, m in ((0, 4), (2, 4), (4, 8), (8, 16))] + \
                     [Variant(sparsity_n=n, sparsity_m=4 if n == 0 else 8, lean=True) for n in (0, 4)] + \
                     [Variant(head_dim=d, sparsity_n=2, sparsity_m=4, tie_index=tie, fp16=h, sparse_pv=True, **_sched(t))
                      for t in BENCH_SCHEDULES_SPARSE_PV for d in HEAD_DIMS for tie in (False, True)
