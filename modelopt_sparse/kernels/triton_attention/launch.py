@@ -160,9 +160,27 @@ def _forward_outputs(q, q_covered, with_lse, with_stats):
         out = torch.empty_like(q) if q.is_contiguous() else q.new_empty(q.shape)
     else:
         out = q.new_zeros(q.shape)
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if with_lse else out
+    lse = _empty_lse(q) if with_lse else out
     row_stats = q.new_zeros(*q.shape[:-1], 3, dtype=torch.float32) if with_stats else None
     return out, lse, row_stats
+
+
+_LSE_TEMPLATES: dict = {}
+
+
+def _empty_lse(q):
+    """An uninitialised fp32 ``q.shape[:-1]`` on q's device. Through ``empty_like`` of a
+    broadcast one-element template (4 bytes, remembered per shape and device), which skips
+    ``new_empty``'s argument parsing: ~1.5 µs less host time per call that stores the lse."""
+    if torch.compiler.is_compiling():
+        return q.new_empty(q.shape[:-1], dtype=torch.float32)
+    key = (q.shape, q.get_device() if q.is_cuda else q.device)
+    template = _LSE_TEMPLATES.get(key)
+    if template is None:
+        template = q.new_empty(1, dtype=torch.float32).expand(q.shape[:-1])
+        if len(_LSE_TEMPLATES) < 256:
+            _LSE_TEMPLATES[key] = template
+    return torch.empty_like(template)
 
 
 def _forward_args(q, k, v, out, lse, row_stats, q_start, q_len, k_start, k_len, max_q, params, with_lse,

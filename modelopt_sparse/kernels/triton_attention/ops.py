@@ -133,8 +133,9 @@ class _NoSecondDerivativeOfSinks(_NoSecondDerivative):
 
 # What Function.apply (Python) does for a Function without setup_context while no functorch
 # transform is active: unwrap dead functorch wrappers among the tensor arguments, then call
-# the C half. The eager path does that itself (~2 us less per call on the CPU harness,
-# tools/host_cost_cpu.py); with a transform active it calls Function.apply, which raises
+# the C half. The eager path does that itself for q, k, v and the sinks (~2 us less per call
+# on the CPU harness, tools/host_cost_cpu.py; the int32 metadata need no unwrapping: nothing
+# differentiates through them); with a transform active it calls Function.apply, which raises
 # torch's message as before. A torch without these internals gets Function.apply.
 _unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -184,9 +185,9 @@ def triton_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, para
         scalars = (max(int(max_q), 1), max(int(max_k), 1), bool(covered[0]), bool(covered[1]), stats is not None,
                    _plain_params(p))
         if _eager_apply is not None and not _functorch_active():
-            u = _unwrap_if_dead
+            u = _unwrap_if_dead  # the differentiable inputs; the int32 metadata are read as they are
             result = _eager_apply(u(q), u(k), u(v), None if learned_sinks is None else u(learned_sinks),
-                                  (u(q_start), u(q_len), u(k_start), u(k_len), scalars))
+                                  (q_start, q_len, k_start, k_len, scalars))
         else:
             result = _EagerAttention.apply(q, k, v, learned_sinks, (q_start, q_len, k_start, k_len, scalars))
         if stats is None:
