@@ -386,6 +386,30 @@ def _needs_triton():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
 
 
+def test_lse_templates_never_hold_fake_tensors():
+    """The lse's broadcast template is remembered per shape and device; under a fake mode (the
+    traced forward that torch.compile runs with fake tensors, where Dynamo's is_compiling() is
+    False) the lse must come from new_empty and leave nothing behind: a fake template made
+    every later compile fail with "Mixing fake modes" (the H200 run of 148267f)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from modelopt_sparse.kernels.triton_attention import launch
+
+    shape = (37, 3, 16)  # a shape no other test uses
+    launch._LSE_TEMPLATES.clear()
+    with FakeTensorMode():
+        lse = launch._empty_lse(torch.empty(shape, dtype=torch.bfloat16))
+    assert isinstance(lse, FakeTensor) and lse.shape == shape[:-1] and lse.dtype == torch.float32
+    assert launch._LSE_TEMPLATES == {}
+    q = torch.empty(shape, dtype=torch.bfloat16)
+    lse = launch._empty_lse(q)
+    assert type(lse) is torch.Tensor and lse.shape == shape[:-1] and lse.is_contiguous()
+    assert lse.dtype == torch.float32 and len(launch._LSE_TEMPLATES) == 1
+    assert launch._empty_lse(q).data_ptr() != lse.data_ptr()  # a new tensor each call
+    with FakeTensorMode():
+        assert isinstance(launch._empty_lse(torch.empty(shape, dtype=torch.bfloat16)), FakeTensor)
+
+
 def test_autograd_call_allocates_out_and_lse_only_and_runs_from_the_launch_plan(monkeypatch):
     """One mts.attention call that autograd records (the host case: 16 tokens, 4 heads, D=64)
     dispatches out, lse and the detach that saving out costs, and launches from the same
