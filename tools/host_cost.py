@@ -40,6 +40,17 @@ def _per_call_us(fn, calls):
     return best * 1e6
 
 
+def _profiled(fn, calls) -> cProfile.Profile:
+    """A cProfile run of ``calls`` back-to-back calls of ``fn``."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    return profiler
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
@@ -128,12 +139,7 @@ def main() -> None:
             rows.append(("  an empty autograd.Function (3 inputs)", _per_call_us(
                 lambda: _Identity.apply(qg, kg, vg), args.calls)))
             rows.append(("  qg * 1 (one aten op with a node)", _per_call_us(lambda: qg * 1, args.calls)))
-            graph_profiler = cProfile.Profile()
-            graph_profiler.enable()
-            for _ in range(args.calls):
-                mts.attention(qg, kg, vg, starts, lens, 16)
-            graph_profiler.disable()
-            torch.cuda.synchronize()
+            graph_profiler = _profiled(lambda: mts.attention(qg, kg, vg, starts, lens, 16), args.calls)
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as torch_prof:
                 for _ in range(50):
@@ -144,12 +150,8 @@ def main() -> None:
         print(torch_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         print("cProfile of the autograd path:")
         pstats.Stats(graph_profiler).sort_stats("tottime").print_stats(args.top)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(args.calls):
-            mts.attention(q, k, v, starts, lens, 16)
-        profiler.disable()
-        torch.cuda.synchronize()
+        profiler = _profiled(lambda: mts.attention(q, k, v, starts, lens, 16), args.calls)
+    print("cProfile of the inference path:")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
     print(f"{'path':45s} {'us/call':>8s}")
     for name, us in rows:
