@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on the Hopper engine (issue 15): where the consumer warps stall, per pattern.
 #
-# One launch of each kernel (S=8192, H=32, D=128, bf16, causal forward, the measured schedule;
+# One launch of each kernel (S=8192, H=32, D=128 or HEAD_DIM=64, bf16, causal forward, the measured schedule;
 # PATTERNS, default "dense 2:4 2:4+sp"; +sp: stage 3's P.V through wgmma.sp; "fa4": FlashAttention-4's
 # kernel on the same problem, when tools/device_fa4.sh installed it; the second launch is
 # profiled: the first call loads or compiles the kernel), sections SpeedOfLight,
@@ -28,7 +28,7 @@ import torch
 from modelopt_sparse.kernels import attention
 
 pattern, _, extra = sys.argv[1].partition("+")
-s, h, d = 8192, 32, 128
+s, h, d = 8192, 32, int(os.environ.get("HEAD_DIM", "128"))
 q, k, v = (torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 if pattern == "fa4":  # FlashAttention-4's sm90 kernel on the same problem (tools/device_fa4.sh installs it)
     from flash_attn.cute import flash_attn_func
