@@ -599,3 +599,24 @@ def test_cudagraph_forward_captures_side_by_side_then_pairs_rotating_rounds(monk
     for name in ("sdpa", "dense"):
         assert len(out[name]["round_ms"]) == 2 and out[name]["replay_vs_eager_max_abs"] == 0.0
     assert out["dense"]["paired_ratio_vs_sdpa"] > 0 and "paired_ratio_vs_sdpa" not in out["sdpa"]
+
+
+def test_host_case_rounds_rotate_their_order_and_pair_the_ratio(monkeypatch):
+    """The host case times blocks of back-to-back calls in the same rotating rounds as the
+    other side-by-side measurements, and its ratio is the per-round paired one: a host that
+    slows down over the run must not favour whichever implementation came first."""
+    from modelopt_sparse.bench.model import measure
+
+    host = _FakeHost(monkeypatch)
+    costs = {"sdpa": 1.0, "dense": 1.0, "2:4": 2.0}
+    monkeypatch.setattr(measure, "host_call_fn", lambda impl, grad, device: lambda: host.run(impl, costs[impl]))
+    out = measure.host_calls_interleaved(list(costs), False, torch.device("cpu"), calls=6, warmup=0, rounds=3)
+    # Three rounds of two calls each, in rotating order (as generate's rounds).
+    assert host.log == [n for n in ("sdpa", "dense", "2:4", "dense", "2:4", "sdpa", "2:4", "sdpa", "dense")
+                        for _ in range(2)]
+    # Call k costs cost * (1 + k); per call of a block: SDPA (2+3)/2, (12+13)/2, (16+17)/2 = 2.5,
+    # 12.5, 16.5; dense 4.5, 8.5, 18.5; paired dense/SDPA 1.8, 0.68, 1.12 -> 1.12 (the ratio of
+    # medians says 8.5 / 12.5 = 0.68). The fake clock counts seconds: 1e6 µs each.
+    assert out["dense"]["paired_ratio_vs_sdpa"] == pytest.approx(18.5 / 16.5)
+    assert out["sdpa"]["us_per_call"] == pytest.approx(12.5e6) and out["sdpa"]["calls"] == 6
+    assert out["dense"]["round_us"] == [4.5e6, 8.5e6, 18.5e6] and "round_ms" not in out["dense"]

@@ -573,16 +573,19 @@ def host_call_fn(impl: str, grad: bool, device):
                                  num_sink_tokens=0, dense_window_size=64, backend=backend)
 
 
-def host_calls_interleaved(impls, grad: bool, device, calls: int, warmup: int, rounds: int = 10) -> dict:
+def host_calls_interleaved(impls, grad: bool, device, calls: int, warmup: int, rounds: int = 30) -> dict:
     """µs per call of each implementation: ``calls`` back-to-back calls in total, split into
-    ``rounds`` blocks that take turns between the implementations (synchronised around each
-    block; the median block counts), so a drifting host affects every one alike. Garbage
-    collection is off inside the blocks, as timeit does: the first calls of an
-    implementation compile its kernels, and the objects that leaves behind made a later
-    full collection land in another implementation's loop. impl -> fields of its row."""
+    ``rounds`` blocks timed in the rotating order of every side-by-side measurement
+    (:func:`_timed_rounds`), with the paired ratio to SDPA per round (:func:`_round_fields`):
+    a host whose speed drifts, or that another process loads for a moment, then moves each
+    pair alike (session 15 read dense and 2:4, which run the same host code, 30 % apart with
+    ten fixed-order blocks). Garbage collection is off inside the rounds, as timeit does: the
+    first calls of an implementation compile its kernels, and the objects that leaves behind
+    made a later full collection land in another implementation's block. impl -> fields of
+    its row."""
     fns = {impl: host_call_fn(impl, grad, device) for impl in impls}
-    per_block = max(1, calls // rounds)
-    blocks = {impl: [] for impl in impls}
+    rounds = max(1, min(rounds, calls))
+    per_round = max(1, calls // rounds)
     with torch.set_grad_enabled(grad):
         for fn in fns.values():
             for _ in range(warmup):
@@ -591,19 +594,14 @@ def host_calls_interleaved(impls, grad: bool, device, calls: int, warmup: int, r
         gc.collect()
         gc.disable()
         try:
-            for _ in range(rounds):
-                for impl, fn in fns.items():
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(per_block):
-                        fn()
-                    sync(device)
-                    blocks[impl].append((time.perf_counter() - t0) / per_block)
+            times, _ = _timed_rounds(fns, device, rounds, per_round=per_round)
         finally:
             gc.enable()
-    out = {}
-    for impl, times in blocks.items():
-        us = sorted(times)[len(times) // 2] * 1e6
-        out[impl] = {"us_per_call": us, "ms": us / 1e3, "calls": per_block * rounds,
-                     "note": f"median of {rounds} blocks of {per_block} calls, in turn with the other implementations"}
+    out = _round_fields(times, per_round=per_round, speed=False)
+    for impl, fields in out.items():
+        fields["us_per_call"] = fields["ms"] * 1e3
+        fields["calls"] = per_round * rounds
+        # µs, not the rounded ms of the forward cases (a call is ~0.02 ms).
+        fields["round_us"] = [round(t * 1e3, 2) for t in times[impl]]
+        del fields["round_ms"]
     return out

@@ -35,7 +35,8 @@ def metric(row: dict) -> tuple[str, float | None]:
 
 def ratio(row: dict, sdpa: dict | None) -> float | None:
     """ours / SDPA in the row's own unit (time or tokens/s). Rows timed in paired rounds
-    (generate, eager and static-compiled; the compiled and CUDA-graph forwards) give the
+    (generate, eager and static-compiled; the compiled and CUDA-graph forwards; the host
+    case) give the
     median of their per-round ratios instead (drift cancels in each pair);
     :func:`ratio_of_medians` is the plain quotient."""
     plain = ratio_of_medians(row, sdpa)
@@ -225,7 +226,7 @@ def markdown_report(doc: dict) -> str:
             f"{settings['dtype']}, random weights, warm-up {settings['warmup']}, median of {settings['reps']} "
             f"(generate: {settings['gen_reps']} calls), MODELOPT_SPARSE_AUTOTUNE={settings.get('autotune')}.")
     models = "; ".join(f"{key}: {m['label']}" for key, m in MODELS.items())
-    parts = [head, "", f"Models: {models}. ours/SDPA: lower is faster for ms and µs, higher for tok/s; generate (eager and static) and the compiled and CUDA-graph forwards: the median of the per-round ratios (implementations side by side, rounds in rotating order), not the ratio of the medians shown.", "",
+    parts = [head, "", f"Models: {models}. ours/SDPA: lower is faster for ms and µs, higher for tok/s; generate (eager and static), the compiled and CUDA-graph forwards and the host case: the median of the per-round ratios (implementations side by side, rounds in rotating order), not the ratio of the medians shown.", "",
              results_table(doc["rows"], tuple(settings["impls"]), markdown=True), "",
              summary_table(doc["summary"], markdown=True)]
     return "\n".join(parts) + "\n"
