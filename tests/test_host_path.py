@@ -519,3 +519,26 @@ def test_params_reach_the_eager_function_as_plain_fields():
     got = _plain_params(odd)
     assert got == plain and got is not odd and type(got.sparsity_n) is int
     assert _plain_params(odd) is got
+
+
+def test_env_value_reads_what_os_environ_holds(monkeypatch):
+    """The cheap environment read agrees with os.environ: after a set, a delete, an empty
+    value, and when os.environ is replaced by another mapping altogether."""
+    import os
+
+    from modelopt_sparse.kernels.switches import env_flag, env_value
+
+    name = "MODELOPT_SPARSE_TEST_ENV_VALUE"
+    monkeypatch.delenv(name, raising=False)
+    assert env_value(name) == "" and env_value(name, "x") == "x" and env_flag(name, True) is True
+    monkeypatch.setenv(name, "0")
+    assert env_value(name) == "0" and env_flag(name, True) is False
+    monkeypatch.setenv(name, " 1 ")
+    assert env_flag(name, False) is True
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=name):
+        env_flag(name, False)
+    monkeypatch.delenv(name)
+    assert env_value(name, "d") == "d"
+    monkeypatch.setattr(os, "environ", {name: "1"})
+    assert env_value(name) == "1" and env_flag(name, False) is True

@@ -9,15 +9,17 @@ import os
 # each time (~1 µs); the mapping underneath (CPython's ``os.environ._data``, which every
 # ``os.environ[...] = ...`` and ``monkeypatch.setenv`` updates) answers in ~0.1 µs. Platforms
 # without it take os.environ.get.
-_RAW = getattr(os.environ, "_data", None)
-_ENCODE = getattr(os.environ, "encodekey", None)
-_DECODE = getattr(os.environ, "decodevalue", None)
+_ENVIRON = os.environ
+_RAW = getattr(_ENVIRON, "_data", None)
+_ENCODE = getattr(_ENVIRON, "encodekey", None)
+_DECODE = getattr(_ENVIRON, "decodevalue", None)
 _KEYS: dict = {}
 
 
 def env_value(name: str, default: str = "") -> str:
-    """``os.environ.get(name, default)``, cheaper."""
-    if _RAW is None or _ENCODE is None or _DECODE is None:
+    """``os.environ.get(name, default)``, cheaper (and exactly that when os.environ was
+    replaced by another mapping, as a test harness may)."""
+    if _RAW is None or _ENCODE is None or _DECODE is None or os.environ is not _ENVIRON:
         return os.environ.get(name, default)
     key = _KEYS.get(name)
     if key is None:
