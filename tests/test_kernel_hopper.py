@@ -1385,6 +1385,55 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
     assert len({tuple(sorted(s.items())) for s in seen}) > 5  # the schedules really change
 
 
+def test_ab_table_rotates_repeats_and_checks_each_kernel_on_the_cpu(monkeypatch, capsys):
+    """The A/B command (ab_table.py) on the CPU with the engine's forward stubbed by the
+    reference: each tag runs under the switches that select exactly its kernel, the repeats
+    rotate the order, the speed-up is the median of per-repeat ratios against the first tag,
+    a wrong kernel is flagged (and fails the command), and tags the switches cannot select are
+    refused before any launch."""
+    import argparse
+
+    from modelopt_sparse.kernels.api import attention as api_attention
+    from modelopt_sparse.kernels.hopper_attention import ab_table
+
+    seen = []
+
+    def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
+        variant = hv.variant_for(params, q.dtype, q.shape[-1])
+        seen.append(variant.tag)
+        out = api_attention(q.float(), k.float(), v.float(), q_start, q_len, max_q, is_causal=params.is_causal,
+                            softmax_scale=params.softmax_scale, sparsity_n=params.sparsity_n,
+                            sparsity_m=params.sparsity_m, dense_window_size=params.dense_window_size,
+                            tie_break=params.tie_break, backend="torch").to(q.dtype)
+        return (out.flip(0) if variant.overlap and variant.head_dim == 128 else out), None  # one wrong kernel
+
+    monkeypatch.setattr(ht, "forward", fake_forward)
+    before = {name: value for name, value in os.environ.items() if name.startswith("MODELOPT_SPARSE_HOPPER")}
+    tags = ["d64_dense_pormz3", "d64_dense_prmz3", "d128_4of8t_prmz", "d128_4of8t_pormz"]
+    rows = ab_table.run_ab(tags, seq_len=64, heads=2, iters=1, repeats=3, device="cpu")
+    assert [r["tag"] for r in rows] == tags
+    # The check call of each, then per repeat one untimed and one timed call (event_ms on the
+    # CPU), in rotating order.
+    timed = seen[len(tags):]
+    assert timed[::2] == [tags[i] for r in range(3) for i in ab_table._rotated(len(tags), r)]
+    assert [r["ok"] for r in rows] == [True, True, True, False]
+    assert all(len(r["ms"]) == 3 and r["median_ms"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_first"] == 1.0
+    assert rows[1]["speedup_range"][0] <= rows[1]["speedup_vs_first"] <= rows[1]["speedup_range"][1]
+    args = argparse.Namespace(tags=tags[:2], seq_len=64, heads=2, iters=1, repeats=2, noncausal=False, device="cpu")
+    assert ab_table.main(args) == 0
+    assert "d64_dense_prmz3" in capsys.readouterr().out
+    assert ab_table.main(argparse.Namespace(**dict(vars(args), tags=tags[2:]))) == 1  # a WRONG row
+    with pytest.raises(ValueError, match="mask-probe"):
+        ab_table.parse_variants(["d128_dense_px"])
+    with pytest.raises(ValueError, match="same kernel"):  # three warpgroups always take TMA
+        ab_table.parse_variants(["d64_dense_pr3", "d64_dense_prm3"])
+    with pytest.raises(ValueError, match="not a variant tag"):
+        ab_table.parse_variants(["dense"])
+    switches = {name: value for name, value in os.environ.items() if name.startswith("MODELOPT_SPARSE_HOPPER")}
+    assert switches == before  # every switch put back
+
+
 @gpu_test
 @pytest.mark.parametrize("n", [0, 2], ids=["dense", "2of4"])
 def test_gpu_24_auto_runs_the_engine_inside_a_sparsified_model(monkeypatch, n):

@@ -21,6 +21,7 @@
 #      last), dense and N:M, D=128/64, causal and not, against SDPA and Triton; each engine and
 #      Triton row with the relative L2 distance of its last 256 rows to the float32 reference
 #      ("vs fp32", WRONG above 5e-3); it ends with FASTEST and BEST_SCHEDULE;
+#   3b. with AB_TAGS, those kernels timed against each other in repeated rotating rounds;
 #   4. the whole GPU test file once, with the measured schedule (measured_schedule in
 #      kernels/hopper_attention/variants.py; TEST_SCHEDULE="NAME=0/1 ..." overrides it), 12 xdist
 #      workers, after compiling its kernels with 16 jobs; MODELOPT_SPARSE_HOPPER_CHECK=1 (a
@@ -55,6 +56,16 @@ cat "$OUT/smoke.log"
 timeout 130 python3 -m modelopt_sparse.kernels.hopper_attention bench --budget 100 > "$OUT/bench.log" 2>&1
 bench_rc=$?
 echo "bench rc=$bench_rc ($((SECONDS - start)) s)"
+
+# AB_TAGS="d64_dense_pormz3 d64_dense_prmz3 ...": those kernels against each other in repeated
+# rotating rounds (ab_table.py), for decisions below the table's run-to-run spread.
+if [[ -n "${AB_TAGS:-}" ]]; then
+  # shellcheck disable=SC2086 # the tags are words
+  timeout "${AB_TIMEOUT:-120}" python3 -m modelopt_sparse.kernels.hopper_attention ab $AB_TAGS \
+    --repeats "${AB_REPEATS:-5}" > "$OUT/ab.log" 2>&1
+  echo "ab rc=$? ($((SECONDS - start)) s)"
+  sed -n '/^A\/B, S=/,$p' "$OUT/ab.log"
+fi
 
 # The tests run the measured schedule (hopper_attention.variants.measured_schedule, no switch set) unless
 # TEST_SCHEDULE names switches ("NAME=0/1 ..."), e.g. the table's BEST_SCHEDULE line.

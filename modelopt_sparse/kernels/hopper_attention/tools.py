@@ -5,7 +5,8 @@ print ptxas's register / spill report; no GPU), ``smoke`` (:func:`_smoke`: a few
 against the reference, with diagnostics; GPU), ``sass`` (:func:`_sass`: static SASS counts of
 the consumers' tile loop per variant, :func:`count_main_loop`; no GPU) and ``bench``
 (:func:`_bench`: forward TFLOPS of the schedules against Triton and SDPA, each row checked
-against the float32 reference; GPU). tools/device_hopper.sh runs them. :func:`_main` is the
+against the float32 reference; GPU) and ``ab`` (ab_table.py: chosen kernels timed against each
+other in repeated rotating rounds; GPU). tools/device_hopper.sh runs them. :func:`_main` is the
 command line (``__main__.py`` calls it). Not imported by ``attention()``.
 """
 
@@ -222,6 +223,29 @@ def _exact_tail(api_attention, q, k, v, params: SparseParams) -> torch.Tensor:
                          tie_break=params.tie_break, backend="torch")
 
 
+def event_ms(fn, iters: int, dev: torch.device) -> float:
+    """Milliseconds of one ``fn()``: one untimed call, then the median of ``iters`` calls
+    between CUDA events (on the CPU, for the tests of the tables' own code: one wall-clock
+    call, meaningless as a number)."""
+    import time
+
+    fn()
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return sorted(times)[len(times) // 2]
+
+
 def _bench(args) -> int:
     """Causal/non-causal forward TFLOPS at S x H (batch 1): the engine's schedules against the
     Triton forward and SDPA. Every engine and Triton row also reports the relative L2 distance
@@ -240,22 +264,8 @@ def _bench(args) -> int:
     start = time.perf_counter()
     rows = []
 
-    def timed(fn, iters=args.iters):
-        fn()
-        if dev.type != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(iters):
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        return sorted(times)[len(times) // 2]
+    def timed(fn):
+        return event_ms(fn, args.iters, dev)
 
     # (d, causal, n, m, tie, impl, schedule)
     plan = []
@@ -417,5 +427,18 @@ def _main(argv=None) -> int:
     bench.add_argument("--heads", type=int, default=32)
     bench.add_argument("--iters", type=int, default=5)
     bench.add_argument("--budget", type=float, default=70.0, help="seconds; later rows are skipped")
+    ab = sub.add_parser("ab", help="kernels named by their tags timed against each other in rotating, repeated "
+                                   "rounds, each checked against the float32 reference (GPU)")
+    ab.add_argument("tags", nargs="+", help="variant tags, e.g. d64_dense_pormz3 d64_dense_prmz3 (the first is the "
+                                            "baseline of the speed-ups)")
+    ab.add_argument("--seq-len", type=int, default=16384)
+    ab.add_argument("--heads", type=int, default=32)
+    ab.add_argument("--iters", type=int, default=5, help="launches per timing (their median)")
+    ab.add_argument("--repeats", type=int, default=5, help="timings per kernel, in rotating order")
+    ab.add_argument("--noncausal", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "ab":
+        from .ab_table import main as ab_main
+
+        return ab_main(args)
     return {"precompile": _precompile, "smoke": _smoke, "bench": _bench, "sass": _sass}[args.cmd](args)
