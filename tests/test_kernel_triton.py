@@ -344,7 +344,12 @@ def test_stats_match_reference():
     assert torch.equal(dense["kept"], dense["allowed"])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+# Four parametrized cases of three examples each (twelve in all, as one case of twelve was):
+# on a GPU every example compiles new kernels, and one serial case did not finish within a
+# device call (420 s, session 15); xdist spreads the four.
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("tie_break", ["threshold", "index"])
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     lens=st.lists(st.integers(0, 50), min_size=1, max_size=3),
     extra_keys=st.integers(0, 10),
@@ -353,8 +358,6 @@ def test_stats_match_reference():
     pattern=st.sampled_from([(0, 2), (1, 2), (1, 4), (3, 4), (2, 8), (7, 8), (4, 16), (12, 16)]),
     sink=st.integers(0, 5),
     window=st.integers(0, 20),
-    causal=st.booleans(),
-    tie_break=st.sampled_from(["threshold", "index"]),
 )
 def test_property_random_shapes_and_patterns(lens, extra_keys, heads, d, pattern, sink, window, causal, tie_break):
     lens_k = [n + extra_keys for n in lens]
