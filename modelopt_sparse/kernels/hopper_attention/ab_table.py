@@ -20,21 +20,30 @@ import torch
 from ..reference import SparseParams
 from .variants import _SCHEDULE_ENV, Variant, _parse_tag, variant_for
 
-# The switches besides the schedule's that select a kernel (variant_for), and their fields.
+# The switches besides the schedule's that select a kernel (variant_for), by the key a
+# schedule dict of the engine table gives them.
 _OTHER_SWITCHES = {
-    "MODELOPT_SPARSE_HOPPER_D64_WG3": lambda v: v.consumers == 3,
-    "MODELOPT_SPARSE_HOPPER_SPARSE_PV": lambda v: v.sparse_pv,
-    "MODELOPT_SPARSE_HOPPER_TMA3D": lambda v: v.tma3d,
-    "MODELOPT_SPARSE_HOPPER_SPLIT_LOOP": lambda v: v.split_loop,
+    "wg3": "MODELOPT_SPARSE_HOPPER_D64_WG3",
+    "sparse_pv": "MODELOPT_SPARSE_HOPPER_SPARSE_PV",
+    "tma3d": "MODELOPT_SPARSE_HOPPER_TMA3D",
+    "split_loop": "MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
 }
 
 
-def variant_env(v: Variant) -> dict:
-    """The MODELOPT_SPARSE_HOPPER_* switches under which a call with ``v``'s head dim,
-    pattern, tie rule and dtype runs ``v``."""
-    env = {name: str(int(getattr(v, field))) for field, name in _SCHEDULE_ENV.items()}
-    env.update({name: str(int(of(v))) for name, of in _OTHER_SWITCHES.items()})
+def schedule_switches(sched: dict) -> dict:
+    """The MODELOPT_SPARSE_HOPPER_* switches of a schedule dict (the engine table's rows: every
+    SCHEDULE_FIELDS key, and ``wg3``, ``sparse_pv``, ``tma3d``, ``split_loop``, off when absent)."""
+    env = {name: str(int(bool(sched[field]))) for field, name in _SCHEDULE_ENV.items()}
+    env.update({name: str(int(bool(sched.get(key, False)))) for key, name in _OTHER_SWITCHES.items()})
     return env
+
+
+def variant_env(v: Variant) -> dict:
+    """The switches under which a call with ``v``'s head dim, pattern, tie rule and dtype runs
+    ``v``."""
+    sched = {field: getattr(v, field) for field in _SCHEDULE_ENV}
+    return schedule_switches(dict(sched, wg3=v.consumers == 3, sparse_pv=v.sparse_pv, tma3d=v.tma3d,
+                                  split_loop=v.split_loop))
 
 
 @contextlib.contextmanager

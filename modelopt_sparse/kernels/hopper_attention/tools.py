@@ -26,7 +26,9 @@ from .build import NVCC_FLAGS, SOURCE_DIR, cache_dir, compile_variant, find_nvcc
 from .engine import LOG2E, forward, forward_with_lse
 from .variant_sets import (SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
                            BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES, _sched, standard_variants)
-from .variants import _SCHEDULE_ENV, SCHEDULE_FIELDS, Variant, _parse_tag, schedule_env
+from .ab_table import main as ab_main
+from .ab_table import schedule_switches
+from .variants import SCHEDULE_FIELDS, Variant, _parse_tag, schedule_env
 
 
 def _precompile(args) -> int:
@@ -307,9 +309,7 @@ def _bench(args) -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     tensors, reference = {}, {}
     saved_env = {name: os.environ.get(name) for name in
-                 list(_SCHEDULE_ENV.values()) + ["MODELOPT_SPARSE_HOPPER_D64_WG3", "MODELOPT_SPARSE_HOPPER_SPARSE_PV",
-                                                 "MODELOPT_SPARSE_HOPPER_TMA3D", "MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
-                                                 "MODELOPT_SPARSE_HOPPER_CHECK"]}
+                 list(schedule_switches(_sched(BENCH_SCHEDULES[0]))) + ["MODELOPT_SPARSE_HOPPER_CHECK"]}
     best = fastest = None
     announced = False
     for d, causal, n, m, tie, impl, sched in plan:
@@ -332,12 +332,7 @@ def _bench(args) -> int:
         check = ""
         try:
             if impl == "hopper":
-                for f, name in _SCHEDULE_ENV.items():
-                    os.environ[name] = str(int(sched[f]))
-                os.environ["MODELOPT_SPARSE_HOPPER_D64_WG3"] = str(int(sched.get("wg3", False)))
-                os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = str(int(sched.get("sparse_pv", False)))
-                os.environ["MODELOPT_SPARSE_HOPPER_TMA3D"] = str(int(sched.get("tma3d", False)))
-                os.environ["MODELOPT_SPARSE_HOPPER_SPLIT_LOOP"] = str(int(sched.get("split_loop", False)))
+                os.environ.update(schedule_switches(sched))
 
                 def run():
                     return forward(q, k, v, zero, lens, s_len, zero, lens, params, q_covered=True, with_lse=False)[0]
@@ -437,8 +432,4 @@ def _main(argv=None) -> int:
     ab.add_argument("--repeats", type=int, default=5, help="timings per kernel, in rotating order")
     ab.add_argument("--noncausal", action="store_true")
     args = parser.parse_args(argv)
-    if args.cmd == "ab":
-        from .ab_table import main as ab_main
-
-        return ab_main(args)
-    return {"precompile": _precompile, "smoke": _smoke, "bench": _bench, "sass": _sass}[args.cmd](args)
+    return {"precompile": _precompile, "smoke": _smoke, "bench": _bench, "sass": _sass, "ab": ab_main}[args.cmd](args)
