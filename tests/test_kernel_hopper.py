@@ -1430,6 +1430,9 @@ def test_ab_table_rotates_repeats_and_checks_each_kernel_on_the_cpu(monkeypatch,
         ab_table.parse_variants(["d64_dense_pr3", "d64_dense_prm3"])
     with pytest.raises(ValueError, match="not a variant tag"):
         ab_table.parse_variants(["dense"])
+    with pytest.raises(ValueError, match="at least 1"):
+        ab_table.run_ab(tags[:2], seq_len=64, heads=2, iters=1, repeats=0, device="cpu")
+    assert set(ab_table.variant_env(hv._parse_tag(tags[0]))) == set(ab_table.SWITCH_NAMES)
     switches = {name: value for name, value in os.environ.items() if name.startswith("MODELOPT_SPARSE_HOPPER")}
     assert switches == before  # every switch put back
 

@@ -181,7 +181,7 @@ constexpr bool LEAN = NMH_LEAN != 0;
 constexpr float LEAN_SLACK = 8.f;  // log2 units: P <= 2^8 between rescales
 constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
 // The tile loop as two loops, one over runs of edge tiles and one over runs of interior tiles
-// (session 13, not yet timed): the interior loop's body then holds no per-element test, so
+// (session 13; session 14: within noise of one loop, off): the interior loop's body holds no per-element test, so
 // the values only the edge path reads need no registers there. With the edge path in the same
 // body, the D = 64 three-warpgroup overlap variants spill 144 B, inside the loop; built with
 // the interior path alone (NMH_SASS_INTERIOR) they spill nothing.

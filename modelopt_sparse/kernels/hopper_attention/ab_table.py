@@ -30,6 +30,10 @@ _OTHER_SWITCHES = {
 }
 
 
+# Every switch that selects a kernel (what a table saves before it sets them, and restores).
+SWITCH_NAMES = tuple(_SCHEDULE_ENV.values()) + tuple(_OTHER_SWITCHES.values())
+
+
 def schedule_switches(sched: dict) -> dict:
     """The MODELOPT_SPARSE_HOPPER_* switches of a schedule dict (the engine table's rows: every
     SCHEDULE_FIELDS key, and ``wg3``, ``sparse_pv``, ``tma3d``, ``split_loop``, off when absent)."""
@@ -95,6 +99,8 @@ def run_ab(tags, *, seq_len: int = 16384, heads: int = 32, iters: int = 5, repea
     from ..api import attention as api_attention
     from . import tools
 
+    if repeats < 1 or iters < 1:
+        raise ValueError(f"repeats and iters must be at least 1, got {repeats} and {iters}")
     variants = parse_variants(tags)
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)

@@ -27,7 +27,7 @@ from .engine import LOG2E, forward, forward_with_lse
 from .variant_sets import (SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
                            BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES, _sched, standard_variants)
 from .ab_table import main as ab_main
-from .ab_table import schedule_switches
+from .ab_table import SWITCH_NAMES, schedule_switches
 from .variants import SCHEDULE_FIELDS, Variant, _parse_tag, schedule_env
 
 
@@ -308,8 +308,7 @@ def _bench(args) -> int:
         plan.append((64, True, 0, 4, "threshold", "hopper", dict(_sched(t), wg3=True)))
     g = torch.Generator(device=dev).manual_seed(0)
     tensors, reference = {}, {}
-    saved_env = {name: os.environ.get(name) for name in
-                 list(schedule_switches(_sched(BENCH_SCHEDULES[0]))) + ["MODELOPT_SPARSE_HOPPER_CHECK"]}
+    saved_env = {name: os.environ.get(name) for name in SWITCH_NAMES + ("MODELOPT_SPARSE_HOPPER_CHECK",)}
     best = fastest = None
     announced = False
     for d, causal, n, m, tie, impl, sched in plan:

@@ -47,8 +47,9 @@ class Variant:
     # The default for M = 16 since session 11 (measured_tma3d; MODELOPT_SPARSE_HOPPER_TMA3D=0 opts out).
     tma3d: bool = False
     # The tile loop split into an edge-tile loop and an interior-tile loop, each with one
-    # softmax path (session 13: compile-checked, not yet timed; MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1,
-    # tag flag "l"). Same results tile for tile: every tile is classified as before.
+    # softmax path (session 13; timed in session 14: within noise of one loop, so off;
+    # MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1, tag flag "l"). Same results tile for tile: every
+    # tile is classified as before.
     split_loop: bool = False
 
     def __post_init__(self):
@@ -152,7 +153,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
-    tile loop; 1: separate edge and interior loops, not yet timed)."""
+    tile loop; 1: separate edge and interior loops, within noise of one loop in session 14)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
