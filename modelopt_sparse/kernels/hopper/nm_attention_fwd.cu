@@ -46,6 +46,11 @@
 // with fixed metadata, members {0, 1} and {2, 3}, on the same V layout), NMH_TMA3D (with
 // NMH_TMA and N:M, used for M = 16: the K / V maps express the group permutation through a 4-D
 // view {head_dim, heads, group, member} instead of element strides, see struct TmaParams).
+// NMH_MID_WAIT (session 16; with NMH_OVERLAP, dense P.V): the wait for P.V(j-1) moves from after
+// the softmax of tile j into it, after its first MID_WAIT_AFTER exponentials, and P(j) is
+// converted into the A operand as its exponentials come out, between the remaining MUFUs,
+// instead of in a block of conversions between that wait and the next issue (FlashAttention-4's
+// sm90 order at D = 64, seen in its SASS under Nsight Compute).
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -96,6 +101,9 @@
 #endif
 #ifndef NMH_SPLIT_LOOP
 #define NMH_SPLIT_LOOP 0
+#endif
+#ifndef NMH_MID_WAIT
+#define NMH_MID_WAIT 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -186,6 +194,13 @@ constexpr bool SPARSE_PV = NMH_SPARSE_PV != 0;
 // body, the D = 64 three-warpgroup overlap variants spill 144 B, inside the loop; built with
 // the interior path alone (NMH_SASS_INTERIOR) they spill nothing.
 constexpr bool SPLIT_LOOP = NMH_SPLIT_LOOP != 0;
+// P.V(j-1) is waited for inside the softmax of tile j, after this many of its 64
+// exponentials (two k16 slices of P): by then the MMA has normally finished (it was issued just
+// before the softmax began, behind Q.K^T(j)), and the rest of the exponentials leave the MUFU
+// gaps in which the conversions of P(j) into the operand registers run.
+constexpr bool MID_WAIT = NMH_MID_WAIT != 0;
+constexpr int MID_WAIT_AFTER = 16;
+static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the overlapped schedule, dense P.V");
 // Which softmax path a loop body runs: decided per tile at run time, or fixed by the loop.
 template <int K>
 struct TileKind {
@@ -366,10 +381,21 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
   return out != 0;
 }
 
-template <bool EDGE>
+// P (f32 accumulator layout) -> the A fragment of m64nDk16 step kk, which covers accumulator
+// columns 16kk..16kk+15, i.e. registers 8kk..8kk+7 in order.
+__device__ __forceinline__ void convert_p_slice(const float (&s)[64], uint32_t (&pr)[8][4], int kk) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+}
+
+// MID_WAIT: `mid` (the wait for P.V(j-1) and the fences after it) runs after the first
+// MID_WAIT_AFTER exponentials, and P goes into `pr` slice by slice; otherwise `mid` and `pr` are
+// not touched (the caller converts after its own wait).
+template <bool EDGE, class Mid>
 __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
                                              float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off,
-                                             uint32_t (&cp)[4][4], uint32_t (&cm)[4], bool& sp_tile) {
+                                             uint32_t (&cp)[4][4], uint32_t (&cm)[4], bool& sp_tile,
+                                             uint32_t (&pr)[8][4], Mid&& mid) {
   const float c = p.scale_log2;
   // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
   if constexpr (PROBE) {
@@ -570,6 +596,15 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
   for (int i = 0; i < 64; ++i) {
     s[i] = ex2(s[i]);
     l[(i >> 1) & 1] += s[i];
+    if constexpr (MID_WAIT) {
+      if (i == MID_WAIT_AFTER - 1) {
+        mid(s[i]);  // P.V(j-1) has finished: its operand registers may be written
+#pragma unroll
+        for (int kk = 0; kk < MID_WAIT_AFTER / 8; ++kk) convert_p_slice(s, pr, kk);
+      } else if (i > MID_WAIT_AFTER && i % 8 == 7) {
+        convert_p_slice(s, pr, i / 8);
+      }
+    }
   }
   if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
   return true;
@@ -671,13 +706,10 @@ __device__ __forceinline__ void pv_gemm_sparse(float (&o)[DD / 2], const uint32_
     wg_commit();
   }
 }
-// P (f32 accumulator layout) -> the A fragments of 8 m64nDk16 steps: step kk covers
-// accumulator columns 16kk..16kk+15, i.e. registers 8kk..8kk+7 in order.
+// P (f32 accumulator layout) -> the A fragments of the 8 m64nDk16 steps of P.V.
 __device__ __forceinline__ void convert_p(const float (&s)[64], uint32_t (&pr)[8][4]) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+  for (int kk = 0; kk < 8; ++kk) convert_p_slice(s, pr, kk);
 }
 
 #if NMH_TMA
@@ -932,15 +964,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     bool sp_tile = false;  // NMH_SPARSE_PV: this tile's P is compressed (warpgroup-uniform)
     bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto tile_n0 = [&](int i) { return (t_end - 1 - i) * BN; };
-    auto softmax = [&](int i, auto kind) {
+    // `mid`: what MID_WAIT runs inside the softmax (the wait for P.V(i-1)); unused otherwise.
+    auto softmax = [&](int i, auto kind, auto&& mid) {
       const int n0 = tile_n0(i);
       constexpr int K = decltype(kind)::value;
       // A constant for EdgeTile / InteriorTile: the other branch is not compiled into that loop.
       if (K == EdgeTile::value || (K == AnyTile::value && tile_is_edge(n0, x, p)))
-        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
+        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile, pr, mid);
       else
-        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile);
+        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile, pr, mid);
     };
+    auto nothing_in_flight = [](float) {};
     // P -> the A operand (after the wait that ends the previous P.V: its operand registers are
     // read until then) and the P.V issue. The sparse path staged the compressed P already.
     auto to_operand = [&]() {
@@ -997,8 +1031,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     reg_fence(s_acc);
     __syncwarp();
     if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K));
-    softmax(0, AnyTile{});
-    to_operand();
+    softmax(0, AnyTile{}, nothing_in_flight);
+    if constexpr (!MID_WAIT) to_operand();
 
     // ---- tiles 1..nt-1: Q.K^T(i) and P.V(i-1) issued together. With OVERLAP the softmax of
     // tile i runs while P.V(i-1) is still in flight; without, P(i-1) is dead during it.
@@ -1025,13 +1059,33 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
         reg_fence(s_acc);
         __syncwarp();
-        if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
-        softmax(i, kind);
-        wg_wait<0>();  // P.V(i-1) done: its P registers and V stage are free
-        reg_fence(o);
-        reg_fence(s_acc);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar(BAR_EMPTY_V + sp));
+        if (!MID_WAIT && lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
+        auto pv_done = [&](float last_p) {
+          if constexpr (MID_WAIT) {
+            // The K stage is released here, after the first exponentials: ptxas schedules the
+            // wait below as early as it can (it has no operands), so it is pinned behind an
+            // arrive that depends on the last exponential so far. An exponential is never
+            // negative (NaN compares false), so the test is always true.
+            __syncwarp();
+            if (lane == 0 && !(last_p < 0.f)) mbar_arrive(bar(BAR_EMPTY_K + s));
+          }
+          wg_wait<0>();  // P.V(i-1) done: its P registers and V stage are free
+          reg_fence(o);
+          if constexpr (MID_WAIT) {
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) reg_fence(pr[kk]);  // P(i) is written only after this
+          } else {
+            reg_fence(s_acc);
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(bar(BAR_EMPTY_V + sp));
+        };
+        if constexpr (MID_WAIT) {
+          softmax(i, kind, pv_done);
+        } else {
+          softmax(i, kind, nothing_in_flight);
+          pv_done(0.f);
+        }
       } else {
         wg_wait<0>();
         reg_fence(s_acc);
@@ -1041,10 +1095,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           mbar_arrive(bar(BAR_EMPTY_K + s));
           mbar_arrive(bar(BAR_EMPTY_V + sp));
         }
-        softmax(i, kind);
+        softmax(i, kind, nothing_in_flight);
       }
       if constexpr (!LATE_RESCALE) maybe_rescale();
-      to_operand();
+      if constexpr (!MID_WAIT) to_operand();
     };
     if constexpr (SPLIT_LOOP) {
       // Runs of edge tiles (the causal diagonal, the sequence's end, the dense window lead in

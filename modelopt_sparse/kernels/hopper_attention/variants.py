@@ -51,6 +51,10 @@ class Variant:
     # MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1, tag flag "l"). Same results tile for tile: every
     # tile is classified as before.
     split_loop: bool = False
+    # With overlap and dense P.V: the wait for P.V(j-1) inside the softmax of tile j, after its
+    # first 16 exponentials, and P(j) converted into the operand between the remaining ones
+    # (FlashAttention-4's sm90 order; session 16; MODELOPT_SPARSE_HOPPER_MID_WAIT=1, tag flag "w").
+    mid_wait: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -88,6 +92,10 @@ class Variant:
             v = dataclasses.replace(v, tma3d=False)
         if v.tma and v.sparsity_n and v.sparsity_m > 8 and not v.tma3d:
             v = dataclasses.replace(v, tma=False)
+        # The wait inside the softmax exists only where a P.V runs during it (overlap), on the
+        # dense P.V path.
+        if v.mid_wait and (not v.overlap or v.sparse_pv):
+            v = dataclasses.replace(v, mid_wait=False)
         return v
 
     @property
@@ -96,7 +104,7 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("l", self.split_loop), ("x", self.probe))
+                                        ("l", self.split_loop), ("w", self.mid_wait), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -109,7 +117,7 @@ class Variant:
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
-                             ("-DNMH_SPLIT_LOOP=1", v.split_loop)) if on]
+                             ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -166,6 +174,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
         split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
+        mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT", False),
         probe=probe,
     ).canonical()
 
@@ -202,4 +211,4 @@ def _parse_tag(tag: str) -> Variant:
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
-                   split_loop="l" in flags, probe="x" in flags)
+                   split_loop="l" in flags, mid_wait="w" in flags, probe="x" in flags)
