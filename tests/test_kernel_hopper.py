@@ -37,6 +37,7 @@ import torch
 from modelopt_sparse.kernels import attention, kept_mask
 from modelopt_sparse.kernels import hopper_attention as ha
 from modelopt_sparse.kernels.api import _hopper_engine
+from modelopt_sparse.kernels.hopper_attention import ab_table as hab
 from modelopt_sparse.kernels.hopper_attention import build as hb
 from modelopt_sparse.kernels.hopper_attention import driver as hd
 from modelopt_sparse.kernels.hopper_attention import engine as he
@@ -452,6 +453,35 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     assert loops.count("tile_is_edge(tile_n0(i), x, p)") == 2
     assert "step(i, EdgeTile{})" in loops and "step(i, InteriorTile{})" in loops
 
+
+
+def test_mid_wait_variant_flag_env_and_source(monkeypatch):
+    """The wait for P.V(j-1) inside the softmax (MID_WAIT): its own define and tag flag, off
+    unless MODELOPT_SPARSE_HOPPER_MID_WAIT=1, dropped where no P.V runs during the softmax (no
+    overlap) and on the sparse P.V path; in the source the conversion into the operand happens
+    only after the wait, and the K-stage arrive that pins the wait depends on an exponential."""
+    v = hv.Variant(head_dim=64, consumers=3, pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True,
+                   mid_wait=True).canonical()
+    assert v.tag == "d64_dense_pormz3w" and v.defines()[-1] == "-DNMH_MID_WAIT=1"
+    assert hv._parse_tag(v.tag) == v
+    assert "-DNMH_MID_WAIT=1" not in dataclasses.replace(v, mid_wait=False).defines()
+    assert not dataclasses.replace(v, overlap=False).canonical().mid_wait
+    assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, mid_wait=True).canonical().mid_wait
+    for name in SWITCHES + ("MID_WAIT",):
+        monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
+    assert not hv.variant_for(_params(), torch.bfloat16, 128).mid_wait
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
+    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzw"
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"  # no overlap
+    assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_MID_WAIT"] == "1"
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    body = src[src.index("if constexpr (MID_WAIT) {\n      if (i == MID_WAIT_AFTER - 1)"):]
+    body = body[:body.index("if constexpr (LEAN) return")]
+    assert body.index("mid(s[i]);") < body.index("convert_p_slice(s, pr, kk)")
+    hook = src[src.index("auto pv_done = [&](float last_p) {"):]
+    hook = hook[:hook.index("};")]
+    assert hook.index("!(last_p < 0.f)) mbar_arrive(bar(BAR_EMPTY_K + s))") < hook.index("wg_wait<0>();")
+    assert hook.index("wg_wait<0>();") < hook.index("reg_fence(pr[kk])")
 
 def _f32(bits: int) -> float:
     import struct
@@ -1332,6 +1362,30 @@ def test_gpu_24_split_loop_equals_one_loop(monkeypatch, n, m, d, wg3, overlap):
         ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
         assert rel_err(outs[1], ref) < TOL[torch.bfloat16], kw
 
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,d,wg3", [(0, 4, 128, False), (2, 4, 128, False), (8, 16, 128, False),
+                                       (0, 4, 64, True), (2, 4, 64, False)], ids=lambda x: str(x))
+def test_gpu_26_mid_wait_equals_end_wait(monkeypatch, n, m, d, wg3):
+    """The wait for P.V(j-1) inside the softmax (MODELOPT_SPARSE_HOPPER_MID_WAIT=1) changes when
+    P(j) is converted, not what: outputs equal the end-of-softmax wait's bit for bit, on
+    edge tiles (causal diagonal, sequence ends, dense window, sinks, decode rows, chunked
+    prefill) and interior ones, and are close to the reference."""
+    _set_schedule(monkeypatch, (True, True, True, True, True))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    inputs = _random(lens_q, lens_k, 4, 2, d, seed=26 + n + d)
+    for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
+        kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+        outs = []
+        for mid in (0, 1):
+            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", str(mid))
+            outs.append(_run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "hopper", **kw))
+        assert torch.equal(outs[0][0], outs[1][0]), kw
+        ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
+        assert rel_err(outs[1][0], ref) < TOL[torch.bfloat16], kw
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
     """The timing table checks an engine row by its last rows against the float32 reference of

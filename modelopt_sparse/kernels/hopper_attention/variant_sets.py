@@ -144,7 +144,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             for n, m in ((0, 4), (4, 8), (8, 16)):
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
-        out += NEW_VARIANT_TESTS + bench_variants()
+        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
             # The TMA producer's element-strided boxes (the group permutation), bit for bit.
@@ -185,3 +185,12 @@ NEW_VARIANT_TESTS = [Variant(head_dim=128, sparsity_n=n, sparsity_m=m, **_sched(
                     [Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie, fp16=h, tma3d=True, **_sched(t))
                      for t in TMA3D_TEST_SCHEDULES for d in HEAD_DIMS for n, tie in ((8, False), (3, True))
                      for h in (False, True)]
+
+# The wait for P.V(j-1) inside the softmax (mid_wait, session 16), against the end-of-softmax wait
+# of the same overlapped schedule (test_gpu_26; timed by the A/B command): both kernels of each
+# pair are carried.
+MID_WAIT_TESTS = [Variant(head_dim=d, sparsity_n=n, sparsity_m=m, consumers=3 if wg3 else 2, tma3d=m == 16,
+                          mid_wait=mid, **_sched((T, T, T, T, T)))
+                  for n, m, d, wg3 in ((0, 4, 128, False), (2, 4, 128, False), (8, 16, 128, False), (0, 4, 64, True),
+                                       (2, 4, 64, False))
+                  for mid in (False, True)]
