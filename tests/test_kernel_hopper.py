@@ -293,12 +293,13 @@ def test_param_struct_mirrors_the_cuda_source():
 def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in hs.standard_variants()}
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
-    # through the grouped maps), lean, and overlap except at M = 8.
-    for m, flags in ((2, "pormz"), (4, "pormz"), (8, "prmz"), (16, "pormzg")):
+    # through the grouped maps), lean, and overlap except at M = 8; with overlap at M <= 4 the
+    # wait for P.V(j-1) inside the softmax (session 16).
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzg")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
-    assert {"d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormz", "d128_dense_o", "d128_dense_po",
-            "d128_dense_p"} <= tags
+    assert {"d128_dense_pormzw", "d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormzw", "d128_dense_ow",
+            "d128_dense_o", "d128_dense_p"} <= tags
     assert len(tags) == len(hs.standard_variants())  # no duplicates
 
 
@@ -467,11 +468,20 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     assert "-DNMH_MID_WAIT=1" not in dataclasses.replace(v, mid_wait=False).defines()
     assert not dataclasses.replace(v, overlap=False).canonical().mid_wait
     assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, mid_wait=True).canonical().mid_wait
-    for name in SWITCHES + ("MID_WAIT",):
+    for name in SWITCHES + ("MID_WAIT", "D64_WG3", "TMA3D"):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert not hv.variant_for(_params(), torch.bfloat16, 128).mid_wait
+    # The measured default (session 16): dense D = 128 and M <= 4; not dense D = 64 (three
+    # warpgroups), not M = 16, and M = 8 has no overlap.
+    tags = {(d, n, m): hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d).tag
+            for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
+    assert tags[128, 0, 4] == "d128_dense_pormzw" and tags[64, 0, 4] == "d64_dense_pormz3"
+    assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
+    assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_prmz"
+    assert tags[128, 8, 16] == "d128_8of16t_pormzg"
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
+    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormz"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
-    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzw"
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3w"
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"  # no overlap
     assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_MID_WAIT"] == "1"
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
@@ -865,9 +875,12 @@ def test_sparse_pv_overlap_stages_the_next_operand():
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     staged = "cp[jr][2 * e + r] = pack2<FP16>(p0, p1);" in src
     assert staged and "for (int q = 0; q < 4; ++q) pr[jr][q] = cp[jr][q];" in src and "meta[jr] = cm[jr];" in src
-    # The overlap loop: softmax(i) between wait<1> and wait<0>, to_operand after wait<0>.
+    # The overlap loop: softmax(i) between wait<1> and wait<0> (pv_done), to_operand after it.
+    # (The sparse path never waits inside the softmax: MID_WAIT excludes it.)
+    assert '"NMH_MID_WAIT: the overlapped schedule, dense P.V"' in src
     loop = src[src.index("if constexpr (OVERLAP) {\n        wg_wait<1>();"):]
-    assert loop.index("softmax(i, kind);") < loop.index("wg_wait<0>();") < loop.index("to_operand();")
+    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight);\n          pv_done(0.f);")
+    assert loop.index("pv_done(0.f);") < loop.index("if constexpr (!MID_WAIT) to_operand();")
     gen = torch.Generator().manual_seed(12)
     v = torch.randint(-8, 9, (128, 8), generator=gen).double()
     v_smem = torch.stack([v[_sp_v_row_key(c)] for c in range(128)])

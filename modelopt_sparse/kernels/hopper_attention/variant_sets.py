@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_schedule, measured_tma3d,
-                       schedule_from_env)
+from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_mid_wait, measured_schedule,
+                       measured_tma3d, schedule_from_env)
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -22,7 +22,8 @@ def _test_set(probe: bool) -> list[Variant]:
     switch set), the probe builds optional."""
     return [dataclasses.replace(v, **measured_schedule(v.head_dim, v.sparsity_n, v.sparsity_m),
                                 consumers=measured_consumers(v.head_dim, v.sparsity_n, v.sparsity_m),
-                                tma3d=measured_tma3d(v.sparsity_n, v.sparsity_m)).canonical()
+                                tma3d=measured_tma3d(v.sparsity_n, v.sparsity_m),
+                                mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m)).canonical()
             for v in _test_set_base(probe)]
 
 
@@ -153,6 +154,9 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
             out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
                     for n, tie in ((8, False), (3, True))]
+    # A test that sets only the schedule switches runs MID_WAIT's measured default: each kernel
+    # is carried in that form too.
+    out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m)) for v in out]
     seen, unique = set(), []
     for v in out:
         if v.canonical() not in seen:

@@ -152,6 +152,17 @@ def measured_consumers(head_dim: int, sparsity_n: int, sparsity_m: int) -> int:
     return 3 if head_dim == 64 and sparsity_n == 0 else 2
 
 
+def measured_mid_wait(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
+    """The wait for P.V(j-1) inside the softmax unless MODELOPT_SPARSE_HOPPER_MID_WAIT says
+    otherwise: on for dense D = 128 and for N:M with M <= 4 (session 16, A/B on the H200, median
+    of 7 paired rounds: dense D = 128 1.016x, 2:4 D = 128 1.023x, 2:4 D = 64 1.031x); off for
+    dense D = 64 (three consumer warpgroups: 0.988x, ptxas spills more) and M = 16 (0.997x).
+    M = 8 runs without overlap, where there is no P.V to wait for (Variant.canonical)."""
+    if sparsity_n:
+        return sparsity_m <= 4
+    return head_dim == 128
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -161,7 +172,9 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
-    tile loop; 1: separate edge and interior loops, within noise of one loop in session 14)."""
+    tile loop; 1: separate edge and interior loops, within noise of one loop in session 14) and
+    MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
+    unset: :func:`measured_mid_wait`)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -174,7 +187,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
         split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
-        mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT", False),
+        mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
+                          measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
