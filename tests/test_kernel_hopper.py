@@ -493,6 +493,27 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     assert hook.index("!(last_p < 0.f)) mbar_arrive(bar(BAR_EMPTY_K + s))") < hook.index("wg_wait<0>();")
     assert hook.index("wg_wait<0>();") < hook.index("reg_fence(pr[kk])")
 
+
+def test_producer_suspends_unless_spins_is_asked(monkeypatch):
+    """The producer's waits for free stages suspend between polls (try_wait with a time hint) in
+    every kernel; MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS=1 (tag flag y) builds the polling loop of
+    the kernels before session 16, for A/B runs; the consumers' waits never suspend."""
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS", raising=False)
+    v = hv.variant_for(_params(), torch.bfloat16, 128)
+    assert not v.producer_spins and "-DNMH_PRODUCER_SPINS=1" not in v.defines()
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS", "1")
+    spins = hv.variant_for(_params(), torch.bfloat16, 128)
+    assert spins.tag == v.tag + "y" and spins.defines()[-1] == "-DNMH_PRODUCER_SPINS=1"
+    assert hv._parse_tag(spins.tag) == spins and hab.variant_env(spins)["MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS"] == "1"
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "constexpr bool SUSPEND_PRODUCER = NMH_PRODUCER_SPINS == 0;" in src
+    waits = re.findall(r"mbar_wait(<\w+>)?\(bar\(BAR_(\w+?)[ )]", src)
+    assert {w for w in waits if w[1].startswith("EMPTY")} == {("<SUSPEND_PRODUCER>", "EMPTY_K"),
+                                                            ("<SUSPEND_PRODUCER>", "EMPTY_V")}
+    assert all(tmpl == "" for tmpl, name in waits if not name.startswith("EMPTY"))
+    ptx = (hb.SOURCE_DIR / "ptx.cuh").read_text()
+    assert "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, 200000;" in ptx
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -1399,6 +1420,24 @@ def test_gpu_26_mid_wait_equals_end_wait(monkeypatch, n, m, d, wg3):
         assert torch.equal(outs[0][0], outs[1][0]), kw
         ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
         assert rel_err(outs[1][0], ref) < TOL[torch.bfloat16], kw
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,d", [(0, 4, 128), (4, 8, 128), (8, 16, 128), (0, 4, 64)], ids=lambda x: str(x))
+def test_gpu_27_suspending_producer_equals_polling(monkeypatch, n, m, d):
+    """The producer that suspends between polls for a free stage loads the same tiles as the
+    polling one: outputs equal bit for bit (the measured schedule of each pattern; sequence ends
+    and short sequences exercise the cp.async edge loads too)."""
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    inputs = _random(lens_q, lens_k, 4, 2, d, seed=27 + n + d)
+    kw = dict(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+    outs = []
+    for spins in (0, 1):
+        monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS", str(spins))
+        outs.append(_run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "hopper", **kw)[0])
+    assert torch.equal(outs[0], outs[1])
+    ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
+    assert rel_err(outs[0], ref) < TOL[torch.bfloat16]
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
     """The timing table checks an engine row by its last rows against the float32 reference of

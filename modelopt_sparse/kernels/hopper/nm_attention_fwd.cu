@@ -105,6 +105,9 @@
 #ifndef NMH_MID_WAIT
 #define NMH_MID_WAIT 0
 #endif
+#ifndef NMH_PRODUCER_SPINS
+#define NMH_PRODUCER_SPINS 0
+#endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
 #define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))
@@ -199,6 +202,12 @@ constexpr bool SPLIT_LOOP = NMH_SPLIT_LOOP != 0;
 // before the softmax began, behind Q.K^T(j)), and the rest of the exponentials leave the MUFU
 // gaps in which the conversions of P(j) into the operand registers run.
 constexpr bool MID_WAIT = NMH_MID_WAIT != 0;
+// The producer's waits for free stages suspend the waiting thread (try_wait with a time hint,
+// NANOSLEEP.SYNCS in the SASS) instead of polling in a tight loop (session 16: under Nsight
+// Compute the polling loop issued 16 M instructions of 285 M at D = 64, all on the scheduler of
+// one consumer warp per warpgroup; FlashAttention-4's producer sleeps the same way).
+// NMH_PRODUCER_SPINS=1 keeps the polling loop, for A/B runs.
+constexpr bool SUSPEND_PRODUCER = NMH_PRODUCER_SPINS == 0;
 constexpr int MID_WAIT_AFTER = 16;
 static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the overlapped schedule, dense P.V");
 // Which softmax path a loop body runs: decided per tile at run time, or fixed by the loop.
@@ -801,7 +810,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         const bool by_tma = TMA3D ? g0 + G_PERM <= bound : row0 + 96 + 3 < bound;
         if (by_tma) {
           if (tid == 0) {
-            if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+            if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
             mbar_expect_tx(bar(BAR_FULL_K + s), (uint32_t)TILE_BYTES);
 #pragma unroll
             for (int a = 0; a < ATOMS; ++a) {
@@ -815,7 +824,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
                               64 * a, kv_head, row0 + mm, bar(BAR_FULL_K + s));
               }
             }
-            if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+            if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
             mbar_expect_tx(bar(BAR_FULL_V + s), (uint32_t)TILE_BYTES);
 #pragma unroll
             for (int a = 0; a < ATOMS; ++a) {
@@ -833,9 +842,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         } else {
           const uint16_t* kbase = p.k + k_start * p.k_row + (int64_t)kv_head * p.k_head;
           const uint16_t* vbase = p.v + k_start * p.v_row + (int64_t)kv_head * p.v_head;
-          if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+          if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
           load_tile<true>(sbase + K_OFF + s * TILE_BYTES, kbase, p.k_row, n0, kv_len, tid);
-          if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+          if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
           load_tile<true, 128, SPARSE_PV>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
           cp_async_commit();
           cp_async_wait<0>();
@@ -865,7 +874,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     for (int i = 0; i < nt; ++i) {
       const int s = i % STAGES, u = i / STAGES;
       const int row0 = (int)k_start + (t_end - 1 - i) * BN;
-      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+      if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
       mbar_expect_tx(bar(BAR_FULL_K + s), (uint32_t)TILE_BYTES);
 #pragma unroll
       for (int a = 0; a < ATOMS; ++a)
@@ -873,7 +882,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         for (int mm = 0; mm < MEMBERS; ++mm)
           tma_load_3d(sbase + K_OFF + s * TILE_BYTES + a * ATOM_BYTES + mm * BOX_BYTES, &tm.k, 64 * a, kv_head,
                       row0 + mm, bar(BAR_FULL_K + s));
-      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+      if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
       mbar_expect_tx(bar(BAR_FULL_V + s), (uint32_t)TILE_BYTES);
 #pragma unroll
       for (int a = 0; a < ATOMS; ++a)
@@ -897,7 +906,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     for (int i = 0; i < nt; ++i) {
       const int s = i % STAGES, u = i / STAGES;
       const int n0 = (t_end - 1 - i) * BN;
-      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
+      if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
       load_tile<SPARSE>(sbase + K_OFF + s * TILE_BYTES, kbase, p.k_row, n0, kv_len, tid);
       cp_async_commit();
       if (i > 0) {
@@ -906,7 +915,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         __syncwarp();
         if (lane == 0) mbar_arrive(bar(BAR_FULL_V + (i - 1) % STAGES));
       }
-      if (i >= STAGES) mbar_wait(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
+      if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
       load_tile<SPARSE, 128, SPARSE_PV>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
       cp_async_commit();
       cp_async_wait<1>();

@@ -37,6 +37,21 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
       : "memory");
   return ok != 0;
 }
+// The same poll with a suspend-time hint: a thread whose phase is not complete yet is suspended
+// (up to the hint, 200 us) instead of returning at once, so a waiting thread stops issuing
+// polls. For the producer's waits on free stages: it spins there for most of the kernel, in the
+// issue slots of the consumer warp that shares its scheduler.
+__device__ __forceinline__ bool mbar_try_wait_suspend(uint32_t bar, uint32_t parity) {
+  uint32_t ok;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, 200000;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(ok)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return ok != 0;
+}
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -50,11 +65,14 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // and no trap: a function call between wgmma issue and wait serializes the wgmma pipeline
 // (ptxas C7510), and a trap kills the CUDA context. The clock is read only on the slow path
 // (after 4096 unsuccessful polls), never in the steady state.
+// SUSPEND: poll with mbar_try_wait_suspend (the producer's waits for free stages).
+template <bool SUSPEND = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, int what) {
-  if (mbar_try_wait(bar, parity)) return;
+  auto poll = [&] { return SUSPEND ? mbar_try_wait_suspend(bar, parity) : mbar_try_wait(bar, parity); };
+  if (poll()) return;
   uint32_t polls = 0;
   uint64_t start = 0;
-  while (!mbar_try_wait(bar, parity)) {
+  while (!poll()) {
     if ((++polls & 4095u) == 0) {
       if (*(volatile int*)&nmh_timeout != 0) return;
       const uint64_t now = global_timer_ns();

@@ -28,6 +28,7 @@ _OTHER_SWITCHES = {
     "tma3d": "MODELOPT_SPARSE_HOPPER_TMA3D",
     "split_loop": "MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
     "mid_wait": "MODELOPT_SPARSE_HOPPER_MID_WAIT",
+    "producer_spins": "MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS",
 }
 
 
@@ -37,8 +38,8 @@ SWITCH_NAMES = tuple(_SCHEDULE_ENV.values()) + tuple(_OTHER_SWITCHES.values())
 
 def schedule_switches(sched: dict) -> dict:
     """The MODELOPT_SPARSE_HOPPER_* switches of a schedule dict (the engine table's rows: every
-    SCHEDULE_FIELDS key, and ``wg3``, ``sparse_pv``, ``tma3d``, ``split_loop``, ``mid_wait``, off when
-    absent)."""
+    SCHEDULE_FIELDS key, and ``wg3``, ``sparse_pv``, ``tma3d``, ``split_loop``, ``mid_wait``,
+    ``producer_spins``, off when absent)."""
     env = {name: str(int(bool(sched[field]))) for field, name in _SCHEDULE_ENV.items()}
     env.update({name: str(int(bool(sched.get(key, False)))) for key, name in _OTHER_SWITCHES.items()})
     return env
@@ -49,7 +50,8 @@ def variant_env(v: Variant) -> dict:
     ``v``."""
     sched = {field: getattr(v, field) for field in _SCHEDULE_ENV}
     return schedule_switches(dict(sched, wg3=v.consumers == 3, sparse_pv=v.sparse_pv, tma3d=v.tma3d,
-                                  split_loop=v.split_loop, mid_wait=v.mid_wait))
+                                  split_loop=v.split_loop, mid_wait=v.mid_wait,
+                                  producer_spins=v.producer_spins))
 
 
 @contextlib.contextmanager

@@ -55,6 +55,9 @@ class Variant:
     # first 16 exponentials, and P(j) converted into the operand between the remaining ones
     # (FlashAttention-4's sm90 order; session 16; MODELOPT_SPARSE_HOPPER_MID_WAIT=1, tag flag "w").
     mid_wait: bool = False
+    # The producer polls for free stages in a tight loop (the kernels before session 16) instead
+    # of suspending between polls (MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS=1, tag flag "y"; A/B only).
+    producer_spins: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -104,7 +107,8 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("l", self.split_loop), ("w", self.mid_wait), ("x", self.probe))
+                                        ("l", self.split_loop), ("w", self.mid_wait), ("y", self.producer_spins),
+                                        ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -117,7 +121,8 @@ class Variant:
             [f for f, on in (("-DNMH_LATE_RESCALE=1", v.late_rescale), ("-DNMH_TMA=1", v.tma),
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
-                             ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait)) if on]
+                             ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
+                             ("-DNMH_PRODUCER_SPINS=1", v.producer_spins)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -174,7 +179,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
     tile loop; 1: separate edge and interior loops, within noise of one loop in session 14) and
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
-    unset: :func:`measured_mid_wait`)."""
+    unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS (default 0: the
+    producer suspends between polls for a free stage; 1: the polling loop before session 16)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -189,6 +195,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
         mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
                           measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
+        producer_spins=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS", False),
         probe=probe,
     ).canonical()
 
@@ -225,4 +232,5 @@ def _parse_tag(tag: str) -> Variant:
                    tie_index=m.group(5) == "i", fp16="h" in flags, pingpong="p" in flags, overlap="o" in flags,
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
-                   split_loop="l" in flags, mid_wait="w" in flags, probe="x" in flags)
+                   split_loop="l" in flags, mid_wait="w" in flags,
+                   producer_spins="y" in flags, probe="x" in flags)
