@@ -105,8 +105,8 @@
 #ifndef NMH_MID_WAIT
 #define NMH_MID_WAIT 0
 #endif
-#ifndef NMH_PRODUCER_SPINS
-#define NMH_PRODUCER_SPINS 0
+#ifndef NMH_PRODUCER_SUSPENDS
+#define NMH_PRODUCER_SUSPENDS 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -202,12 +202,13 @@ constexpr bool SPLIT_LOOP = NMH_SPLIT_LOOP != 0;
 // before the softmax began, behind Q.K^T(j)), and the rest of the exponentials leave the MUFU
 // gaps in which the conversions of P(j) into the operand registers run.
 constexpr bool MID_WAIT = NMH_MID_WAIT != 0;
-// The producer's waits for free stages suspend the waiting thread (try_wait with a time hint,
-// NANOSLEEP.SYNCS in the SASS) instead of polling in a tight loop (session 16: under Nsight
-// Compute the polling loop issued 16 M instructions of 285 M at D = 64, all on the scheduler of
-// one consumer warp per warpgroup; FlashAttention-4's producer sleeps the same way).
-// NMH_PRODUCER_SPINS=1 keeps the polling loop, for A/B runs.
-constexpr bool SUSPEND_PRODUCER = NMH_PRODUCER_SPINS == 0;
+// NMH_PRODUCER_SUSPENDS (session 16, A/B only): the producer's waits for free stages suspend
+// the waiting thread (try_wait with a time hint, NANOSLEEP.SYNCS in the SASS) instead of polling
+// in a tight loop. Under Nsight Compute the polling loop issued 16 M instructions of 285 M at
+// D = 64, on the scheduler of one consumer warp per warpgroup (FlashAttention-4's producer
+// sleeps); yet suspending measured 0.986-0.997x of polling at D = 128 and 1.009x at D = 64 on
+// the H200, so polling stays the default.
+constexpr bool SUSPEND_PRODUCER = NMH_PRODUCER_SUSPENDS != 0;
 constexpr int MID_WAIT_AFTER = 16;
 static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the overlapped schedule, dense P.V");
 // Which softmax path a loop body runs: decided per tile at run time, or fixed by the loop.

@@ -39,8 +39,8 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
 }
 // The same poll with a suspend-time hint: a thread whose phase is not complete yet is suspended
 // (up to the hint, 200 us) instead of returning at once, so a waiting thread stops issuing
-// polls. For the producer's waits on free stages: it spins there for most of the kernel, in the
-// issue slots of the consumer warp that shares its scheduler.
+// polls (NMH_PRODUCER_SUSPENDS: the producer's waits for free stages, where it spends most of
+// the kernel, in the issue slots of the consumer warp that shares its scheduler).
 __device__ __forceinline__ bool mbar_try_wait_suspend(uint32_t bar, uint32_t parity) {
   uint32_t ok;
   asm volatile(

@@ -28,7 +28,7 @@ _OTHER_SWITCHES = {
     "tma3d": "MODELOPT_SPARSE_HOPPER_TMA3D",
     "split_loop": "MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
     "mid_wait": "MODELOPT_SPARSE_HOPPER_MID_WAIT",
-    "producer_spins": "MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS",
+    "producer_suspends": "MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS",
 }
 
 
@@ -39,7 +39,7 @@ SWITCH_NAMES = tuple(_SCHEDULE_ENV.values()) + tuple(_OTHER_SWITCHES.values())
 def schedule_switches(sched: dict) -> dict:
     """The MODELOPT_SPARSE_HOPPER_* switches of a schedule dict (the engine table's rows: every
     SCHEDULE_FIELDS key, and ``wg3``, ``sparse_pv``, ``tma3d``, ``split_loop``, ``mid_wait``,
-    ``producer_spins``, off when absent)."""
+    ``producer_suspends``, off when absent)."""
     env = {name: str(int(bool(sched[field]))) for field, name in _SCHEDULE_ENV.items()}
     env.update({name: str(int(bool(sched.get(key, False)))) for key, name in _OTHER_SWITCHES.items()})
     return env
@@ -51,7 +51,7 @@ def variant_env(v: Variant) -> dict:
     sched = {field: getattr(v, field) for field in _SCHEDULE_ENV}
     return schedule_switches(dict(sched, wg3=v.consumers == 3, sparse_pv=v.sparse_pv, tma3d=v.tma3d,
                                   split_loop=v.split_loop, mid_wait=v.mid_wait,
-                                  producer_spins=v.producer_spins))
+                                  producer_suspends=v.producer_suspends))
 
 
 @contextlib.contextmanager

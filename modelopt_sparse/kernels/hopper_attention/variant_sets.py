@@ -145,7 +145,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             for n, m in ((0, 4), (4, 8), (8, 16)):
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
-        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SPINS_TESTS + bench_variants()
+        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
             # The TMA producer's element-strided boxes (the group permutation), bit for bit.
@@ -199,10 +199,10 @@ MID_WAIT_TESTS = [Variant(head_dim=d, sparsity_n=n, sparsity_m=m, consumers=3 if
                                        (2, 4, 64, False))
                   for mid in (False, True)]
 
-# The polling producer (producer_spins, the kernels before session 16) beside the suspending
-# one, each pattern's measured kernel: test_gpu_27 and the A/B command.
-PRODUCER_SPINS_TESTS = [Variant(head_dim=d, sparsity_n=n, sparsity_m=m, consumers=3 if (d, n) == (64, 0) else 2,
-                                tma3d=m == 16, mid_wait=measured_mid_wait(d, n, m), producer_spins=spins,
-                                **measured_schedule(d, n, m))
-                        for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4))
-                        for spins in (False, True)]
+# The suspending producer (producer_suspends, session 16) beside the polling one, each pattern's
+# measured kernel: test_gpu_27 and the A/B command.
+PRODUCER_SUSPENDS_TESTS = [Variant(head_dim=d, sparsity_n=n, sparsity_m=m, consumers=3 if (d, n) == (64, 0) else 2,
+                                   tma3d=m == 16, mid_wait=measured_mid_wait(d, n, m), producer_suspends=sleeps,
+                                   **measured_schedule(d, n, m))
+                           for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4))
+                           for sleeps in (False, True)]

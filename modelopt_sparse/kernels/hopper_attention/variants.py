@@ -55,9 +55,9 @@ class Variant:
     # first 16 exponentials, and P(j) converted into the operand between the remaining ones
     # (FlashAttention-4's sm90 order; session 16; MODELOPT_SPARSE_HOPPER_MID_WAIT=1, tag flag "w").
     mid_wait: bool = False
-    # The producer polls for free stages in a tight loop (the kernels before session 16) instead
-    # of suspending between polls (MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS=1, tag flag "y"; A/B only).
-    producer_spins: bool = False
+    # The producer suspends between polls for a free stage instead of polling in a tight loop
+    # (MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS=1, tag flag "n"; session 16: 0.986-1.009x, A/B only).
+    producer_suspends: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -107,7 +107,7 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("l", self.split_loop), ("w", self.mid_wait), ("y", self.producer_spins),
+                                        ("l", self.split_loop), ("w", self.mid_wait), ("n", self.producer_suspends),
                                         ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
@@ -122,7 +122,7 @@ class Variant:
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
-                             ("-DNMH_PRODUCER_SPINS=1", v.producer_spins)) if on]
+                             ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -179,8 +179,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
     tile loop; 1: separate edge and interior loops, within noise of one loop in session 14) and
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
-    unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS (default 0: the
-    producer suspends between polls for a free stage; 1: the polling loop before session 16)."""
+    unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
+    producer polls for a free stage in a tight loop; 1: it suspends between polls)."""
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -195,7 +195,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
         mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
                           measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
-        producer_spins=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SPINS", False),
+        producer_suspends=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", False),
         probe=probe,
     ).canonical()
 
@@ -233,4 +233,4 @@ def _parse_tag(tag: str) -> Variant:
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
-                   producer_spins="y" in flags, probe="x" in flags)
+                   producer_suspends="n" in flags, probe="x" in flags)
