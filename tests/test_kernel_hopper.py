@@ -514,7 +514,7 @@ def test_producer_polls_unless_suspending_is_asked(monkeypatch):
                                                             ("<SUSPEND_PRODUCER>", "EMPTY_V")}
     assert all(tmpl == "" for tmpl, name in waits if not name.startswith("EMPTY"))
     ptx = (hb.SOURCE_DIR / "ptx.cuh").read_text()
-    assert "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, 200000;" in ptx
+    assert 'if constexpr (SUSPEND) NMH_TRY_WAIT_ASM(", 200000");' in ptx
 
 def _f32(bits: int) -> float:
     import struct
@@ -1384,15 +1384,23 @@ def test_gpu_24_split_loop_equals_one_loop(monkeypatch, n, m, d, wg3, overlap):
     sequence ends, dense window), trailing (sinks, the sliding window's far end) and alone
     (decode rows, chunked prefill), and close to the reference."""
     _set_schedule(monkeypatch, (True, overlap, not wg3, True, True))
+    _assert_switch_changes_no_bit(monkeypatch, "SPLIT_LOOP", n, m, d, wg3, seed=24)
+
+
+def _assert_switch_changes_no_bit(monkeypatch, switch, n, m, d, wg3, seed):
+    """Outputs with MODELOPT_SPARSE_HOPPER_<switch> off and on equal bit for bit (under the
+    schedule the caller set), with edge tiles leading (causal diagonal, sequence ends, dense
+    window), trailing (sinks, the sliding window's far end) and alone (decode rows, chunked
+    prefill), causal, sliding-window and non-causal; and are close to the reference."""
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
     lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
-    inputs = _random(lens_q, lens_k, 4, 2, d, seed=24 + n + d)
+    inputs = _random(lens_q, lens_k, 4, 2, d, seed=seed + n + d)
     for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
         kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
         outs = []
-        for split in (0, 1):
-            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", str(split))
+        for on in (0, 1):
+            monkeypatch.setenv(f"MODELOPT_SPARSE_HOPPER_{switch}", str(on))
             outs.append(_run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "hopper", **kw)[0])
         assert torch.equal(outs[0], outs[1]), kw
         ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
@@ -1409,19 +1417,7 @@ def test_gpu_26_mid_wait_equals_end_wait(monkeypatch, n, m, d, wg3):
     edge tiles (causal diagonal, sequence ends, dense window, sinks, decode rows, chunked
     prefill) and interior ones, and are close to the reference."""
     _set_schedule(monkeypatch, (True, True, True, True, True))
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
-    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
-    inputs = _random(lens_q, lens_k, 4, 2, d, seed=26 + n + d)
-    for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
-        kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
-        outs = []
-        for mid in (0, 1):
-            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", str(mid))
-            outs.append(_run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "hopper", **kw))
-        assert torch.equal(outs[0][0], outs[1][0]), kw
-        ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
-        assert rel_err(outs[1][0], ref) < TOL[torch.bfloat16], kw
+    _assert_switch_changes_no_bit(monkeypatch, "MID_WAIT", n, m, d, wg3, seed=26)
 
 
 @gpu_test

@@ -26,30 +26,25 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
 }
+// One poll of an mbarrier phase. SUSPEND adds a suspend-time hint: a thread whose phase is not
+// complete yet is suspended (up to the hint, 200 us) instead of returning at once, so a waiting
+// thread stops issuing polls (NMH_PRODUCER_SUSPENDS: the producer's waits for free stages, where
+// it spends most of the kernel, in the issue slots of the consumer warp that shares its
+// scheduler).
+template <bool SUSPEND = false>
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t ok;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(ok)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return ok != 0;
-}
-// The same poll with a suspend-time hint: a thread whose phase is not complete yet is suspended
-// (up to the hint, 200 us) instead of returning at once, so a waiting thread stops issuing
-// polls (NMH_PRODUCER_SUSPENDS: the producer's waits for free stages, where it spends most of
-// the kernel, in the issue slots of the consumer warp that shares its scheduler).
-__device__ __forceinline__ bool mbar_try_wait_suspend(uint32_t bar, uint32_t parity) {
-  uint32_t ok;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, 200000;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(ok)
-      : "r"(bar), "r"(parity)
-      : "memory");
+#define NMH_TRY_WAIT_ASM(HINT)                                                   \
+  asm volatile(                                                                  \
+      "{\n.reg .pred p;\n"                                                       \
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2" HINT ";\n"           \
+      "selp.u32 %0, 1, 0, p;\n}\n"                                               \
+      : "=r"(ok)                                                                 \
+      : "r"(bar), "r"(parity)                                                    \
+      : "memory")
+  if constexpr (SUSPEND) NMH_TRY_WAIT_ASM(", 200000");
+  else NMH_TRY_WAIT_ASM("");
+#undef NMH_TRY_WAIT_ASM
   return ok != 0;
 }
 __device__ __forceinline__ uint64_t global_timer_ns() {
@@ -65,10 +60,10 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // and no trap: a function call between wgmma issue and wait serializes the wgmma pipeline
 // (ptxas C7510), and a trap kills the CUDA context. The clock is read only on the slow path
 // (after 4096 unsuccessful polls), never in the steady state.
-// SUSPEND: poll with mbar_try_wait_suspend (the producer's waits for free stages).
+// SUSPEND: poll with the suspend-time hint (the producer's waits for free stages).
 template <bool SUSPEND = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, int what) {
-  auto poll = [&] { return SUSPEND ? mbar_try_wait_suspend(bar, parity) : mbar_try_wait(bar, parity); };
+  auto poll = [&] { return mbar_try_wait<SUSPEND>(bar, parity); };
   if (poll()) return;
   uint32_t polls = 0;
   uint64_t start = 0;
