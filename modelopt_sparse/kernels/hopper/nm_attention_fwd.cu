@@ -50,7 +50,8 @@
 // the softmax of tile j into it, after its first MID_WAIT_AFTER exponentials, and P(j) is
 // converted into the A operand as its exponentials come out, between the remaining MUFUs,
 // instead of in a block of conversions between that wait and the next issue (FlashAttention-4's
-// sm90 order at D = 64, seen in its SASS under Nsight Compute).
+// sm90 order at D = 64, seen in its SASS under Nsight Compute); NMH_PRODUCER_SUSPENDS (session
+// 16, A/B only: the producer's waits for free stages suspend between polls).
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -202,6 +203,8 @@ constexpr bool SPLIT_LOOP = NMH_SPLIT_LOOP != 0;
 // before the softmax began, behind Q.K^T(j)), and the rest of the exponentials leave the MUFU
 // gaps in which the conversions of P(j) into the operand registers run.
 constexpr bool MID_WAIT = NMH_MID_WAIT != 0;
+constexpr int MID_WAIT_AFTER = 16;
+static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the overlapped schedule, dense P.V");
 // NMH_PRODUCER_SUSPENDS (session 16, A/B only): the producer's waits for free stages suspend
 // the waiting thread (try_wait with a time hint, NANOSLEEP.SYNCS in the SASS) instead of polling
 // in a tight loop. Under Nsight Compute the polling loop issued 16 M instructions of 285 M at
@@ -209,8 +212,6 @@ constexpr bool MID_WAIT = NMH_MID_WAIT != 0;
 // sleeps); yet suspending measured 0.986-0.997x of polling at D = 128 and 1.009x at D = 64 on
 // the H200, so polling stays the default.
 constexpr bool SUSPEND_PRODUCER = NMH_PRODUCER_SUSPENDS != 0;
-constexpr int MID_WAIT_AFTER = 16;
-static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the overlapped schedule, dense P.V");
 // Which softmax path a loop body runs: decided per tile at run time, or fixed by the loop.
 template <int K>
 struct TileKind {
