@@ -1465,8 +1465,11 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
 
     seen = []
 
+    mid_waits = []
+
     def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
         seen.append(hv.schedule_from_env(q.shape[-1], params.sparsity_n, params.sparsity_m))
+        mid_waits.append(os.environ.get("MODELOPT_SPARSE_HOPPER_MID_WAIT") == "1")
         out = api_attention(q, k, v, q_start, q_len, max_q, b_start_loc_k=k_start, b_seq_len_k=k_len,
                             max_input_len_k=max_q, is_causal=params.is_causal, softmax_scale=params.softmax_scale,
                             sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
@@ -1487,6 +1490,11 @@ def test_timing_table_runs_its_plan_on_the_cpu(monkeypatch, capsys):
         assert ("WRONG" in line) == ("sparse-pv" in line), line
     assert "FASTEST " in table and "BEST_SCHEDULE MODELOPT_SPARSE_HOPPER_PINGPONG=" in table
     assert len({tuple(sorted(s.items())) for s in seen}) > 5  # the schedules really change
+    # MID_WAIT rows: each overlapped measured kernel without and with it, back to back; the
+    # other rows run without it.
+    assert sum("mid-wait" in line for line in engine_rows) == len(hs.MID_WAIT_TESTS) // 2
+    calls_per_row, rest = divmod(len(seen), len(engine_rows))
+    assert rest == 0 and sum(mid_waits) == calls_per_row * len(hs.MID_WAIT_TESTS) // 2
 
 
 def test_ab_table_rotates_repeats_and_checks_each_kernel_on_the_cpu(monkeypatch, capsys):

@@ -24,8 +24,9 @@ import torch
 from ..reference import SparseParams
 from .build import NVCC_FLAGS, SOURCE_DIR, cache_dir, compile_variant, find_nvcc, nvcc_version, ptxas_summary
 from .engine import LOG2E, forward, forward_with_lse
-from .variant_sets import (SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT, BENCH_SCHEDULES_SPARSE_PV,
-                           BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES, _sched, standard_variants)
+from .variant_sets import (MID_WAIT_TESTS, SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT,
+                           BENCH_SCHEDULES_SPARSE_PV, BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES,
+                           _sched, standard_variants)
 from .ab_table import main as ab_main
 from .ab_table import SWITCH_NAMES, schedule_switches
 from .variants import SCHEDULE_FIELDS, Variant, _parse_tag, schedule_env
@@ -205,7 +206,8 @@ def _sched_label(sched: dict) -> str:
     names = (("pingpong", "pp"), ("late_rescale", "late"), ("tma", "tma"), ("lean", "lean"))
     parts = [short for f, short in names if sched[f]] + ([] if sched["overlap"] else ["no-ovl"]) + \
         (["3wg"] if sched.get("wg3") else []) + (["sparse-pv"] if sched.get("sparse_pv") else []) + \
-        (["tma3d"] if sched.get("tma3d") else []) + (["split"] if sched.get("split_loop") else [])
+        (["tma3d"] if sched.get("tma3d") else []) + (["split"] if sched.get("split_loop") else []) + \
+        (["mid-wait"] if sched.get("mid_wait") else [])
     return " ".join(parts) or "base"  # the first verified schedule (overlap only), not the measured default
 
 
@@ -302,6 +304,13 @@ def _bench(args) -> int:
     plan += [(128, True, 0, 4, "threshold", "triton", None), (128, True, 2, 4, "threshold", "triton", None),
              (128, True, 4, 8, "threshold", "triton", None),
              (128, True, 8, 16, "threshold", "triton", None), (64, True, 0, 4, "threshold", "triton", None)]
+    # Session 16: the wait for P.V(j-1) inside the softmax (MID_WAIT_TESTS: each overlapped
+    # measured kernel with the wait at the softmax's end and inside it, back to back). Every other
+    # row runs the wait at the end (schedule_switches: an absent switch is off).
+    for v in MID_WAIT_TESTS:
+        sched = dict(((f, getattr(v, f)) for f in SCHEDULE_FIELDS), wg3=v.consumers == 3, tma3d=v.tma3d)
+        plan.append((v.head_dim, True, v.sparsity_n, v.sparsity_m, "threshold", "hopper",
+                     dict(sched, mid_wait=v.mid_wait)))
     # Last: the three-warpgroup ring is the one new named-barrier protocol, and a named-barrier
     # deadlock cannot be caught by the in-kernel watchdog (the step's timeout ends it).
     for t in BENCH_SCHEDULES_WG3:
