@@ -17,14 +17,18 @@ from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, 
                        measured_tma3d, schedule_from_env)
 
 
+def _as_measured(v: Variant) -> Variant:
+    """``v`` with every switch as variant_for picks it when none is set (the measured schedule,
+    consumers, grouped maps and MID_WAIT of its head dim and pattern)."""
+    d, n, m = v.head_dim, v.sparsity_n, v.sparsity_m
+    return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=measured_consumers(d, n, m),
+                               tma3d=measured_tma3d(n, m), mid_wait=measured_mid_wait(d, n, m)).canonical()
+
+
 def _test_set(probe: bool) -> list[Variant]:
     """Every kernel the GPU tests run (the measured schedule, as variant_for picks with no
     switch set), the probe builds optional."""
-    return [dataclasses.replace(v, **measured_schedule(v.head_dim, v.sparsity_n, v.sparsity_m),
-                                consumers=measured_consumers(v.head_dim, v.sparsity_n, v.sparsity_m),
-                                tma3d=measured_tma3d(v.sparsity_n, v.sparsity_m),
-                                mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m)).canonical()
-            for v in _test_set_base(probe)]
+    return [_as_measured(v) for v in _test_set_base(probe)]
 
 
 def _test_set_base(probe: bool) -> list[Variant]:
@@ -201,8 +205,7 @@ MID_WAIT_TESTS = [Variant(head_dim=d, sparsity_n=n, sparsity_m=m, consumers=3 if
 
 # The suspending producer (producer_suspends, session 16) beside the polling one, each pattern's
 # measured kernel: test_gpu_27 and the A/B command.
-PRODUCER_SUSPENDS_TESTS = [Variant(head_dim=d, sparsity_n=n, sparsity_m=m, consumers=3 if (d, n) == (64, 0) else 2,
-                                   tma3d=m == 16, mid_wait=measured_mid_wait(d, n, m), producer_suspends=sleeps,
-                                   **measured_schedule(d, n, m))
+PRODUCER_SUSPENDS_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m)),
+                                               producer_suspends=sleeps)
                            for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4))
                            for sleeps in (False, True)]
