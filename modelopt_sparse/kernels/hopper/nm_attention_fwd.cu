@@ -333,6 +333,34 @@ __device__ __forceinline__ bool tile_is_edge(int n0, const RowCtx& x, const FwdP
   return e;
 }
 
+// The keys a row may attend to, relative to kbase (the key of the thread's column 0 in the
+// tile): entry c (= col_key(j, 0, e)) is allowed iff before < c <= last. Not yet visible keys
+// (past kv_len), the causal future and keys older than the sliding window are the rules of
+// docs/semantics.md; a row past the sequence (pos beyond kv_len) is cut by kv_len as before.
+struct KeyWindow {
+  int last, before;
+};
+__device__ __forceinline__ KeyWindow key_window(int pos, int kbase, const RowCtx& x, const FwdParams& p) {
+  int last = x.kv_len - 1;
+  if (p.is_causal) last = min(last, pos);
+  // pos - window excludes the keys with pos - key >= window; keys are >= 0, so -1 excludes
+  // nothing (the min keeps a huge window from overflowing the subtraction).
+  const int before = p.sliding_window > 0 ? pos - min(p.sliding_window, pos + 1) : -1;
+  return {last - kbase, before - kbase};
+}
+// N:M's dense region of a row, relative to kbase like KeyWindow: the sinks (c < sinks_end), the
+// dense window (window_before < c <= window_last: 0 <= pos - key < dense_window) and, for a
+// decode step (q_len == 1), every key.
+struct DenseRegion {
+  int sinks_end, window_before, window_last;
+};
+__device__ __forceinline__ DenseRegion dense_region(int pos, int kbase, const RowCtx& x, const FwdParams& p) {
+  const int sinks_end = x.q_len == 1 ? 1 << 30 : p.num_sink - kbase;  // decode: c <= 127 always
+  // dense_window (>= 0, checked on the host) = 0: an empty interval (before = last); the min
+  // keeps a huge window from overflowing (keys are >= 0, so before = -1 excludes nothing).
+  return {sinks_end, pos - min(p.dense_window, pos + 1) - kbase, pos - kbase};
+}
+
 // Descending Batcher odd-even merge sort network on M values, written as template recursion so
 // that every index is a compile-time constant (a runtime index would put the array in local
 // memory). The compiler drops every comparator outside the cone of the ranks that are used.
@@ -420,19 +448,23 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
           if (row < x.q_len && key < x.kv_len) p.probe_s[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e];
         }
   }
+  // Edge tiles test each entry's key, n0 + col_key(j, t, e) = kbase + col_key(j, 0, e), against
+  // bounds per row, brought into the entry's frame once (key_window): one or two compares with
+  // a compile-time constant per entry and no branch. (Written as the rules themselves, with
+  // `if (p.is_causal)` per entry, ptxas emitted three branches and a convergence barrier per
+  // entry: an edge tile cost over twice an interior one.)
+  const int kbase = n0 + col_key(0, t, 0);
   if constexpr (EDGE) {  // disallowed -> -inf (they then count as -inf in their group)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int pos = x.qrow + 8 * r + x.offset;
+      const KeyWindow w = key_window(x.qrow + 8 * r + x.offset, kbase, x, p);
 #pragma unroll
       for (int j = 0; j < 16; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = n0 + col_key(j, t, e);
-          bool ok = key < x.kv_len;
-          if (p.is_causal) ok &= key <= pos;
-          if (p.sliding_window > 0) ok &= pos - key < p.sliding_window;
-          if (!ok) s[4 * j + 2 * r + e] = -INFINITY;
+          const int c = col_key(j, 0, e);
+          const bool ok = (c <= w.last) & (c > w.before);
+          s[4 * j + 2 * r + e] = ok ? s[4 * j + 2 * r + e] : -INFINITY;
         }
     }
   }
@@ -557,7 +589,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int pos = x.qrow + 8 * r + x.offset;
+        const DenseRegion dr = dense_region(x.qrow + 8 * r + x.offset, kbase, x, p);
 #pragma unroll
         for (int g = 0; g < NGROUPS; ++g) {
           const float tn = thr[r][g];
@@ -580,9 +612,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
               kept = v >= tn;
             }
             if constexpr (EDGE) {  // the dense region: sinks, the dense window, decode steps
-              const int key = n0 + col_key((g >> 1) + R_PERM * mm, t, g & 1);
-              const int dist = pos - key;
-              kept |= x.q_len == 1 || key < p.num_sink || (unsigned)dist < (unsigned)p.dense_window;
+              const int c = col_key((g >> 1) + R_PERM * mm, 0, g & 1);
+              kept |= (c < dr.sinks_end) | ((c > dr.window_before) & (c <= dr.window_last));
             }
             s[i] = kept ? fmaf(v, c, -mc[r]) : -INFINITY;
           }
@@ -763,7 +794,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
   }
   __syncthreads();
 
-  const int wg = threadIdx.x / 128;
+  // The warpgroup index through a shuffle from lane 0: ptxas cannot tell that threadIdx.x / 128
+  // is warp-uniform, and without the shuffle everything derived from it (the Q descriptors,
+  // the ping-pong barrier ids) lives in ordinary registers: the D = 64 three-warpgroup loop
+  // spilled the four Q descriptors and reloaded them (LDL + R2UR) every tile.
+  const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
   const int lane = threadIdx.x % 32;
   const int kv_head = head / p.groups;
 
