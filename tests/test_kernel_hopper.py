@@ -290,6 +290,17 @@ def test_param_struct_mirrors_the_cuda_source():
     assert size == hd.PARAMS_SIZE == ctypes.sizeof(hd._FwdParams)
 
 
+def test_window_fields_fit_the_int32_kernel_fields():
+    """Counts and windows past int32 reach the kernel clamped, not wrapped by ctypes (2**40 would
+    read as 0: a dense window turned off); within int32 they pass unchanged."""
+    p = hd._FwdParams()
+    huge = _params(sparsity_n=2, num_sink_tokens=2**40, dense_window_size=2**40 + 5, sliding_window=2**33)
+    p.num_sink, p.dense_window, p.sliding_window = he.window_fields(huge)
+    assert (p.num_sink, p.dense_window, p.sliding_window) == (2**31 - 1,) * 3
+    small = _params(sparsity_n=2, num_sink_tokens=3, dense_window_size=64, sliding_window=None)
+    assert he.window_fields(small) == (3, 64, 0)
+
+
 def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in hs.standard_variants()}
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
@@ -1104,6 +1115,10 @@ PROBE_CASES = [
     dict(sparsity_n=8, sparsity_m=16, tie_break="index", dense_window_size=140),
     dict(sparsity_n=3, sparsity_m=16, tie_break="index", sliding_window=150, num_sink_tokens=2),
     dict(sparsity_n=5, sparsity_m=16, is_causal=False, dense_window_size=3),
+    # Windows wider than any sequence, up to the int32 limit: the edge tiles' per-row key bounds
+    # must not overflow (key_window / dense_region in nm_attention_fwd.cu).
+    dict(sparsity_n=2, sparsity_m=4, sliding_window=2**31 - 1, dense_window_size=2**31 - 1),
+    dict(sparsity_n=4, sparsity_m=8, sliding_window=2**31 - 1, num_sink_tokens=1),
 ]
 
 

@@ -29,6 +29,7 @@ BACKEND = "hopper"
 BLOCK_M = 128  # query rows per CTA with two consumer warpgroups (the three-warpgroup D = 64 variant: 192)
 THREADS = 384
 LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +106,16 @@ def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> 
     return "triton"
 
 
+def window_fields(params: SparseParams) -> tuple[int, int, int]:
+    """The kernel's ``num_sink``, ``dense_window`` and ``sliding_window`` (0 = off) fields.
+
+    They are int32, and ctypes wraps a larger int silently (2**40 would become 0 and turn a
+    dense window off). A count or window of 2**31 - 1 already covers every key of any sequence
+    the engine takes (int32 lengths), so clamping to it keeps the semantics exactly."""
+    return (min(params.num_sink_tokens, _INT32_MAX), min(params.dense_window_size, _INT32_MAX),
+            min(params.sliding_window or 0, _INT32_MAX))
+
+
 def _work(q, k) -> int:
     """Query rows x key rows x query heads, an upper bound of a call's score entries (packed
     ``[T, H, D]`` or batched ``[B, S, H, D]``)."""
@@ -157,9 +168,7 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     p.groups = hq // hkv
     p.lse_row = hq
     p.is_causal = int(params.is_causal)
-    p.num_sink = params.num_sink_tokens
-    p.dense_window = params.dense_window_size
-    p.sliding_window = params.sliding_window or 0
+    p.num_sink, p.dense_window, p.sliding_window = window_fields(params)
     p.scale_log2 = params.softmax_scale * LOG2E
     grid = _grid(max_q, hq, q_len.shape[0], mod.block_m)
     if q.shape[0] == 0:
