@@ -357,7 +357,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     measured = dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
     assert hv.schedule_from_env() == measured == hv.measured_schedule(128, 2, 4) == hv.measured_schedule(64, 2, 4)
     assert hv.measured_schedule(64, 0, 4) == measured  # session 14: overlap and late rescale at three warpgroups too
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3"  # three consumer warpgroups
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"  # three consumer warpgroups, split loop (session 17)
     assert hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
     assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
@@ -444,8 +444,9 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
 
 
 def test_split_loop_variant_flag_env_and_carried(monkeypatch):
-    """The split tile loop (edge-tile and interior-tile loops): its own define and tag flag, off
-    unless MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1, timed beside the one-loop kernels (both are
+    """The split tile loop (edge-tile and interior-tile loops): its own define and tag flag, on by
+    default only for the three-warpgroup kernel (session 17's A/B) and otherwise when
+    MODELOPT_SPARSE_HOPPER_SPLIT_LOOP=1, timed beside the one-loop kernels (both are
     precompiled), and the source classifies every tile of both loops with tile_is_edge."""
     v = hv.Variant(head_dim=64, consumers=3, pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True,
                    split_loop=True).canonical()
@@ -455,6 +456,10 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     for name in SWITCHES + ("SPLIT_LOOP",):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     assert not hv.variant_for(_params(), torch.bfloat16, 128).split_loop
+    assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).split_loop
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "0")
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "1")
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmzl"
     carried = {c.tag for c in hs.standard_variants()}
@@ -485,14 +490,14 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     # warpgroups), not M = 16, and M = 8 has no overlap.
     tags = {(d, n, m): hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d).tag
             for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
-    assert tags[128, 0, 4] == "d128_dense_pormzw" and tags[64, 0, 4] == "d64_dense_pormz3"
+    assert tags[128, 0, 4] == "d128_dense_pormzw" and tags[64, 0, 4] == "d64_dense_pormz3l"
     assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
     assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_prmz"
     assert tags[128, 8, 16] == "d128_8of16t_pormzg"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormz"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3w"
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lw"
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"  # no overlap
     assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_MID_WAIT"] == "1"
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()

@@ -137,7 +137,8 @@ def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
     if measured_consumers(head_dim, sparsity_n, sparsity_m) == 3:
         # Dense D = 64 runs three consumer warpgroups (440 TFLOPS against 388 for two, session
         # 10), with overlap and late rescale since session 14: 443-446 against 415-431 without
-        # (same run), although ptxas then spills 144 B in the tile loop.
+        # (same run); ptxas spilled 144 B in the tile loop until session 17 (none since the
+        # warpgroup index is uniform and the edge masks are branch-free).
         return dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
     no_overlap = bool(sparsity_n) and (sparsity_m == 8 or (sparsity_m == 16 and head_dim != 128))
     return dict(pingpong=True, overlap=not no_overlap, late_rescale=True, tma=True, lean=True)
@@ -168,6 +169,15 @@ def measured_mid_wait(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     return head_dim == 128
 
 
+def measured_split_loop(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
+    """Separate edge and interior tile loops unless MODELOPT_SPARSE_HOPPER_SPLIT_LOOP says
+    otherwise: on for the three-consumer-warpgroup kernel (dense D = 64), which since session 17
+    spills nothing: A/B on the H200, median of 7 paired rounds, 1.055x and 1.067x (two calls;
+    MID_WAIT there 1.048x / 1.051x, both 1.043x). Off elsewhere: dense D = 128 0.992x, 2:4
+    0.957x, 4:8 1.009x, 8:16 1.003x; D = 64 2:4 0.933x, 4:8 0.914x (same calls)."""
+    return measured_consumers(head_dim, sparsity_n, sparsity_m) == 3
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -176,8 +186,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     consumer warpgroups at D = 64; unset: :func:`measured_consumers`) and
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
-    :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (default 0: one
-    tile loop; 1: separate edge and interior loops, within noise of one loop in session 14) and
+    :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (separate edge and
+    interior tile loops; unset: :func:`measured_split_loop`, on for dense D = 64) and
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
     unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
     producer polls for a free stage in a tight loop; 1: it suspends between polls)."""
@@ -192,7 +202,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
                                 measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2,
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
-        split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", False),
+        split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
+                            measured_split_loop(head_dim, params.sparsity_n, params.sparsity_m)),
         mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
                           measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
         producer_suspends=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", False),
