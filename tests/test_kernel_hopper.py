@@ -304,9 +304,9 @@ def test_window_fields_fit_the_int32_kernel_fields():
 def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in hs.standard_variants()}
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
-    # through the grouped maps), lean, and overlap except at M = 8; with overlap at M <= 4 the
-    # wait for P.V(j-1) inside the softmax (session 16).
-    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzg")):
+    # through the grouped maps), lean, and overlap except at M = 8; with overlap the wait for
+    # P.V(j-1) inside the softmax (session 16; M = 16 since session 17).
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzgw")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
     assert {"d128_dense_pormzw", "d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormzw", "d128_dense_ow",
@@ -362,7 +362,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzg"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgw"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -430,13 +430,13 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzg"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgw"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porz"
-    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzg", "d64_3of16i_prmzg"}
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzw"
+    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgw", "d64_3of16i_prmzg"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
     carried = set(hs.standard_variants())
     assert {"d128_8of16t_pormzg", "d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx",
@@ -486,14 +486,14 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, mid_wait=True).canonical().mid_wait
     for name in SWITCHES + ("MID_WAIT", "D64_WG3", "TMA3D"):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    # The measured default (session 16): dense D = 128 and M <= 4; not dense D = 64 (three
-    # warpgroups), not M = 16, and M = 8 has no overlap.
+    # The measured default (session 16, M = 16 since session 17): dense D = 128 and N:M; not
+    # dense D = 64 (three warpgroups), and M = 8 has no overlap.
     tags = {(d, n, m): hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d).tag
             for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
     assert tags[128, 0, 4] == "d128_dense_pormzw" and tags[64, 0, 4] == "d64_dense_pormz3l"
     assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
     assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_prmz"
-    assert tags[128, 8, 16] == "d128_8of16t_pormzg"
+    assert tags[128, 8, 16] == "d128_8of16t_pormzgw"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormz"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")

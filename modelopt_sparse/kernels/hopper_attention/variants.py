@@ -160,12 +160,14 @@ def measured_consumers(head_dim: int, sparsity_n: int, sparsity_m: int) -> int:
 
 def measured_mid_wait(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     """The wait for P.V(j-1) inside the softmax unless MODELOPT_SPARSE_HOPPER_MID_WAIT says
-    otherwise: on for dense D = 128 and for N:M with M <= 4 (session 16, A/B on the H200, median
-    of 7 paired rounds: dense D = 128 1.016x, 2:4 D = 128 1.023x, 2:4 D = 64 1.031x); off for
-    dense D = 64 (three consumer warpgroups: 0.988x, ptxas spills more) and M = 16 (0.997x).
-    M = 8 runs without overlap, where there is no P.V to wait for (Variant.canonical)."""
+    otherwise: on for dense D = 128 and for N:M (A/B on the H200, median of 7 paired rounds;
+    session 16: dense D = 128 1.016x, 2:4 D = 128 1.023x, 2:4 D = 64 1.031x; session 17, after
+    the uniform warpgroup index and branch-free edge masks: 8:16 D = 128 1.028x, where session
+    16 had read 0.997x); off for dense D = 64 (three consumer warpgroups: 0.988x in session 16,
+    0.987x on top of the split loop in session 17). M = 8 runs without overlap, where there is no
+    P.V to wait for (Variant.canonical)."""
     if sparsity_n:
-        return sparsity_m <= 4
+        return True
     return head_dim == 128
 
 
