@@ -458,6 +458,10 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     assert not hv.variant_for(_params(), torch.bfloat16, 128).split_loop
     assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).split_loop
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", "0")  # two warpgroups: one loop, as measured
+    assert not hv.variant_for(_params(), torch.bfloat16, 64).split_loop
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_D64_WG3")
+    assert "d64_dense_pormz3l" in {v.tag for v in hs._test_set(probe=False)}  # the GPU tests' kernel is carried
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "1")

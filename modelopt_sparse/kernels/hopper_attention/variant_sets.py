@@ -14,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 
 from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_mid_wait, measured_schedule,
-                       measured_tma3d, schedule_from_env)
+                       measured_split_loop, measured_tma3d, schedule_from_env)
 
 
 def _as_measured(v: Variant) -> Variant:
     """``v`` with every switch as variant_for picks it when none is set (the measured schedule,
-    consumers, grouped maps and MID_WAIT of its head dim and pattern)."""
+    consumers, grouped maps, split loop and MID_WAIT of its head dim and pattern)."""
     d, n, m = v.head_dim, v.sparsity_n, v.sparsity_m
-    return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=measured_consumers(d, n, m),
-                               tma3d=measured_tma3d(n, m), mid_wait=measured_mid_wait(d, n, m)).canonical()
+    consumers = measured_consumers(d, n, m)
+    return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=consumers, tma3d=measured_tma3d(n, m),
+                               split_loop=measured_split_loop(consumers),
+                               mid_wait=measured_mid_wait(d, n, m)).canonical()
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -158,9 +160,10 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
             out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
                     for n, tie in ((8, False), (3, True))]
-    # A test that sets only the schedule switches runs MID_WAIT's measured default: each kernel
-    # is carried in that form too.
-    out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m)) for v in out]
+    # A test that sets only the schedule switches runs MID_WAIT's and the split loop's measured
+    # defaults: each kernel is carried in that form too.
+    out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m),
+                                split_loop=v.split_loop or measured_split_loop(v.consumers)) for v in out]
     seen, unique = set(), []
     for v in out:
         if v.canonical() not in seen:

@@ -171,13 +171,15 @@ def measured_mid_wait(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     return head_dim == 128
 
 
-def measured_split_loop(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
+def measured_split_loop(consumers: int) -> bool:
     """Separate edge and interior tile loops unless MODELOPT_SPARSE_HOPPER_SPLIT_LOOP says
-    otherwise: on for the three-consumer-warpgroup kernel (dense D = 64), which since session 17
-    spills nothing: A/B on the H200, median of 7 paired rounds, 1.055x and 1.067x (two calls;
-    MID_WAIT there 1.048x / 1.051x, both 1.043x). Off elsewhere: dense D = 128 0.992x, 2:4
-    0.957x, 4:8 1.009x, 8:16 1.003x; D = 64 2:4 0.933x, 4:8 0.914x (same calls)."""
-    return measured_consumers(head_dim, sparsity_n, sparsity_m) == 3
+    otherwise: on for a kernel with three consumer warpgroups (dense D = 64), which since session
+    17 spills nothing: A/B on the H200, median of 7 paired rounds, 1.055x, 1.067x and 1.060x
+    (three calls; MID_WAIT there 1.048x / 1.051x, both 1.043x). Off with two (timed in the same
+    calls): dense D = 128 0.992x, 2:4 0.957x, 4:8 1.009x, 8:16 1.003x; D = 64 2:4 0.933x, 4:8
+    0.914x. Keyed on the consumer count the kernel really has, so that two warpgroups at dense
+    D = 64 (MODELOPT_SPARSE_HOPPER_D64_WG3=0) keep one loop."""
+    return consumers == 3
 
 
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
@@ -193,6 +195,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
     unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
     producer polls for a free stage in a tight loop; 1: it suspends between polls)."""
+    consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
+                              measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
         head_dim=head_dim,
         sparsity_n=params.sparsity_n,
@@ -200,12 +204,10 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         tie_index=params.tie_break == "index",
         fp16=dtype == torch.float16,
         **schedule_from_env(head_dim, params.sparsity_n, params.sparsity_m),
-        consumers=3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
-                                measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2,
+        consumers=consumers,
         sparse_pv=env_flag("MODELOPT_SPARSE_HOPPER_SPARSE_PV", False),
         tma3d=env_flag("MODELOPT_SPARSE_HOPPER_TMA3D", measured_tma3d(params.sparsity_n, params.sparsity_m)),
-        split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP",
-                            measured_split_loop(head_dim, params.sparsity_n, params.sparsity_m)),
+        split_loop=env_flag("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", measured_split_loop(consumers)),
         mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
                           measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
         producer_suspends=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", False),
