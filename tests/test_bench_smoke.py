@@ -140,13 +140,14 @@ def test_flops_and_verdicts():
         return {"mode": "fwd", "causal": True, "seq_len": s_, "head_dim": 128, "impl": impl,
                 "status": "ok", "tflops": tflops}
 
-    # 2:4/dense is 0.9 at one length and 0.7 at the other: the worst one decides (MISS at 0.80).
-    rows = [row(4096, "dense", 100.0), row(4096, "2:4", 90.0),
-            row(16384, "dense", 100.0), row(16384, "2:4", 70.0)]
+    # 2:4/dense is 1.2 at one length and 0.9 at the other: the worst one decides (MISS at issue
+    # 15's 1.10).
+    rows = [row(4096, "dense", 100.0), row(4096, "2:4", 120.0),
+            row(16384, "dense", 100.0), row(16384, "2:4", 90.0)]
     line = {r["label"]: r for r in compute_ratios(rows)}["causal fwd D=128: 2:4 / dense"]
-    assert line["value"] == pytest.approx(0.7) and line["status"] == "MISS"
+    assert line["value"] == pytest.approx(0.9) and line["status"] == "MISS" and line["target"] == 1.10
     assert [p["seq_len"] for p in line["per_seq_len"]] == [4096, 16384]
-    rows[-1]["tflops"] = 85.0
+    rows[-1]["tflops"] = 111.0
     line = {r["label"]: r for r in compute_ratios(rows)}["causal fwd D=128: 2:4 / dense"]
     assert line["status"] == "PASS"
 
