@@ -334,7 +334,7 @@ __device__ __forceinline__ bool tile_is_edge(int n0, const RowCtx& x, const FwdP
 }
 
 // The keys a row may attend to, relative to kbase (the key of the thread's column 0 in the
-// tile): entry c (= col_key(j, 0, e)) is allowed iff before < c <= last. Not yet visible keys
+// tile): entry col = col_key(j, 0, e) is allowed iff before < col <= last. Not yet visible keys
 // (past kv_len), the causal future and keys older than the sliding window are the rules of
 // docs/semantics.md; a row past the sequence (pos beyond kv_len) is cut by kv_len as before.
 struct KeyWindow {
@@ -348,14 +348,14 @@ __device__ __forceinline__ KeyWindow key_window(int pos, int kbase, const RowCtx
   const int before = p.sliding_window > 0 ? pos - min(p.sliding_window, pos + 1) : -1;
   return {last - kbase, before - kbase};
 }
-// N:M's dense region of a row, relative to kbase like KeyWindow: the sinks (c < sinks_end), the
-// dense window (window_before < c <= window_last: 0 <= pos - key < dense_window) and, for a
+// N:M's dense region of a row, relative to kbase like KeyWindow: the sinks (col < sinks_end), the
+// dense window (window_before < col <= window_last: 0 <= pos - key < dense_window) and, for a
 // decode step (q_len == 1), every key.
 struct DenseRegion {
   int sinks_end, window_before, window_last;
 };
 __device__ __forceinline__ DenseRegion dense_region(int pos, int kbase, const RowCtx& x, const FwdParams& p) {
-  const int sinks_end = x.q_len == 1 ? 1 << 30 : p.num_sink - kbase;  // decode: c <= 127 always
+  const int sinks_end = x.q_len == 1 ? 1 << 30 : p.num_sink - kbase;  // decode: col <= 127 always
   // dense_window (>= 0, checked on the host) = 0: an empty interval (before = last); the min
   // keeps a huge window from overflowing (keys are >= 0, so before = -1 excludes nothing).
   return {sinks_end, pos - min(p.dense_window, pos + 1) - kbase, pos - kbase};
@@ -462,8 +462,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
       for (int j = 0; j < 16; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int c = col_key(j, 0, e);
-          const bool ok = (c <= w.last) & (c > w.before);
+          const int col = col_key(j, 0, e);
+          const bool ok = (col <= w.last) & (col > w.before);
           s[4 * j + 2 * r + e] = ok ? s[4 * j + 2 * r + e] : -INFINITY;
         }
     }
@@ -612,8 +612,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
               kept = v >= tn;
             }
             if constexpr (EDGE) {  // the dense region: sinks, the dense window, decode steps
-              const int c = col_key((g >> 1) + R_PERM * mm, 0, g & 1);
-              kept |= (c < dr.sinks_end) | ((c > dr.window_before) & (c <= dr.window_last));
+              const int col = col_key((g >> 1) + R_PERM * mm, 0, g & 1);  // (c is the scale)
+              kept |= (col < dr.sinks_end) | ((col > dr.window_before) & (col <= dr.window_last));
             }
             s[i] = kept ? fmaf(v, c, -mc[r]) : -INFINITY;
           }
