@@ -294,7 +294,9 @@ def test_cli_prints_the_skip_reason_once(monkeypatch, capsys, any_device):
     assert header.split()[-2:] == ["sdpa-math", "fa4"]
     body = [ln for ln in out.splitlines() if ln.startswith("fwd ")]
     assert len(body) == 2 and all(ln.split()[-1] == "n/a" for ln in body)
-    # The ratio lines against FA4 exist and say n/a (nothing to compare), not a verdict.
+    # The ratio lines against FA4 (dense at the main and at D=64, issue 15's 2:4 line) exist and
+    # say n/a (nothing to compare), not a verdict.
     fa4_lines = [ln for ln in out.splitlines() if "vs FlashAttention-4" in ln]
-    assert len(fa4_lines) == 2 and all(" n/a " in ln for ln in fa4_lines)
+    assert len(fa4_lines) == 3 and all(" n/a " in ln for ln in fa4_lines)
+    assert sum("2:4 vs FlashAttention-4" in ln for ln in fa4_lines) == 1
     assert "flash-attn-4" in captured.err  # the banner names FA4's version (or its absence)
