@@ -290,15 +290,33 @@ def test_param_struct_mirrors_the_cuda_source():
     assert size == hd.PARAMS_SIZE == ctypes.sizeof(hd._FwdParams)
 
 
-def test_window_fields_fit_the_int32_kernel_fields():
-    """Counts and windows past int32 reach the kernel clamped, not wrapped by ctypes (2**40 would
-    read as 0: a dense window turned off); within int32 they pass unchanged."""
+@pytest.mark.parametrize("sinks, dense, sliding", [(2**40, 2**40 + 5, 2**33), (2**31 - 1, 2**31 - 1, 2**31 - 1),
+                                                   (40, 37, 37), (3, 16, 5)])
+def test_window_fields_clamp_to_the_key_rows_without_changing_the_result(sinks, dense, sliding):
+    """Sink counts and windows reach the kernel clamped to the packed key rows (a sliding window
+    that long is off): int32 fields, never wrapped by ctypes (2**40 would read as 0: a dense
+    window turned off), and no value near 2**31 for the kernel's tile bounds to overflow on. The
+    clamped values give the same result as the given ones: the reference, bit for bit, on
+    ragged sequences with more queries than keys in one of them."""
+    lens_q, lens_k = [9, 20], [30, 12]
+    q, k, v = tied_inputs(lens_q, lens_k, 2, 1, 16, torch.float64, seed=5)  # ties in every group
+    key_rows = k.shape[0]  # 42
+    given = _params(sparsity_n=2, sparsity_m=4, num_sink_tokens=sinks, dense_window_size=dense,
+                    sliding_window=sliding)
+    fields = he.window_fields(given, key_rows)
     p = hd._FwdParams()
-    huge = _params(sparsity_n=2, num_sink_tokens=2**40, dense_window_size=2**40 + 5, sliding_window=2**33)
-    p.num_sink, p.dense_window, p.sliding_window = he.window_fields(huge)
-    assert (p.num_sink, p.dense_window, p.sliding_window) == (2**31 - 1,) * 3
-    small = _params(sparsity_n=2, num_sink_tokens=3, dense_window_size=64, sliding_window=None)
-    assert he.window_fields(small) == (3, 64, 0)
+    p.num_sink, p.dense_window, p.sliding_window = fields
+    assert (p.num_sink, p.dense_window, p.sliding_window) == fields  # int32: nothing wrapped
+    assert fields == (min(sinks, key_rows), min(dense, key_rows), sliding if sliding < key_rows else 0)
+    sq, lq, mq, _ = varlen(lens_q, "cpu")
+    sk, lk, mk, _ = varlen(lens_k, "cpu")
+
+    def run(n_sink, d_window, s_window):
+        return attention(q, k, v, sq, lq, mq, b_start_loc_k=sk, b_seq_len_k=lk, max_input_len_k=mk, sparsity_n=2,
+                         sparsity_m=4, num_sink_tokens=n_sink,
+                         dense_window_size=d_window, sliding_window=s_window or None, backend="torch")
+
+    assert torch.equal(run(sinks, dense, sliding), run(*fields))
 
 
 def test_standard_variants_cover_the_patterns():

@@ -106,14 +106,20 @@ def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> 
     return "triton"
 
 
-def window_fields(params: SparseParams) -> tuple[int, int, int]:
-    """The kernel's ``num_sink``, ``dense_window`` and ``sliding_window`` (0 = off) fields.
+def window_fields(params: SparseParams, key_rows: int) -> tuple[int, int, int]:
+    """The kernel's ``num_sink``, ``dense_window`` and ``sliding_window`` (0 = off) fields for
+    keys packed in ``key_rows`` rows.
 
-    They are int32, and ctypes wraps a larger int silently (2**40 would become 0 and turn a
-    dense window off). A count or window of 2**31 - 1 already covers every key of any sequence
-    the engine takes (int32 lengths), so clamping to it keeps the semantics exactly."""
-    return (min(params.num_sink_tokens, _INT32_MAX), min(params.dense_window_size, _INT32_MAX),
-            min(params.sliding_window or 0, _INT32_MAX))
+    Every key index and every distance ``pos - key`` (pos <= kv_len - 1) is below ``key_rows``,
+    so a sink count or dense window of ``key_rows`` already covers every key, and a sliding
+    window of ``key_rows`` or more drops none (= off): clamping to that keeps the semantics
+    exactly. It matters because the fields are int32 (ctypes wraps a larger int silently: 2**40
+    read as 0, a dense window turned off) and the kernel's tile bounds subtract the windows from
+    positions that can be negative (more queries than keys), which overflows near 2**31."""
+    bound = min(key_rows, _INT32_MAX)
+    sliding = params.sliding_window or 0
+    return (min(params.num_sink_tokens, bound), min(params.dense_window_size, bound),
+            sliding if sliding < bound else 0)
 
 
 def _work(q, k) -> int:
@@ -168,7 +174,7 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     p.groups = hq // hkv
     p.lse_row = hq
     p.is_causal = int(params.is_causal)
-    p.num_sink, p.dense_window, p.sliding_window = window_fields(params)
+    p.num_sink, p.dense_window, p.sliding_window = window_fields(params, k.shape[0])
     p.scale_log2 = params.softmax_scale * LOG2E
     grid = _grid(max_q, hq, q_len.shape[0], mod.block_m)
     if q.shape[0] == 0:
