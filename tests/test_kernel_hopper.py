@@ -554,6 +554,35 @@ def test_producer_polls_unless_suspending_is_asked(monkeypatch):
     ptx = (hb.SOURCE_DIR / "ptx.cuh").read_text()
     assert 'if constexpr (SUSPEND) NMH_TRY_WAIT_ASM(", 200000");' in ptx
 
+def test_mma_rowsum_variant_flag_env_and_source(monkeypatch):
+    """P's row sums by the tensor core (MODELOPT_SPARSE_HOPPER_MMA_ROWSUM=1, tag flag u): a
+    variant of its own (define, tag, parse, A/B switch), never with the sparse P.V; in the source
+    the softmax's FADD into l is compiled out under it, V's stages make room for the ones atom
+    and P.V runs as m64n(D+8)k16."""
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", raising=False)
+    for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4)):
+        v = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
+        assert not v.mma_rowsum and "-DNMH_MMA_ROWSUM=1" not in v.defines()
+        monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "1")
+        on = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
+        monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM")
+        assert on.tag == v.tag + "u" and on.defines()[-1] == "-DNMH_MMA_ROWSUM=1"
+        assert hv._parse_tag(on.tag) == on
+        assert hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_MMA_ROWSUM"] == "1"
+    sp = hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, mma_rowsum=True).canonical()
+    assert sp.sparse_pv and not sp.mma_rowsum
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "if constexpr (!MMA_ROWSUM) l[(i >> 1) & 1] += s[i];" in src
+    assert "constexpr int V_STAGE_BYTES = TILE_BYTES + (MMA_ROWSUM ? ATOM_BYTES : 0);" in src
+    assert "V_OFF + s * TILE_BYTES" not in src  # every V address steps by V_STAGE_BYTES
+    wg = (hb.SOURCE_DIR / "wgmma.cuh").read_text()
+    for n in (72, 136):
+        for t in ("bf16", "f16"):
+            assert f"wgmma_pv_rs_n{n}_{t}(float (&d)[{n // 2}]" in wg
+            assert f"m64n{n}k16.f32.{t}.{t}" in wg
+    assert {v.canonical() for v in hs.MMA_ROWSUM_TESTS} <= set(hs.standard_variants())  # carried: test_gpu_28's
+
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -1478,6 +1507,52 @@ def test_gpu_27_suspending_producer_equals_polling(monkeypatch, n, m, d):
     assert torch.equal(outs[0], outs[1])
     ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", **kw)
     assert rel_err(outs[0], ref) < TOL[torch.bfloat16]
+
+@gpu_test
+@pytest.mark.parametrize("n,m,d,wg3", [(0, 4, 128, False), (2, 4, 128, False), (4, 8, 128, False),
+                                       (8, 16, 128, False), (0, 4, 64, True), (2, 4, 64, False)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_28_mma_rowsum(monkeypatch, n, m, d, wg3, dtype):
+    """P's row sums by the tensor core (MODELOPT_SPARSE_HOPPER_MMA_ROWSUM=1) sum P as the MMA
+    reads it (16-bit) instead of in f32: the output stays within the dtype's tolerance of the
+    reference, and the lse (the Triton backward's input) within 1e-2 (log2 units) of the f32
+    sum's, on edge and interior tiles, causal, sliding-window and non-causal; rows with no key
+    output 0 with lse -inf either way; the backward through the Triton kernels on its output
+    matches the reference's gradients."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    inputs = _random(lens_q, lens_k, 4, 2, d, seed=28 + n + d)
+    sq, lq, mq, _ = varlen(lens_q, "cuda")
+    sk, lk, mk, _ = varlen(lens_k, "cuda")
+    q, k, v = (t.to("cuda", dtype) for t in inputs)
+    for kw in (dict(), dict(sliding_window=300), dict(is_causal=False)):
+        kw.update(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+        p = SparseParams(kw.get("is_causal", True), d ** -0.5, n, m, kw["num_sink_tokens"],
+                         kw["dense_window_size"], "threshold", kw.get("sliding_window") or 0)
+        runs = []
+        for on in (0, 1):
+            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", str(on))
+            runs.append(he.forward(q, k, v, sq, lq, mq, sk, lk, p, q_covered=True, with_lse=True))
+        (out0, lse0), (out1, lse1) = runs
+        ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "torch", **kw)
+        assert torch.isfinite(out1).all(), kw
+        assert rel_err(out1, ref) < TOL[dtype], kw
+        assert torch.equal(torch.isinf(lse0), torch.isinf(lse1)), kw
+        finite = torch.isfinite(lse0)
+        assert (lse1[finite] - lse0[finite]).abs().max().item() < 1e-2, kw
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "1")
+    g = torch.Generator().manual_seed(29)
+    do = torch.randn(sum(lens_q), 4, d, generator=g).to("cuda", dtype)
+    kw = dict(sparsity_n=n, sparsity_m=m, num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0)
+    grads = {}
+    for backend in ("hopper", "torch"):
+        out, xs = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, backend, grad=True, **kw)
+        grads[backend] = torch.autograd.grad(out, xs, do.to(out.dtype))
+    for a, b in zip(grads["hopper"], grads["torch"]):
+        assert rel_err(a, b) < 3e-2
+
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
     """The timing table checks an engine row by its last rows against the float32 reference of

@@ -4,7 +4,8 @@
 Only the forms the kernel issues (f32 accumulate, A/B in bf16 or fp16):
   * S = Q.K^T  : wgmma m64n128k16, A (Q) and B (K) from shared memory, both K-major (SS);
   * O += P.V   : wgmma m64n{64,128}k16, A (P) from registers, B (V) from shared memory,
-                 MN-major (imm-trans-b = 1) (RS);
+                 MN-major (imm-trans-b = 1) (RS); m64n{72,136}k16 for NMH_MMA_ROWSUM, whose B
+                 carries 8 columns of ones after V's D, so that the tensor core also sums P's rows;
   * O += P.V, 2:4 sparse P (NMH_SPARSE_PV variants): wgmma.mma_async.sp m64n{64,128}k32, A from
                  registers (the two kept values of each 4-chunk), metadata register, sparsity
                  selector 0 (threads 0 and 1 of each quad supply it), B (V) MN-major (RS).
@@ -64,7 +65,7 @@ def main() -> None:
     print("#pragma once\n")
     for short, ptx_type in TYPES.items():
         emit(f"wgmma_qk_ss_n128_{short}", 128, ptx_type, rs=False, trans_b=0)
-        for n in (64, 128):
+        for n in (64, 128, 72, 136):
             emit(f"wgmma_pv_rs_n{n}_{short}", n, ptx_type, rs=True, trans_b=1)
         for n in (64, 128):
             emit(f"wgmma_pvsp_rs_n{n}_{short}", n, ptx_type, rs=True, trans_b=1, sparse=True)

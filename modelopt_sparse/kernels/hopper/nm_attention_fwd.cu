@@ -51,7 +51,11 @@
 // converted into the A operand as its exponentials come out, between the remaining MUFUs,
 // instead of in a block of conversions between that wait and the next issue (FlashAttention-4's
 // sm90 order at D = 64, seen in its SASS under Nsight Compute); NMH_PRODUCER_SUSPENDS (session
-// 16, A/B only: the producer's waits for free stages suspend between polls).
+// 16, A/B only: the producer's waits for free stages suspend between polls). NMH_MMA_ROWSUM
+// (session 18; dense P.V): the row sums of P come from the tensor core instead of 64 FADDs per
+// thread and tile: every V stage is followed by a swizzle atom of ones, and P.V runs as
+// m64n(D+8)k16, whose last 8 accumulator columns are the running row sum l (rescaled with O).
+// l then sums P as the MMA reads it (rounded to 16 bits, as the output's numerator does).
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -108,6 +112,9 @@
 #endif
 #ifndef NMH_PRODUCER_SUSPENDS
 #define NMH_PRODUCER_SUSPENDS 0
+#endif
+#ifndef NMH_MMA_ROWSUM
+#define NMH_MMA_ROWSUM 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -212,6 +219,13 @@ static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the o
 // sleeps); yet suspending measured 0.986-0.997x of polling at D = 128 and 1.009x at D = 64 on
 // the H200, so polling stays the default.
 constexpr bool SUSPEND_PRODUCER = NMH_PRODUCER_SUSPENDS != 0;
+// The row sums of P by the tensor core (see the header): l lives in O's last accumulator
+// registers, o[D / 2 + 2r] for row g + 8r (all eight extra columns hold the same sum), so the
+// softmax issues no FADD for it and the epilogue needs no quad reduction; O's rescale scales
+// it with O, as the softmax scaled l before. The sparse P.V (wgmma.sp) keeps the FADDs.
+constexpr bool MMA_ROWSUM = NMH_MMA_ROWSUM != 0;
+static_assert(!MMA_ROWSUM || !NMH_SPARSE_PV, "NMH_MMA_ROWSUM: dense P.V only");
+constexpr int O_ACC = D / 2 + (MMA_ROWSUM ? 4 : 0);  // O's accumulator registers per thread
 // Which softmax path a loop body runs: decided per tile at run time, or fixed by the loop.
 template <int K>
 struct TileKind {
@@ -247,8 +261,11 @@ constexpr int TILE_BYTES = (D / 64) * ATOM_BYTES;
 constexpr int Q_BYTES = (D / 64) * BM * 128;  // = TILE_BYTES with two consumers (D = 64 if three)
 constexpr int Q_OFF = 0;
 constexpr int K_OFF = Q_OFF + Q_BYTES;
+// NMH_MMA_ROWSUM: each V stage is followed by one swizzle atom column of ones (the B columns
+// D..D+7 of P.V: the MN-major operand's atoms along N are ATOM_BYTES apart).
+constexpr int V_STAGE_BYTES = TILE_BYTES + (MMA_ROWSUM ? ATOM_BYTES : 0);
 constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
-constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
+constexpr int BAR_OFF = V_OFF + STAGES * V_STAGE_BYTES;
 constexpr int BAR_Q = 0, BAR_FULL_K = 1, BAR_FULL_V = 1 + STAGES, BAR_EMPTY_K = 1 + 2 * STAGES,
               BAR_EMPTY_V = 1 + 3 * STAGES, NUM_BARS = 1 + 4 * STAGES;
 constexpr int SMEM_BYTES = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
@@ -637,7 +654,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     s[i] = ex2(s[i]);
-    l[(i >> 1) & 1] += s[i];
+    if constexpr (!MMA_ROWSUM) l[(i >> 1) & 1] += s[i];
     if constexpr (MID_WAIT) {
       if (i == MID_WAIT_AFTER - 1) {
         mid(s[i]);  // P.V(j-1) has finished: its operand registers may be written
@@ -661,15 +678,23 @@ __device__ __forceinline__ void qk_gemm(float (&s)[64], uint64_t dq, uint64_t dk
     else wgmma_qk_ss_n128_bf16(s, dq + off, dk + off, kk > 0 ? 1 : 0);
   }
 }
-template <bool F16, int DD>
-__device__ __forceinline__ void pv_gemm(float (&o)[DD / 2], const uint32_t (&pr)[8][4], uint64_t dv) {
+// NACC = the accumulator registers: D / 2, or D / 2 + 4 with the ones columns (MMA_ROWSUM).
+template <bool F16, int NACC>
+__device__ __forceinline__ void pv_gemm(float (&o)[NACC], const uint32_t (&pr)[8][4], uint64_t dv) {
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
     const uint64_t d = dv + ((uint32_t)(kk * 2048) >> 4);  // 16 keys x 128 B per k-step
-    if constexpr (DD == 128) {
+    if constexpr (NACC == 68) {
+      if constexpr (F16) wgmma_pv_rs_n136_f16(o, pr[kk], d, 1);
+      else wgmma_pv_rs_n136_bf16(o, pr[kk], d, 1);
+    } else if constexpr (NACC == 64) {
       if constexpr (F16) wgmma_pv_rs_n128_f16(o, pr[kk], d, 1);
       else wgmma_pv_rs_n128_bf16(o, pr[kk], d, 1);
+    } else if constexpr (NACC == 36) {
+      if constexpr (F16) wgmma_pv_rs_n72_f16(o, pr[kk], d, 1);
+      else wgmma_pv_rs_n72_bf16(o, pr[kk], d, 1);
     } else {
+      static_assert(NACC == 32, "P.V accumulators: m64n{64,72,128,136}");
       if constexpr (F16) wgmma_pv_rs_n64_f16(o, pr[kk], d, 1);
       else wgmma_pv_rs_n64_bf16(o, pr[kk], d, 1);
     }
@@ -716,9 +741,11 @@ __device__ __forceinline__ void convert_p_split(const float (&s)[64], uint32_t (
 // run-time trip count (0 or 1) and a commit inside, not an if: a wgmma in a branch ptxas cannot
 // prove uniform, or one left uncommitted across a back edge, made ptxas inject a fence there and
 // serialize every wgmma of the function (C7519/C7520).
-template <bool F16, int DD>
-__device__ __forceinline__ void pv_gemm_sparse(float (&o)[DD / 2], const uint32_t (&pr)[8][4], const uint32_t (&meta)[4],
+// (NACC: O's accumulator registers, D / 2; the ones columns of MMA_ROWSUM never meet wgmma.sp.)
+template <bool F16, int NACC>
+__device__ __forceinline__ void pv_gemm_sparse(float (&o)[NACC], const uint32_t (&pr)[8][4], const uint32_t (&meta)[4],
                                                const uint64_t (&dsl)[4], int passes) {
+  constexpr int DD = 2 * NACC;
   const uint32_t meta_hi = 0xEEEEEEEEu;  // the split tiles' second pass: members {2, 3}
   wg_fence();
 #pragma unroll
@@ -726,7 +753,7 @@ __device__ __forceinline__ void pv_gemm_sparse(float (&o)[DD / 2], const uint32_
     if constexpr (DD == 128) {
       if constexpr (F16) wgmma_pvsp_rs_n128_f16(o, pr[jr], dsl[jr], 1, meta[jr]);
       else wgmma_pvsp_rs_n128_bf16(o, pr[jr], dsl[jr], 1, meta[jr]);
-    } else {
+    } else if constexpr (DD == 64) {
       if constexpr (F16) wgmma_pvsp_rs_n64_f16(o, pr[jr], dsl[jr], 1, meta[jr]);
       else wgmma_pvsp_rs_n64_bf16(o, pr[jr], dsl[jr], 1, meta[jr]);
     }
@@ -740,7 +767,7 @@ __device__ __forceinline__ void pv_gemm_sparse(float (&o)[DD / 2], const uint32_
       if constexpr (DD == 128) {
         if constexpr (F16) wgmma_pvsp_rs_n128_f16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
         else wgmma_pvsp_rs_n128_bf16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
-      } else {
+      } else if constexpr (DD == 64) {
         if constexpr (F16) wgmma_pvsp_rs_n64_f16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
         else wgmma_pvsp_rs_n64_bf16(o, pr[4 + jr], dsl[jr], 1, meta_hi);
       }
@@ -791,6 +818,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       mbar_init(bar(BAR_EMPTY_K + s), CONSUMER_WARPS);
       mbar_init(bar(BAR_EMPTY_V + s), CONSUMER_WARPS);
     }
+  }
+  if constexpr (MMA_ROWSUM) {
+    // The ones atoms, written once: 16-bit 1.0 everywhere (the swizzle moves chunks, not values).
+    // The writers fence their generic-proxy stores for the async proxy (wgmma) before the sync.
+    constexpr uint32_t ONE2 = FP16 ? 0x3C003C00u : 0x3F803F80u;
+    for (int c = threadIdx.x; c < STAGES * ATOM_BYTES / 16; c += THREADS) {
+      const int st = c / (ATOM_BYTES / 16), off = (c % (ATOM_BYTES / 16)) * 16;
+      st_shared_v4(sbase + V_OFF + st * V_STAGE_BYTES + TILE_BYTES + off, ONE2);
+    }
+    fence_proxy_async();
   }
   __syncthreads();
 
@@ -866,12 +903,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
 #pragma unroll
             for (int a = 0; a < ATOMS; ++a) {
               if constexpr (TMA3D) {
-                tma_load_4d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES, &tm.v, 64 * a, kv_head, g0, r0,
+                tma_load_4d(sbase + V_OFF + s * V_STAGE_BYTES + a * ATOM_BYTES, &tm.v, 64 * a, kv_head, g0, r0,
                             bar(BAR_FULL_V + s));
               } else {
 #pragma unroll
                 for (int q32 = 0; q32 < BN / 32; ++q32)
-                  tma_load_5d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES + q32 * 32 * 128, &tm.v, 64 * a,
+                  tma_load_5d(sbase + V_OFF + s * V_STAGE_BYTES + a * ATOM_BYTES + q32 * 32 * 128, &tm.v, 64 * a,
                               kv_head, row0 + 32 * q32, 0, 0, bar(BAR_FULL_V + s));
               }
             }
@@ -882,7 +919,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_K + s), (u - 1) & 1, 10 + s);
           load_tile<true>(sbase + K_OFF + s * TILE_BYTES, kbase, p.k_row, n0, kv_len, tid);
           if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
-          load_tile<true, 128, SPARSE_PV>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
+          load_tile<true, 128, SPARSE_PV>(sbase + V_OFF + s * V_STAGE_BYTES, vbase, p.v_row, n0, kv_len, tid);
           cp_async_commit();
           cp_async_wait<0>();
           fence_proxy_async();
@@ -925,7 +962,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       for (int a = 0; a < ATOMS; ++a)
 #pragma unroll
         for (int mm = 0; mm < MEMBERS; ++mm)
-          tma_load_3d(sbase + V_OFF + s * TILE_BYTES + a * ATOM_BYTES + mm * BOX_BYTES, &tm.v, 64 * a, kv_head,
+          tma_load_3d(sbase + V_OFF + s * V_STAGE_BYTES + a * ATOM_BYTES + mm * BOX_BYTES, &tm.v, 64 * a, kv_head,
                       row0 + mm, bar(BAR_FULL_V + s));
     }
     return;
@@ -953,7 +990,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         if (lane == 0) mbar_arrive(bar(BAR_FULL_V + (i - 1) % STAGES));
       }
       if (i >= STAGES) mbar_wait<SUSPEND_PRODUCER>(bar(BAR_EMPTY_V + s), (u - 1) & 1, 20 + s);
-      load_tile<SPARSE, 128, SPARSE_PV>(sbase + V_OFF + s * TILE_BYTES, vbase, p.v_row, n0, kv_len, tid);
+      load_tile<SPARSE, 128, SPARSE_PV>(sbase + V_OFF + s * V_STAGE_BYTES, vbase, p.v_row, n0, kv_len, tid);
       cp_async_commit();
       cp_async_wait<1>();
       fence_proxy_async();
@@ -985,15 +1022,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
   x.offset = offset;
   const int64_t probe_off = PROBE ? (int64_t)head * p.probe_head + q_start * p.probe_row : 0;
 
-  float o[D / 2];
+  float o[O_ACC];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  for (int i = 0; i < O_ACC; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
 
   if (nt > 0) {
     const uint64_t dq = make_desc_sw128(sbase + Q_OFF + wgc * 64 * 128, 16, 1024);
     auto desc_k = [&](int s) { return make_desc_sw128(sbase + K_OFF + s * TILE_BYTES, 16, 1024); };
-    auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * TILE_BYTES, ATOM_BYTES, 1024); };
+    auto desc_v = [&](int s) { return make_desc_sw128(sbase + V_OFF + s * V_STAGE_BYTES, ATOM_BYTES, 1024); };
     // Named barrier ids (ping-pong): a ring of turns, warpgroup c waits on 1 + c and hands the
     // turn to the next one (1 + (c + 1) % NC); 256 = the waiter's and the arriver's threads.
     // (Two warpgroups: written as before the ring existed, so that the verified ping-pong
@@ -1055,8 +1092,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       }
     };
     auto pv = [&](int stage) {
-      if constexpr (SPARSE_PV) pv_gemm_sparse<FP16, D>(o, pr, meta, dsl, sp_tile ? 1 : 2);
-      else pv_gemm<FP16, D>(o, pr, desc_v(stage));
+      if constexpr (SPARSE_PV) pv_gemm_sparse<FP16, O_ACC>(o, pr, meta, dsl, sp_tile ? 1 : 2);
+      else pv_gemm<FP16, O_ACC>(o, pr, desc_v(stage));
     };
     // Warp-uniform branch around ordinary FMULs (no wgmma inside: the warpgroup's MMAs stay
     // in step whatever each warp decides).
@@ -1174,8 +1211,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
   // -------------------------------------------------------------------- epilogue
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if constexpr (MMA_ROWSUM) {
+      l[r] = o[D / 2 + 2 * r];  // the whole row's sum already (the MMA summed over all keys)
+    } else {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -98,6 +98,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // waited for) before later async-proxy reads (wgmma operands) by any thread that synchronizes
 // with it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// 16 bytes, the same 32-bit word four times, to shared memory.
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t w) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(w) : "memory");
+}
 
 // ---------------------------------------------------------------------------------------------
 // TMA (NMH_TMA variants). The tensor map lives in the kernel's parameter space (a

@@ -151,7 +151,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             for n, m in ((0, 4), (4, 8), (8, 16)):
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
-        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + bench_variants()
+        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
             # The TMA producer's element-strided boxes (the group permutation), bit for bit.
@@ -212,3 +212,10 @@ PRODUCER_SUSPENDS_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, 
                                                producer_suspends=sleeps)
                            for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4))
                            for sleeps in (False, True)]
+
+# P's row sums by the tensor core (mma_rowsum, session 18), on each pattern's measured kernel:
+# test_gpu_28 (bf16 and fp16) and the A/B command against the FADD form.
+MMA_ROWSUM_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, fp16=h)),
+                                        mma_rowsum=True)
+                    for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4), (64, 2, 4))
+                    for h in (False, True)]

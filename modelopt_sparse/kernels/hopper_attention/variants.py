@@ -58,6 +58,10 @@ class Variant:
     # The producer suspends between polls for a free stage instead of polling in a tight loop
     # (MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS=1, tag flag "n"; session 16: 0.986-1.009x, A/B only).
     producer_suspends: bool = False
+    # The row sums of P by the tensor core (session 18): P.V as m64n(D+8)k16 against V followed
+    # by a swizzle atom of ones, instead of 64 FADDs per thread and tile (dense P.V only;
+    # MODELOPT_SPARSE_HOPPER_MMA_ROWSUM=1, tag flag "u").
+    mma_rowsum: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -99,6 +103,9 @@ class Variant:
         # dense P.V path.
         if v.mid_wait and (not v.overlap or v.sparse_pv):
             v = dataclasses.replace(v, mid_wait=False)
+        # The ones columns extend the dense P.V only (wgmma.sp keeps its FADDs: one cubin).
+        if v.mma_rowsum and v.sparse_pv:
+            v = dataclasses.replace(v, mma_rowsum=False)
         return v
 
     @property
@@ -108,7 +115,7 @@ class Variant:
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("n", self.producer_suspends),
-                                        ("x", self.probe))
+                                        ("u", self.mma_rowsum), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -122,7 +129,8 @@ class Variant:
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
-                             ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
+                             ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends),
+                             ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -194,7 +202,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     interior tile loops; unset: :func:`measured_split_loop`, on with three consumer warpgroups) and
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
     unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
-    producer polls for a free stage in a tight loop; 1: it suspends between polls)."""
+    producer polls for a free stage in a tight loop; 1: it suspends between polls) and
+    MODELOPT_SPARSE_HOPPER_MMA_ROWSUM (default 0: P's row sums by FADD; 1: by the tensor core)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -211,6 +220,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
                           measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
         producer_suspends=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", False),
+        mma_rowsum=env_flag("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", False),
         probe=probe,
     ).canonical()
 
@@ -248,4 +258,4 @@ def _parse_tag(tag: str) -> Variant:
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
-                   producer_suspends="n" in flags, probe="x" in flags)
+                   producer_suspends="n" in flags, mma_rowsum="u" in flags, probe="x" in flags)
