@@ -323,11 +323,13 @@ def test_standard_variants_cover_the_patterns():
     tags = {v.tag for v in hs.standard_variants()}
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
     # through the grouped maps), lean, and overlap except at M = 8; with overlap the wait for
-    # P.V(j-1) inside the softmax (session 16; M = 16 since session 17).
-    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzgw")):
+    # P.V(j-1) inside the softmax (session 16; M = 16 since session 17); at M = 16 P's row sums by
+    # the tensor core (session 18, as dense D = 128).
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzgwu")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
-    assert {"d128_dense_pormzw", "d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormzw", "d128_dense_ow",
+    assert {"d128_dense_pormzwu", "d128_dense_hpormzwu", "d64_dense_pormz3l", "d64_dense_hpormz3l"} <= tags
+    assert {"d128_dense_pormzw", "d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormzw", "d128_dense_owu",
             "d128_dense_o", "d128_dense_p"} <= tags
     assert len(tags) == len(hs.standard_variants())  # no duplicates
 
@@ -380,7 +382,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgw"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwu"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -448,13 +450,13 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgw"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwu"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzw"
-    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgw", "d64_3of16i_prmzg"}
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwu"
+    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgwu", "d64_3of16i_prmzg"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
     carried = set(hs.standard_variants())
     assert {"d128_8of16t_pormzg", "d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx",
@@ -506,18 +508,18 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     assert "-DNMH_MID_WAIT=1" not in dataclasses.replace(v, mid_wait=False).defines()
     assert not dataclasses.replace(v, overlap=False).canonical().mid_wait
     assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, mid_wait=True).canonical().mid_wait
-    for name in SWITCHES + ("MID_WAIT", "D64_WG3", "TMA3D"):
+    for name in SWITCHES + ("MID_WAIT", "D64_WG3", "TMA3D", "MMA_ROWSUM"):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     # The measured default (session 16, M = 16 since session 17): dense D = 128 and N:M; not
     # dense D = 64 (three warpgroups), and M = 8 has no overlap.
     tags = {(d, n, m): hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d).tag
             for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
-    assert tags[128, 0, 4] == "d128_dense_pormzw" and tags[64, 0, 4] == "d64_dense_pormz3l"
+    assert tags[128, 0, 4] == "d128_dense_pormzwu" and tags[64, 0, 4] == "d64_dense_pormz3l"
     assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
     assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_prmz"
-    assert tags[128, 8, 16] == "d128_8of16t_pormzgw"
+    assert tags[128, 8, 16] == "d128_8of16t_pormzgwu"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
-    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormz"
+    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzu"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lw"
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"  # no overlap
@@ -559,13 +561,16 @@ def test_mma_rowsum_variant_flag_env_and_source(monkeypatch):
     variant of its own (define, tag, parse, A/B switch), never with the sparse P.V; in the source
     the softmax's FADD into l is compiled out under it, V's stages make room for the ones atom
     and P.V runs as m64n(D+8)k16."""
-    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", raising=False)
-    for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4)):
+    # The measured default (session 18): on for dense D = 128 and M = 16, off elsewhere.
+    for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4), (64, 8, 16)):
+        monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", raising=False)
+        default = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
+        assert default.mma_rowsum == (d == 128 and (n == 0 or m == 16)) == hv.measured_mma_rowsum(d, n, m)
+        monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "0")
         v = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
         assert not v.mma_rowsum and "-DNMH_MMA_ROWSUM=1" not in v.defines()
         monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "1")
         on = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
-        monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM")
         assert on.tag == v.tag + "u" and on.defines()[-1] == "-DNMH_MMA_ROWSUM=1"
         assert hv._parse_tag(on.tag) == on
         assert hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_MMA_ROWSUM"] == "1"

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_mid_wait, measured_schedule,
-                       measured_split_loop, measured_tma3d, schedule_from_env)
+from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_mid_wait, measured_mma_rowsum,
+                       measured_schedule, measured_split_loop, measured_tma3d, schedule_from_env)
 
 
 def _as_measured(v: Variant) -> Variant:
     """``v`` with every switch as variant_for picks it when none is set (the measured schedule,
-    consumers, grouped maps, split loop and MID_WAIT of its head dim and pattern)."""
+    consumers, grouped maps, split loop, MID_WAIT and the row sums' form of its head dim and pattern)."""
     d, n, m = v.head_dim, v.sparsity_n, v.sparsity_m
     consumers = measured_consumers(d, n, m)
     return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=consumers, tma3d=measured_tma3d(n, m),
                                split_loop=measured_split_loop(consumers),
-                               mid_wait=measured_mid_wait(d, n, m)).canonical()
+                               mid_wait=measured_mid_wait(d, n, m),
+                               mma_rowsum=measured_mma_rowsum(d, n, m)).canonical()
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -160,10 +161,12 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
             out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
                     for n, tie in ((8, False), (3, True))]
-    # A test that sets only the schedule switches runs MID_WAIT's and the split loop's measured
-    # defaults: each kernel is carried in that form too.
+    # A test that sets only the schedule switches runs MID_WAIT's, the split loop's and the row
+    # sums' measured defaults: each kernel is carried in that form too.
     out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m),
-                                split_loop=v.split_loop or measured_split_loop(v.consumers)) for v in out]
+                                split_loop=v.split_loop or measured_split_loop(v.consumers),
+                                mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m))
+            for v in out]
     seen, unique = set(), []
     for v in out:
         if v.canonical() not in seen:
@@ -213,9 +216,9 @@ PRODUCER_SUSPENDS_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, 
                            for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4))
                            for sleeps in (False, True)]
 
-# P's row sums by the tensor core (mma_rowsum, session 18), on each pattern's measured kernel:
-# test_gpu_28 (bf16 and fp16) and the A/B command against the FADD form.
+# P's row sums by the tensor core (mma_rowsum, session 18) and by FADD, on each pattern's
+# measured kernel: test_gpu_28 (bf16 and fp16) and the A/B command.
 MMA_ROWSUM_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, fp16=h)),
-                                        mma_rowsum=True)
+                                        mma_rowsum=on)
                     for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4), (64, 2, 4))
-                    for h in (False, True)]
+                    for h in (False, True) for on in (False, True)]

@@ -60,7 +60,7 @@ class Variant:
     producer_suspends: bool = False
     # The row sums of P by the tensor core (session 18): P.V as m64n(D+8)k16 against V followed
     # by a swizzle atom of ones, instead of 64 FADDs per thread and tile (dense P.V only;
-    # MODELOPT_SPARSE_HOPPER_MMA_ROWSUM=1, tag flag "u").
+    # MODELOPT_SPARSE_HOPPER_MMA_ROWSUM, tag flag "u"; default: measured_mma_rowsum).
     mma_rowsum: bool = False
 
     def __post_init__(self):
@@ -114,8 +114,8 @@ class Variant:
         flags = "".join(c for c, on in (("h", self.fp16), ("p", self.pingpong), ("o", self.overlap),
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
-                                        ("l", self.split_loop), ("w", self.mid_wait), ("n", self.producer_suspends),
-                                        ("u", self.mma_rowsum), ("x", self.probe))
+                                        ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
+                                        ("n", self.producer_suspends), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -129,8 +129,8 @@ class Variant:
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
-                             ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends),
-                             ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum)) if on]
+                             ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum),
+                             ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
 def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
@@ -190,6 +190,15 @@ def measured_split_loop(consumers: int) -> bool:
     return consumers == 3
 
 
+def measured_mma_rowsum(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
+    """P's row sums by the tensor core unless MODELOPT_SPARSE_HOPPER_MMA_ROWSUM says otherwise:
+    on for dense D = 128 and for M = 16 (A/B on the H200, median of 7 paired rounds, session 18:
+    dense D = 128 1.030x (1.019-1.122), 8:16 1.018x (1.003-1.026)); off elsewhere (dense D = 64
+    1.003x, 2:4 0.986x, 4:8 0.978x), although every loop issues 58-59 fewer instructions
+    per tile with it."""
+    return head_dim == 128 and (sparsity_n == 0 or sparsity_m == 16)
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -203,7 +212,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
     unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
     producer polls for a free stage in a tight loop; 1: it suspends between polls) and
-    MODELOPT_SPARSE_HOPPER_MMA_ROWSUM (default 0: P's row sums by FADD; 1: by the tensor core)."""
+    MODELOPT_SPARSE_HOPPER_MMA_ROWSUM (P's row sums by the tensor core; unset:
+    :func:`measured_mma_rowsum`)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -220,7 +230,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         mid_wait=env_flag("MODELOPT_SPARSE_HOPPER_MID_WAIT",
                           measured_mid_wait(head_dim, params.sparsity_n, params.sparsity_m)),
         producer_suspends=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", False),
-        mma_rowsum=env_flag("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", False),
+        mma_rowsum=env_flag("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM",
+                            measured_mma_rowsum(head_dim, params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
