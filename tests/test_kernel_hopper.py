@@ -588,6 +588,33 @@ def test_mma_rowsum_variant_flag_env_and_source(monkeypatch):
     assert {v.canonical() for v in hs.MMA_ROWSUM_TESTS} <= set(hs.standard_variants())  # carried: test_gpu_28's
 
 
+def test_bn64_variant_flag_env_and_source(monkeypatch):
+    """64-key tiles (MODELOPT_SPARSE_HOPPER_BN64=1, tag flag k): D = 128 only, dense or M <= 8,
+    always three consumer warpgroups and the TMA producer, never the grouped maps or the sparse
+    P.V; the source sizes every per-thread score array by BN, and the cubin tells the host its
+    tile's keys (nmh_config[4], the K / V maps' box rows)."""
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_BN64", raising=False)
+    assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128).bn64
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_BN64", "1")
+    for n, m in ((0, 4), (1, 2), (2, 4), (4, 8)):
+        v = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128)
+        assert v.bn64 and v.consumers == 3 and v.tma and not v.tma3d
+        assert "-DNMH_BN64=1" in v.defines() and "-DNMH_CONSUMERS=3" in v.defines()
+        assert {"3", "k", "m"} <= set(v.tag.split("_")[-1])
+        assert hv._parse_tag(v.tag) == v
+        assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_BN64"] == "1"
+    for d, n, m in ((64, 0, 4), (128, 8, 16), (128, 3, 16)):
+        v = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
+        assert not v.bn64 and "-DNMH_BN64=1" not in v.defines()
+    assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, bn64=True).canonical().bn64
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "constexpr int BN = BN64 ? 64 : 128;" in src
+    assert "extern \"C\" __constant__ int nmh_config[5] = {SMEM_BYTES, THREADS, BM, (int)sizeof(FwdParams), BN};" in src
+    assert not re.search(r"\[64\]|\[8\]\[4\]|j < 16\b|i < 64\b|kk < 8\b", src.split("using namespace nmh;")[1]
+                         .replace("float (&s)[64], uint64_t dq", ""))
+    assert {v.canonical() for v in hs.BN64_TESTS} <= set(hs.standard_variants())
+
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -1567,6 +1594,44 @@ def test_gpu_28_mma_rowsum(monkeypatch, n, m, d, wg3, dtype):
     grads = {}
     for backend in ("hopper", "torch"):
         out, xs = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, backend, grad=True, **kw)
+        grads[backend] = torch.autograd.grad(out, xs, do.to(out.dtype))
+    for a, b in zip(grads["hopper"], grads["torch"]):
+        assert rel_err(a, b) < 3e-2
+
+
+@gpu_test
+@pytest.mark.parametrize("case", [c for c in PROBE_CASES if c.get("sparsity_m", 4) <= 8],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_29_bn64_mask_probe(monkeypatch, case):
+    """64-key tiles with three consumer warpgroups (MODELOPT_SPARSE_HOPPER_BN64=1): the kept mask
+    equals semantics.kept_mask bit for bit (as test_gpu_9: ties, chunked prefill, decode, the
+    group permutation in 64-key TMA boxes)."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_BN64", "1")
+    test_gpu_9_mask_probe_equals_semantics(case)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,tie", [(0, 4, "threshold"), (1, 2, "threshold"), (2, 4, "threshold"),
+                                     (2, 4, "index"), (3, 4, "index"), (4, 8, "threshold"), (4, 8, "index")],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_30_bn64_against_reference(monkeypatch, n, m, tie, dtype):
+    """64-key tiles with three consumer warpgroups: sequences ending inside, at and after 64-key
+    tiles and 192-row CTAs, GQA, causal with sinks and the dense window, a sliding window, non-
+    causal, decode rows; the backward through the Triton kernels on its output and lse."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_BN64", "1")
+    lens_q, lens_k = [1, 63, 64, 65, 191, 192, 385, 5, 900], [1, 63, 64, 65, 191, 192, 385, 700, 900]
+    inputs = _random(lens_q, lens_k, 4, 2, 128, seed=30 + n + m)
+    for kw in (dict(num_sink_tokens=3 if n else 0, dense_window_size=20 if n else 0),
+               dict(sliding_window=150, dense_window_size=8 if n else 0), dict(is_causal=False)):
+        _check_against_reference(lens_q, lens_k, 4, 2, 128, dtype, inputs, sparsity_n=n, sparsity_m=m,
+                                 tie_break=tie, **kw)
+    g = torch.Generator().manual_seed(31)
+    do = torch.randn(sum(lens_q), 4, 128, generator=g).to("cuda", dtype)
+    grads = {}
+    for backend in ("hopper", "torch"):
+        out, xs = _run(lens_q, lens_k, 4, 2, 128, dtype, inputs, backend, grad=True, sparsity_n=n, sparsity_m=m,
+                       tie_break=tie, dense_window_size=16)
         grads[backend] = torch.autograd.grad(out, xs, do.to(out.dtype))
     for a, b in zip(grads["hopper"], grads["torch"]):
         assert rel_err(a, b) < 3e-2

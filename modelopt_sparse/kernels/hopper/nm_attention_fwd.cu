@@ -56,6 +56,10 @@
 // thread and tile: every V stage is followed by a swizzle atom of ones, and P.V runs as
 // m64n(D+8)k16, whose last 8 accumulator columns are the running row sum l (rescaled with O).
 // l then sums P as the MMA reads it (rounded to 16 bits, as the output's numerator does).
+// NMH_BN64 (session 18, D = 128, TMA producer, dense or M <= 8): tiles of 64 keys and three
+// consumer warpgroups (192 query rows per CTA, as D = 64): with half the score registers per
+// thread, three warpgroups fit in 160 registers each, so that one warpgroup's softmax and
+// selection run under the MMAs of two others instead of one.
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -115,6 +119,9 @@
 #endif
 #ifndef NMH_MMA_ROWSUM
 #define NMH_MMA_ROWSUM 0
+#endif
+#ifndef NMH_BN64
+#define NMH_BN64 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -251,12 +258,18 @@ static_assert(!SPARSE || M_SEL == 2 || M_SEL == 4 || M_SEL == 8 || M_SEL == 16, 
 static_assert(N_SEL >= 0 && N_SEL < M_SEL, "0 <= N < M");
 
 constexpr int NC = NMH_CONSUMERS;        // consumer warpgroups, 64 query rows each
-static_assert(NC == 2 || (NC == 3 && D == 64), "three consumer warpgroups only at D = 64");
+constexpr bool BN64 = NMH_BN64 != 0;
+static_assert(NC == 2 || (NC == 3 && (D == 64 || BN64)), "three consumer warpgroups only at D = 64 or with NMH_BN64");
+static_assert(!BN64 || (D == 128 && NC == 3 && TMA && !TMA3D && !SPARSE_PV && (!SPARSE || M_SEL <= 8)),
+              "NMH_BN64: D = 128, three consumer warpgroups, the TMA producer, dense or M <= 8");
 constexpr int BM = 64 * NC;             // query rows per CTA
-constexpr int BN = 128;                 // keys per tile
+constexpr int BN = BN64 ? 64 : 128;     // keys per tile
+constexpr int SC = BN / 2;              // score accumulators per thread (m64nBN)
+constexpr int KSTEPS = BN / 16;         // k16 steps of P.V (P's operand slices)
 constexpr int THREADS = 128 * (NC + 1);
-constexpr int STAGES = D == 128 ? 2 : 4;
-constexpr int ATOM_BYTES = 128 * 128;   // 128 rows x 128 B (64 elements): a swizzle atom column
+constexpr int STAGES = D == 128 && !BN64 ? 2 : 4;
+constexpr int ATOM_BYTES = BN * 128;    // a K / V swizzle atom column: BN rows x 128 B (64 elements)
+constexpr int Q_ATOM_BYTES = BM * 128;  // Q's: BM rows x 128 B
 constexpr int TILE_BYTES = (D / 64) * ATOM_BYTES;
 constexpr int Q_BYTES = (D / 64) * BM * 128;  // = TILE_BYTES with two consumers (D = 64 if three)
 constexpr int Q_OFF = 0;
@@ -282,12 +295,12 @@ constexpr int PRODUCER_WARPS = 4, CONSUMER_WARPS = 4 * NC;
 constexpr int FULL_ARRIVALS = TMA ? 1 : PRODUCER_WARPS;
 
 // Read by the host (cuModuleGetGlobal): dynamic shared memory, threads, query rows per CTA,
-// sizeof(FwdParams).
-extern "C" __constant__ int nmh_config[4] = {SMEM_BYTES, THREADS, BM, (int)sizeof(FwdParams)};
+// sizeof(FwdParams), keys per tile (the K / V maps' box rows).
+extern "C" __constant__ int nmh_config[5] = {SMEM_BYTES, THREADS, BM, (int)sizeof(FwdParams), BN};
 
 // Key permutation (see the header). G groups per tile row; R column residues per group.
 constexpr int G_PERM = SPARSE ? BN / M_SEL : BN;
-constexpr int R_PERM = SPARSE ? 16 / M_SEL : 16;
+constexpr int R_PERM = SPARSE ? (BN / 8) / M_SEL : BN / 8;
 __device__ __forceinline__ int row_key(int c) {  // shared-memory row -> key offset in the tile
   if constexpr (SPARSE) return (c % G_PERM) * M_SEL + c / G_PERM;
   else return c;
@@ -412,7 +425,7 @@ __device__ __forceinline__ void sort_desc(float (&x)[M]) {
   oe_sort<0, M>(x);
 }
 
-constexpr int NGROUPS = SPARSE ? 32 / M_SEL : 1;  // groups per thread row
+constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
 }
@@ -439,7 +452,7 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
 
 // P (f32 accumulator layout) -> the A fragment of m64nDk16 step kk, which covers accumulator
 // columns 16kk..16kk+15, i.e. registers 8kk..8kk+7 in order.
-__device__ __forceinline__ void convert_p_slice(const float (&s)[64], uint32_t (&pr)[8][4], int kk) {
+__device__ __forceinline__ void convert_p_slice(const float (&s)[SC], uint32_t (&pr)[KSTEPS][4], int kk) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
@@ -448,17 +461,17 @@ __device__ __forceinline__ void convert_p_slice(const float (&s)[64], uint32_t (
 // MID_WAIT_AFTER exponentials, and P goes into `pr` slice by slice; otherwise `mid` and `pr` are
 // not touched (the caller converts after its own wait).
 template <bool EDGE, class Mid>
-__device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, const RowCtx& x, const FwdParams& p,
+__device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, const RowCtx& x, const FwdParams& p,
                                              float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off,
                                              uint32_t (&cp)[4][4], uint32_t (&cm)[4], bool& sp_tile,
-                                             uint32_t (&pr)[8][4], Mid&& mid) {
+                                             uint32_t (&pr)[KSTEPS][4], Mid&& mid) {
   const float c = p.scale_log2;
   // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
   if constexpr (PROBE) {
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
@@ -476,7 +489,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
     for (int r = 0; r < 2; ++r) {
       const KeyWindow w = key_window(x.qrow + 8 * r + x.offset, kbase, x, p);
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = col_key(j, 0, e);
@@ -510,7 +523,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
     for (int r = 0; r < 2; ++r) {
       mx[r] = s[2 * r];
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
     }
@@ -588,7 +601,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
   }
   if constexpr (!SPARSE) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) s[i] = fmaf(s[i], c, -mc[(i >> 1) & 1]);
+    for (int i = 0; i < SC; ++i) s[i] = fmaf(s[i], c, -mc[(i >> 1) & 1]);
   } else {
     if (!exact) {
 #pragma unroll
@@ -643,7 +656,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
@@ -652,7 +665,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
         }
   }
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < SC; ++i) {
     s[i] = ex2(s[i]);
     if constexpr (!MMA_ROWSUM) l[(i >> 1) & 1] += s[i];
     if constexpr (MID_WAIT) {
@@ -669,20 +682,33 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int n0, int t, cons
   return true;
 }
 
+// One k16 step of S = Q.K^T, m64n128 or m64n64 by the accumulator's size (an overload, so that
+// the form a kernel does not use is never instantiated).
 template <bool F16>
-__device__ __forceinline__ void qk_gemm(float (&s)[64], uint64_t dq, uint64_t dk) {
+__device__ __forceinline__ void qk_mma(float (&s)[64], uint64_t dq, uint64_t dk, int scale_d) {
+  if constexpr (F16) wgmma_qk_ss_n128_f16(s, dq, dk, scale_d);
+  else wgmma_qk_ss_n128_bf16(s, dq, dk, scale_d);
+}
+template <bool F16>
+__device__ __forceinline__ void qk_mma(float (&s)[32], uint64_t dq, uint64_t dk, int scale_d) {
+  if constexpr (F16) wgmma_qk_ss_n64_f16(s, dq, dk, scale_d);
+  else wgmma_qk_ss_n64_bf16(s, dq, dk, scale_d);
+}
+template <bool F16>
+__device__ __forceinline__ void qk_gemm(float (&s)[SC], uint64_t dq, uint64_t dk) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t off = (uint32_t)((kk / 4) * ATOM_BYTES + (kk % 4) * 32) >> 4;
-    if constexpr (F16) wgmma_qk_ss_n128_f16(s, dq + off, dk + off, kk > 0 ? 1 : 0);
-    else wgmma_qk_ss_n128_bf16(s, dq + off, dk + off, kk > 0 ? 1 : 0);
+    // Q's and K's atom columns lie BM and BN rows apart (the same with two consumers and 128 keys).
+    const uint32_t off_q = (uint32_t)((kk / 4) * Q_ATOM_BYTES + (kk % 4) * 32) >> 4;
+    const uint32_t off_k = (uint32_t)((kk / 4) * ATOM_BYTES + (kk % 4) * 32) >> 4;
+    qk_mma<F16>(s, dq + off_q, dk + off_k, kk > 0 ? 1 : 0);
   }
 }
 // NACC = the accumulator registers: D / 2, or D / 2 + 4 with the ones columns (MMA_ROWSUM).
 template <bool F16, int NACC>
-__device__ __forceinline__ void pv_gemm(float (&o)[NACC], const uint32_t (&pr)[8][4], uint64_t dv) {
+__device__ __forceinline__ void pv_gemm(float (&o)[NACC], const uint32_t (&pr)[KSTEPS][4], uint64_t dv) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < KSTEPS; ++kk) {
     const uint64_t d = dv + ((uint32_t)(kk * 2048) >> 4);  // 16 keys x 128 B per k-step
     if constexpr (NACC == 68) {
       if constexpr (F16) wgmma_pv_rs_n136_f16(o, pr[kk], d, 1);
@@ -715,7 +741,7 @@ __device__ __forceinline__ void rescale_o(float (&o)[R], const float (&alpha)[2]
 // operands per 32 keys, members {0, 1} (pr[jr]) and {2, 3} (pr[4 + jr]) of every group, with
 // the fixed metadata 0x4 (indices 0, 1) and 0xE (2, 3) in every nibble: a dense P.V on the
 // sparse V layout.
-__device__ __forceinline__ void convert_p_split(const float (&s)[64], uint32_t (&pr)[8][4]) {
+__device__ __forceinline__ void convert_p_split(const float (&s)[SC], uint32_t (&pr)[KSTEPS][4]) {
 #pragma unroll
   for (int jr = 0; jr < 4; ++jr)
 #pragma unroll
@@ -743,7 +769,7 @@ __device__ __forceinline__ void convert_p_split(const float (&s)[64], uint32_t (
 // serialize every wgmma of the function (C7519/C7520).
 // (NACC: O's accumulator registers, D / 2; the ones columns of MMA_ROWSUM never meet wgmma.sp.)
 template <bool F16, int NACC>
-__device__ __forceinline__ void pv_gemm_sparse(float (&o)[NACC], const uint32_t (&pr)[8][4], const uint32_t (&meta)[4],
+__device__ __forceinline__ void pv_gemm_sparse(float (&o)[NACC], const uint32_t (&pr)[KSTEPS][4], const uint32_t (&meta)[4],
                                                const uint64_t (&dsl)[4], int passes) {
   constexpr int DD = 2 * NACC;
   const uint32_t meta_hi = 0xEEEEEEEEu;  // the split tiles' second pass: members {2, 3}
@@ -776,9 +802,9 @@ __device__ __forceinline__ void pv_gemm_sparse(float (&o)[NACC], const uint32_t 
   }
 }
 // P (f32 accumulator layout) -> the A fragments of the 8 m64nDk16 steps of P.V.
-__device__ __forceinline__ void convert_p(const float (&s)[64], uint32_t (&pr)[8][4]) {
+__device__ __forceinline__ void convert_p(const float (&s)[SC], uint32_t (&pr)[KSTEPS][4]) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) convert_p_slice(s, pr, kk);
+  for (int kk = 0; kk < KSTEPS; ++kk) convert_p_slice(s, pr, kk);
 }
 
 #if NMH_TMA
@@ -1038,10 +1064,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     const int my_turn = 1 + wgc, other_turn = NC == 2 ? 2 - wgc : 1 + (wgc + 1) % NC;
     const bool last_wg = NC == 2 ? wgc == 1 : wgc == NC - 1;  // its final hand-over would have no taker
     const bool not_last_wg = NC == 2 ? wgc == 0 : wgc != NC - 1;
-    float s_acc[64];
+    float s_acc[SC];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) s_acc[i] = 0.f;
-    uint32_t pr[8][4];
+    for (int i = 0; i < SC; ++i) s_acc[i] = 0.f;
+    uint32_t pr[KSTEPS][4];
     uint32_t meta[4];    // NMH_SPARSE_PV: the sparse operand's metadata
     uint32_t cp[4][4], cm[4];  // NMH_SPARSE_PV: the compressed P and its metadata, staged
     bool sp_tile = false;  // NMH_SPARSE_PV: this tile's P is compressed (warpgroup-uniform)
@@ -1156,7 +1182,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           reg_fence(o);
           if constexpr (MID_WAIT) {
 #pragma unroll
-            for (int kk = 0; kk < 8; ++kk) reg_fence(pr[kk]);  // P(i) is written only after this
+            for (int kk = 0; kk < KSTEPS; ++kk) reg_fence(pr[kk]);  // P(i) is written only after this
           } else {
             reg_fence(s_acc);
           }

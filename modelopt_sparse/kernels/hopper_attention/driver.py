@@ -164,14 +164,14 @@ class _Module:
         self.function = ctypes.c_void_p()
         driver.check(driver.lib.cuModuleGetFunction(ctypes.byref(self.function), self.handle, KERNEL.encode()),
                      "cuModuleGetFunction")
-        config = self._read_global("nmh_config", 16)
-        self.smem, threads, block_m, params_size = (int.from_bytes(config[i:i + 4], "little", signed=True)
-                                                    for i in range(0, 16, 4))
-        self.threads, self.block_m = threads, block_m
-        if block_m not in (128, 192) or threads != 128 * (1 + block_m // 64) or \
+        config = self._read_global("nmh_config", 20)
+        self.smem, threads, block_m, params_size, block_n = (int.from_bytes(config[i:i + 4], "little", signed=True)
+                                                             for i in range(0, 20, 4))
+        self.threads, self.block_m, self.block_n = threads, block_m, block_n
+        if block_m not in (128, 192) or threads != 128 * (1 + block_m // 64) or block_n not in (64, 128) or \
                 params_size != ctypes.sizeof(_FwdParams):
             raise RuntimeError(f"modelopt_sparse hopper: the cubin's layout (threads {threads}, rows {block_m}, "
-                               f"params {params_size} B) does not match the Python side")
+                               f"keys {block_n}, params {params_size} B) does not match the Python side")
         driver.check(driver.lib.cuFuncSetAttribute(self.function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                    self.smem), "cuFuncSetAttribute(max dynamic shared memory)")
 

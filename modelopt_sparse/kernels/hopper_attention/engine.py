@@ -195,7 +195,8 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     elif variant.tma:
         tma = _TmaParams()
         step = variant.sparsity_m if variant.sparsity_n else 1
-        for field, t, row_step, rows in (("q", q, 1, mod.block_m), ("k", k, step, 128), ("v", v, step, 128)):
+        for field, t, row_step, rows in (("q", q, 1, mod.block_m), ("k", k, step, mod.block_n),
+                                         ("v", v, step, mod.block_n)):
             mod.driver.encode_tma(getattr(tma, field), t, row_step, rows)
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream

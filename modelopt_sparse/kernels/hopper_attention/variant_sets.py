@@ -152,7 +152,8 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             for n, m in ((0, 4), (4, 8), (8, 16)):
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
-        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + bench_variants()
+        out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
+            bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
             # The TMA producer's element-strided boxes (the group permutation), bit for bit.
@@ -222,3 +223,16 @@ MMA_ROWSUM_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsit
                                         mma_rowsum=on)
                     for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4), (64, 2, 4))
                     for h in (False, True) for on in (False, True)]
+
+# 64-key tiles with three consumer warpgroups at D = 128 (bn64, session 18): each pattern's
+# measured kernel with the flag (test_gpu_29's mask probes, test_gpu_30 in both dtypes) and,
+# for the A/B command, with overlap and MID_WAIT where the measured schedule has none (4:8) and
+# without overlap where it has it.
+BN64_PATTERNS = ((0, 4), (1, 2), (2, 4), (3, 4), (4, 8))
+BN64_TESTS = [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=m, tie_index=tie, fp16=h, probe=probe)),
+                                  bn64=True).canonical()
+              for n, m in BN64_PATTERNS for tie in (False, True) for h in (False, True) for probe in (False, True)
+              if not (probe and h)] + \
+             [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=m)), bn64=True, overlap=ov,
+                                  mid_wait=ov).canonical()
+              for n, m in ((0, 4), (2, 4), (4, 8)) for ov in (False, True)]

@@ -62,6 +62,10 @@ class Variant:
     # by a swizzle atom of ones, instead of 64 FADDs per thread and tile (dense P.V only;
     # MODELOPT_SPARSE_HOPPER_MMA_ROWSUM, tag flag "u"; default: measured_mma_rowsum).
     mma_rowsum: bool = False
+    # Tiles of 64 keys with three consumer warpgroups at D = 128 (session 18): one warpgroup's
+    # softmax and selection under two others' MMAs; TMA producer, dense or M <= 8
+    # (MODELOPT_SPARSE_HOPPER_BN64=1, tag flag "k").
+    bn64: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -78,10 +82,16 @@ class Variant:
         v = self
         if v.consumers not in (2, 3):
             raise ValueError(f"consumers must be 2 or 3, got {v.consumers}")
+        # 64-key tiles: D = 128, dense or M <= 8, never with the sparse P.V; always with three
+        # consumer warpgroups and the TMA producer (element-strided maps, not the grouped ones).
+        if v.bn64 and (v.head_dim != 128 or v.sparse_pv or (v.sparsity_n and v.sparsity_m > 8)):
+            v = dataclasses.replace(v, bn64=False)
+        if v.bn64:
+            v = dataclasses.replace(v, consumers=3, tma=True, tma3d=False)
         # Three consumer warpgroups only at D = 64 and only with the TMA producer: the cp.async
         # producer needs 40 registers, which leaves the consumers 152, and ptxas then spills
         # and serializes the wgmma (C7512); so M = 16 (no TMA) keeps two warpgroups.
-        if v.consumers == 3 and (v.head_dim != 64 or (v.sparsity_n and v.sparsity_m > 8)):
+        if v.consumers == 3 and not v.bn64 and (v.head_dim != 64 or (v.sparsity_n and v.sparsity_m > 8)):
             v = dataclasses.replace(v, consumers=2)
         if v.consumers == 3:
             v = dataclasses.replace(v, tma=True)
@@ -115,7 +125,7 @@ class Variant:
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
-                                        ("n", self.producer_suspends), ("x", self.probe))
+                                        ("k", self.bn64), ("n", self.producer_suspends), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -129,7 +139,7 @@ class Variant:
                              ("-DNMH_LEAN=1", v.lean), ("-DNMH_CONSUMERS=3", v.consumers == 3),
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
-                             ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum),
+                             ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -213,7 +223,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
     producer polls for a free stage in a tight loop; 1: it suspends between polls) and
     MODELOPT_SPARSE_HOPPER_MMA_ROWSUM (P's row sums by the tensor core; unset:
-    :func:`measured_mma_rowsum`)."""
+    :func:`measured_mma_rowsum`) and MODELOPT_SPARSE_HOPPER_BN64 (default 0: 128-key tiles; 1:
+    64-key tiles with three consumer warpgroups at D = 128, dense or M <= 8)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -232,6 +243,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         producer_suspends=env_flag("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", False),
         mma_rowsum=env_flag("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM",
                             measured_mma_rowsum(head_dim, params.sparsity_n, params.sparsity_m)),
+        bn64=env_flag("MODELOPT_SPARSE_HOPPER_BN64", False),
         probe=probe,
     ).canonical()
 
@@ -269,4 +281,5 @@ def _parse_tag(tag: str) -> Variant:
                    late_rescale="r" in flags, tma="m" in flags, lean="z" in flags,
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
-                   producer_suspends="n" in flags, mma_rowsum="u" in flags, probe="x" in flags)
+                   producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
+                   probe="x" in flags)
