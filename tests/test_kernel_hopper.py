@@ -615,6 +615,35 @@ def test_bn64_variant_flag_env_and_source(monkeypatch):
     assert {v.canonical() for v in hs.BN64_TESTS} <= set(hs.standard_variants())
 
 
+def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
+    """Parberry's pairwise network (networks.cuh, MODELOPT_SPARSE_HOPPER_PAIRWISE=1, tag flag q):
+    a sorting network by the 0-1 principle (every 0/1 input of 16 wires), 88 FMNMX at 8:16's
+    ranks against Batcher's 92, the header exactly the generator's output, and a variant of its
+    own at M = 16 only."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_networks", hb.SOURCE_DIR / "gen_networks.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    net = gen.pairwise_network(16)
+    assert len(net) == 63 and gen.check(16, net)
+    assert not gen.check(16, net[:-1])  # the check can fail: the network less one comparator
+    assert gen.pruned_minmax(net, {0, 7}) == 88
+    out = subprocess.run([sys.executable, str(hb.SOURCE_DIR / "gen_networks.py")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == (hb.SOURCE_DIR / "networks.cuh").read_text()
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", raising=False)
+    v = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
+    assert not v.pairwise
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", "1")
+    on = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
+    assert on.pairwise and on.tag == v.tag + "q" and "-DNMH_PAIRWISE=1" in on.defines()
+    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_PAIRWISE"] == "1"
+    for n, m in ((0, 4), (2, 4), (4, 8)):
+        assert not hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128).pairwise
+    assert {v.canonical() for v in hs.PAIRWISE_TESTS} <= set(hs.standard_variants())
+
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -1635,6 +1664,28 @@ def test_gpu_30_bn64_against_reference(monkeypatch, n, m, tie, dtype):
         grads[backend] = torch.autograd.grad(out, xs, do.to(out.dtype))
     for a, b in zip(grads["hopper"], grads["torch"]):
         assert rel_err(a, b) < 3e-2
+
+
+@gpu_test
+@pytest.mark.parametrize("n,tie", [(8, "threshold"), (3, "index")], ids=lambda x: str(x))
+@pytest.mark.parametrize("d", [128, 64])
+def test_gpu_31_pairwise_network_equals_batcher(monkeypatch, n, tie, d):
+    """M = 16 with Parberry's pairwise network (MODELOPT_SPARSE_HOPPER_PAIRWISE=1): the same
+    thresholds, so the same outputs bit for bit as Batcher's network, on tied inputs (integer
+    scores) and random ones, edge and interior tiles, causal, sliding-window and non-causal."""
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=31 + n),
+                   tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64, seed=31)):
+        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
+            outs = []
+            for on in (0, 1):
+                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", str(on))
+                outs.append(_run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "hopper", sparsity_n=n,
+                                 sparsity_m=16, tie_break=tie, **kw)[0])
+            assert torch.equal(outs[0], outs[1]), kw
+            ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", sparsity_n=n, sparsity_m=16,
+                          tie_break=tie, **kw)
+            assert rel_err(outs[1], ref) < TOL[torch.bfloat16], kw
 
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():

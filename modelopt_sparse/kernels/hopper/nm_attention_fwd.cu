@@ -61,7 +61,11 @@
 // thread, three warpgroups fit in 160 registers each, so that one warpgroup's softmax and
 // selection run under the MMAs of two others instead of one. Measured slower on the H200
 // (dense 0.925x, 2:4 0.909x, 4:8 0.76-0.78x): the per-tile work that does not shrink with the
-// tile outweighs the overlap; an A/B switch only.
+// tile outweighs the overlap; an A/B switch only. NMH_PAIRWISE (session 18, M = 16): the
+// selection network is Parberry's pairwise sorting network (networks.cuh) instead of Batcher's:
+// the same ranks (any sorting network gives the same sorted values, so the kept set and the
+// outputs are bit for bit the same) from 88 instead of 92 FMNMX per group.
+#include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
@@ -124,6 +128,9 @@
 #endif
 #ifndef NMH_BN64
 #define NMH_BN64 0
+#endif
+#ifndef NMH_PAIRWISE
+#define NMH_PAIRWISE 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -424,7 +431,8 @@ __device__ __forceinline__ void oe_sort(float (&x)[M]) {
 }
 template <int M>
 __device__ __forceinline__ void sort_desc(float (&x)[M]) {
-  oe_sort<0, M>(x);
+  if constexpr (NMH_PAIRWISE != 0 && M == 16) pairwise_sort16_desc(x);
+  else oe_sort<0, M>(x);
 }
 
 constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row

@@ -153,6 +153,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
+            PAIRWISE_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -236,3 +237,9 @@ BN64_TESTS = [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=
              [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=m)), bn64=True, overlap=ov,
                                   mid_wait=ov).canonical()
               for n, m in ((0, 4), (2, 4), (4, 8)) for ov in (False, True)]
+
+# Parberry's pairwise network at M = 16 (pairwise, session 18) beside Batcher's, each measured
+# M = 16 kernel test_gpu_31 runs (both tie rules, both head dims): bit for bit the same outputs.
+PAIRWISE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie)),
+                                      pairwise=on)
+                  for d in (128, 64) for n, tie in ((8, False), (3, True)) for on in (False, True)]

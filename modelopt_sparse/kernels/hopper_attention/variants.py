@@ -67,6 +67,9 @@ class Variant:
     # (MODELOPT_SPARSE_HOPPER_BN64=1, tag flag "k"). A/B only: measured 0.925x dense, 0.909x
     # 2:4, 0.76-0.78x 4:8 against the measured kernels.
     bn64: bool = False
+    # M = 16: Parberry's pairwise sorting network instead of Batcher's (88 instead of 92 FMNMX
+    # per group, the same sorted values; session 18; MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag "q").
+    pairwise: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -117,6 +120,9 @@ class Variant:
         # The ones columns extend the dense P.V only (wgmma.sp keeps its FADDs: one cubin).
         if v.mma_rowsum and v.sparse_pv:
             v = dataclasses.replace(v, mma_rowsum=False)
+        # The pairwise network is built for M = 16 only (at M = 4 and 8 it needs as many FMNMX).
+        if v.pairwise and not (v.sparsity_n and v.sparsity_m == 16):
+            v = dataclasses.replace(v, pairwise=False)
         return v
 
     @property
@@ -126,7 +132,8 @@ class Variant:
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
-                                        ("k", self.bn64), ("n", self.producer_suspends), ("x", self.probe))
+                                        ("k", self.bn64), ("q", self.pairwise), ("n", self.producer_suspends),
+                                        ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -141,6 +148,7 @@ class Variant:
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
+                             ("-DNMH_PAIRWISE=1", v.pairwise),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -225,7 +233,9 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     producer polls for a free stage in a tight loop; 1: it suspends between polls) and
     MODELOPT_SPARSE_HOPPER_MMA_ROWSUM (P's row sums by the tensor core; unset:
     :func:`measured_mma_rowsum`) and MODELOPT_SPARSE_HOPPER_BN64 (default 0: 128-key tiles; 1:
-    64-key tiles with three consumer warpgroups at D = 128, dense or M <= 8)."""
+    64-key tiles with three consumer warpgroups at D = 128, dense or M <= 8) and
+    MODELOPT_SPARSE_HOPPER_PAIRWISE (default 0: Batcher's selection network; 1: the pairwise one
+    at M = 16)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -245,6 +255,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         mma_rowsum=env_flag("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM",
                             measured_mma_rowsum(head_dim, params.sparsity_n, params.sparsity_m)),
         bn64=env_flag("MODELOPT_SPARSE_HOPPER_BN64", False),
+        pairwise=env_flag("MODELOPT_SPARSE_HOPPER_PAIRWISE", False),
         probe=probe,
     ).canonical()
 
@@ -283,4 +294,4 @@ def _parse_tag(tag: str) -> Variant:
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
-                   probe="x" in flags)
+                   pairwise="q" in flags, probe="x" in flags)
