@@ -324,8 +324,8 @@ def test_standard_variants_cover_the_patterns():
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
     # through the grouped maps), lean, and overlap except at M = 8; with overlap the wait for
     # P.V(j-1) inside the softmax (session 16; M = 16 since session 17); at M = 16 P's row sums by
-    # the tensor core (session 18, as dense D = 128).
-    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzgwu")):
+    # the tensor core (session 18, as dense D = 128) and the pairwise selection network.
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzgwuq")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
     assert {"d128_dense_pormzwu", "d128_dense_hpormzwu", "d64_dense_pormz3l", "d64_dense_hpormz3l"} <= tags
@@ -382,7 +382,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwu"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -450,13 +450,13 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwu"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwu"
-    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgwu", "d64_3of16i_prmzg"}
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwuq"
+    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgwuq", "d64_3of16i_prmzgq"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
     carried = set(hs.standard_variants())
     assert {"d128_8of16t_pormzg", "d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx",
@@ -517,7 +517,7 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     assert tags[128, 0, 4] == "d128_dense_pormzwu" and tags[64, 0, 4] == "d64_dense_pormz3l"
     assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
     assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_prmz"
-    assert tags[128, 8, 16] == "d128_8of16t_pormzgwu"
+    assert tags[128, 8, 16] == "d128_8of16t_pormzgwuq"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzu"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
@@ -571,7 +571,8 @@ def test_mma_rowsum_variant_flag_env_and_source(monkeypatch):
         assert not v.mma_rowsum and "-DNMH_MMA_ROWSUM=1" not in v.defines()
         monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "1")
         on = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
-        assert on.tag == v.tag + "u" and on.defines()[-1] == "-DNMH_MMA_ROWSUM=1"
+        assert on == dataclasses.replace(v, mma_rowsum=True).canonical() and "u" in on.tag.split("_")[-1]
+        assert "-DNMH_MMA_ROWSUM=1" in on.defines()
         assert hv._parse_tag(on.tag) == on
         assert hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_MMA_ROWSUM"] == "1"
     sp = hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, mma_rowsum=True).canonical()
@@ -616,10 +617,10 @@ def test_bn64_variant_flag_env_and_source(monkeypatch):
 
 
 def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
-    """Parberry's pairwise network (networks.cuh, MODELOPT_SPARSE_HOPPER_PAIRWISE=1, tag flag q):
+    """Parberry's pairwise network (networks.cuh, MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag q):
     a sorting network by the 0-1 principle (every 0/1 input of 16 wires), 88 FMNMX at 8:16's
     ranks against Batcher's 92, the header exactly the generator's output, and a variant of its
-    own at M = 16 only."""
+    own at M = 16 only, on by default there."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_networks", hb.SOURCE_DIR / "gen_networks.py")
@@ -632,9 +633,13 @@ def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
     out = subprocess.run([sys.executable, str(hb.SOURCE_DIR / "gen_networks.py")], capture_output=True, text=True,
                          check=True).stdout
     assert out == (hb.SOURCE_DIR / "networks.cuh").read_text()
+    # On by default at M = 16 (session 18 A/B: 8:16 1.016x, 3:16 index 1.038x).
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", raising=False)
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).pairwise
+    assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16), torch.bfloat16, 64).pairwise
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", "0")
     v = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    assert not v.pairwise
+    assert not v.pairwise and "-DNMH_PAIRWISE=1" not in v.defines()
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", "1")
     on = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
     assert on.pairwise and on.tag == v.tag + "q" and "-DNMH_PAIRWISE=1" in on.defines()

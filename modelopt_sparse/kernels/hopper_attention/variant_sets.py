@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_mid_wait, measured_mma_rowsum,
-                       measured_schedule, measured_split_loop, measured_tma3d, schedule_from_env)
+                       measured_pairwise, measured_schedule, measured_split_loop, measured_tma3d, schedule_from_env)
 
 
 def _as_measured(v: Variant) -> Variant:
@@ -25,7 +25,7 @@ def _as_measured(v: Variant) -> Variant:
     return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=consumers, tma3d=measured_tma3d(n, m),
                                split_loop=measured_split_loop(consumers),
                                mid_wait=measured_mid_wait(d, n, m),
-                               mma_rowsum=measured_mma_rowsum(d, n, m)).canonical()
+                               mma_rowsum=measured_mma_rowsum(d, n, m), pairwise=measured_pairwise(n, m)).canonical()
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -163,11 +163,12 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
             out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
                     for n, tie in ((8, False), (3, True))]
-    # A test that sets only the schedule switches runs MID_WAIT's, the split loop's and the row
-    # sums' measured defaults: each kernel is carried in that form too.
+    # A test that sets only the schedule switches runs MID_WAIT's, the split loop's, the row
+    # sums' and the selection network's measured defaults: each kernel is carried in that form too.
     out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m),
                                 split_loop=v.split_loop or measured_split_loop(v.consumers),
-                                mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m))
+                                mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m),
+                                pairwise=v.pairwise or measured_pairwise(v.sparsity_n, v.sparsity_m))
             for v in out]
     seen, unique = set(), []
     for v in out:

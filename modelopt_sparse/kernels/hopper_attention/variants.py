@@ -68,7 +68,8 @@ class Variant:
     # 2:4, 0.76-0.78x 4:8 against the measured kernels.
     bn64: bool = False
     # M = 16: Parberry's pairwise sorting network instead of Batcher's (88 instead of 92 FMNMX
-    # per group, the same sorted values; session 18; MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag "q").
+    # per group, the same sorted values; session 18; MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag "q";
+    # default: measured_pairwise).
     pairwise: bool = False
 
     def __post_init__(self):
@@ -218,6 +219,14 @@ def measured_mma_rowsum(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool
     return head_dim == 128 and (sparsity_n == 0 or sparsity_m == 16)
 
 
+def measured_pairwise(sparsity_n: int, sparsity_m: int) -> bool:
+    """Parberry's pairwise network for M = 16 unless MODELOPT_SPARSE_HOPPER_PAIRWISE says
+    otherwise (A/B on the H200, median of 9 paired rounds, session 18: 8:16 1.016x (1.002-1.034),
+    3:16 index 1.038x (1.022-1.072); outputs bit for bit Batcher's, test_gpu_31). Other M have
+    no cheaper network (Variant.canonical drops the flag there)."""
+    return bool(sparsity_n) and sparsity_m == 16
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -234,8 +243,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_MMA_ROWSUM (P's row sums by the tensor core; unset:
     :func:`measured_mma_rowsum`) and MODELOPT_SPARSE_HOPPER_BN64 (default 0: 128-key tiles; 1:
     64-key tiles with three consumer warpgroups at D = 128, dense or M <= 8) and
-    MODELOPT_SPARSE_HOPPER_PAIRWISE (default 0: Batcher's selection network; 1: the pairwise one
-    at M = 16)."""
+    MODELOPT_SPARSE_HOPPER_PAIRWISE (the pairwise selection network at M = 16 instead of
+    Batcher's; unset: :func:`measured_pairwise`)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -255,7 +264,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         mma_rowsum=env_flag("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM",
                             measured_mma_rowsum(head_dim, params.sparsity_n, params.sparsity_m)),
         bn64=env_flag("MODELOPT_SPARSE_HOPPER_BN64", False),
-        pairwise=env_flag("MODELOPT_SPARSE_HOPPER_PAIRWISE", False),
+        pairwise=env_flag("MODELOPT_SPARSE_HOPPER_PAIRWISE", measured_pairwise(params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
