@@ -1596,12 +1596,14 @@ def test_gpu_28_mma_rowsum(monkeypatch, n, m, d, wg3, dtype):
     """P's row sums by the tensor core (MODELOPT_SPARSE_HOPPER_MMA_ROWSUM=1) sum P as the MMA
     reads it (16-bit) instead of in f32: the output stays within the dtype's tolerance of the
     reference, and the lse (the Triton backward's input) within the 16-bit rounding bound of
-    P (LSE_TOL_16BIT_SUM, log2 units) of the f32 sum's, on edge and interior tiles, causal, sliding-window and non-causal; rows with no key
-    output 0 with lse -inf either way; the backward through the Triton kernels on its output
-    matches the reference's gradients."""
+    P (LSE_TOL_16BIT_SUM, log2 units) of the f32 sum's, on edge and interior tiles, causal,
+    sliding-window and non-causal; the causal rows that see no key (the last sequence has 30
+    more queries than keys) output exactly 0 with lse -inf; the backward through the Triton
+    kernels on its output matches the reference's gradients."""
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", str(int(wg3)))
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", str(int(m == 16)))
-    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    lens_q, lens_k = [1, 300, 5, 700, 40], [1, 300, 900, 700, 10]
+    no_key = slice(sum(lens_q[:-1]), sum(lens_q[:-1]) + 30)
     inputs = _random(lens_q, lens_k, 4, 2, d, seed=28 + n + d)
     sq, lq, mq, _ = varlen(lens_q, "cuda")
     sk, lk, mk, _ = varlen(lens_k, "cuda")
@@ -1619,6 +1621,8 @@ def test_gpu_28_mma_rowsum(monkeypatch, n, m, d, wg3, dtype):
         assert torch.isfinite(out1).all(), kw
         assert rel_err(out1, ref) < TOL[dtype], kw
         assert torch.equal(torch.isinf(lse0), torch.isinf(lse1)), kw
+        if kw.get("is_causal", True):
+            assert out1[no_key].abs().max().item() == 0.0 and bool((lse1[no_key] == float("-inf")).all()), kw
         finite = torch.isfinite(lse0)
         assert (lse1[finite] - lse0[finite]).abs().max().item() < LSE_TOL_16BIT_SUM, kw
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "1")
