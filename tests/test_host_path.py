@@ -542,3 +542,142 @@ def test_env_value_reads_what_os_environ_holds(monkeypatch):
     assert env_value(name, "d") == "d"
     monkeypatch.setattr(os, "environ", {name: "1"})
     assert env_value(name) == "1" and env_flag(name, False) is True
+
+
+# --------------------------------------------------------------------------------------
+# The hot path of attention(): a call like one validated before skips the checks.
+# --------------------------------------------------------------------------------------
+def _counting_checks(monkeypatch):
+    """Counts calls of the argument checks that a hot-path hit skips."""
+    from modelopt_sparse.kernels import api
+
+    counts = {"tensors": 0, "metadata": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            counts[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(api, "_check_tensors", counted("tensors", api._check_tensors))
+    monkeypatch.setattr(api, "_check_metadata", counted("metadata", api._check_metadata))
+    return counts
+
+
+def test_hot_path_skips_the_checks_and_gives_the_same_output(monkeypatch):
+    """The second identical call skips the checks and returns the first call's output bit
+    for bit (interpreted kernel, packed GQA, 2:4); new metadata tensors, or the same ones
+    written in place, are checked again."""
+    _needs_triton()
+    from modelopt_sparse.kernels import api
+
+    api._PREPARED.clear()
+    counts = _counting_checks(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(24, 4, 16, generator=g)
+    k, v = (torch.randn(24, 2, 16, generator=g) for _ in range(2))
+    starts, lens = torch.tensor([0, 10], dtype=torch.int32), torch.tensor([10, 14], dtype=torch.int32)
+    kw = dict(sparsity_n=2, sparsity_m=4, dense_window_size=2, backend="triton")
+    first = mts.attention(q, k, v, starts, lens, 14, **kw)
+    assert counts == {"tensors": 1, "metadata": 1}
+    second = mts.attention(q, k, v, starts, lens, 14, **kw)
+    assert counts == {"tensors": 1, "metadata": 1}
+    assert torch.equal(first, second)
+    mts.attention(q, k, v, starts.clone(), lens, 14, **kw)  # another tensor object: checked
+    assert counts == {"tensors": 2, "metadata": 2}
+    lens.add_(0)  # a write bumps the version: checked again
+    mts.attention(q, k, v, starts, lens, 14, **kw)
+    assert counts == {"tensors": 3, "metadata": 3}
+    mts.attention(q, k, v, starts, lens, 14, **kw)
+    assert counts == {"tensors": 3, "metadata": 3}
+    reference = mts.attention(q, k, v, starts, lens, 14, **{**kw, "backend": "torch"})  # never remembered
+    mts.attention(q, k, v, starts, lens, 14, **{**kw, "backend": "torch"})
+    assert counts == {"tensors": 5, "metadata": 5}
+    torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"is_causal": 1}, TypeError, "is_causal must be a bool"),
+    ({"sparsity_n": 2.0}, TypeError, "sparsity_n"),
+    ({"softmax_scale": True}, TypeError, "softmax_scale must be a float"),
+    ({"check_metadata": 1}, TypeError, "check_metadata must be a bool"),
+    ({"max_input_len": 9}, ValueError, "exceeds max_input_len=9"),
+    ({"return_stats": 1}, TypeError, "return_stats must be a bool"),
+    ({"backend": "cuda"}, ValueError, "backend must be one of"),
+])
+def test_hot_path_keeps_every_error(change, error, match):
+    """After a call has taken the hot path, a call that differs in one argument's value or
+    type (True vs 1, 2 vs 2.0 hash alike) raises the same error as on a fresh start."""
+    _needs_triton()
+    q, k, v = (torch.randn(16, 2, 16) for _ in range(3))
+    starts, lens = torch.tensor([0], dtype=torch.int32), torch.tensor([16], dtype=torch.int32)
+    kw = dict(max_input_len=16, is_causal=True, sparsity_n=2, sparsity_m=4, softmax_scale=0.25,
+              check_metadata=True, return_stats=False, backend="triton")
+    for _ in range(2):
+        mts.attention(q, k, v, starts, lens, **kw)
+    with pytest.raises(error, match=match):
+        mts.attention(q, k, v, starts, lens, **{**kw, **change})
+
+
+def test_hot_path_rechecks_metadata_written_in_place_and_tensors_that_differ():
+    """Lengths made invalid in place, and k of another dtype or device than q, raise after
+    a hot-path hit as they do before one."""
+    _needs_triton()
+    q, k, v = (torch.randn(16, 2, 16) for _ in range(3))
+    starts, lens = torch.tensor([0], dtype=torch.int32), torch.tensor([16], dtype=torch.int32)
+    for _ in range(2):
+        mts.attention(q, k, v, starts, lens, 16, backend="triton")
+    with pytest.raises(TypeError, match="share one dtype"):
+        mts.attention(q, k.double(), v, starts, lens, 16, backend="triton")
+    with pytest.raises(ValueError, match="one device"):
+        mts.attention(q, k.to("meta"), v, starts, lens, 16, backend="triton")
+    lens.fill_(17)  # the very call remembered above, but its lengths now run past the rows
+    with pytest.raises(ValueError, match="exceed the 16 packed rows"):
+        mts.attention(q, k, v, starts, lens, 16, backend="triton")
+
+
+def test_hot_path_stays_off_under_autocast_and_for_the_reference():
+    """Autocast casts the inputs first (so the checks run), and the reference backend is
+    never remembered (it reads host-side sequence bounds)."""
+    from modelopt_sparse.kernels import api
+
+    api._PREPARED.clear()
+    q, k, v = (torch.randn(16, 2, 16) for _ in range(3))
+    starts, lens = torch.tensor([0], dtype=torch.int32), torch.tensor([16], dtype=torch.int32)
+    mts.attention(q, k, v, starts, lens, 16, backend="torch")
+    assert not api._PREPARED._entries
+    if api.interpreting():
+        mts.attention(q, k, v, starts, lens, 16, backend="triton")
+        assert len(api._PREPARED._entries) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mts.attention(q, k, v, starts, lens, 16, backend="triton")
+        assert out.dtype == torch.bfloat16 and len(api._PREPARED._entries) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hot_path_never_keeps_a_large_auto_call_off_the_hopper_engine(monkeypatch):
+    """A call large enough for the Hopper engine that MODELOPT_SPARSE_HOPPER=0 sent to Triton
+    is not remembered: without the switch the next identical call goes to the engine."""
+    from modelopt_sparse.kernels import api
+
+    if api._hopper_engine().unsupported_reason is None or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    q, k, v = (torch.randn(2048, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    starts = torch.zeros(1, dtype=torch.int32, device="cuda")
+    lens = torch.full((1,), 2048, dtype=torch.int32, device="cuda")
+    from modelopt_sparse.kernels.reference import SparseParams
+
+    if api._hopper_engine().unsupported_reason(q, k, v, SparseParams(True, 0.1, 0, 4, 0, 64, "threshold")):
+        pytest.skip("the Hopper engine cannot run here")
+    engine_calls = []
+    real = api._hopper_engine().hopper_attention
+    monkeypatch.setattr(api._hopper_engine(), "hopper_attention",
+                        lambda *a, **kw: (engine_calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER", "0")
+    off = mts.attention(q, k, v, starts, lens, 2048)
+    assert engine_calls == []
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER")
+    on = mts.attention(q, k, v, starts, lens, 2048)
+    assert engine_calls == [1]
+    torch.testing.assert_close(on, off, rtol=2e-2, atol=2e-2)

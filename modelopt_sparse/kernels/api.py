@@ -133,6 +133,37 @@ def attention(
     Raises:
         TypeError, ValueError: for bad input, before any kernel runs.
     """
+    # The hot path (a model's layers, a training step): a call like one that passed every check
+    # below and ran on Triton skips them. Like means the same argument values of the same types,
+    # tensor shapes, dtypes and devices, and the very same metadata tensors at the same versions,
+    # which is everything the checks read (strides are the launch's business). That saves about
+    # half of a small call's host time (tools/host_cost_cpu.py).
+    call_key = None
+    if learned_sinks is None and return_stats is False and type(q) is _TENSOR and type(k) is _TENSOR \
+            and type(v) is _TENSOR and not _any_autocast() and not torch.compiler.is_compiling():
+        scalars = (max_input_len, is_causal, softmax_scale, max_input_len_k, sparsity_n, sparsity_m, num_sink_tokens,
+                   dense_window_size, tie_break, sliding_window, softcap, backend, check_metadata, rows_covered)
+        device = q.get_device()
+        try:
+            call_key = (scalars, tuple(map(type, scalars)), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+                        device, k.get_device(), v.get_device(),
+                        # get_device() is -1 off CUDA (CPU under the interpreter, and meta alike)
+                        None if device >= 0 else (q.device, k.device, v.device, interpreting()),
+                        id(b_start_loc), b_start_loc._version, id(b_seq_len), b_seq_len._version,
+                        None if b_start_loc_k is None else (id(b_start_loc_k), b_start_loc_k._version),
+                        None if b_seq_len_k is None else (id(b_seq_len_k), b_seq_len_k._version))
+            known = _PREPARED.get(call_key)
+        except (AttributeError, RuntimeError, TypeError):
+            # metadata that is no tensor, inference tensors (no version), an unhashable argument
+            call_key = None
+        else:
+            if known is not None and known[0] is b_start_loc and known[1] is b_seq_len \
+                    and known[2] is b_start_loc_k and known[3] is b_seq_len_k:
+                if b_start_loc_k is None:
+                    b_start_loc_k, b_seq_len_k, max_input_len_k = b_start_loc, b_seq_len, max_input_len
+                return _dispatch(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k,
+                                 max_input_len_k, known[4], known[5], "triton", None, None, None)
+    metadata = (b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k)
     if b_start_loc_k is None and b_seq_len_k is None and max_input_len_k is None:
         b_start_loc_k, b_seq_len_k, max_input_len_k = b_start_loc, b_seq_len, max_input_len
     elif b_start_loc_k is None or b_seq_len_k is None or max_input_len_k is None:
@@ -168,6 +199,7 @@ def attention(
         if learned_sinks.stride(0) != 1:  # the kernels index it by head
             learned_sinks = learned_sinks.contiguous()
     hopper = backend == "hopper"
+    asked = backend
     if backend == "auto":
         backend = "triton" if (q.is_cuda or interpreting()) else "torch"
         hopper = q.is_cuda and _hopper_auto()
@@ -199,6 +231,19 @@ def attention(
     if hopper:  # the Hopper engine, or Triton with the reason (kernels/hopper_attention/)
         backend = _hopper_engine().choose(q, k, v, params, forced=backend == "hopper", stats=stats,
                                           learned_sinks=learned_sinks)
+    # Remembered for the hot path when the choice of Triton depends on the key alone: asked for,
+    # or auto off CUDA (the key holds the interpreter switch), or auto below the Hopper engine's
+    # threshold (shapes); not when MODELOPT_SPARSE_HOPPER=0 sent a large call here.
+    if call_key is not None and backend == "triton" and (
+            asked == "triton" or not q.is_cuda or _hopper_engine().below_auto_threshold(q, k)):
+        _PREPARED.put(call_key, (*metadata, params, covered))
+    return _dispatch(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k,
+                     params, covered, backend, segments, stats, learned_sinks)
+
+
+def _dispatch(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k, params,
+              covered, backend, segments, stats, learned_sinks):
+    """Run a validated call on ``backend`` ("torch", "triton" or "hopper")."""
     batch_shape = None
     if q.dim() == 4 and not (backend == "triton" and stats is None and not _needs_grad(q, k, v, learned_sinks)):
         # Only the Triton forward reads batch rows in place; everything else sees packed rows.
@@ -225,9 +270,33 @@ def attention(
         )
     if batch_shape is not None:
         out = out.view(batch_shape)
-    return (out, stats) if return_stats else out
+    return out if stats is None else (out, stats)
 
 
+class _PreparedCalls:
+    """The hot path's memo: call key -> (the four metadata objects, params, covered). Holding
+    the metadata tensors keeps their ids from being reused while remembered. Bounded: the
+    oldest entry goes first."""
+
+    def __init__(self, capacity: int = 64):
+        self._entries: dict = {}
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.get = self._entries.get
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self._capacity:
+                self._entries.pop(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_PREPARED = _PreparedCalls()
+_TENSOR = torch.Tensor
 _PARAMS: dict = {}
 
 

@@ -45,8 +45,8 @@ name must replace it in the module that looks it up (e.g. ``engine.find_nvcc`` f
 """
 
 from .build import HopperUnavailable
-from .engine import (auto_enabled, choose, forward_with_lse, hopper_attention, kept_mask_probe, log_fallback_once,
-                     unsupported_reason)
+from .engine import (auto_enabled, below_auto_threshold, choose, forward_with_lse, hopper_attention, kept_mask_probe,
+                     log_fallback_once, unsupported_reason)
 
-__all__ = ["HopperUnavailable", "auto_enabled", "choose", "forward_with_lse", "hopper_attention", "kept_mask_probe",
-           "log_fallback_once", "unsupported_reason"]
+__all__ = ["HopperUnavailable", "auto_enabled", "below_auto_threshold", "choose", "forward_with_lse",
+           "hopper_attention", "kept_mask_probe", "log_fallback_once", "unsupported_reason"]

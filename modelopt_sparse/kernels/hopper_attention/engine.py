@@ -89,13 +89,18 @@ def auto_enabled() -> bool:
 AUTO_MIN_WORK = 2048 * 2048 * 32
 
 
+def below_auto_threshold(q, k) -> bool:
+    """Whether ``backend="auto"`` keeps this call on Triton by its shapes alone."""
+    return _work(q, k) < AUTO_MIN_WORK
+
+
 def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> str:
     """``"hopper"`` or ``"triton"`` for one call. Forced (``backend="hopper"``): raises
     :class:`HopperUnavailable` when it cannot run, except for ``return_stats=True``, which is
     served by the Triton forward (documented fallback). Auto: calls smaller than
     :data:`AUTO_MIN_WORK` and calls traced by torch.compile stay on Triton silently; otherwise
     the engine, or Triton with one log line naming the reason."""
-    if not forced and (_work(q, k) < AUTO_MIN_WORK or torch.compiler.is_compiling()):
+    if not forced and (below_auto_threshold(q, k) or torch.compiler.is_compiling()):
         return "triton"  # under compile: the Triton op is traceable, this engine's launch is not
     reason = unsupported_reason(q, k, v, params, stats=stats, learned_sinks=learned_sinks)
     if reason is None:
