@@ -139,8 +139,8 @@ def attention(
     # which is everything the checks read (strides are the launch's business). That saves about
     # half of a small call's host time (tools/host_cost_cpu.py).
     call_key = None
-    if learned_sinks is None and return_stats is False and type(q) is _TENSOR and type(k) is _TENSOR \
-            and type(v) is _TENSOR and not _any_autocast() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and learned_sinks is None and return_stats is False \
+            and type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and not _any_autocast():
         scalars = (max_input_len, is_causal, softmax_scale, max_input_len_k, sparsity_n, sparsity_m, num_sink_tokens,
                    dense_window_size, tie_break, sliding_window, softcap, backend, check_metadata, rows_covered)
         device = q.get_device()
