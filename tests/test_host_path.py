@@ -361,6 +361,20 @@ def test_code_table_is_built_without_host_writes():
     assert not {"aten.fill_", "aten.copy_", "aten.index_put_", "aten.lift_fresh"} & set(names), names
 
 
+def test_compiled_table_lookup_is_the_table(monkeypatch):
+    """Under torch.compile the code table is read as arithmetic (torch 2.13's Inductor fails on
+    the gather with a sliding layer's symbolic offset): the same code at every index."""
+    from modelopt_sparse.hf_attention import masks
+
+    for q_len in (1, 3, 8):
+        index = torch.arange(q_len + 2).expand(2, q_len + 2)
+        eager = masks._table_lookup(index, q_len, "cpu")
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled = masks._table_lookup(index, q_len, "cpu")
+        monkeypatch.undo()
+        assert compiled.dtype == eager.dtype and torch.equal(compiled, eager), (q_len, compiled, eager)
+
+
 # --------------------------------------------------------------------------------------
 # The eager autograd path with the forward kernel stubbed out (tools/host_cost_cpu.py):
 # what Python and PyTorch do around the launch when autograd records the call.

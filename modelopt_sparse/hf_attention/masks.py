@@ -268,6 +268,17 @@ def _code_constant(kind, n, device) -> torch.Tensor:
     return value
 
 
+def _table_lookup(index, q_len, device) -> torch.Tensor:
+    """The code table ``[1, 2, ..., q_len + 1, 0]`` at ``index`` (values in ``[0, q_len + 1]``):
+    a gather from the cached table eagerly (one kernel); under torch.compile the same entries as
+    ``where(index > q_len, 0, index + 1)``, which Inductor fuses. (A gather or a modulo there, with
+    a sliding layer's symbolic slot offset ``Max(0, ...)`` in the index, fails in torch 2.13's CPU
+    scheduler: "vr must not be None for symbol q1".)"""
+    if torch.compiler.is_compiling():
+        return torch.where(index > q_len, 0, index + 1).to(_CODES_DTYPE)
+    return _code_constant("table", q_len, device)[index]
+
+
 def _slot_index(width, first_query, device) -> torch.Tensor:
     """``[width]`` int64: ``j + 1 - first_query`` for key slot ``j``, i.e. the query row the slot
     holds, plus one (``<= 0`` before the first query, ``> q_len`` after the last). One kernel."""
@@ -296,7 +307,7 @@ def token_codes(batch, q_len, width, first_query, kv_offset=0, padding=None, dev
     # token before the queries, 2 + r for query row r, 0 after the last query. The index is
     # expanded to the batch, so the gather writes the [batch, width] result directly.
     index = slot_index.clamp(0, q_len + 1).expand(batch, width)
-    codes = _code_constant("table", q_len, device)[index]
+    codes = _table_lookup(index, q_len, device)
     if padding is not None:
         # Slots the mask does not reach (a static cache longer than the mask) lie after the
         # last query (checked by the callers): their code is 0 already.
