@@ -1263,12 +1263,7 @@ PROBE_CASES = [
 def test_gpu_9_mask_probe_equals_semantics(case):
     """The kernel's kept mask equals semantics.kept_mask of its own raw scores, bit for bit, on
     inputs full of exact ties (integer scores), for chunked prefill, plain prefill and decode."""
-    _assert_probe_equals_semantics([130, 1, 261], [300, 40, 261], case)
-
-
-def _assert_probe_equals_semantics(lens_q, lens_k, case):
-    """The mask probe of the kernel variant_for picks for ``case`` (under the environment's
-    switches) equals semantics.kept_mask of its own raw scores on tied inputs, bit for bit."""
+    lens_q, lens_k = [130, 1, 261], [300, 40, 261]
     hq, hkv, d = 2, 1, 128
     q, k, v = (t.to("cuda", torch.bfloat16) for t in tied_inputs(lens_q, lens_k, hq, hkv, d, torch.float64, seed=9))
     sq, lq, mq, _ = varlen(lens_q, "cuda")
@@ -1964,51 +1959,3 @@ def test_tensor_map_encodings(monkeypatch):
         (hd._TMA_UINT16, 4, [128, 3, 17, 31], [head, 16 * row, row], [64, 1, 8, 16], [1, 1, 1, 1], enums),
         (hd._TMA_UINT16, 5, [128, 3, 269, 4, 2], [head, row, 8 * row, 4 * row], [64, 1, 4, 4, 2], [1] * 5, enums),
     ]
-
-
-@gpu_test
-@pytest.mark.parametrize("n,m,d", [(1, 2, 128), (2, 4, 128), (4, 8, 128), (8, 16, 128), (5, 16, 128), (2, 4, 64),
-                                   (8, 16, 64)], ids=lambda x: str(x))
-def test_gpu_32_fused_select_equals_unfused(monkeypatch, n, m, d):
-    """The selection network run group by group with the exponentials on interior tiles
-    (MODELOPT_SPARSE_HOPPER_FUSED_SELECT=1) computes the same thresholds, row max and exponents:
-    with P's row sums by the tensor core (the same sum either way) outputs and lse equal the
-    unfused kernel's bit for bit, on tied (integer) and random inputs, long enough for interior
-    tiles, causal with sinks and a dense window, sliding-window and non-causal; in each pattern's
-    measured form (row sums by FADD at 2:4 and 4:8, in another order) the output stays within the
-    dtype's tolerance of the reference, in bf16 and fp16."""
-    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
-    sq, lq, mq, _ = varlen(lens_q, "cuda")
-    sk, lk, mk, _ = varlen(lens_k, "cuda")
-    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=32 + n + d),
-                   tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64, seed=32)):
-        q, k, v = (t.to("cuda", torch.bfloat16) for t in inputs)
-        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
-            p = SparseParams(kw.get("is_causal", True), d ** -0.5, n, m, kw.get("num_sink_tokens", 0),
-                             kw.get("dense_window_size", 0), "threshold", kw.get("sliding_window") or 0)
-            monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "1")
-            runs = []
-            for on in (0, 1):
-                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_FUSED_SELECT", str(on))
-                runs.append(he.forward(q, k, v, sq, lq, mq, sk, lk, p, q_covered=True, with_lse=True))
-            assert torch.equal(runs[0][0], runs[1][0]), kw
-            assert torch.equal(runs[0][1], runs[1][1]), kw
-            monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM")
-            for dtype in (torch.bfloat16, torch.float16):
-                out, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "hopper", sparsity_n=n, sparsity_m=m, **kw)
-                ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "torch", sparsity_n=n, sparsity_m=m, **kw)
-                assert torch.isfinite(out).all(), kw
-                assert rel_err(out, ref) < TOL[dtype], (kw, dtype)
-
-
-@gpu_test
-@pytest.mark.parametrize("case", [c for c in PROBE_CASES if c.get("sparsity_n") and c.get("tie_break") != "index"] +
-                         [dict(sparsity_n=n, sparsity_m=m) for n, m in ((1, 2), (2, 4), (4, 8), (8, 16), (5, 16))],
-                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_gpu_33_fused_select_mask_probe(monkeypatch, case):
-    """The fused selection's kept mask equals semantics.kept_mask bit for bit (test_gpu_9's
-    cases with the threshold rule, and sequences of 700-900 keys whose interior tiles take the
-    fused path: the probe records each entry's exponent inside the fused loop)."""
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_FUSED_SELECT", "1")
-    _assert_probe_equals_semantics([130, 1, 261, 700], [300, 40, 261, 900], case)
-

@@ -132,9 +132,6 @@
 #ifndef NMH_PAIRWISE
 #define NMH_PAIRWISE 0
 #endif
-#ifndef NMH_FUSED_SELECT
-#define NMH_FUSED_SELECT 0
-#endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
 #define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))
@@ -231,22 +228,6 @@ constexpr bool SPLIT_LOOP = NMH_SPLIT_LOOP != 0;
 constexpr bool MID_WAIT = NMH_MID_WAIT != 0;
 constexpr int MID_WAIT_AFTER = 16;
 static_assert(!MID_WAIT || (NMH_OVERLAP && !NMH_SPARSE_PV), "NMH_MID_WAIT: the overlapped schedule, dense P.V");
-// NMH_FUSED_SELECT (session 20; N:M, threshold rule, dense P.V): on interior tiles the softmax
-// first takes only the row max (the max of all of a row's scores, which is the max of its group
-// maxima: the same value), and then, group pair by group pair, runs the selection network for
-// the N-th largest, the kept test and the exponentials together, so that the network of one
-// group issues on the ALU pipe under the exponentials of the one before on the MUFU pipe.
-// Without it every network precedes the row max, and the exponentials only start once all
-// of them are done (SASS: ~150 FMNMX, then ~190 FFMA, then the 64 MUFU). Same thresholds, same
-// exponents: the outputs are bit for bit those of the unfused kernel.
-constexpr bool FUSED_SELECT = NMH_FUSED_SELECT != 0;
-#ifndef NMH_FUSE_BLOCK
-#define NMH_FUSE_BLOCK 16
-#endif
-// Groups per block of the fused order (a block's networks may run together): NMH_FUSE_BLOCK entries.
-constexpr int FUSE_BLOCK_GROUPS = NMH_FUSE_BLOCK / NMH_SPARSITY_M > 0 ? NMH_FUSE_BLOCK / NMH_SPARSITY_M : 1;
-static_assert(!FUSED_SELECT || (NMH_SPARSITY_N > 0 && !NMH_TIE_INDEX && !NMH_SPARSE_PV),
-              "NMH_FUSED_SELECT: N:M with the threshold rule and dense P.V");
 // NMH_PRODUCER_SUSPENDS (session 16, A/B only): the producer's waits for free stages suspend
 // the waiting thread (try_wait with a time hint, NANOSLEEP.SYNCS in the SASS) instead of polling
 // in a tight loop. Under Nsight Compute the polling loop issued 16 M instructions of 285 M at
@@ -486,25 +467,6 @@ __device__ __forceinline__ void convert_p_slice(const float (&s)[SC], uint32_t (
   for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
-// NMH_FUSED_SELECT: entries i and i + 1 (i even: the same row and column pair) -> their operand
-// register, slice i / 8, register (i % 8) / 2, as convert_p_slice writes it.
-__device__ __forceinline__ void pack_pair(const float (&s)[SC], uint32_t (&pr)[KSTEPS][4], int i) {
-  pr[i / 8][(i % 8) / 2] = pack2<FP16>(s[i], s[i + 1]);
-}
-// NMH_FUSED_SELECT's scheduling dependency: NaN for every P >= 0 (P * inf - inf; 0 * inf is NaN
-// too), and max(x, NaN) = x for every x (PTX max returns the non-NaN operand). Inline PTX so
-// that no compiler pass folds either: ptxas must order the max after P's exponential.
-__device__ __forceinline__ float nan_after(float p) {
-  float d;
-  asm("fma.rn.f32 %0, %1, 0f7F800000, 0fFF800000;" : "=f"(d) : "f"(p));
-  return d;
-}
-__device__ __forceinline__ float max_or_self(float x, float nan) {
-  float y;
-  asm("max.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(nan));
-  return y;
-}
-
 // MID_WAIT: `mid` (the wait for P.V(j-1) and the fences after it) runs after the first
 // MID_WAIT_AFTER exponentials, and P goes into `pr` slice by slice; otherwise `mid` and `pr` are
 // not touched (the caller converts after its own wait).
@@ -526,13 +488,6 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
           if (row < x.q_len && key < x.kv_len) p.probe_s[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e];
         }
   }
-  // Mask probe, part 2 (below), entry i = 4j + 2r + e with its exponent: kept = not a dropped one.
-  auto probe_kept = [&](int i, float exponent) {
-    const int j = i / 4, r = (i / 2) % 2, e = i % 2;
-    const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
-    if (row < x.q_len && key < x.kv_len)
-      p.probe_kept[probe_off + row * p.probe_row + key] = exponent >= -2199023255552.f ? 1 : 0;
-  };
   // Edge tiles test each entry's key, n0 + col_key(j, t, e) = kbase + col_key(j, 0, e), against
   // bounds per row, brought into the entry's frame once (key_window): one or two compares with
   // a compile-time constant per entry and no branch. (Written as the rules themselves, with
@@ -556,8 +511,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   float mx[2];
   float thr[2][NGROUPS];  // the N-th largest of each group (selection only)
   bool tie = false;       // some group's N-th and (N+1)-th largest are equal ("index" rule)
-  constexpr bool FUSED = FUSED_SELECT && !EDGE;  // the networks run with the exponentials, below
-  if constexpr (SPARSE && !FUSED) {
+  if constexpr (SPARSE) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = -INFINITY;
@@ -650,53 +604,6 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
       return true;
     }
   }
-  if constexpr (FUSED) {
-    // Group by group (row r, group g = 2 jr + e): the network for the N-th largest, then each
-    // member's kept test and exponential. ptxas hoists every network above the first exponential
-    // unless it cannot: the first-layer comparators of each block after the first take one input
-    // through max(x, NaN) = x, with the NaN computed from the previous block's last exponential.
-    float last = 0.f, dep = 0.f;  // the last exponential so far (P >= 0, finite); NaN from it
-#pragma unroll
-    for (int G = 0; G < 2 * NGROUPS; ++G) {
-      const int r = G / NGROUPS, g = G % NGROUPS;
-      float v[M_SEL];
-#pragma unroll
-      for (int q = 0; q < M_SEL; ++q) v[q] = s[member_index(g, q, r)];
-      if (G >= FUSE_BLOCK_GROUPS) {  // every group of a block after the first
-        if (G % FUSE_BLOCK_GROUPS == 0) dep = nan_after(last);
-#pragma unroll
-        for (int q = 0; q < M_SEL; q += 2) v[q] = max_or_self(v[q], dep);  // v[q] itself
-      }
-      sort_desc<M_SEL>(v);  // ptxas keeps only the cone of v[N - 1]
-      const float th = LEAN ? v[N_SEL - 1] * 18446744073709551616.f : v[N_SEL - 1];  // * 2^64, exact
-#pragma unroll
-      for (int mm = 0; mm < M_SEL; ++mm) {
-        const int i = member_index(g, mm, r);
-        float a;
-        if constexpr (LEAN) a = drop_below2(fmaf(s[i], c, -mc[r]), s[i], th);
-        else a = drop_below(fmaf(s[i], c, -mc[r]), s[i], th);
-        if constexpr (PROBE) probe_kept(i, a);
-        s[i] = ex2(a);
-        last = s[i];
-        if constexpr (!MMA_ROWSUM) l[r] += s[i];
-        if constexpr (MID_WAIT) {
-          // Entries i - 1 and i (e = 1) fill one operand register once both exist.
-          const int done = G * M_SEL + mm + 1;
-          if (done == MID_WAIT_AFTER) {
-            mid(s[i]);  // P.V(j-1) has finished: its operand registers may be written
-#pragma unroll
-            for (int G2 = 1; G2 <= G; G2 += 2)  // the e = 1 groups so far (NGROUPS is even)
-#pragma unroll
-              for (int m2 = 0; m2 < M_SEL; ++m2) pack_pair(s, pr, member_index(G2 % NGROUPS - 1, m2, G2 / NGROUPS));
-          } else if (done > MID_WAIT_AFTER && (g & 1)) {
-            pack_pair(s, pr, i - 1);
-          }
-        }
-      }
-    }
-    if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
-    return true;
-  }
   // The exponents, with dropped entries at -inf (exact path) or below -2^41 (fast path).
   bool exact = EDGE;
   if constexpr (SPARSE && TIE_INDEX) {
@@ -757,7 +664,15 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   // Mask probe, part 2: kept = the exponent the kernel really uses is not a dropped one.
   if constexpr (PROBE) {
 #pragma unroll
-    for (int i = 0; i < SC; ++i) probe_kept(i, s[i]);
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
+          if (row < x.q_len && key < x.kv_len)
+            p.probe_kept[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e] >= -2199023255552.f ? 1 : 0;
+        }
   }
 #pragma unroll
   for (int i = 0; i < SC; ++i) {

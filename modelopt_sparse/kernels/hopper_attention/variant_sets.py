@@ -153,7 +153,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + FUSED_SELECT_TESTS + \
+            PAIRWISE_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -163,8 +163,6 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             # The grouped 4-D maps (M = 16), bit for bit (test_gpu_22).
             out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
                     for n, tie in ((8, False), (3, True))]
-            # The fused selection's kept masks (test_gpu_32).
-            out += FUSED_SELECT_PROBES
     # A test that sets only the schedule switches runs MID_WAIT's, the split loop's, the row
     # sums' and the selection network's measured defaults: each kernel is carried in that form too.
     out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m),
@@ -246,21 +244,3 @@ BN64_TESTS = [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=
 PAIRWISE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie)),
                                       pairwise=on)
                   for d in (128, 64) for n, tie in ((8, False), (3, True)) for on in (False, True)]
-
-# The selection network run together with the exponentials (fused_select, session 20) beside the
-# unfused kernel: each threshold-rule pattern's measured kernel, with P's row sums by the tensor
-# core (so that the unfused and fused l are the same sum: test_gpu_32's bit-for-bit comparison)
-# and in its measured form (the A/B command, the comparison against the reference); and 4:8 with
-# overlap and MID_WAIT, which its measured schedule lacks (its selection's registers made overlap
-# slower unfused).
-FUSED_SELECT_CASES = ((128, 1, 2), (128, 2, 4), (128, 4, 8), (128, 8, 16), (128, 5, 16), (64, 2, 4), (64, 8, 16))
-FUSED_SELECT_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, fp16=h)),
-                                          fused_select=on, **({"mma_rowsum": True} if rowsum else {})).canonical()
-                      for d, n, m in FUSED_SELECT_CASES for h in (False, True)
-                      for rowsum in (False, True) for on in (False, True) if not (h and not rowsum)] + \
-                     [dataclasses.replace(_as_measured(Variant(sparsity_n=4, sparsity_m=8)), overlap=True, mid_wait=True,
-                                          fused_select=on).canonical() for on in (False, True)]
-# test_gpu_32's mask probes with the fused selection (the threshold-rule patterns of PROBE_CASES).
-FUSED_SELECT_PROBES = [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=m, probe=True)),
-                                           fused_select=True).canonical()
-                       for n, m in ((1, 2), (2, 4), (4, 8), (8, 16), (5, 16))]

@@ -71,10 +71,6 @@ class Variant:
     # per group, the same sorted values; session 18; MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag "q";
     # default: measured_pairwise).
     pairwise: bool = False
-    # N:M with the threshold rule, dense P.V: on interior tiles the selection network of each
-    # group runs together with its exponentials (after a plain row max) instead of all networks
-    # before the row max (session 20; MODELOPT_SPARSE_HOPPER_FUSED_SELECT, tag flag "f").
-    fused_select: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -128,10 +124,6 @@ class Variant:
         # The pairwise network is built for M = 16 only (at M = 4 and 8 it needs as many FMNMX).
         if v.pairwise and not (v.sparsity_n and v.sparsity_m == 16):
             v = dataclasses.replace(v, pairwise=False)
-        # The fused selection is built for the threshold rule (the index rule votes on ties
-        # before the first exponential) with dense P.V.
-        if v.fused_select and not (v.sparsity_n and not v.tie_index and not v.sparse_pv):
-            v = dataclasses.replace(v, fused_select=False)
         return v
 
     @property
@@ -141,8 +133,7 @@ class Variant:
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
-                                        ("k", self.bn64), ("q", self.pairwise), ("f", self.fused_select),
-                                        ("n", self.producer_suspends),
+                                        ("k", self.bn64), ("q", self.pairwise), ("n", self.producer_suspends),
                                         ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
@@ -158,7 +149,7 @@ class Variant:
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
-                             ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_FUSED_SELECT=1", v.fused_select),
+                             ("-DNMH_PAIRWISE=1", v.pairwise),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -274,7 +265,6 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
                             measured_mma_rowsum(head_dim, params.sparsity_n, params.sparsity_m)),
         bn64=env_flag("MODELOPT_SPARSE_HOPPER_BN64", False),
         pairwise=env_flag("MODELOPT_SPARSE_HOPPER_PAIRWISE", measured_pairwise(params.sparsity_n, params.sparsity_m)),
-        fused_select=env_flag("MODELOPT_SPARSE_HOPPER_FUSED_SELECT", False),
         probe=probe,
     ).canonical()
 
@@ -313,4 +303,4 @@ def _parse_tag(tag: str) -> Variant:
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
-                   pairwise="q" in flags, fused_select="f" in flags, probe="x" in flags)
+                   pairwise="q" in flags, probe="x" in flags)
