@@ -325,8 +325,9 @@ def test_standard_variants_cover_the_patterns():
     # The tests' kernels run the measured schedule: ping-pong, late rescale, TMA (at M = 16
     # through the grouped maps), lean, and overlap except at M = 8; with overlap the wait for
     # P.V(j-1) inside the softmax (session 16; M = 16 since session 17); at M = 16 P's row sums by
-    # the tensor core (session 18, as dense D = 128) and the pairwise selection network.
-    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "prmz"), (16, "pormzgwuq")):
+    # the tensor core (session 18, as dense D = 128) and the pairwise selection network; at M = 8
+    # no ping-pong and the tensor-core row sums (session 20).
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "rmzu"), (16, "pormzgwuq")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
     assert {"d128_dense_pormzwu", "d128_dense_hpormzwu", "d64_dense_pormz3l", "d64_dense_hpormz3l"} <= tags
@@ -380,7 +381,10 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert hv.measured_schedule(64, 0, 4) == measured  # session 14: overlap and late rescale at three warpgroups too
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"  # three consumer warpgroups, split loop (session 17)
     assert hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
-    assert hv.schedule_from_env(128, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
+    assert hv.measured_schedule(64, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
+    # Session 20: M = 8 at D = 128 without ping-pong (and with the tensor-core row sums).
+    assert hv.schedule_from_env(128, 4, 8) == dict(measured, pingpong=False, overlap=False)
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzu"
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
@@ -453,7 +457,7 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzu"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwuq"
@@ -486,7 +490,7 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "1")
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmzl"
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"
     carried = {c.tag for c in hs.standard_variants()}
     assert {"d128_dense_pormz", "d128_dense_pormzl", "d128_8of16t_pormzg", "d128_8of16t_pormzgl", "d128_8of16t_prmzg",
             "d128_8of16t_prmzgl", "d64_dense_pmz3", "d64_dense_pmz3l", "d64_dense_pormz3", "d64_dense_pormz3l"} <= carried
@@ -517,13 +521,13 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
             for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
     assert tags[128, 0, 4] == "d128_dense_pormzwu" and tags[64, 0, 4] == "d64_dense_pormz3l"
     assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
-    assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_prmz"
+    assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_rmzu"
     assert tags[128, 8, 16] == "d128_8of16t_pormzgwuq"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzu"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lw"
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_prmz"  # no overlap
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzu"  # no overlap
     assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_MID_WAIT"] == "1"
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     body = src[src.index("if constexpr (MID_WAIT) {\n      if (i == MID_WAIT_AFTER - 1)"):]
@@ -566,7 +570,7 @@ def test_mma_rowsum_variant_flag_env_and_source(monkeypatch):
     for d, n, m in ((128, 0, 4), (128, 2, 4), (128, 4, 8), (128, 8, 16), (64, 0, 4), (64, 8, 16)):
         monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", raising=False)
         default = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
-        assert default.mma_rowsum == (d == 128 and (n == 0 or m == 16)) == hv.measured_mma_rowsum(d, n, m)
+        assert default.mma_rowsum == (d == 128 and (n == 0 or m in (8, 16))) == hv.measured_mma_rowsum(d, n, m)
         monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MMA_ROWSUM", "0")
         v = hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d)
         assert not v.mma_rowsum and "-DNMH_MMA_ROWSUM=1" not in v.defines()
