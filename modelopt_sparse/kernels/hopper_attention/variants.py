@@ -166,7 +166,7 @@ def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
     issue their MMAs as their softmax ends instead of taking turns (A/B on the H200, median of
     13 paired rounds, two calls each: 4:8 without ping-pong 1.046x / 1.040x and 1.022x / 1.032x
     of the ping-pong kernel, with the tensor-core row sums 1.045x / 1.055x; 2:4 and 8:16 without
-    ping-pong 0.87-0.97x)."""
+    ping-pong 0.88-0.97x, 2:4 with overlap and the row sums 0.98x / 1.02x: they keep it)."""
     if measured_consumers(head_dim, sparsity_n, sparsity_m) == 3:
         # Dense D = 64 runs three consumer warpgroups (440 TFLOPS against 388 for two, session
         # 10), with overlap and late rescale since session 14: 443-446 against 415-431 without
@@ -220,7 +220,7 @@ def measured_mma_rowsum(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool
     """P's row sums by the tensor core unless MODELOPT_SPARSE_HOPPER_MMA_ROWSUM says otherwise:
     on for dense D = 128 and for M = 16 (A/B on the H200, median of 7 paired rounds, session 18:
     dense D = 128 1.030x (1.019-1.122), 8:16 1.018x (1.003-1.026)) and, since session 20, for M = 8
-    at D = 128 under its schedule without ping-pong (1.022x / 1.015x over the FADD sum, two
+    at D = 128 under its schedule without ping-pong (1.022x / 1.022x over the FADD sum, two
     calls); off elsewhere (dense D = 64 1.003x, 2:4 0.986x; 4:8 with ping-pong 0.978x), although
     every loop issues 58-59 fewer instructions per tile with it."""
     return head_dim == 128 and (sparsity_n == 0 or sparsity_m in (8, 16))
