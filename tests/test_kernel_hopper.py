@@ -326,8 +326,8 @@ def test_standard_variants_cover_the_patterns():
     # through the grouped maps), lean, and overlap except at M = 8; with overlap the wait for
     # P.V(j-1) inside the softmax (session 16; M = 16 since session 17); at M = 16 P's row sums by
     # the tensor core (session 18, as dense D = 128) and the pairwise selection network; at M = 8
-    # no ping-pong and the tensor-core row sums (session 20).
-    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "rmzu"), (16, "pormzgwuq")):
+    # no ping-pong, the tensor-core row sums and the split loop (session 20).
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "rmzlu"), (16, "pormzgwuq")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
     assert {"d128_dense_pormzwu", "d128_dense_hpormzwu", "d64_dense_pormz3l", "d64_dense_hpormz3l"} <= tags
@@ -384,7 +384,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert hv.measured_schedule(64, 4, 8) == dict(measured, overlap=False) == hv.measured_schedule(64, 8, 16)
     # Session 20: M = 8 at D = 128 without ping-pong (and with the tensor-core row sums).
     assert hv.schedule_from_env(128, 4, 8) == dict(measured, pingpong=False, overlap=False)
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzu"
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
@@ -457,7 +457,7 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzu"
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwuq"
@@ -482,6 +482,12 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
     assert not hv.variant_for(_params(), torch.bfloat16, 128).split_loop
     assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).split_loop
+    # M = 8 at D = 128 (session 20, without ping-pong): split; M = 8 at D = 64, 2:4 and 8:16: one loop.
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).split_loop
+    assert hv.variant_for(_params(sparsity_n=2, sparsity_m=8, tie_break="index"), torch.bfloat16, 128).split_loop
+    assert not hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 64).split_loop
+    assert not any(hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128).split_loop
+                   for n, m in ((2, 4), (8, 16)))
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", "0")  # two warpgroups: one loop, as measured
     assert not hv.variant_for(_params(), torch.bfloat16, 64).split_loop
@@ -521,13 +527,13 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
             for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
     assert tags[128, 0, 4] == "d128_dense_pormzwu" and tags[64, 0, 4] == "d64_dense_pormz3l"
     assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
-    assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_rmzu"
+    assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_rmzlu"
     assert tags[128, 8, 16] == "d128_8of16t_pormzgwuq"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
     assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzu"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
     assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lw"
-    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzu"  # no overlap
+    assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"  # no overlap
     assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_MID_WAIT"] == "1"
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
     body = src[src.index("if constexpr (MID_WAIT) {\n      if (i == MID_WAIT_AFTER - 1)"):]

@@ -23,7 +23,7 @@ def _as_measured(v: Variant) -> Variant:
     d, n, m = v.head_dim, v.sparsity_n, v.sparsity_m
     consumers = measured_consumers(d, n, m)
     return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=consumers, tma3d=measured_tma3d(n, m),
-                               split_loop=measured_split_loop(consumers),
+                               split_loop=measured_split_loop(consumers, d, n, m),
                                mid_wait=measured_mid_wait(d, n, m),
                                mma_rowsum=measured_mma_rowsum(d, n, m), pairwise=measured_pairwise(n, m)).canonical()
 
@@ -166,7 +166,8 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
     # A test that sets only the schedule switches runs MID_WAIT's, the split loop's, the row
     # sums' and the selection network's measured defaults: each kernel is carried in that form too.
     out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m),
-                                split_loop=v.split_loop or measured_split_loop(v.consumers),
+                                split_loop=v.split_loop or measured_split_loop(v.consumers, v.head_dim, v.sparsity_n,
+                                                                               v.sparsity_m),
                                 mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m),
                                 pairwise=v.pairwise or measured_pairwise(v.sparsity_n, v.sparsity_m))
             for v in out]
