@@ -212,7 +212,7 @@ def measured_split_loop(consumers: int, head_dim: int = 128, sparsity_n: int = 0
     (three calls; MID_WAIT there 1.048x / 1.051x, both 1.043x). Off with two (timed in the same
     calls): dense D = 128 0.992x, 2:4 0.957x, 4:8 1.009x, 8:16 1.003x; D = 64 2:4 0.933x, 4:8
     0.914x; except at M = 8 with D = 128 since session 20, under its schedule without ping-pong
-    (13 paired rounds: 1.053x / 1.053x, then 1.034x / 1.016x over one loop; 8:16 and 2:4 with one
+    (13 paired rounds: 1.053x / 1.050x, then 1.034x / 1.016x over one loop; 8:16 and 2:4 with one
     loop stay faster: 0.89-0.94x split). Keyed on the consumer count the kernel really has, so
     that two warpgroups at dense D = 64 (MODELOPT_SPARSE_HOPPER_D64_WG3=0) keep one loop."""
     return consumers == 3 or (bool(sparsity_n) and sparsity_m == 8 and head_dim == 128)
@@ -245,7 +245,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     MODELOPT_SPARSE_HOPPER_SPARSE_PV (default 0: 2:4 P.V through wgmma.sp) and
     MODELOPT_SPARSE_HOPPER_TMA3D (with _TMA, M = 16 through the grouped 4-D maps; unset:
     :func:`measured_tma3d`, on for M = 16) and MODELOPT_SPARSE_HOPPER_SPLIT_LOOP (separate edge and
-    interior tile loops; unset: :func:`measured_split_loop`, on with three consumer warpgroups and at M = 8) and
+    interior tile loops; unset: :func:`measured_split_loop`, on with three consumer warpgroups and at M = 8, D = 128) and
     MODELOPT_SPARSE_HOPPER_MID_WAIT (with overlap: the wait for P.V(j-1) inside the softmax;
     unset: :func:`measured_mid_wait`) and MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS (default 0: the
     producer polls for a free stage in a tight loop; 1: it suspends between polls) and
