@@ -660,6 +660,81 @@ def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
     assert {v.canonical() for v in hs.PAIRWISE_TESTS} <= set(hs.standard_variants())
 
 
+def _half_select_floor(top, tn, tn1):
+    """numpy mirror of nm_attention_fwd.cu's half_select_group on arrays of f16 ranks: (decided,
+    floor). Each step is one IEEE f32 operation, as on the GPU."""
+    import numpy as np
+
+    top32, tn32, tn132 = (np.asarray(x, np.float16).astype(np.float32) for x in (top, tn, tn1))
+    decided = (tn132 < tn32) & (tn132 != -np.inf) & (top32 != np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        theta = np.float32(0.5) * (tn32 + tn132)
+    tb = theta.view(np.uint32)
+    up = np.where(tb.view(np.int32) < 0, tb - np.uint32(1), tb + np.uint32(1)).astype(np.uint32)
+    odd = (np.asarray(tn, np.float16).view(np.uint16) & 1).astype(bool)
+    return decided, np.where(odd, up, tb).view(np.float32)
+
+
+def test_half_select_floor_decides_exactly_on_every_adjacent_f16_pair():
+    """NMH_HALF_SELECT's threshold: whenever the f16 copies of the N-th and (N+1)-th largest
+    differ, the f32 floor built from them lies above every f32 that rounds to the (N+1)-th's copy
+    and at or below every f32 that rounds to the N-th's, so `score >= floor` keeps exactly the N
+    largest. Checked against numpy's f32 -> f16 rounding (to nearest, ties to even) on every pair
+    of adjacent finite f16 values (where the floor is a rounding boundary and ties-to-even
+    decides) and on random pairs, with f32 next-door values of the floor rounded both ways; the
+    cases the kernel hands to the f32 network are the undecidable ones."""
+    import numpy as np
+
+    every = np.arange(0, 1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.unique(every[np.isfinite(every)].astype(np.float32))  # ascending; -0 and +0 merge
+    tn1, tn = finite[:-1], finite[1:]  # adjacent pairs
+    rng = np.random.default_rng(0)
+    a, b = rng.choice(finite, 200_000), rng.choice(finite, 200_000)
+    a = np.concatenate([a, -finite[finite > 0]])  # (-x, x): theta = 0
+    b = np.concatenate([b, finite[finite > 0]])
+    tn1, tn = np.concatenate([tn1, np.minimum(a, b)]), np.concatenate([tn, np.maximum(a, b)])
+    keep = tn1 < tn
+    tn1, tn = tn1[keep], tn[keep]
+    # tn's f16 bit pattern as the network leaves it: either zero when tn is zero (both are even).
+    decided, floor = _half_select_floor(np.full_like(tn, 1.0), tn.astype(np.float16), tn1.astype(np.float16))
+    assert decided.all()
+    below = np.nextafter(floor, np.float32(-np.inf))
+    # floor rounds above tn1 (so every score that rounds to tn1 or less is < floor) ...
+    assert (floor.astype(np.float16).astype(np.float32) > tn1).all()
+    # ... and the next f32 down rounds below tn (so every score that rounds to tn is >= floor).
+    assert (below.astype(np.float16).astype(np.float32) < tn).all()
+    # Undecidable: equal copies (collisions, f32 ties), a -inf (N+1)-th, a +inf maximum.
+    one, inf = np.float16(1.0), np.float16(np.inf)
+    undecided = [(one, one, one), (inf, one, -inf), (inf, one, np.float16(0.5)), (one, -inf, -inf)]
+    for top, t, t1 in undecided:
+        assert not _half_select_floor(top, t, t1)[0][()]
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    body = src[src.index("bool half_select_group("):]
+    body = body[:body.index("\n}\n")]
+    assert "!(tn1 < tn) || tn1 == -INFINITY || top == INFINITY" in body and "0.5f * (tn + tn1)" in body
+
+
+def test_half_select_variant_flag_env_and_sets(monkeypatch):
+    """MODELOPT_SPARSE_HOPPER_HALF_SELECT (tag flag v): M = 16 only, off by default until timed,
+    its own define, parsed back from its tag, switched by the A/B table, and its test kernels
+    (both settings) carried."""
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", raising=False)
+    off = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
+    assert off.half_select == hv.measured_half_select(8, 16)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", "0")
+    off = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
+    assert not off.half_select and "-DNMH_HALF_SELECT=1" not in off.defines()
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", "1")
+    on = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
+    assert on.half_select and on.tag == off.tag + "v" and "-DNMH_HALF_SELECT=1" in on.defines()
+    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_HALF_SELECT"] == "1"
+    for n, m in ((0, 4), (2, 4), (4, 8)):
+        assert not hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128).half_select
+    assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.float16, 64).half_select
+    assert {v.canonical() for v in hs.HALF_SELECT_TESTS} <= set(hs.standard_variants())
+    assert {True, False} == {v.half_select for v in hs.HALF_SELECT_TESTS}
+
+
 def _f32(bits: int) -> float:
     import struct
 
@@ -1275,7 +1350,15 @@ def test_gpu_9_mask_probe_equals_semantics(case):
     inputs full of exact ties (integer scores), for chunked prefill, plain prefill and decode."""
     lens_q, lens_k = [130, 1, 261], [300, 40, 261]
     hq, hkv, d = 2, 1, 128
-    q, k, v = (t.to("cuda", torch.bfloat16) for t in tied_inputs(lens_q, lens_k, hq, hkv, d, torch.float64, seed=9))
+    inputs = tied_inputs(lens_q, lens_k, hq, hkv, d, torch.float64, seed=9)
+    _assert_probe_equals_semantics(inputs, lens_q, lens_k, hq, case)
+
+
+def _assert_probe_equals_semantics(inputs, lens_q, lens_k, hq, case, exact_scores=True):
+    """The mask probe of the kernel ``case`` selects, on bf16 ``inputs``: its raw scores are
+    q.k (exactly, for inputs whose products sum exactly in any order; else to f32 rounding) and
+    its kept flags are semantics.kept_mask of them, bit for bit."""
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in inputs)
     sq, lq, mq, _ = varlen(lens_q, "cuda")
     sk, lk, mk, _ = varlen(lens_k, "cuda")
     params = _params(**{"is_causal": True, **case})
@@ -1283,9 +1366,13 @@ def test_gpu_9_mask_probe_equals_semantics(case):
     for b, (ql, kl) in enumerate(zip(lens_q, lens_k)):
         rows = slice(int(sq[b]), int(sq[b]) + ql)
         s = scores[:, rows, :kl]
-        exact = torch.einsum("qhd,khd->hqk", q[rows].float(), k[int(sk[b]):int(sk[b]) + kl].float().expand(-1, hq, -1))
+        keys = k[int(sk[b]):int(sk[b]) + kl].float().repeat_interleave(hq // k.shape[1], dim=1)
+        exact = torch.einsum("qhd,khd->hqk", q[rows].float(), keys)
         seen = ~torch.isnan(s)
-        assert torch.equal(s[seen], exact[seen]), f"sequence {b}: the kernel's scores are not q.k"
+        if exact_scores:
+            assert torch.equal(s[seen], exact[seen]), f"sequence {b}: the kernel's scores are not q.k"
+        else:
+            assert rel_err(s[seen], exact[seen]) < 1e-5, f"sequence {b}: the kernel's scores are not q.k"
         ref = kept_mask(torch.where(seen, s, torch.zeros_like(s)), ql, kl, is_causal=params.is_causal,
                         sparsity_n=params.sparsity_n, sparsity_m=params.sparsity_m,
                         num_sink_tokens=params.num_sink_tokens, dense_window_size=params.dense_window_size,
@@ -1709,6 +1796,65 @@ def test_gpu_31_pairwise_network_equals_batcher(monkeypatch, n, tie, d):
             ref, _ = _run(lens_q, lens_k, 4, 2, d, torch.bfloat16, inputs, "torch", sparsity_n=n, sparsity_m=16,
                           tie_break=tie, **kw)
             assert rel_err(outs[1], ref) < TOL[torch.bfloat16], kw
+
+
+def f16_regime_inputs(lens_q, lens_k, d, seed=0):
+    """Four query heads over two K/V heads whose scores exercise every way an f16 copy of a score
+    can fail to decide a group (NMH_HALF_SELECT): head 0 as drawn (f16 rounds groups apart almost
+    always), head 1 scores of a few 10^4 (past f16's largest, 65504: +inf and -inf copies),
+    head 2 scores of ~10^-6 (f16 subnormals and zeros: collisions), head 3 scores 1024 + O(1)
+    (f16's spacing there is 1: most groups collide, some do not)."""
+    q, k, v = _random(lens_q, lens_k, 4, 2, d, seed=seed)
+    q[:, 1] *= 2.0 ** 12
+    q[:, 2] *= 2.0 ** -24
+    k[:, 1, 0] = 16.0
+    q[:, 3] *= 2.0 ** -3
+    q[:, 3, 0] = 64.0
+    return [q, k, v]
+
+
+HALF_SELECT_PROBE_CASES = [c for c in PROBE_CASES if c.get("sparsity_m") == 16]
+
+
+@gpu_test
+@pytest.mark.parametrize("case", HALF_SELECT_PROBE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_34_half_select_mask_probe(monkeypatch, case):
+    """M = 16 with the selection network on f16 copies (MODELOPT_SPARSE_HOPPER_HALF_SELECT=1):
+    the kept mask equals semantics.kept_mask bit for bit on exact ties (integer scores, test_gpu_9's
+    inputs) and on scores that overflow, underflow and collide in f16 (f16_regime_inputs), where
+    the f32 network must take over group by group."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", "1")
+    test_gpu_9_mask_probe_equals_semantics(case)
+    lens_q, lens_k = [130, 1, 261], [300, 40, 261]
+    _assert_probe_equals_semantics(f16_regime_inputs(lens_q, lens_k, 128, seed=34), lens_q, lens_k, 4, case,
+                                   exact_scores=False)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,tie", hs.HALF_SELECT_PATTERNS, ids=lambda x: str(x))
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_35_half_select_against_reference(monkeypatch, n, tie, d, dtype):
+    """M = 16 with the f16 selection network: the float64 reference's output on random, tied and
+    f16-regime inputs, causal with sinks and a dense window, sliding-window and non-causal, and
+    within rounding of the f32 network's output (same kept set; only the row max, which the f16
+    network gives to f16 precision, moves the exponents)."""
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    tie_break = "index" if tie else "threshold"
+    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=35 + n), tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64,
+                                                                               seed=35),
+                   f16_regime_inputs(lens_q, lens_k, d, seed=35)):
+        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
+            outs = []
+            for on in (0, 1):
+                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", str(on))
+                outs.append(_run(lens_q, lens_k, 4, 2, d, dtype, inputs, "hopper", sparsity_n=n, sparsity_m=16,
+                                 tie_break=tie_break, **kw)[0])
+            assert torch.isfinite(outs[1]).all(), kw
+            ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "torch", sparsity_n=n, sparsity_m=16,
+                          tie_break=tie_break, **kw)
+            assert rel_err(outs[1], ref) < TOL[dtype], kw
+            assert rel_err(outs[1], outs[0]) < TOL[dtype] / 2, kw
 
 
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():

@@ -65,6 +65,10 @@
 // selection network is Parberry's pairwise sorting network (networks.cuh) instead of Batcher's:
 // the same ranks (any sorting network gives the same sorted values, so the kept set and the
 // outputs are bit for bit the same) from 88 instead of 92 FMNMX per group.
+// NMH_HALF_SELECT (session 21, M = 16): interior tiles run the selection network on f16 copies
+// of the scores, two groups per register (HMNMX2: two comparisons for the issue cost of one
+// FMNMX), and turn the result into an exact f32 threshold; a group whose f16 copy cannot decide
+// its kept set exactly runs the f32 network. See half_select_group.
 #include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
@@ -131,6 +135,9 @@
 #endif
 #ifndef NMH_PAIRWISE
 #define NMH_PAIRWISE 0
+#endif
+#ifndef NMH_HALF_SELECT
+#define NMH_HALF_SELECT 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -403,14 +410,10 @@ __device__ __forceinline__ DenseRegion dense_region(int pos, int kbase, const Ro
 // Descending Batcher odd-even merge sort network on M values, written as template recursion so
 // that every index is a compile-time constant (a runtime index would put the array in local
 // memory). The compiler drops every comparator outside the cone of the ranks that are used.
-__device__ __forceinline__ void cx(float& a, float& b) {  // larger first
-  const float hi = fmaxf(a, b), lo = fminf(a, b);
-  a = hi;
-  b = lo;
-}
+// The comparators (cx, on float or on F16x2) are in networks.cuh.
 // Merge the sorted halves of x[LO, LO + N) looking at every R-th element (Batcher's recursion).
-template <int LO, int N, int R, int M>
-__device__ __forceinline__ void oe_merge(float (&x)[M]) {
+template <int LO, int N, int R, int M, class T>
+__device__ __forceinline__ void oe_merge(T (&x)[M]) {
   constexpr int STEP = 2 * R;
   if constexpr (STEP < N) {
     oe_merge<LO, N, STEP>(x);
@@ -421,21 +424,25 @@ __device__ __forceinline__ void oe_merge(float (&x)[M]) {
     cx(x[LO], x[LO + R]);
   }
 }
-template <int LO, int N, int M>
-__device__ __forceinline__ void oe_sort(float (&x)[M]) {
+template <int LO, int N, int M, class T>
+__device__ __forceinline__ void oe_sort(T (&x)[M]) {
   if constexpr (N > 1) {
     oe_sort<LO, N / 2>(x);
     oe_sort<LO + N / 2, N / 2>(x);
     oe_merge<LO, N, 1>(x);
   }
 }
-template <int M>
-__device__ __forceinline__ void sort_desc(float (&x)[M]) {
+template <int M, class T>
+__device__ __forceinline__ void sort_desc(T (&x)[M]) {
   if constexpr (NMH_PAIRWISE != 0 && M == 16) pairwise_sort16_desc(x);
   else oe_sort<0, M>(x);
 }
 
 constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
+// Two groups per f16 network: M = 16 (4:8 and 2:4 measured no gain on paper: their networks are
+// too small to pay for the conversions and the per-group thresholds).
+constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NGROUPS % 2 == 0;
+static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
 }
@@ -458,6 +465,40 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
       : "r"((uint32_t)flag), "r"(id)
       : "memory");
   return out != 0;
+}
+
+// NMH_HALF_SELECT: the kept set of one group from its f16 network's outputs (rank 0 `top`, rank
+// N-1 `tn`, rank N `tn1`, as floats; `tn_odd`: tn's last significand bit). Rounding to f16 is
+// monotone, so the f16 network's ranks are the f16 roundings of the f32 ranks. If tn1 < tn, the
+// N-th and (N+1)-th largest scores round apart: exactly the scores that round to >= tn are the N
+// largest, and they are the scores >= the smallest f32 that rounds to >= tn. That floor is
+// theta = (tn + tn1) / 2 when tn and tn1 are adjacent f16 values (the rounding boundary between
+// them, which ties-to-even gives to tn if tn is even, else to tn1: then the next f32 up); when
+// they are not, f32 rounding keeps theta strictly between tn1's upper and tn's lower boundary, so
+// the same rule is safe. Returns false (the caller runs the f32 network) when the f16 copy cannot
+// decide: tn1 == tn (an f16 collision or an f32 tie), tn1 == -inf (f16 underflow or a -inf score:
+// no floor above it), top == +inf (f16 overflow: the row max would be wrong). Scores round apart
+// with probability ~0.9995 per 8:16 group on random data, so the fallback costs little.
+__device__ __forceinline__ bool half_select_group(float top, float tn, float tn1, bool tn_odd, float& floor_out,
+                                                  float& max_out) {
+  if (!(tn1 < tn) || tn1 == -INFINITY || top == INFINITY) return false;
+  const float theta = 0.5f * (tn + tn1);
+  const uint32_t tb = __float_as_uint(theta);
+  // The next f32 above theta: one ulp away from zero if positive (or +0), towards zero if negative.
+  const uint32_t up = (int32_t)tb < 0 ? tb - 1u : tb + 1u;
+  floor_out = __uint_as_float(tn_odd ? up : tb);
+  max_out = top;  // the row max need not be exact (any m with P <= a few units is safe)
+  return true;
+}
+__device__ __forceinline__ float half_lo(uint32_t v) {
+  float f;
+  asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %1;\ncvt.f32.f16 %0, l;\n}\n" : "=f"(f) : "r"(v));
+  return f;
+}
+__device__ __forceinline__ float half_hi(uint32_t v) {
+  float f;
+  asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %1;\ncvt.f32.f16 %0, h;\n}\n" : "=f"(f) : "r"(v));
+  return f;
 }
 
 // P (f32 accumulator layout) -> the A fragment of m64nDk16 step kk, which covers accumulator
@@ -511,7 +552,40 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   float mx[2];
   float thr[2][NGROUPS];  // the N-th largest of each group (selection only)
   bool tie = false;       // some group's N-th and (N+1)-th largest are equal ("index" rule)
-  if constexpr (SPARSE) {
+  if constexpr (HALF_SELECT && !EDGE) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = -INFINITY;
+#pragma unroll
+      for (int gp = 0; gp < NGROUPS / 2; ++gp) {
+        F16x2 h[M_SEL];  // group 2gp in the low halves, 2gp + 1 in the high ones
+#pragma unroll
+        for (int mm = 0; mm < M_SEL; ++mm)
+          h[mm].bits = pack2<true>(s[member_index(2 * gp, mm, r)], s[member_index(2 * gp + 1, mm, r)]);
+        sort_desc<M_SEL>(h);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int g = 2 * gp + half;
+          const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
+          float gmax, floor;
+          const bool decided =
+              half ? half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), (tn >> 16) & 1u, floor, gmax)
+                   : half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), tn & 1u, floor, gmax);
+          if (!decided) {  // rare (per thread): the exact f32 network of this group
+            float v[M_SEL];
+#pragma unroll
+            for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
+            sort_desc<M_SEL>(v);
+            floor = v[N_SEL - 1];
+            gmax = v[0];
+            if constexpr (TIE_INDEX) tie |= v[N_SEL - 1] == v[N_SEL];
+          }
+          thr[r][g] = floor;
+          mx[r] = fmaxf(mx[r], gmax);
+        }
+      }
+    }
+  } else if constexpr (SPARSE) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = -INFINITY;

@@ -78,7 +78,7 @@ def find_nvdisasm() -> str | None:
 
 # Opcode classes of the SASS counts (the pipe they issue to, roughly: MUFU = the SFU's 16
 # lanes/clk/SM; FMNMX/FSETP/FSEL/SEL/LOP3/ISETP = the half-rate ALU pipe; FFMA/FADD/FMUL = FMA).
-SASS_CLASSES = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "SEL", "F2FP", "SHFL", "LOP3",
+SASS_CLASSES = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "HMNMX2", "FSETP", "FSEL", "SEL", "F2FP", "SHFL", "LOP3",
                 "ISETP", "MOV", "BAR", "SYNCS")
 
 

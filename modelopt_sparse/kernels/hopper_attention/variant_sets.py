@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_mid_wait, measured_mma_rowsum,
-                       measured_pairwise, measured_schedule, measured_split_loop, measured_tma3d, schedule_from_env)
+from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_half_select, measured_mid_wait,
+                       measured_mma_rowsum, measured_pairwise, measured_schedule, measured_split_loop, measured_tma3d,
+                       schedule_from_env)
 
 
 def _as_measured(v: Variant) -> Variant:
@@ -25,7 +26,8 @@ def _as_measured(v: Variant) -> Variant:
     return dataclasses.replace(v, **measured_schedule(d, n, m), consumers=consumers, tma3d=measured_tma3d(n, m),
                                split_loop=measured_split_loop(consumers, d, n, m),
                                mid_wait=measured_mid_wait(d, n, m),
-                               mma_rowsum=measured_mma_rowsum(d, n, m), pairwise=measured_pairwise(n, m)).canonical()
+                               mma_rowsum=measured_mma_rowsum(d, n, m), pairwise=measured_pairwise(n, m),
+                               half_select=measured_half_select(n, m)).canonical()
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -153,7 +155,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + \
+            PAIRWISE_TESTS + HALF_SELECT_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -169,7 +171,8 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                                 split_loop=v.split_loop or measured_split_loop(v.consumers, v.head_dim, v.sparsity_n,
                                                                                v.sparsity_m),
                                 mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m),
-                                pairwise=v.pairwise or measured_pairwise(v.sparsity_n, v.sparsity_m))
+                                pairwise=v.pairwise or measured_pairwise(v.sparsity_n, v.sparsity_m),
+                                half_select=v.half_select or measured_half_select(v.sparsity_n, v.sparsity_m))
             for v in out]
     seen, unique = set(), []
     for v in out:
@@ -245,3 +248,14 @@ BN64_TESTS = [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=
 PAIRWISE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie)),
                                       pairwise=on)
                   for d in (128, 64) for n, tie in ((8, False), (3, True)) for on in (False, True)]
+
+# The selection network on f16 copies at M = 16 (half_select, session 21) beside the f32 one, on
+# each measured M = 16 kernel (both tie rules, both head dims, both dtypes): test_gpu_34's outputs
+# and the A/B command; its mask probes (test_gpu_34, the probe cases of test_gpu_9 at M = 16).
+HALF_SELECT_PATTERNS = ((8, False), (8, True), (3, True), (5, False))
+HALF_SELECT_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=16, tie_index=tie,
+                                                              fp16=h)), half_select=on).canonical()
+                     for d in (128, 64) for n, tie in HALF_SELECT_PATTERNS for h in (False, True) for on in (False, True)] + \
+                    [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True)),
+                                         half_select=True).canonical()
+                     for n, tie in HALF_SELECT_PATTERNS]

@@ -71,6 +71,11 @@ class Variant:
     # per group, the same sorted values; session 18; MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag "q";
     # default: measured_pairwise).
     pairwise: bool = False
+    # M = 16: the selection network on f16 copies of the scores, two groups per register
+    # (HMNMX2), with an exact f32 threshold derived from it and the f32 network for a group its
+    # f16 copy cannot decide (session 21; MODELOPT_SPARSE_HOPPER_HALF_SELECT, tag flag "v";
+    # default: measured_half_select).
+    half_select: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -124,6 +129,9 @@ class Variant:
         # The pairwise network is built for M = 16 only (at M = 4 and 8 it needs as many FMNMX).
         if v.pairwise and not (v.sparsity_n and v.sparsity_m == 16):
             v = dataclasses.replace(v, pairwise=False)
+        # The f16 network pairs a thread's two groups per row: M = 16 only.
+        if v.half_select and not (v.sparsity_n and v.sparsity_m == 16):
+            v = dataclasses.replace(v, half_select=False)
         return v
 
     @property
@@ -133,7 +141,8 @@ class Variant:
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
-                                        ("k", self.bn64), ("q", self.pairwise), ("n", self.producer_suspends),
+                                        ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select),
+                                        ("n", self.producer_suspends),
                                         ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
@@ -149,7 +158,7 @@ class Variant:
                              ("-DNMH_SPARSE_PV=1", v.sparse_pv), ("-DNMH_TMA3D=1", v.tma3d),
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
-                             ("-DNMH_PAIRWISE=1", v.pairwise),
+                             ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -236,6 +245,12 @@ def measured_pairwise(sparsity_n: int, sparsity_m: int) -> bool:
     return bool(sparsity_n) and sparsity_m == 16
 
 
+def measured_half_select(sparsity_n: int, sparsity_m: int) -> bool:
+    """The f16 selection network at M = 16 unless MODELOPT_SPARSE_HOPPER_HALF_SELECT says
+    otherwise. Off until it is timed on the H200 (session 21)."""
+    return False
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -253,7 +268,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     :func:`measured_mma_rowsum`) and MODELOPT_SPARSE_HOPPER_BN64 (default 0: 128-key tiles; 1:
     64-key tiles with three consumer warpgroups at D = 128, dense or M <= 8) and
     MODELOPT_SPARSE_HOPPER_PAIRWISE (the pairwise selection network at M = 16 instead of
-    Batcher's; unset: :func:`measured_pairwise`)."""
+    Batcher's; unset: :func:`measured_pairwise`) and MODELOPT_SPARSE_HOPPER_HALF_SELECT (M = 16:
+    the network on f16 copies, two groups per register; unset: :func:`measured_half_select`)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -275,6 +291,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
                             measured_mma_rowsum(head_dim, params.sparsity_n, params.sparsity_m)),
         bn64=env_flag("MODELOPT_SPARSE_HOPPER_BN64", False),
         pairwise=env_flag("MODELOPT_SPARSE_HOPPER_PAIRWISE", measured_pairwise(params.sparsity_n, params.sparsity_m)),
+        half_select=env_flag("MODELOPT_SPARSE_HOPPER_HALF_SELECT",
+                             measured_half_select(params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
@@ -313,4 +331,4 @@ def _parse_tag(tag: str) -> Variant:
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
-                   pairwise="q" in flags, probe="x" in flags)
+                   pairwise="q" in flags, half_select="v" in flags, probe="x" in flags)
