@@ -662,17 +662,20 @@ def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
 
 def _half_select_floor(top, tn, tn1):
     """numpy mirror of nm_attention_fwd.cu's half_select_group on arrays of f16 ranks: (decided,
-    floor). Each step is one IEEE f32 operation, as on the GPU."""
+    floor). Each step is one IEEE f32 operation, as on the GPU (the fma exactly in float64, then
+    rounded once)."""
     import numpy as np
 
     top32, tn32, tn132 = (np.asarray(x, np.float16).astype(np.float32) for x in (top, tn, tn1))
     decided = (tn132 < tn32) & (tn132 != -np.inf) & (top32 != np.inf)
     with np.errstate(invalid="ignore", over="ignore"):
         theta = np.float32(0.5) * (tn32 + tn132)
-    tb = theta.view(np.uint32)
-    up = np.where(tb.view(np.int32) < 0, tb - np.uint32(1), tb + np.uint32(1)).astype(np.uint32)
     odd = (np.asarray(tn, np.float16).view(np.uint16) & 1).astype(bool)
-    return decided, np.where(odd, up, tb).view(np.float32)
+    odd_step = np.where(odd, np.uint32(0x33C00000), np.uint32(0)).astype(np.uint32).view(np.float32)
+    assert np.array([0x33C00000], np.uint32).view(np.float32)[0] == np.float32(1.5 * 2.0 ** -24)
+    with np.errstate(invalid="ignore"):
+        floor = (np.abs(theta).astype(np.float64) * odd_step + theta).astype(np.float32)
+    return decided, floor
 
 
 def test_half_select_floor_decides_exactly_on_every_adjacent_f16_pair():
@@ -712,6 +715,7 @@ def test_half_select_floor_decides_exactly_on_every_adjacent_f16_pair():
     body = src[src.index("bool half_select_group("):]
     body = body[:body.index("\n}\n")]
     assert "!(tn1 < tn) || tn1 == -INFINITY || top == INFINITY" in body and "0.5f * (tn + tn1)" in body
+    assert "fmaf(fabsf(theta), odd_step, theta)" in body and "0x33C00000u" in src and "* 0x33C0u" in src
 
 
 def test_half_select_variant_flag_env_and_sets(monkeypatch):

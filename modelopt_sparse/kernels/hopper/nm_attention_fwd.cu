@@ -468,28 +468,30 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
 }
 
 // NMH_HALF_SELECT: the kept set of one group from its f16 network's outputs (rank 0 `top`, rank
-// N-1 `tn`, rank N `tn1`, as floats; `tn_odd`: tn's last significand bit). Rounding to f16 is
-// monotone, so the f16 network's ranks are the f16 roundings of the f32 ranks. If tn1 < tn, the
-// N-th and (N+1)-th largest scores round apart: exactly the scores that round to >= tn are the N
-// largest, and they are the scores >= the smallest f32 that rounds to >= tn. That floor is
-// theta = (tn + tn1) / 2 when tn and tn1 are adjacent f16 values (the rounding boundary between
-// them, which ties-to-even gives to tn if tn is even, else to tn1: then the next f32 up); when
-// they are not, f32 rounding keeps theta strictly between tn1's upper and tn's lower boundary, so
-// the same rule is safe. Returns false (the caller runs the f32 network) when the f16 copy cannot
-// decide: tn1 == tn (an f16 collision or an f32 tie), tn1 == -inf (f16 underflow or a -inf score:
-// no floor above it), top == +inf (f16 overflow: the row max would be wrong). Scores round apart
-// with probability ~0.9995 per 8:16 group on random data, so the fallback costs little.
-__device__ __forceinline__ bool half_select_group(float top, float tn, float tn1, bool tn_odd, float& floor_out,
+// N-1 `tn`, rank N `tn1`, as floats; `odd_step`: 1.5 * 2^-24 if tn's last significand bit is 1,
+// else 0). Rounding to f16 is monotone, so the f16 network's ranks are the f16 roundings of the
+// f32 ranks. If tn1 < tn, the N-th and (N+1)-th largest scores round apart: exactly the scores
+// that round to >= tn are the N largest, and they are the scores >= the smallest f32 that rounds
+// to >= tn. That floor is theta = (tn + tn1) / 2 when tn and tn1 are adjacent f16 values (their
+// sum is exact in f32; theta is the rounding boundary, which ties-to-even gives to tn if tn is
+// even, else to tn1: then the next f32 up, theta + 0.75 to 1.5 ulp in one fma, which rounds to
+// exactly one ulp because such a theta is never a power of two); when they are not adjacent, f32
+// rounding keeps theta (and one or two ulps above it) strictly between tn1's upper and tn's lower
+// boundary, so the same floor is safe. Returns false (the caller runs the f32 network) when the
+// f16 copy cannot decide: tn1 == tn (an f16 collision or an f32 tie), tn1 == -inf (f16
+// underflow or a -inf score: no floor above it), top == +inf (f16 overflow: the row max would
+// be wrong). Scores round apart with probability ~0.9995 per 8:16 group on random data, so the
+// fallback costs little. Branch-free: the FMA pipe but for the three compares.
+__device__ __forceinline__ bool half_select_group(float top, float tn, float tn1, float odd_step, float& floor_out,
                                                   float& max_out) {
-  if (!(tn1 < tn) || tn1 == -INFINITY || top == INFINITY) return false;
   const float theta = 0.5f * (tn + tn1);
-  const uint32_t tb = __float_as_uint(theta);
-  // The next f32 above theta: one ulp away from zero if positive (or +0), towards zero if negative.
-  const uint32_t up = (int32_t)tb < 0 ? tb - 1u : tb + 1u;
-  floor_out = __uint_as_float(tn_odd ? up : tb);
+  floor_out = fmaf(fabsf(theta), odd_step, theta);
   max_out = top;  // the row max need not be exact (any m with P <= a few units is safe)
-  return true;
+  return !(!(tn1 < tn) || tn1 == -INFINITY || top == INFINITY);
 }
+// 1.5 * 2^-24 (0x33C00000) where the f16 in bits 0-15 (or 16-31) of v is odd, else 0.
+__device__ __forceinline__ float odd_step_lo(uint32_t v) { return __uint_as_float((v & 1u) * 0x33C00000u); }
+__device__ __forceinline__ float odd_step_hi(uint32_t v) { return __uint_as_float((v & 0x10000u) * 0x33C0u); }
 __device__ __forceinline__ float half_lo(uint32_t v) {
   float f;
   asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %1;\ncvt.f32.f16 %0, l;\n}\n" : "=f"(f) : "r"(v));
@@ -499,6 +501,28 @@ __device__ __forceinline__ float half_hi(uint32_t v) {
   float f;
   asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %1;\ncvt.f32.f16 %0, h;\n}\n" : "=f"(f) : "r"(v));
   return f;
+}
+
+// The selection network on the f32 scores: each group's N-th largest (thr), the row maxima of
+// the kept scores (mx), and whether some group's N-th and (N+1)-th largest are equal (tie).
+__device__ __forceinline__ void select_f32(const float (&s)[SC], float (&thr)[2][NGROUPS], float (&mx)[2], bool& tie) {
+  if constexpr (!SPARSE) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < NGROUPS; ++g) {
+      float v[M_SEL];
+#pragma unroll
+      for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
+      sort_desc<M_SEL>(v);
+      thr[r][g] = v[N_SEL - 1];
+      // A group's maximum is always kept, so the row max of the kept scores is the max of
+      // the group maxima (docs/semantics.md, "Output").
+      mx[r] = fmaxf(mx[r], v[0]);
+      if constexpr (TIE_INDEX || SPARSE_PV) tie |= v[N_SEL - 1] == v[N_SEL];
+    }
+  }
 }
 
 // P (f32 accumulator layout) -> the A fragment of m64nDk16 step kk, which covers accumulator
@@ -553,6 +577,9 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   float thr[2][NGROUPS];  // the N-th largest of each group (selection only)
   bool tie = false;       // some group's N-th and (N+1)-th largest are equal ("index" rule)
   if constexpr (HALF_SELECT && !EDGE) {
+    // Branch-free for every group; one branch per tile, rarely taken, into the f32 network for
+    // all of this thread's groups (per-group branches cost more in latency than they save).
+    bool decided = true;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = -INFINITY;
@@ -563,45 +590,18 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
         for (int mm = 0; mm < M_SEL; ++mm)
           h[mm].bits = pack2<true>(s[member_index(2 * gp, mm, r)], s[member_index(2 * gp + 1, mm, r)]);
         sort_desc<M_SEL>(h);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int g = 2 * gp + half;
-          const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
-          float gmax, floor;
-          const bool decided =
-              half ? half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), (tn >> 16) & 1u, floor, gmax)
-                   : half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), tn & 1u, floor, gmax);
-          if (!decided) {  // rare (per thread): the exact f32 network of this group
-            float v[M_SEL];
-#pragma unroll
-            for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
-            sort_desc<M_SEL>(v);
-            floor = v[N_SEL - 1];
-            gmax = v[0];
-            if constexpr (TIE_INDEX) tie |= v[N_SEL - 1] == v[N_SEL];
-          }
-          thr[r][g] = floor;
-          mx[r] = fmaxf(mx[r], gmax);
-        }
+        const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
+        float gmax;
+        decided &= half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), odd_step_lo(tn), thr[r][2 * gp], gmax);
+        mx[r] = fmaxf(mx[r], gmax);
+        decided &= half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), odd_step_hi(tn), thr[r][2 * gp + 1],
+                                     gmax);
+        mx[r] = fmaxf(mx[r], gmax);
       }
     }
+    if (!decided) select_f32(s, thr, mx, tie);
   } else if constexpr (SPARSE) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = -INFINITY;
-#pragma unroll
-      for (int g = 0; g < NGROUPS; ++g) {
-        float v[M_SEL];
-#pragma unroll
-        for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
-        sort_desc<M_SEL>(v);
-        thr[r][g] = v[N_SEL - 1];
-        // A group's maximum is always kept, so the row max of the kept scores is the max of
-        // the group maxima (docs/semantics.md, "Output").
-        mx[r] = fmaxf(mx[r], v[0]);
-        if constexpr (TIE_INDEX || SPARSE_PV) tie |= v[N_SEL - 1] == v[N_SEL];
-      }
-    }
+    select_f32(s, thr, mx, tie);
   } else {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
