@@ -2,7 +2,8 @@
 # Nsight Compute on the Hopper engine (issue 15): where the consumer warps stall, per pattern.
 #
 # One launch of each kernel (S=8192, H=32, D=128 or HEAD_DIM=64, bf16, causal forward, the measured schedule;
-# PATTERNS, default "dense 2:4 2:4+sp"; +sp: stage 3's P.V through wgmma.sp; "fa4": FlashAttention-4's
+# PATTERNS, default "dense 2:4 2:4+sp"; +sp: stage 3's P.V through wgmma.sp; +hs: M = 16's selection on
+# f16 copies (NMH_HALF_SELECT); "fa4": FlashAttention-4's
 # kernel on the same problem, when tools/device_fa4.sh installed it; the second launch is
 # profiled: the first call loads or compiles the kernel), sections SpeedOfLight,
 # WarpStateStats, SchedulerStats, ComputeWorkloadAnalysis, InstructionStats, Occupancy. Prints
@@ -37,6 +38,8 @@ if pattern == "fa4":  # FlashAttention-4's sm90 kernel on the same problem (tool
 else:
     if extra == "sp":  # stage 3: 2:4 P.V through wgmma.sp
         os.environ["MODELOPT_SPARSE_HOPPER_SPARSE_PV"] = "1"
+    if extra == "hs":  # M = 16: the selection network on f16 copies (session 21)
+        os.environ["MODELOPT_SPARSE_HOPPER_HALF_SELECT"] = "1"
     n, m = (int(x) for x in pattern.split(":")) if pattern != "dense" else (0, 4)
     start = torch.zeros(1, dtype=torch.int32, device="cuda")
     length = torch.full((1,), s, dtype=torch.int32, device="cuda")
