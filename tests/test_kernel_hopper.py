@@ -719,12 +719,14 @@ def test_half_select_floor_decides_exactly_on_every_adjacent_f16_pair():
 
 
 def test_half_select_variant_flag_env_and_sets(monkeypatch):
-    """MODELOPT_SPARSE_HOPPER_HALF_SELECT (tag flag v): M = 16 only, off by default until timed,
-    its own define, parsed back from its tag, switched by the A/B table, and its test kernels
-    (both settings) carried."""
+    """MODELOPT_SPARSE_HOPPER_HALF_SELECT (tag flag v): M = 16 only, on by default where it
+    measured faster (8:16 index at D = 64) and off elsewhere, its own define, parsed back from its
+    tag, switched by the A/B table, and its test kernels (both settings) carried."""
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", raising=False)
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).half_select
+    for d, n, tie in ((128, 8, "index"), (64, 8, "threshold"), (128, 8, "threshold"), (64, 3, "index")):
+        assert not hv.variant_for(_params(sparsity_n=n, sparsity_m=16, tie_break=tie), torch.bfloat16, d).half_select
     off = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    assert off.half_select == hv.measured_half_select(8, 16)
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", "0")
     off = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
     assert not off.half_select and "-DNMH_HALF_SELECT=1" not in off.defines()

@@ -27,7 +27,7 @@ def _as_measured(v: Variant) -> Variant:
                                split_loop=measured_split_loop(consumers, d, n, m),
                                mid_wait=measured_mid_wait(d, n, m),
                                mma_rowsum=measured_mma_rowsum(d, n, m), pairwise=measured_pairwise(n, m),
-                               half_select=measured_half_select(n, m)).canonical()
+                               half_select=measured_half_select(d, n, m, v.tie_index)).canonical()
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -172,7 +172,8 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                                                                                v.sparsity_m),
                                 mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m),
                                 pairwise=v.pairwise or measured_pairwise(v.sparsity_n, v.sparsity_m),
-                                half_select=v.half_select or measured_half_select(v.sparsity_n, v.sparsity_m))
+                                half_select=v.half_select or measured_half_select(v.head_dim, v.sparsity_n, v.sparsity_m,
+                                                                                  v.tie_index))
             for v in out]
     seen, unique = set(), []
     for v in out:

@@ -245,10 +245,17 @@ def measured_pairwise(sparsity_n: int, sparsity_m: int) -> bool:
     return bool(sparsity_n) and sparsity_m == 16
 
 
-def measured_half_select(sparsity_n: int, sparsity_m: int) -> bool:
-    """The f16 selection network at M = 16 unless MODELOPT_SPARSE_HOPPER_HALF_SELECT says
-    otherwise. Off until it is timed on the H200 (session 21)."""
-    return False
+def measured_half_select(head_dim: int, sparsity_n: int, sparsity_m: int, tie_index: bool) -> bool:
+    """The selection network on f16 copies at M = 16 unless MODELOPT_SPARSE_HOPPER_HALF_SELECT
+    says otherwise: on for 8:16 at D = 64 with the index tie rule only. A/B on the H200, median of
+    9 paired rounds per call (session 21): D = 64 8:16 index 1.093x / 1.104x (two calls); D = 64
+    8:16 threshold 1.021x / 1.036x / 1.024x, then 1.000x / 1.001x; D = 128 8:16 index 1.074x /
+    1.028x / 1.030x, then 1.006x / 1.011x; slower: D = 128 8:16 threshold 0.948x / 0.937x /
+    0.937x (and 0.92-0.93x under five other schedules), 3:16 index 0.92x, 5:16 0.85-0.87x. The
+    instruction count falls (Nsight Compute, D = 128 8:16: 472 M -> 430 M, ALU pipe 49 % -> 35 %
+    busy) but the f16 path's longer dependent chain (pack, network, floor) stalls more where one
+    warp per scheduler runs the softmax (docs/hopper_engine.md, "Session 21")."""
+    return head_dim == 64 and sparsity_n == 8 and sparsity_m == 16 and tie_index
 
 
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
@@ -292,7 +299,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         bn64=env_flag("MODELOPT_SPARSE_HOPPER_BN64", False),
         pairwise=env_flag("MODELOPT_SPARSE_HOPPER_PAIRWISE", measured_pairwise(params.sparsity_n, params.sparsity_m)),
         half_select=env_flag("MODELOPT_SPARSE_HOPPER_HALF_SELECT",
-                             measured_half_select(params.sparsity_n, params.sparsity_m)),
+                             measured_half_select(head_dim, params.sparsity_n, params.sparsity_m,
+                                                  params.tie_break == "index")),
         probe=probe,
     ).canonical()
 
