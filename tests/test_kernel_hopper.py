@@ -1863,6 +1863,57 @@ def test_gpu_35_half_select_against_reference(monkeypatch, n, tie, d, dtype):
             assert rel_err(outs[1], outs[0]) < TOL[dtype] / 2, kw
 
 
+ROW_PIPE_PROBE_CASES = [c for c in PROBE_CASES if c.get("sparsity_n") and c.get("tie_break") != "index"]
+
+
+@gpu_test
+@pytest.mark.parametrize("case", ROW_PIPE_PROBE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_36_row_pipe_mask_probe(monkeypatch, case):
+    """Row-by-row selection and exponentials (MODELOPT_SPARSE_HOPPER_ROW_PIPE=1): the kept mask
+    equals semantics.kept_mask bit for bit on exact ties (test_gpu_9's inputs)."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
+    test_gpu_9_mask_probe_equals_semantics(case)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m", hs.ROW_PIPE_PATTERNS, ids=lambda x: str(x))
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_36_row_pipe_equals_all_rows_at_once(monkeypatch, n, m, d, dtype):
+    """Row by row, the same instructions in another order: bit for bit the output of the
+    measured kernel, on random and tied inputs, causal with sinks and a dense window,
+    sliding-window and non-causal."""
+    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
+    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=36 + n), tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64,
+                                                                               seed=36)):
+        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
+            outs = []
+            for on in (0, 1):
+                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", str(on))
+                outs.append(_run(lens_q, lens_k, 4, 2, d, dtype, inputs, "hopper", sparsity_n=n, sparsity_m=m, **kw)[0])
+            assert torch.equal(outs[0], outs[1]), kw
+            ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "torch", sparsity_n=n, sparsity_m=m, **kw)
+            assert rel_err(outs[1], ref) < TOL[dtype], kw
+
+
+def test_row_pipe_variant_flag_env_and_sets(monkeypatch):
+    """MODELOPT_SPARSE_HOPPER_ROW_PIPE (tag flag e): N:M with the threshold rule only (not with
+    the index rule, the sparse P.V or the f16 network), its own define, parsed back from its tag,
+    switched by the A/B table, its test kernels carried."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "0")
+    off = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
+    assert not off.row_pipe and "-DNMH_ROW_PIPE=1" not in off.defines()
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
+    on = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
+    assert on.row_pipe and on.tag == off.tag + "e" and "-DNMH_ROW_PIPE=1" in on.defines()
+    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_ROW_PIPE"] == "1"
+    assert not hv.variant_for(_params(), torch.bfloat16, 128).row_pipe
+    assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4, tie_break="index"), torch.bfloat16, 128).row_pipe
+    assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, row_pipe=True).canonical().row_pipe
+    assert not hv.Variant(sparsity_n=8, sparsity_m=16, half_select=True, row_pipe=True).canonical().row_pipe
+    assert {v.canonical() for v in hs.ROW_PIPE_TESTS} <= set(hs.standard_variants())
+
+
 def test_timing_table_reference_is_the_last_rows_of_the_whole_call():
     """The timing table checks an engine row by its last rows against the float32 reference of
     those rows as a chunk against every key: the same values as the whole call's last rows."""

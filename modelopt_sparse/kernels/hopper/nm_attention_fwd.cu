@@ -65,6 +65,10 @@
 // selection network is Parberry's pairwise sorting network (networks.cuh) instead of Batcher's:
 // the same ranks (any sorting network gives the same sorted values, so the kept set and the
 // outputs are bit for bit the same) from 88 instead of 92 FMNMX per group.
+// NMH_ROW_PIPE (session 21, N:M, threshold rule): interior tiles select, exponentiate and sum
+// row by row (a thread holds two rows) instead of all networks first and all exponentials
+// after, so that ptxas can run the second row's selection network (ALU pipe) under the first
+// row's kept tests and exponentials (FMA pipe, MUFU): the same instructions, overlapped.
 // NMH_HALF_SELECT (session 21, M = 16): interior tiles run the selection network on f16 copies
 // of the scores, two groups per register (HMNMX2: two comparisons for the issue cost of one
 // FMNMX), and turn the result into an exact f32 threshold; a group whose f16 copy cannot decide
@@ -138,6 +142,9 @@
 #endif
 #ifndef NMH_HALF_SELECT
 #define NMH_HALF_SELECT 0
+#endif
+#ifndef NMH_ROW_PIPE
+#define NMH_ROW_PIPE 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -443,6 +450,9 @@ constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
 // too small to pay for the conversions and the per-group thresholds).
 constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NGROUPS % 2 == 0;
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
+constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
+static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV && !HALF_SELECT),
+              "NMH_ROW_PIPE: N:M, threshold rule, dense P.V, f32 selection");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
 }
@@ -532,6 +542,44 @@ __device__ __forceinline__ void convert_p_slice(const float (&s)[SC], uint32_t (
   for (int q = 0; q < 4; ++q) pr[kk][q] = pack2<FP16>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
+// The online softmax's running statistics of row r after a tile whose row max (over the quad)
+// is mx: the new running max m (NMH_LEAN: kept unless exceeded by more than LEAN_SLACK), its
+// scaled shift mc (0 for a row with no allowed key yet, so that ex2 gives 0, not NaN), the
+// factor alpha for O and l, and whether the max moved (grow_any, LEAN only).
+__device__ __forceinline__ void update_row_max(int r, float mx, float c, float (&m)[2], float (&l)[2],
+                                               float (&alpha)[2], float (&mc)[2], bool& grow_any) {
+  if constexpr (LEAN) {
+    // Keep the stale max unless this tile's exceeds it by more than LEAN_SLACK (log2 units);
+    // m = -inf (nothing allowed yet) always moves unless mx is -inf as well.
+    const bool grow = mx * c > fmaf(m[r], c, LEAN_SLACK);
+    const float mn = grow ? mx : m[r];
+    mc[r] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[r] = grow ? ex2(fmaf(m[r], c, -mc[r])) : 1.f;
+    m[r] = mn;
+    l[r] *= alpha[r];
+    grow_any |= grow;
+  } else {
+    const float mn = fmaxf(m[r], mx);
+    mc[r] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
+    m[r] = mn;
+    l[r] *= alpha[r];
+  }
+}
+
+// Mask probe, part 2, for row r: kept = the exponent the kernel really uses is not a dropped one.
+__device__ __forceinline__ void probe_kept_row(const float (&s)[SC], int r, int n0, int t, const RowCtx& x,
+                                               const FwdParams& p, int64_t probe_off) {
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
+      if (row < x.q_len && key < x.kv_len)
+        p.probe_kept[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e] >= -2199023255552.f ? 1 : 0;
+    }
+}
+
 // MID_WAIT: `mid` (the wait for P.V(j-1) and the fences after it) runs after the first
 // MID_WAIT_AFTER exponentials, and P goes into `pr` slice by slice; otherwise `mid` and `pr` are
 // not touched (the caller converts after its own wait).
@@ -572,6 +620,60 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
           s[4 * j + 2 * r + e] = ok ? s[4 * j + 2 * r + e] : -INFINITY;
         }
     }
+  }
+  if constexpr (ROW_PIPE && !EDGE) {
+    // Row 0's statistics, then row 1's selection network beside row 0's kept tests and
+    // exponentials (independent: ptxas interleaves the ALU and the FMA / MUFU work), then row 1's.
+    float thr[2][NGROUPS], mc[2];
+    bool grow_any = !LEAN;
+    auto row_stats = [&](int r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int g = 0; g < NGROUPS; ++g) {
+        float v[M_SEL];
+#pragma unroll
+        for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
+        sort_desc<M_SEL>(v);
+        thr[r][g] = v[N_SEL - 1];
+        mx = fmaxf(mx, v[0]);  // the row max of the kept scores: the max of the group maxima
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      update_row_max(r, mx, c, m, l, alpha, mc, grow_any);
+    };
+    auto row_exps = [&](int r) {
+#pragma unroll
+      for (int g = 0; g < NGROUPS; ++g) {
+        const float thr_x64 = thr[r][g] * 18446744073709551616.f;  // * 2^64, exact (LEAN only)
+#pragma unroll
+        for (int mm = 0; mm < M_SEL; ++mm) {
+          const int i = member_index(g, mm, r);
+          if constexpr (LEAN) s[i] = drop_below2(fmaf(s[i], c, -mc[r]), s[i], thr_x64);
+          else s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
+        }
+      }
+      if constexpr (PROBE) probe_kept_row(s, r, n0, t, x, p, probe_off);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * j + 2 * r + e;
+          s[i] = ex2(s[i]);
+          if constexpr (!MMA_ROWSUM) l[r] += s[i];
+          if constexpr (MID_WAIT) {
+            if (r == 0 && i == 4 * (MID_WAIT_AFTER / 2 - 1) + 1) mid(s[i]);  // after row 0's first 16
+            // P's operand slice kk (accumulator registers 8kk..8kk+7) is complete after row 1's
+            // last entry in it.
+            if (r == 1 && i % 8 == 7) convert_p_slice(s, pr, i / 8);
+          }
+        }
+    };
+    row_stats(0);
+    row_stats(1);
+    row_exps(0);
+    row_exps(1);
+    if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
+    return true;
   }
   float mx[2];
   float thr[2][NGROUPS];  // the N-th largest of each group (selection only)
@@ -618,24 +720,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    if constexpr (LEAN) {
-      // Keep the stale max unless this tile's exceeds it by more than LEAN_SLACK (log2 units);
-      // m = -inf (nothing allowed yet) always moves unless mx is -inf as well.
-      const bool grow = mx[r] * c > fmaf(m[r], c, LEAN_SLACK);
-      const float mn = grow ? mx[r] : m[r];
-      mc[r] = mn == -INFINITY ? 0.f : mn * c;
-      alpha[r] = grow ? ex2(fmaf(m[r], c, -mc[r])) : 1.f;
-      m[r] = mn;
-      l[r] *= alpha[r];
-      grow_any |= grow;
-    } else {
-      const float mn = fmaxf(m[r], mx[r]);
-      // A row with no allowed key so far has max -inf: shift by 0 so ex2 gives 0, not NaN.
-      mc[r] = mn == -INFINITY ? 0.f : mn * c;
-      alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
-      m[r] = mn;
-      l[r] *= alpha[r];
-    }
+    update_row_max(r, mx[r], c, m, l, alpha, mc, grow_any);
   }
   if constexpr (SPARSE_PV) {
     // Interior tile and no group of the warpgroup with its 2nd and 3rd largest equal: every
@@ -735,18 +820,9 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
       }
     }
   }
-  // Mask probe, part 2: kept = the exponent the kernel really uses is not a dropped one.
   if constexpr (PROBE) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = n0 + col_key(j, t, e), row = x.qrow + 8 * r;
-          if (row < x.q_len && key < x.kv_len)
-            p.probe_kept[probe_off + row * p.probe_row + key] = s[4 * j + 2 * r + e] >= -2199023255552.f ? 1 : 0;
-        }
+    probe_kept_row(s, 0, n0, t, x, p, probe_off);
+    probe_kept_row(s, 1, n0, t, x, p, probe_off);
   }
 #pragma unroll
   for (int i = 0; i < SC; ++i) {

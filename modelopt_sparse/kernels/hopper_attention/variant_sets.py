@@ -155,7 +155,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + HALF_SELECT_TESTS + \
+            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -260,3 +260,13 @@ HALF_SELECT_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsi
                     [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True)),
                                          half_select=True).canonical()
                      for n, tie in HALF_SELECT_PATTERNS]
+
+# Row-by-row selection and exponentials (row_pipe, session 21) beside the measured kernels of the
+# threshold-rule patterns (both head dims, both dtypes): test_gpu_36 and the A/B command; its mask
+# probes (the threshold-rule probe cases of test_gpu_9).
+ROW_PIPE_PATTERNS = ((1, 2), (2, 4), (3, 4), (4, 8), (8, 16), (5, 16))
+ROW_PIPE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, fp16=h)),
+                                      row_pipe=on).canonical()
+                  for d in (128, 64) for n, m in ROW_PIPE_PATTERNS for h in (False, True) for on in (False, True)] + \
+                 [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=m, probe=True)), row_pipe=True).canonical()
+                  for n, m in ROW_PIPE_PATTERNS]

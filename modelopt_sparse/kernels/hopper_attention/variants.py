@@ -76,6 +76,10 @@ class Variant:
     # f16 copy cannot decide (session 21; MODELOPT_SPARSE_HOPPER_HALF_SELECT, tag flag "v";
     # default: measured_half_select).
     half_select: bool = False
+    # N:M, threshold rule: interior tiles select, exponentiate and sum row by row, so that the
+    # second row's selection network runs beside the first row's exponentials (session 21;
+    # MODELOPT_SPARSE_HOPPER_ROW_PIPE, tag flag "e"; default: measured_row_pipe).
+    row_pipe: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -132,6 +136,9 @@ class Variant:
         # The f16 network pairs a thread's two groups per row: M = 16 only.
         if v.half_select and not (v.sparsity_n and v.sparsity_m == 16):
             v = dataclasses.replace(v, half_select=False)
+        # Row by row: N:M with the threshold rule, dense P.V and the f32 network.
+        if v.row_pipe and not (v.sparsity_n and not v.tie_index and not v.sparse_pv and not v.half_select):
+            v = dataclasses.replace(v, row_pipe=False)
         return v
 
     @property
@@ -141,7 +148,7 @@ class Variant:
                                         ("r", self.late_rescale), ("m", self.tma), ("z", self.lean),
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
-                                        ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select),
+                                        ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select), ("e", self.row_pipe),
                                         ("n", self.producer_suspends),
                                         ("x", self.probe))
                         if on)
@@ -159,6 +166,7 @@ class Variant:
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
+                             ("-DNMH_ROW_PIPE=1", v.row_pipe),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -258,6 +266,12 @@ def measured_half_select(head_dim: int, sparsity_n: int, sparsity_m: int, tie_in
     return head_dim == 64 and sparsity_n == 8 and sparsity_m == 16 and tie_index
 
 
+def measured_row_pipe(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
+    """Row-by-row selection and exponentials unless MODELOPT_SPARSE_HOPPER_ROW_PIPE says
+    otherwise. Off until it is timed on the H200 (session 21)."""
+    return False
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -276,7 +290,9 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     64-key tiles with three consumer warpgroups at D = 128, dense or M <= 8) and
     MODELOPT_SPARSE_HOPPER_PAIRWISE (the pairwise selection network at M = 16 instead of
     Batcher's; unset: :func:`measured_pairwise`) and MODELOPT_SPARSE_HOPPER_HALF_SELECT (M = 16:
-    the network on f16 copies, two groups per register; unset: :func:`measured_half_select`)."""
+    the network on f16 copies, two groups per register; unset: :func:`measured_half_select`) and
+    MODELOPT_SPARSE_HOPPER_ROW_PIPE (N:M, threshold rule: selection and exponentials row by row;
+    unset: :func:`measured_row_pipe`)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -301,6 +317,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         half_select=env_flag("MODELOPT_SPARSE_HOPPER_HALF_SELECT",
                              measured_half_select(head_dim, params.sparsity_n, params.sparsity_m,
                                                   params.tie_break == "index")),
+        row_pipe=env_flag("MODELOPT_SPARSE_HOPPER_ROW_PIPE",
+                          measured_row_pipe(head_dim, params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
@@ -339,4 +357,4 @@ def _parse_tag(tag: str) -> Variant:
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
-                   pairwise="q" in flags, half_select="v" in flags, probe="x" in flags)
+                   pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags, probe="x" in flags)
