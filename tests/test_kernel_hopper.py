@@ -1896,10 +1896,31 @@ def test_gpu_36_row_pipe_equals_all_rows_at_once(monkeypatch, n, m, d, dtype):
             assert rel_err(outs[1], ref) < TOL[dtype], kw
 
 
+@gpu_test
+@pytest.mark.parametrize("case", [c for c in HALF_SELECT_PROBE_CASES if c.get("tie_break") != "index"],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_37_half_select_row_by_row_mask_probe(monkeypatch, case):
+    """The f16 network row by row (each row's f32 fallback a branch of its own): the kept mask
+    equals semantics.kept_mask bit for bit on exact ties and on f16_regime_inputs."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
+    test_gpu_34_half_select_mask_probe(monkeypatch, case)
+
+
+@gpu_test
+@pytest.mark.parametrize("n", [8, 5])
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_37_half_select_row_by_row_against_reference(monkeypatch, n, d, dtype):
+    """The f16 network row by row: the reference's output and within rounding of the f32
+    network's, on random, tied and f16-regime inputs (as test_gpu_35)."""
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
+    test_gpu_35_half_select_against_reference(monkeypatch, n, False, d, dtype)
+
+
 def test_row_pipe_variant_flag_env_and_sets(monkeypatch):
     """MODELOPT_SPARSE_HOPPER_ROW_PIPE (tag flag e): N:M with the threshold rule only (not with
-    the index rule, the sparse P.V or the f16 network), its own define, parsed back from its tag,
-    switched by the A/B table, its test kernels carried."""
+    the index rule or the sparse P.V), its own define, parsed back from its tag, switched by the
+    A/B table, its test kernels carried (with the f16 network at M = 16 too)."""
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "0")
     off = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert not off.row_pipe and "-DNMH_ROW_PIPE=1" not in off.defines()
@@ -1910,7 +1931,7 @@ def test_row_pipe_variant_flag_env_and_sets(monkeypatch):
     assert not hv.variant_for(_params(), torch.bfloat16, 128).row_pipe
     assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4, tie_break="index"), torch.bfloat16, 128).row_pipe
     assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, row_pipe=True).canonical().row_pipe
-    assert not hv.Variant(sparsity_n=8, sparsity_m=16, half_select=True, row_pipe=True).canonical().row_pipe
+    assert hv.Variant(sparsity_n=8, sparsity_m=16, half_select=True, row_pipe=True).canonical().row_pipe
     assert {v.canonical() for v in hs.ROW_PIPE_TESTS} <= set(hs.standard_variants())
 
 

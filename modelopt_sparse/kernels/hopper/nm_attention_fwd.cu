@@ -451,8 +451,7 @@ constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
 constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NGROUPS % 2 == 0;
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
-static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV && !HALF_SELECT),
-              "NMH_ROW_PIPE: N:M, threshold rule, dense P.V, f32 selection");
+static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PIPE: N:M, threshold rule, dense P.V");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
 }
@@ -622,24 +621,60 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     }
   }
   if constexpr (ROW_PIPE && !EDGE) {
-    // Row 0's statistics, then row 1's selection network beside row 0's kept tests and
-    // exponentials (independent: ptxas interleaves the ALU and the FMA / MUFU work), then row 1's.
-    float thr[2][NGROUPS], mc[2];
+    // Row 0's selection, then row 1's beside row 0's kept tests and exponentials (independent,
+    // and in one basic block: ptxas interleaves the ALU and the FMA / MUFU work), then row 1's
+    // kept tests and exponentials. With NMH_HALF_SELECT each row's rare f32 fallback is a
+    // branch of its own, after the row's f16 network, so that no branch separates row 1's
+    // network from row 0's exponentials.
+    float thr[2][NGROUPS], mc[2], mx[2];
     bool grow_any = !LEAN;
-    auto row_stats = [&](int r) {
-      float mx = -INFINITY;
+    auto row_select = [&](int r) {  // thr[r][*] and the thread's row max mx[r]
+      mx[r] = -INFINITY;
+      if constexpr (HALF_SELECT) {
+        bool decided = true;
 #pragma unroll
-      for (int g = 0; g < NGROUPS; ++g) {
-        float v[M_SEL];
+        for (int gp = 0; gp < NGROUPS / 2; ++gp) {
+          F16x2 h[M_SEL];  // group 2gp in the low halves, 2gp + 1 in the high ones
 #pragma unroll
-        for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
-        sort_desc<M_SEL>(v);
-        thr[r][g] = v[N_SEL - 1];
-        mx = fmaxf(mx, v[0]);  // the row max of the kept scores: the max of the group maxima
+          for (int mm = 0; mm < M_SEL; ++mm)
+            h[mm].bits = pack2<true>(s[member_index(2 * gp, mm, r)], s[member_index(2 * gp + 1, mm, r)]);
+          sort_desc<M_SEL>(h);
+          const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
+          float gmax;
+          decided &= half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), odd_step_lo(tn), thr[r][2 * gp], gmax);
+          mx[r] = fmaxf(mx[r], gmax);
+          decided &= half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), odd_step_hi(tn), thr[r][2 * gp + 1],
+                                       gmax);
+          mx[r] = fmaxf(mx[r], gmax);
+        }
+        if (!decided) {  // rare: this row's groups by the f32 network
+          mx[r] = -INFINITY;
+#pragma unroll
+          for (int g = 0; g < NGROUPS; ++g) {
+            float v[M_SEL];
+#pragma unroll
+            for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
+            sort_desc<M_SEL>(v);
+            thr[r][g] = v[N_SEL - 1];
+            mx[r] = fmaxf(mx[r], v[0]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int g = 0; g < NGROUPS; ++g) {
+          float v[M_SEL];
+#pragma unroll
+          for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
+          sort_desc<M_SEL>(v);
+          thr[r][g] = v[N_SEL - 1];
+          mx[r] = fmaxf(mx[r], v[0]);  // the row max of the kept scores: the max of the group maxima
+        }
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      update_row_max(r, mx, c, m, l, alpha, mc, grow_any);
+    };
+    auto row_stats = [&](int r) {  // the quad's row max, the running max, sum and alpha
+      float mxr = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mxr = fmaxf(mxr, __shfl_xor_sync(0xffffffffu, mxr, 2));
+      update_row_max(r, mxr, c, m, l, alpha, mc, grow_any);
     };
     auto row_exps = [&](int r) {
 #pragma unroll
@@ -668,9 +703,11 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
           }
         }
     };
+    row_select(0);
     row_stats(0);
-    row_stats(1);
+    row_select(1);
     row_exps(0);
+    row_stats(1);
     row_exps(1);
     if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
     return true;

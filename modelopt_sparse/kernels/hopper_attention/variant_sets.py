@@ -269,4 +269,8 @@ ROW_PIPE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_
                                       row_pipe=on).canonical()
                   for d in (128, 64) for n, m in ROW_PIPE_PATTERNS for h in (False, True) for on in (False, True)] + \
                  [dataclasses.replace(_as_measured(Variant(sparsity_n=n, sparsity_m=m, probe=True)), row_pipe=True).canonical()
-                  for n, m in ROW_PIPE_PATTERNS]
+                  for n, m in ROW_PIPE_PATTERNS] + \
+                 [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=16, fp16=h, probe=probe)),
+                                      row_pipe=True, half_select=True).canonical()
+                  for d in (128, 64) for n in (8, 5) for h in (False, True) for probe in (False, True)
+                  if not (probe and (h or d == 64))]

@@ -136,8 +136,8 @@ class Variant:
         # The f16 network pairs a thread's two groups per row: M = 16 only.
         if v.half_select and not (v.sparsity_n and v.sparsity_m == 16):
             v = dataclasses.replace(v, half_select=False)
-        # Row by row: N:M with the threshold rule, dense P.V and the f32 network.
-        if v.row_pipe and not (v.sparsity_n and not v.tie_index and not v.sparse_pv and not v.half_select):
+        # Row by row: N:M with the threshold rule and dense P.V.
+        if v.row_pipe and not (v.sparsity_n and not v.tie_index and not v.sparse_pv):
             v = dataclasses.replace(v, row_pipe=False)
         return v
 
