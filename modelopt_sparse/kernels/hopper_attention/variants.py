@@ -174,8 +174,8 @@ def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
     """The schedule a kernel runs unless the environment overrides a switch: the fastest one
     whose output matched on the H200 (docs/hopper_engine.md, session 10 table). Ping-pong
     consumers, FA3's late rescale, the TMA producer and FA4's conditional rescale everywhere;
-    overlap of the next Q.K^T with this tile's softmax except at M = 8 (and at M = 16 with
-    D = 64, never timed): there the selection's registers make the overlapped variant slower
+    overlap of the next Q.K^T with this tile's softmax except at M = 8: there the selection's
+    registers make the overlapped variant slower
     (4:8 454 vs 489 TFLOPS; session 14: 451-460 vs 471-486); at dense and 2:4 it is faster
     (660 vs 613, 558 vs 519). 8:16 at D = 128 (grouped 4-D maps) overlaps since session 14:
     455-473 against 439-446 without, same run (with cp.async, session 10: 338 vs 379).
@@ -183,14 +183,17 @@ def measured_schedule(head_dim: int, sparsity_n: int, sparsity_m: int) -> dict:
     issue their MMAs as their softmax ends instead of taking turns (A/B on the H200, median of
     13 paired rounds, two calls each: 4:8 without ping-pong 1.046x / 1.040x and 1.022x / 1.032x
     of the ping-pong kernel, with the tensor-core row sums 1.045x / 1.055x; 2:4 and 8:16 without
-    ping-pong 0.88-0.97x, 2:4 with overlap and the row sums 0.98x / 1.02x: they keep it)."""
+    ping-pong 0.88-0.97x, 2:4 with overlap and the row sums 0.98x / 1.02x: they keep it).
+    M = 16 at D = 64 overlaps since session 21 (first timed then: 8:16 1.052x / 1.050x of the
+    kernel without overlap, median of 9 paired rounds in each of two calls; 8:16 index with the
+    f16 network 1.028x / 1.029x, 3:16 index 1.063x / 1.068x)."""
     if measured_consumers(head_dim, sparsity_n, sparsity_m) == 3:
         # Dense D = 64 runs three consumer warpgroups (440 TFLOPS against 388 for two, session
         # 10), with overlap and late rescale since session 14: 443-446 against 415-431 without
         # (same run); ptxas spilled 144 B in the tile loop until session 17 (none since the
         # warpgroup index is uniform and the edge masks are branch-free).
         return dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
-    no_overlap = bool(sparsity_n) and (sparsity_m == 8 or (sparsity_m == 16 and head_dim != 128))
+    no_overlap = bool(sparsity_n) and sparsity_m == 8
     free_running = bool(sparsity_n) and sparsity_m == 8 and head_dim == 128
     return dict(pingpong=not free_running, overlap=not no_overlap, late_rescale=True, tma=True, lean=True)
 
@@ -255,20 +258,29 @@ def measured_pairwise(sparsity_n: int, sparsity_m: int) -> bool:
 
 def measured_half_select(head_dim: int, sparsity_n: int, sparsity_m: int, tie_index: bool) -> bool:
     """The selection network on f16 copies at M = 16 unless MODELOPT_SPARSE_HOPPER_HALF_SELECT
-    says otherwise: on for 8:16 at D = 64 with the index tie rule only. A/B on the H200, median of
-    9 paired rounds per call (session 21): D = 64 8:16 index 1.093x / 1.104x (two calls); D = 64
-    8:16 threshold 1.021x / 1.036x / 1.024x, then 1.000x / 1.001x; D = 128 8:16 index 1.074x /
-    1.028x / 1.030x, then 1.006x / 1.011x; slower: D = 128 8:16 threshold 0.948x / 0.937x /
-    0.937x (and 0.92-0.93x under five other schedules), 3:16 index 0.92x, 5:16 0.85-0.87x. The
-    instruction count falls (Nsight Compute, D = 128 8:16: 472 M -> 430 M, ALU pipe 49 % -> 35 %
-    busy) but the f16 path's longer dependent chain (pack, network, floor) stalls more where one
-    warp per scheduler runs the softmax (docs/hopper_engine.md, "Session 21")."""
-    return head_dim == 64 and sparsity_n == 8 and sparsity_m == 16 and tie_index
+    says otherwise: on at D = 64 with the index tie rule. A/B on the H200, median of 9 paired
+    rounds per call (session 21): without overlap, D = 64 8:16 index 1.093x / 1.104x; with overlap
+    (the D = 64 M = 16 schedule since session 21), 8:16 index 1.116x / 1.118x over the same kernel
+    without it, 3:16 index with overlap 1.063x / 1.068x over the kernel with neither. Off for the
+    threshold rule (D = 64 8:16 with overlap 0.990x / 0.987x; without 1.00-1.04x) and at D = 128
+    (8:16 threshold 0.94x, and 0.92-0.93x under five other schedules; 8:16 index 1.01-1.07x;
+    3:16 index 0.92x, 5:16 0.85-0.87x). Nsight Compute (D = 128 8:16): instructions 472 M -> 430 M
+    and the ALU pipe 49 % -> 35 % busy, but more time stalled on dependencies: the f16 path's
+    chain (pack, network, floor) and its fallback branch, which ends the basic block, keep ptxas
+    from running one row's network under the other row's exponentials (docs/hopper_engine.md,
+    "Session 21")."""
+    return head_dim == 64 and bool(sparsity_n) and sparsity_m == 16 and tie_index
 
 
 def measured_row_pipe(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     """Row-by-row selection and exponentials unless MODELOPT_SPARSE_HOPPER_ROW_PIPE says
-    otherwise. Off until it is timed on the H200 (session 21)."""
+    otherwise: off. A/B on the H200 (session 21, median of 9 paired rounds per call): D = 128 2:4
+    0.995x / 0.967x, 4:8 0.990x / 0.992x, 8:16 0.991x / 0.979x (with the f16 network 1.02x / 1.00x
+    in one call, 0.95x / 0.93x in the next); D = 64 8:16 without overlap 1.045x / 1.050x, but with
+    overlap (its schedule since session 21) 0.945x / 0.945x of the overlapped kernel; D = 64 2:4
+    0.97x. ptxas already runs
+    the second row's network under the first row's exponentials when both rows are selected
+    first (the SASS of the two orders differs little)."""
     return False
 
 
