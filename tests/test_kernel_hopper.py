@@ -631,6 +631,20 @@ def test_bn64_variant_flag_env_and_source(monkeypatch):
     assert {v.canonical() for v in hs.BN64_TESTS} <= set(hs.standard_variants())
 
 
+def _assert_switch_flag(monkeypatch, field, name, letter, params, head_dim=128):
+    """MODELOPT_SPARSE_HOPPER_<name> set to 0 and 1 for ``params``: the variant's ``field`` follows
+    it, the tag gains ``letter``, the define appears, the tag parses back and the A/B table's
+    switches reproduce it."""
+    env, define = f"MODELOPT_SPARSE_HOPPER_{name}", f"-DNMH_{name}=1"
+    monkeypatch.setenv(env, "0")
+    off = hv.variant_for(params, torch.bfloat16, head_dim)
+    assert not getattr(off, field) and define not in off.defines()
+    monkeypatch.setenv(env, "1")
+    on = hv.variant_for(params, torch.bfloat16, head_dim)
+    assert getattr(on, field) and on.tag == off.tag + letter and define in on.defines()
+    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)[env] == "1"
+
+
 def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
     """Parberry's pairwise network (networks.cuh, MODELOPT_SPARSE_HOPPER_PAIRWISE, tag flag q):
     a sorting network by the 0-1 principle (every 0/1 input of 16 wires), 88 FMNMX at 8:16's
@@ -652,13 +666,7 @@ def test_pairwise_network_sorts_and_is_the_generated_header(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", raising=False)
     assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).pairwise
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16), torch.bfloat16, 64).pairwise
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", "0")
-    v = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    assert not v.pairwise and "-DNMH_PAIRWISE=1" not in v.defines()
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PAIRWISE", "1")
-    on = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    assert on.pairwise and on.tag == v.tag + "q" and "-DNMH_PAIRWISE=1" in on.defines()
-    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_PAIRWISE"] == "1"
+    _assert_switch_flag(monkeypatch, "pairwise", "PAIRWISE", "q", _params(sparsity_n=8, sparsity_m=16))
     for n, m in ((0, 4), (2, 4), (4, 8)):
         assert not hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128).pairwise
     assert {v.canonical() for v in hs.PAIRWISE_TESTS} <= set(hs.standard_variants())
@@ -731,14 +739,7 @@ def test_half_select_variant_flag_env_and_sets(monkeypatch):
         assert hv.variant_for(_params(sparsity_n=n, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).half_select
     for d, n, tie in ((128, 8, "index"), (64, 8, "threshold"), (128, 8, "threshold"), (128, 3, "index")):
         assert not hv.variant_for(_params(sparsity_n=n, sparsity_m=16, tie_break=tie), torch.bfloat16, d).half_select
-    off = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", "0")
-    off = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    assert not off.half_select and "-DNMH_HALF_SELECT=1" not in off.defines()
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_HALF_SELECT", "1")
-    on = hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128)
-    assert on.half_select and on.tag == off.tag + "v" and "-DNMH_HALF_SELECT=1" in on.defines()
-    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_HALF_SELECT"] == "1"
+    _assert_switch_flag(monkeypatch, "half_select", "HALF_SELECT", "v", _params(sparsity_n=8, sparsity_m=16))
     for n, m in ((0, 4), (2, 4), (4, 8)):
         assert not hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128).half_select
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.float16, 64).half_select
@@ -1926,13 +1927,7 @@ def test_row_pipe_variant_flag_env_and_sets(monkeypatch):
     """MODELOPT_SPARSE_HOPPER_ROW_PIPE (tag flag e): N:M with the threshold rule only (not with
     the index rule or the sparse P.V), its own define, parsed back from its tag, switched by the
     A/B table, its test kernels carried (with the f16 network at M = 16 too)."""
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "0")
-    off = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
-    assert not off.row_pipe and "-DNMH_ROW_PIPE=1" not in off.defines()
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
-    on = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
-    assert on.row_pipe and on.tag == off.tag + "e" and "-DNMH_ROW_PIPE=1" in on.defines()
-    assert hv._parse_tag(on.tag) == on and hab.variant_env(on)["MODELOPT_SPARSE_HOPPER_ROW_PIPE"] == "1"
+    _assert_switch_flag(monkeypatch, "row_pipe", "ROW_PIPE", "e", _params(sparsity_n=2, sparsity_m=4))
     assert not hv.variant_for(_params(), torch.bfloat16, 128).row_pipe
     assert not hv.variant_for(_params(sparsity_n=2, sparsity_m=4, tie_break="index"), torch.bfloat16, 128).row_pipe
     assert not hv.Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, row_pipe=True).canonical().row_pipe

@@ -512,13 +512,14 @@ __device__ __forceinline__ float half_hi(uint32_t v) {
   return f;
 }
 
-// The selection network on the f32 scores: each group's N-th largest (thr), the row maxima of
-// the kept scores (mx), and whether some group's N-th and (N+1)-th largest are equal (tie).
-__device__ __forceinline__ void select_f32(const float (&s)[SC], float (&thr)[2][NGROUPS], float (&mx)[2], bool& tie) {
-  if constexpr (!SPARSE) return;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = -INFINITY;
+// The selection network on the f32 scores of row r: each group's N-th largest (thr[r][*]), the
+// thread's row max of the kept scores (mx: the max of the group maxima, since a group's maximum is
+// always kept; docs/semantics.md, "Output"), and whether some group's N-th and (N+1)-th largest
+// are equal (tie).
+__device__ __forceinline__ void select_row_f32(const float (&s)[SC], int r, float (&thr)[2][NGROUPS], float& mx,
+                                               bool& tie) {
+  if constexpr (SPARSE) {
+    mx = -INFINITY;
 #pragma unroll
     for (int g = 0; g < NGROUPS; ++g) {
       float v[M_SEL];
@@ -526,10 +527,36 @@ __device__ __forceinline__ void select_f32(const float (&s)[SC], float (&thr)[2]
       for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
       sort_desc<M_SEL>(v);
       thr[r][g] = v[N_SEL - 1];
-      // A group's maximum is always kept, so the row max of the kept scores is the max of
-      // the group maxima (docs/semantics.md, "Output").
-      mx[r] = fmaxf(mx[r], v[0]);
+      mx = fmaxf(mx, v[0]);
       if constexpr (TIE_INDEX || SPARSE_PV) tie |= v[N_SEL - 1] == v[N_SEL];
+    }
+  }
+}
+__device__ __forceinline__ void select_f32(const float (&s)[SC], float (&thr)[2][NGROUPS], float (&mx)[2], bool& tie) {
+  select_row_f32(s, 0, thr, mx[0], tie);
+  select_row_f32(s, 1, thr, mx[1], tie);
+}
+// NMH_HALF_SELECT, row r: its groups in pairs through the f16 network (group 2gp in the low
+// halves, 2gp + 1 in the high ones), thr[r][*] from half_select_group and the row max of the f16
+// group maxima. `decided` is cleared if some group was not decided (then the caller runs the f32
+// network).
+__device__ __forceinline__ void select_row_f16(const float (&s)[SC], int r, float (&thr)[2][NGROUPS], float& mx,
+                                               bool& decided) {
+  if constexpr (HALF_SELECT) {
+    mx = -INFINITY;
+#pragma unroll
+    for (int gp = 0; gp < NGROUPS / 2; ++gp) {
+      F16x2 h[M_SEL];
+#pragma unroll
+      for (int mm = 0; mm < M_SEL; ++mm)
+        h[mm].bits = pack2<true>(s[member_index(2 * gp, mm, r)], s[member_index(2 * gp + 1, mm, r)]);
+      sort_desc<M_SEL>(h);
+      const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
+      float gmax;
+      decided &= half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), odd_step_lo(tn), thr[r][2 * gp], gmax);
+      mx = fmaxf(mx, gmax);
+      decided &= half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), odd_step_hi(tn), thr[r][2 * gp + 1], gmax);
+      mx = fmaxf(mx, gmax);
     }
   }
 }
@@ -629,46 +656,13 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     float thr[2][NGROUPS], mc[2], mx[2];
     bool grow_any = !LEAN;
     auto row_select = [&](int r) {  // thr[r][*] and the thread's row max mx[r]
-      mx[r] = -INFINITY;
+      bool tie = false;  // (the threshold rule: no tie test)
       if constexpr (HALF_SELECT) {
         bool decided = true;
-#pragma unroll
-        for (int gp = 0; gp < NGROUPS / 2; ++gp) {
-          F16x2 h[M_SEL];  // group 2gp in the low halves, 2gp + 1 in the high ones
-#pragma unroll
-          for (int mm = 0; mm < M_SEL; ++mm)
-            h[mm].bits = pack2<true>(s[member_index(2 * gp, mm, r)], s[member_index(2 * gp + 1, mm, r)]);
-          sort_desc<M_SEL>(h);
-          const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
-          float gmax;
-          decided &= half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), odd_step_lo(tn), thr[r][2 * gp], gmax);
-          mx[r] = fmaxf(mx[r], gmax);
-          decided &= half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), odd_step_hi(tn), thr[r][2 * gp + 1],
-                                       gmax);
-          mx[r] = fmaxf(mx[r], gmax);
-        }
-        if (!decided) {  // rare: this row's groups by the f32 network
-          mx[r] = -INFINITY;
-#pragma unroll
-          for (int g = 0; g < NGROUPS; ++g) {
-            float v[M_SEL];
-#pragma unroll
-            for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
-            sort_desc<M_SEL>(v);
-            thr[r][g] = v[N_SEL - 1];
-            mx[r] = fmaxf(mx[r], v[0]);
-          }
-        }
+        select_row_f16(s, r, thr, mx[r], decided);
+        if (!decided) select_row_f32(s, r, thr, mx[r], tie);  // rare
       } else {
-#pragma unroll
-        for (int g = 0; g < NGROUPS; ++g) {
-          float v[M_SEL];
-#pragma unroll
-          for (int mm = 0; mm < M_SEL; ++mm) v[mm] = s[member_index(g, mm, r)];
-          sort_desc<M_SEL>(v);
-          thr[r][g] = v[N_SEL - 1];
-          mx[r] = fmaxf(mx[r], v[0]);  // the row max of the kept scores: the max of the group maxima
-        }
+        select_row_f32(s, r, thr, mx[r], tie);
       }
     };
     auto row_stats = [&](int r) {  // the quad's row max, the running max, sum and alpha
@@ -716,28 +710,11 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   float thr[2][NGROUPS];  // the N-th largest of each group (selection only)
   bool tie = false;       // some group's N-th and (N+1)-th largest are equal ("index" rule)
   if constexpr (HALF_SELECT && !EDGE) {
-    // Branch-free for every group; one branch per tile, rarely taken, into the f32 network for
-    // all of this thread's groups (per-group branches cost more in latency than they save).
+    // One branch per tile, rarely taken, into the f32 network for all of this thread's groups
+    // (per-group branches cost more in latency than they save).
     bool decided = true;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = -INFINITY;
-#pragma unroll
-      for (int gp = 0; gp < NGROUPS / 2; ++gp) {
-        F16x2 h[M_SEL];  // group 2gp in the low halves, 2gp + 1 in the high ones
-#pragma unroll
-        for (int mm = 0; mm < M_SEL; ++mm)
-          h[mm].bits = pack2<true>(s[member_index(2 * gp, mm, r)], s[member_index(2 * gp + 1, mm, r)]);
-        sort_desc<M_SEL>(h);
-        const uint32_t top = h[0].bits, tn = h[N_SEL - 1].bits, tn1 = h[N_SEL].bits;
-        float gmax;
-        decided &= half_select_group(half_lo(top), half_lo(tn), half_lo(tn1), odd_step_lo(tn), thr[r][2 * gp], gmax);
-        mx[r] = fmaxf(mx[r], gmax);
-        decided &= half_select_group(half_hi(top), half_hi(tn), half_hi(tn1), odd_step_hi(tn), thr[r][2 * gp + 1],
-                                     gmax);
-        mx[r] = fmaxf(mx[r], gmax);
-      }
-    }
+    select_row_f16(s, 0, thr, mx[0], decided);
+    select_row_f16(s, 1, thr, mx[1], decided);
     if (!decided) select_f32(s, thr, mx, tie);
   } else if constexpr (SPARSE) {
     select_f32(s, thr, mx, tie);
