@@ -593,6 +593,23 @@ __device__ __forceinline__ void update_row_max(int r, float mx, float c, float (
   }
 }
 
+// The kept test of row r on the fast path: each entry's exponent fma(s, c, -mc) where s >= its
+// group's floor thr, else an exponent below -2^41 (ex2 gives 0): drop_below, or drop_below2 with
+// NMH_LEAN (the floor * 2^64 is exact).
+__device__ __forceinline__ void exponents_kept_row(float (&s)[SC], int r, const float (&thr)[2][NGROUPS],
+                                                   const float (&mc)[2], float c) {
+#pragma unroll
+  for (int g = 0; g < NGROUPS; ++g) {
+    const float thr_x64 = thr[r][g] * 18446744073709551616.f;
+#pragma unroll
+    for (int mm = 0; mm < M_SEL; ++mm) {
+      const int i = member_index(g, mm, r);
+      if constexpr (LEAN) s[i] = drop_below2(fmaf(s[i], c, -mc[r]), s[i], thr_x64);
+      else s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
+    }
+  }
+}
+
 // Mask probe, part 2, for row r: kept = the exponent the kernel really uses is not a dropped one.
 __device__ __forceinline__ void probe_kept_row(const float (&s)[SC], int r, int n0, int t, const RowCtx& x,
                                                const FwdParams& p, int64_t probe_off) {
@@ -671,16 +688,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
       update_row_max(r, mxr, c, m, l, alpha, mc, grow_any);
     };
     auto row_exps = [&](int r) {
-#pragma unroll
-      for (int g = 0; g < NGROUPS; ++g) {
-        const float thr_x64 = thr[r][g] * 18446744073709551616.f;  // * 2^64, exact (LEAN only)
-#pragma unroll
-        for (int mm = 0; mm < M_SEL; ++mm) {
-          const int i = member_index(g, mm, r);
-          if constexpr (LEAN) s[i] = drop_below2(fmaf(s[i], c, -mc[r]), s[i], thr_x64);
-          else s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
-        }
-      }
+      exponents_kept_row(s, r, thr, mc, c);
       if constexpr (PROBE) probe_kept_row(s, r, n0, t, x, p, probe_off);
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
@@ -787,18 +795,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     for (int i = 0; i < SC; ++i) s[i] = fmaf(s[i], c, -mc[(i >> 1) & 1]);
   } else {
     if (!exact) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int g = 0; g < NGROUPS; ++g) {
-          const float thr_x64 = thr[r][g] * 18446744073709551616.f;  // * 2^64, exact (LEAN only)
-#pragma unroll
-          for (int mm = 0; mm < M_SEL; ++mm) {
-            const int i = member_index(g, mm, r);
-            if constexpr (LEAN) s[i] = drop_below2(fmaf(s[i], c, -mc[r]), s[i], thr_x64);
-            else s[i] = drop_below(fmaf(s[i], c, -mc[r]), s[i], thr[r][g]);
-          }
-        }
+      exponents_kept_row(s, 0, thr, mc, c);
+      exponents_kept_row(s, 1, thr, mc, c);
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
