@@ -71,8 +71,9 @@
 // row's kept tests and exponentials (FMA pipe, MUFU): the same instructions, overlapped.
 // NMH_HALF_SELECT (session 21, M = 16): interior tiles run the selection network on f16 copies
 // of the scores, two groups per register (HMNMX2: two comparisons for the issue cost of one
-// FMNMX), and turn the result into an exact f32 threshold; a group whose f16 copy cannot decide
-// its kept set exactly runs the f32 network. See half_select_group.
+// FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
+// cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
+// half_select_group.
 #include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
@@ -446,8 +447,8 @@ __device__ __forceinline__ void sort_desc(T (&x)[M]) {
 }
 
 constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
-// Two groups per f16 network: M = 16 (4:8 and 2:4 measured no gain on paper: their networks are
-// too small to pay for the conversions and the per-group thresholds).
+// Two groups per f16 network: M = 16 only (counted for 4:8 and 2:4 from the SASS: their networks
+// are too small to pay for the conversions and the per-group floors).
 constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NGROUPS % 2 == 0;
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
