@@ -488,9 +488,9 @@ __device__ __forceinline__ bool warpgroup_any(bool flag) {
 // exactly one ulp because such a theta is never a power of two); when they are not adjacent, f32
 // rounding keeps theta (and one or two ulps above it) strictly between tn1's upper and tn's lower
 // boundary, so the same floor is safe. Returns false (the caller runs the f32 network) when the
-// f16 copy cannot decide: tn1 == tn (an f16 collision or an f32 tie), tn1 == -inf (f16
-// underflow or a -inf score: no floor above it), top == +inf (f16 overflow: the row max would
-// be wrong). Scores round apart with probability ~0.9995 per 8:16 group on random data, so the
+// f16 copy cannot decide: tn1 == tn (an f16 collision, which is also how f16 underflow shows,
+// or an f32 tie), tn1 == -inf (a score below -65520 or -inf: no floor above it), top == +inf (a
+// score above 65520: the row max would be wrong). Scores round apart with probability ~0.9995 per 8:16 group on random data, so the
 // fallback costs little. Branch-free: the FMA pipe but for the three compares.
 __device__ __forceinline__ bool half_select_group(float top, float tn, float tn1, float odd_step, float& floor_out,
                                                   float& max_out) {

@@ -278,9 +278,8 @@ def measured_row_pipe(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     0.995x / 0.967x, 4:8 0.990x / 0.992x, 8:16 0.991x / 0.979x (with the f16 network 1.02x / 1.00x
     in one call, 0.95x / 0.93x in the next); D = 64 8:16 without overlap 1.045x / 1.050x, but with
     overlap (its schedule since session 21) 0.945x / 0.945x of the overlapped kernel; D = 64 2:4
-    0.97x. ptxas already runs
-    the second row's network under the first row's exponentials when both rows are selected
-    first (the SASS of the two orders differs little)."""
+    0.97x. ptxas already runs the second row's network under the first row's exponentials when
+    both rows are selected first (the SASS of the two orders differs little)."""
     return False
 
 
