@@ -74,6 +74,8 @@
 // FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
+// NMH_EXP_FMA (session 22): a quarter of a tile's exponentials (half of the second row's) by
+// ex2_fma on the FMA pipe instead of MUFU.EX2; see exp_on_fma.
 #include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
@@ -146,6 +148,9 @@
 #endif
 #ifndef NMH_ROW_PIPE
 #define NMH_ROW_PIPE 0
+#endif
+#ifndef NMH_EXP_FMA
+#define NMH_EXP_FMA 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -452,6 +457,15 @@ constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
 constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NGROUPS % 2 == 0;
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
+// NMH_EXP_FMA: EXP_FMA_PER_8 of every 8 exponentials of row 1 (the second of a thread's two rows,
+// whose exponentials come last: after its selection network and its running max) on the FMA
+// pipe (ex2_fma), spread evenly over the row, so that the MUFU pipe's 8 issue cycles per warp
+// instruction do not alone set the length of the softmax's end.
+constexpr int EXP_FMA_PER_8 = NMH_EXP_FMA != 0 ? 4 : 0;
+__device__ __forceinline__ constexpr bool exp_on_fma(int i) {
+  return ((i >> 1) & 1) == 1 && (((i >> 2) * 2 + (i & 1)) % 8) * EXP_FMA_PER_8 % 8 < EXP_FMA_PER_8;
+}
+__device__ __forceinline__ float tile_ex2(float x, int i) { return exp_on_fma(i) ? ex2_fma(x) : ex2(x); }
 static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PIPE: N:M, threshold rule, dense P.V");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
@@ -572,25 +586,28 @@ __device__ __forceinline__ void convert_p_slice(const float (&s)[SC], uint32_t (
 // The online softmax's running statistics of row r after a tile whose row max (over the quad)
 // is mx: the new running max m (NMH_LEAN: kept unless exceeded by more than LEAN_SLACK), its
 // scaled shift mc (0 for a row with no allowed key yet, so that ex2 gives 0, not NaN), the
-// factor alpha for O and l, and whether the max moved (grow_any, LEAN only).
-__device__ __forceinline__ void update_row_max(int r, float mx, float c, float (&m)[2], float (&l)[2],
+// factor alpha for O and l, and whether the max moved (grow_any, LEAN only). The row is a
+// template parameter: with a runtime row (constant after unrolling all the same) ptxas keeps one
+// more FSEL per tile in every all-rows softmax (SASS: dense D = 128 461 against 460).
+template <int R>
+__device__ __forceinline__ void update_row_max(float mx, float c, float (&m)[2], float (&l)[2],
                                                float (&alpha)[2], float (&mc)[2], bool& grow_any) {
   if constexpr (LEAN) {
     // Keep the stale max unless this tile's exceeds it by more than LEAN_SLACK (log2 units);
     // m = -inf (nothing allowed yet) always moves unless mx is -inf as well.
-    const bool grow = mx * c > fmaf(m[r], c, LEAN_SLACK);
-    const float mn = grow ? mx : m[r];
-    mc[r] = mn == -INFINITY ? 0.f : mn * c;
-    alpha[r] = grow ? ex2(fmaf(m[r], c, -mc[r])) : 1.f;
-    m[r] = mn;
-    l[r] *= alpha[r];
+    const bool grow = mx * c > fmaf(m[R], c, LEAN_SLACK);
+    const float mn = grow ? mx : m[R];
+    mc[R] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[R] = grow ? ex2(fmaf(m[R], c, -mc[R])) : 1.f;
+    m[R] = mn;
+    l[R] *= alpha[R];
     grow_any |= grow;
   } else {
-    const float mn = fmaxf(m[r], mx);
-    mc[r] = mn == -INFINITY ? 0.f : mn * c;
-    alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
-    m[r] = mn;
-    l[r] *= alpha[r];
+    const float mn = fmaxf(m[R], mx);
+    mc[R] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[R] = ex2(fmaf(m[R], c, -mc[R]));
+    m[R] = mn;
+    l[R] *= alpha[R];
   }
 }
 
@@ -686,7 +703,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     auto row_stats = [&](int r) {  // the quad's row max, the running max, sum and alpha
       float mxr = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mxr = fmaxf(mxr, __shfl_xor_sync(0xffffffffu, mxr, 2));
-      update_row_max(r, mxr, c, m, l, alpha, mc, grow_any);
+      if (r == 0) update_row_max<0>(mxr, c, m, l, alpha, mc, grow_any);
+      else update_row_max<1>(mxr, c, m, l, alpha, mc, grow_any);
     };
     auto row_exps = [&](int r) {
       exponents_kept_row(s, r, thr, mc, c);
@@ -743,7 +761,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    update_row_max(r, mx[r], c, m, l, alpha, mc, grow_any);
+    if (r == 0) update_row_max<0>(mx[r], c, m, l, alpha, mc, grow_any);
+    else update_row_max<1>(mx[r], c, m, l, alpha, mc, grow_any);
   }
   if constexpr (SPARSE_PV) {
     // Interior tile and no group of the warpgroup with its 2nd and 3rd largest equal: every
@@ -839,7 +858,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   }
 #pragma unroll
   for (int i = 0; i < SC; ++i) {
-    s[i] = ex2(s[i]);
+    s[i] = tile_ex2(s[i], i);
     if constexpr (!MMA_ROWSUM) l[(i >> 1) & 1] += s[i];
     if constexpr (MID_WAIT) {
       if (i == MID_WAIT_AFTER - 1) {
