@@ -74,8 +74,6 @@
 // FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
-// NMH_EXP_FMA (session 22): a quarter of a tile's exponentials (half of the second row's) by
-// ex2_fma on the FMA pipe instead of MUFU.EX2; see exp_on_fma.
 #include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
@@ -148,9 +146,6 @@
 #endif
 #ifndef NMH_ROW_PIPE
 #define NMH_ROW_PIPE 0
-#endif
-#ifndef NMH_EXP_FMA
-#define NMH_EXP_FMA 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -457,15 +452,6 @@ constexpr int NGROUPS = SPARSE ? (BN / 4) / M_SEL : 1;  // groups per thread row
 constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NGROUPS % 2 == 0;
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
-// NMH_EXP_FMA: EXP_FMA_PER_8 of every 8 exponentials of row 1 (the second of a thread's two rows,
-// whose exponentials come last: after its selection network and its running max) on the FMA
-// pipe (ex2_fma), spread evenly over the row, so that the MUFU pipe's 8 issue cycles per warp
-// instruction do not alone set the length of the softmax's end.
-constexpr int EXP_FMA_PER_8 = NMH_EXP_FMA != 0 ? 4 : 0;
-__device__ __forceinline__ constexpr bool exp_on_fma(int i) {
-  return ((i >> 1) & 1) == 1 && (((i >> 2) * 2 + (i & 1)) % 8) * EXP_FMA_PER_8 % 8 < EXP_FMA_PER_8;
-}
-__device__ __forceinline__ float tile_ex2(float x, int i) { return exp_on_fma(i) ? ex2_fma(x) : ex2(x); }
 static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PIPE: N:M, threshold rule, dense P.V");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
@@ -858,7 +844,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   }
 #pragma unroll
   for (int i = 0; i < SC; ++i) {
-    s[i] = tile_ex2(s[i], i);
+    s[i] = ex2(s[i]);
     if constexpr (!MMA_ROWSUM) l[(i >> 1) & 1] += s[i];
     if constexpr (MID_WAIT) {
       if (i == MID_WAIT_AFTER - 1) {

@@ -197,26 +197,6 @@ __device__ __forceinline__ float ex2(float x) {  // ex2(-inf) = +0
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// 2^x on the FMA pipe, for x <= 2^7 (the kernel's exponents are <= LEAN_SLACK; -inf and the
-// dropped entries' exponents below -2^41 give +0): used for some of a tile's exponentials
-// (NMH_EXP_EMU) so that the MUFU pipe (16 lanes/clk/SM, 8 issue cycles per warp instruction)
-// does not hold up the end of the softmax. Nine FMA-pipe instructions:
-//   t = sat(x / 256 + 1/2)                    (x clamped to [-128, 128]; -inf and NaN -> 0)
-//   r = 256 t + 1.5 * 2^23                    (one rounding: r's low bits hold k = round(256 t))
-//   f = 256 t - k, in [-1/2, 1/2]             (exact)
-//   2^x = 2^(256 t - 128) = q(f) * 2^(k - 127), q(f) ~ 2^f / 2 (cubic, relative error < 2^-13.7)
-// The scale 2^(k - 127) is the float whose bits are k << 23, which is r's bits << 23 (the
-// magic's own bits shift out): +0 for k = 0, i.e. x <= -127.5 (ex2.approx.ftz flushes
-// such results to 0 as well). The error is below the 16-bit rounding of P (2^-9 bf16, 2^-11 fp16).
-__device__ __forceinline__ float ex2_fma(float x) {
-  float t;
-  asm("fma.rn.sat.f32 %0, %1, 0f3B800000, 0f3F000000;" : "=f"(t) : "f"(x));  // x * 2^-8 + 0.5
-  const float r = fmaf(t, 256.f, 12582912.f);
-  const float k = __fadd_rn(r, -12582912.f);
-  const float f = fmaf(t, 256.f, -k);
-  const float q = fmaf(fmaf(fmaf(0x1.c3f75ep-6f, f, 0x1.f0de1ap-4f), f, 0x1.62f31ap-2f), f, 0x1.fff692p-2f);
-  return q * __uint_as_float(__float_as_uint(r) * 0x800000u);
-}
 // {lo, hi} -> packed 16-bit pair, round to nearest even (the low half is the first element).
 template <bool FP16>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

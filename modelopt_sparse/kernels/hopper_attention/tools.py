@@ -85,9 +85,13 @@ SASS_CLASSES = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "HMNMX2", "FSE
 def count_main_loop(sass: str) -> dict:
     """Static instruction counts of the consumers' tile loop in ``sass`` (nvdisasm -c output):
     the backward branch whose body holds the most HGMMA, less the nested barrier-retry loops.
-    Compile with -DNMH_SASS_INTERIOR=1 so that the body is the interior-tile path."""
-    ins, labels = [], {}
-    for line in sass.splitlines():
+    Compile with -DNMH_SASS_INTERIOR=1 so that the body is the interior-tile path. With
+    ``nvdisasm -hex`` output, ``stall`` is the sum of the body's stall counts (bits 41-44 of each
+    instruction's upper word): ptxas's own estimate of one warp's issue cycles for a tile, without
+    the waits for variable-latency results (MUFU, shuffles, barriers, the MMAs)."""
+    ins, labels, stalls = [], {}, []
+    lines = sass.splitlines()
+    for i, line in enumerate(lines):
         m = re.match(r"\s*(\.L_x_\d+):", line)
         if m:
             labels[m.group(1)] = len(ins)
@@ -95,6 +99,8 @@ def count_main_loop(sass: str) -> dict:
         m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if m:
             ins.append(m.group(2))
+            hi = re.fullmatch(r"\s*/\* 0x([0-9a-f]{16}) \*/\s*", lines[i + 1]) if i + 1 < len(lines) else None
+            stalls.append((int(hi.group(1), 16) >> 41) & 15 if hi else 0)
     loops = []
     for k, text in enumerate(ins):
         m = re.search(r"BRA\b.*`\((\.L_x_\d+)\)", text)
@@ -107,9 +113,9 @@ def count_main_loop(sass: str) -> dict:
     for a, b in loops:
         if lo < a and b < hi and not any("HGMMA" in t for t in ins[a:b + 1]):
             skip.update(range(a, b + 1))
-    body = [ins[i] for i in range(lo, hi + 1) if i not in skip]
-    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
-    out = {"total": len(ops)}
+    body = [i for i in range(lo, hi + 1) if i not in skip]
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", ins[i]).split()[0] for i in body]
+    out = {"total": len(ops), "stall": sum(stalls[i] for i in body)}
     for c in SASS_CLASSES:
         out[c] = sum(op.split(".")[0] == c for op in ops)
     return out
@@ -130,7 +136,8 @@ def _sass(args) -> int:
         variants += [Variant(head_dim=64, **_sched(t)) for t in BENCH_SCHEDULES_SHORT]
         variants += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
         variants += [Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, **_sched(t)) for t in BENCH_SCHEDULES_SPARSE_PV]
-    print(f"{'variant':<24}" + "".join(f"{c:>7}" for c in ("total",) + SASS_CLASSES) + "   regs spill", flush=True)
+    columns = ("total", "stall") + SASS_CLASSES
+    print(f"{'variant':<24}" + "".join(f"{c:>7}" for c in columns) + "   regs spill", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             v = v.canonical()
@@ -142,9 +149,10 @@ def _sass(args) -> int:
                 print(f"{v.tag:<24} nvcc failed: {res.stderr[-300:]}")
                 continue
             summary = ptxas_summary(res.stderr + res.stdout)
-            dis = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, timeout=120).stdout
+            dis = subprocess.run([nvdisasm, "-c", "-hex", str(cubin)], capture_output=True, text=True,
+                                 timeout=120).stdout
             counts = count_main_loop(dis)
-            print(f"{v.tag:<24}" + "".join(f"{counts.get(c, 0):>7}" for c in ("total",) + SASS_CLASSES) +
+            print(f"{v.tag:<24}" + "".join(f"{counts.get(c, 0):>7}" for c in columns) +
                   f"   {summary.get('registers', '?')} {summary.get('spill_stores', '?')}/{summary.get('spill_loads', '?')}",
                   flush=True)
     return 0

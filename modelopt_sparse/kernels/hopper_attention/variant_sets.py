@@ -155,7 +155,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + EXP_FMA_TESTS + \
+            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -274,13 +274,3 @@ ROW_PIPE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_
                                       row_pipe=True, half_select=True).canonical()
                   for d in (128, 64) for n in (8, 5) for h in (False, True) for probe in (False, True)
                   if not (probe and (h or d == 64))]
-
-# A quarter of the exponentials on the FMA pipe (exp_fma, session 22) beside the measured kernels
-# (dense and one pattern per M, both head dims, both dtypes; the f16 network at M = 16 as well):
-# test_gpu_38 and the A/B command.
-EXP_FMA_PATTERNS = ((0, 4, False), (2, 4, False), (4, 8, False), (8, 16, False), (8, 16, True))
-EXP_FMA_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie, fp16=h)),
-                                     exp_fma=on).canonical()
-                 for d in (128, 64) for n, m, tie in EXP_FMA_PATTERNS for h in (False, True) for on in (False, True)] + \
-                [dataclasses.replace(_as_measured(Variant(sparsity_n=8, sparsity_m=16)), half_select=True,
-                                     exp_fma=on).canonical() for on in (False, True)]

@@ -80,11 +80,6 @@ class Variant:
     # second row's selection network runs beside the first row's exponentials (session 21;
     # MODELOPT_SPARSE_HOPPER_ROW_PIPE, tag flag "e"; default: measured_row_pipe).
     row_pipe: bool = False
-    # A quarter of each tile's exponentials (half of the second row's) on the FMA pipe, by a
-    # cubic on the fraction and the exponent's bits (ptx.cuh ex2_fma), instead of MUFU.EX2
-    # (session 22; MODELOPT_SPARSE_HOPPER_EXP_FMA, tag flag "f"; default: measured_exp_fma).
-    # Not with row_pipe (its own exponentials loop).
-    exp_fma: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -144,8 +139,6 @@ class Variant:
         # Row by row: N:M with the threshold rule and dense P.V.
         if v.row_pipe and not (v.sparsity_n and not v.tie_index and not v.sparse_pv):
             v = dataclasses.replace(v, row_pipe=False)
-        if v.exp_fma and v.row_pipe:
-            v = dataclasses.replace(v, exp_fma=False)
         return v
 
     @property
@@ -156,7 +149,6 @@ class Variant:
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
                                         ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select), ("e", self.row_pipe),
-                                        ("f", self.exp_fma),
                                         ("n", self.producer_suspends),
                                         ("x", self.probe))
                         if on)
@@ -174,7 +166,7 @@ class Variant:
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
-                             ("-DNMH_ROW_PIPE=1", v.row_pipe), ("-DNMH_EXP_FMA=1", v.exp_fma),
+                             ("-DNMH_ROW_PIPE=1", v.row_pipe),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -291,12 +283,6 @@ def measured_row_pipe(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     return False
 
 
-def measured_exp_fma(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
-    """Some exponentials on the FMA pipe unless MODELOPT_SPARSE_HOPPER_EXP_FMA says otherwise:
-    off until measured (session 22)."""
-    return False
-
-
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -317,8 +303,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     Batcher's; unset: :func:`measured_pairwise`) and MODELOPT_SPARSE_HOPPER_HALF_SELECT (M = 16:
     the network on f16 copies, two groups per register; unset: :func:`measured_half_select`) and
     MODELOPT_SPARSE_HOPPER_ROW_PIPE (N:M, threshold rule: selection and exponentials row by row;
-    unset: :func:`measured_row_pipe`) and MODELOPT_SPARSE_HOPPER_EXP_FMA (a quarter of the
-    exponentials on the FMA pipe; unset: :func:`measured_exp_fma`)."""
+    unset: :func:`measured_row_pipe`)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -345,8 +330,6 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
                                                   params.tie_break == "index")),
         row_pipe=env_flag("MODELOPT_SPARSE_HOPPER_ROW_PIPE",
                           measured_row_pipe(head_dim, params.sparsity_n, params.sparsity_m)),
-        exp_fma=env_flag("MODELOPT_SPARSE_HOPPER_EXP_FMA",
-                         measured_exp_fma(head_dim, params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
@@ -385,5 +368,4 @@ def _parse_tag(tag: str) -> Variant:
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
-                   pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags, exp_fma="f" in flags,
-                   probe="x" in flags)
+                   pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags, probe="x" in flags)
