@@ -572,28 +572,25 @@ __device__ __forceinline__ void convert_p_slice(const float (&s)[SC], uint32_t (
 // The online softmax's running statistics of row r after a tile whose row max (over the quad)
 // is mx: the new running max m (NMH_LEAN: kept unless exceeded by more than LEAN_SLACK), its
 // scaled shift mc (0 for a row with no allowed key yet, so that ex2 gives 0, not NaN), the
-// factor alpha for O and l, and whether the max moved (grow_any, LEAN only). The row is a
-// template parameter: with a runtime row (constant after unrolling all the same) ptxas keeps one
-// more FSEL per tile in every all-rows softmax (SASS: dense D = 128 461 against 460).
-template <int R>
-__device__ __forceinline__ void update_row_max(float mx, float c, float (&m)[2], float (&l)[2],
+// factor alpha for O and l, and whether the max moved (grow_any, LEAN only).
+__device__ __forceinline__ void update_row_max(int r, float mx, float c, float (&m)[2], float (&l)[2],
                                                float (&alpha)[2], float (&mc)[2], bool& grow_any) {
   if constexpr (LEAN) {
     // Keep the stale max unless this tile's exceeds it by more than LEAN_SLACK (log2 units);
     // m = -inf (nothing allowed yet) always moves unless mx is -inf as well.
-    const bool grow = mx * c > fmaf(m[R], c, LEAN_SLACK);
-    const float mn = grow ? mx : m[R];
-    mc[R] = mn == -INFINITY ? 0.f : mn * c;
-    alpha[R] = grow ? ex2(fmaf(m[R], c, -mc[R])) : 1.f;
-    m[R] = mn;
-    l[R] *= alpha[R];
+    const bool grow = mx * c > fmaf(m[r], c, LEAN_SLACK);
+    const float mn = grow ? mx : m[r];
+    mc[r] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[r] = grow ? ex2(fmaf(m[r], c, -mc[r])) : 1.f;
+    m[r] = mn;
+    l[r] *= alpha[r];
     grow_any |= grow;
   } else {
-    const float mn = fmaxf(m[R], mx);
-    mc[R] = mn == -INFINITY ? 0.f : mn * c;
-    alpha[R] = ex2(fmaf(m[R], c, -mc[R]));
-    m[R] = mn;
-    l[R] *= alpha[R];
+    const float mn = fmaxf(m[r], mx);
+    mc[r] = mn == -INFINITY ? 0.f : mn * c;
+    alpha[r] = ex2(fmaf(m[r], c, -mc[r]));
+    m[r] = mn;
+    l[r] *= alpha[r];
   }
 }
 
@@ -689,8 +686,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     auto row_stats = [&](int r) {  // the quad's row max, the running max, sum and alpha
       float mxr = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mxr = fmaxf(mxr, __shfl_xor_sync(0xffffffffu, mxr, 2));
-      if (r == 0) update_row_max<0>(mxr, c, m, l, alpha, mc, grow_any);
-      else update_row_max<1>(mxr, c, m, l, alpha, mc, grow_any);
+      update_row_max(r, mxr, c, m, l, alpha, mc, grow_any);
     };
     auto row_exps = [&](int r) {
       exponents_kept_row(s, r, thr, mc, c);
@@ -747,8 +743,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    if (r == 0) update_row_max<0>(mx[r], c, m, l, alpha, mc, grow_any);
-    else update_row_max<1>(mx[r], c, m, l, alpha, mc, grow_any);
+    update_row_max(r, mx[r], c, m, l, alpha, mc, grow_any);
   }
   if constexpr (SPARSE_PV) {
     // Interior tile and no group of the warpgroup with its 2nd and 3rd largest equal: every
