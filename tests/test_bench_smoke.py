@@ -284,3 +284,34 @@ def test_code_fingerprint_matches_the_shell_tool():
     shell = subprocess.run(["bash", "-c", "source tools/code_fingerprint.sh && code_fingerprint"],
                            cwd=env.REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert env.code_fingerprint() == shell
+
+
+def test_code_fingerprint_covers_the_cuda_sources(tmp_path):
+    """A change to the Hopper engine's .cu or .cuh alone changes the fingerprint (a stale .commit
+    once went unnoticed when only the CUDA source had changed), in Python and in the shell tool."""
+    import shutil
+    import subprocess
+
+    from modelopt_sparse.bench import env
+
+    (tmp_path / "tools").mkdir()
+    shutil.copy(env.REPO_ROOT / "tools" / "code_fingerprint.sh", tmp_path / "tools")
+    kernels = tmp_path / "modelopt_sparse" / "kernels"
+    kernels.mkdir(parents=True)
+    (kernels / "a.py").write_text("x = 1\n")
+    (kernels / "k.cu").write_text("// v1\n")
+    (kernels / "k.cuh").write_text("// v1\n")
+    for folder in ("tests", "benchmarks"):
+        (tmp_path / folder).mkdir()
+
+    def both():
+        shell = subprocess.run(["bash", "-c", "source tools/code_fingerprint.sh && code_fingerprint"], cwd=tmp_path,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        assert env.code_fingerprint(tmp_path) == shell
+        return shell
+
+    before = both()
+    (kernels / "k.cu").write_text("// v2\n")
+    after_cu = both()
+    (kernels / "k.cuh").write_text("// v2\n")
+    assert len({before, after_cu, both()}) == 3

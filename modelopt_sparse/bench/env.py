@@ -29,12 +29,13 @@ def git(*args: str) -> str | None:
 
 def code_fingerprint(root: Path = REPO_ROOT) -> str:
     """tools/code_fingerprint.sh in Python: one hash over the package, tools, tests and
-    benchmarks as they are on disk (sha1sum lines of the sorted files, hashed again)."""
+    benchmarks (Python, shell and CUDA sources) as they are on disk (sha1sum lines of the sorted
+    files, hashed again)."""
     paths = sorted(
         path.relative_to(root).as_posix()
         for folder in ("modelopt_sparse", "tools", "tests", "benchmarks")
         for path in (root / folder).rglob("*")
-        if path.is_file() and path.suffix in (".py", ".sh")
+        if path.is_file() and path.suffix in (".py", ".sh", ".cu", ".cuh")
     )
     listing = "".join(f"{hashlib.sha1((root / p).read_bytes()).hexdigest()}  {p}\n" for p in paths)
     return hashlib.sha1(listing.encode()).hexdigest()[:12]
