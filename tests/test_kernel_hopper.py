@@ -267,6 +267,33 @@ def test_compile_runs_nvcc_once_then_hits_the_cache(tmp_path, monkeypatch):
     assert hb.compile_variant(v) != path and len(calls) == 2
 
 
+def test_compile_keys_the_cubin_by_the_sources_it_compiled(tmp_path, monkeypatch):
+    """nvcc compiles a snapshot of the sources, keyed by the snapshot's hash: a source edited
+    while a compile runs (a background precompile during development) never lands under another
+    source's key, and the edited source gets its own cubin."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "nm_attention_fwd.cu").write_text("// v1\n")
+    (src / "ptx.cuh").write_text("// p1\n")
+    monkeypatch.setattr(hb, "SOURCE_DIR", src)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hb, "find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(hb, "nvcc_version", lambda nvcc: "fake 13.0")
+    v1 = hb.source_digest()
+
+    def fake_run(cmd, **kw):
+        (src / "nm_attention_fwd.cu").write_text("// v2\n")  # edited after the key, before nvcc reads
+        compiled = Path(cmd[-1]).read_text() + (Path(cmd[-1]).parent / "ptx.cuh").read_text()
+        Path(cmd[cmd.index("-o") + 1]).write_text(compiled)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(hb.subprocess, "run", fake_run)
+    v = hv.Variant()
+    path = hb.compile_variant(v)
+    assert path.read_text() == "// v1\n// p1\n" and path == hb.cubin_path(v, digest=v1)
+    assert hb.source_digest() != v1 and hb.compile_variant(v) != path  # v2: a cubin of its own
+
+
 def test_compile_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
     monkeypatch.setattr(hb, "find_nvcc", lambda: "/opt/fake/nvcc")

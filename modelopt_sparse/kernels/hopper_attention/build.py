@@ -79,18 +79,26 @@ def nvcc_version(nvcc: str) -> str:
     return lines[-1] if lines else out.stdout
 
 
-def source_digest() -> str:
-    """Hash of every CUDA source of the engine (.cu and .cuh, by name and content)."""
+def _source_files(folder: Path) -> list[Path]:
+    return sorted(list(folder.glob("*.cu")) + list(folder.glob("*.cuh")))
+
+
+def _digest(files: list[Path]) -> str:
     h = hashlib.sha256()
-    files = sorted(list(SOURCE_DIR.glob("*.cu")) + list(SOURCE_DIR.glob("*.cuh")))
-    if not files:
-        raise HopperUnavailable(f"the engine's CUDA sources are missing ({SOURCE_DIR})")
     for f in files:
         h.update(f.name.encode())
         h.update(b"\0")
         h.update(f.read_bytes())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def source_digest() -> str:
+    """Hash of every CUDA source of the engine (.cu and .cuh, by name and content)."""
+    files = _source_files(SOURCE_DIR)
+    if not files:
+        raise HopperUnavailable(f"the engine's CUDA sources are missing ({SOURCE_DIR})")
+    return _digest(files)
 
 
 def cache_key(variant: Variant, nvcc_id: str, digest: str | None = None) -> str:
@@ -102,12 +110,13 @@ def cache_key(variant: Variant, nvcc_id: str, digest: str | None = None) -> str:
     return h.hexdigest()[:20]
 
 
-def cubin_path(variant: Variant, nvcc: str | None = None) -> Path:
+def cubin_path(variant: Variant, nvcc: str | None = None, digest: str | None = None) -> Path:
+    """Where the cubin of ``variant`` for these sources (``digest``; default: as on disk now) lives."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise HopperUnavailable(_NO_NVCC)
     v = variant.canonical()
-    return cache_dir() / f"{KERNEL}_{v.tag}_{cache_key(v, nvcc_version(nvcc))}.cubin"
+    return cache_dir() / f"{KERNEL}_{v.tag}_{cache_key(v, nvcc_version(nvcc), digest)}.cubin"
 
 
 _NO_NVCC = ("no CUDA compiler found: install the optional toolchain (pip install 'modelopt-sparse[hopper]') "
@@ -131,14 +140,23 @@ def compile_variant(variant: Variant, nvcc: str | None = None) -> Path:
         if path.is_file():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".cubin", dir=path.parent)
-        os.close(fd)
-        cmd = [nvcc, *NVCC_FLAGS, *variant.canonical().defines(), "-o", tmp, str(SOURCE_DIR / "nm_attention_fwd.cu")]
-        LOG.info("modelopt_sparse: compiling the Hopper kernel %s", variant.canonical().tag)
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # nvcc compiles a snapshot of the sources, and the cubin is keyed by the snapshot's hash:
+        # a source edited while a compile runs can then never land under another source's key.
+        with tempfile.TemporaryDirectory() as snapshot:
+            for f in _source_files(SOURCE_DIR):
+                shutil.copyfile(f, Path(snapshot) / f.name)
+            v = variant.canonical()
+            path = cubin_path(v, nvcc, _digest(_source_files(Path(snapshot))))
+            if path.is_file():
+                return path
+            fd, tmp = tempfile.mkstemp(suffix=".cubin", dir=path.parent)
+            os.close(fd)
+            cmd = [nvcc, *NVCC_FLAGS, *v.defines(), "-o", tmp, str(Path(snapshot) / "nm_attention_fwd.cu")]
+            LOG.info("modelopt_sparse: compiling the Hopper kernel %s", v.tag)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             os.unlink(tmp)
-            raise HopperUnavailable(f"nvcc failed for {variant.canonical().tag}:\n{(res.stderr or res.stdout)[-2000:]}")
+            raise HopperUnavailable(f"nvcc failed for {v.tag}:\n{(res.stderr or res.stdout)[-2000:]}")
         path.with_suffix(".log").write_text(res.stderr + res.stdout)
         os.replace(tmp, path)
     return path
