@@ -294,6 +294,30 @@ def test_compile_keys_the_cubin_by_the_sources_it_compiled(tmp_path, monkeypatch
     assert hb.source_digest() != v1 and hb.compile_variant(v) != path  # v2: a cubin of its own
 
 
+def test_precompile_fails_when_the_sources_change_under_it(tmp_path, monkeypatch, capsys):
+    """`precompile` exits 1 and says so when the CUDA sources changed while it compiled (its
+    cubins would then belong to two versions of them), 0 otherwise."""
+    import argparse
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "nm_attention_fwd.cu").write_text("// v1\n")
+    monkeypatch.setattr(hb, "SOURCE_DIR", src)
+    monkeypatch.setattr(ht, "standard_variants", lambda probe=True, schedule=None: [hv.Variant()])
+    args = argparse.Namespace(schedule_from_env=False, no_probe=True, test_schedules=False, jobs=1, no_report=True)
+    monkeypatch.setattr(ht, "compile_variant", lambda v: tmp_path / "x.cubin")
+    assert ht._precompile(args) == 0
+    assert "changed" not in capsys.readouterr().out
+
+    def edit_while_compiling(v):
+        (src / "nm_attention_fwd.cu").write_text("// v2\n")
+        return tmp_path / "x.cubin"
+
+    monkeypatch.setattr(ht, "compile_variant", edit_while_compiling)
+    assert ht._precompile(args) == 1
+    assert "the CUDA sources changed during this precompile" in capsys.readouterr().out
+
+
 def test_compile_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path))
     monkeypatch.setattr(hb, "find_nvcc", lambda: "/opt/fake/nvcc")

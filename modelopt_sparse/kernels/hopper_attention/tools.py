@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ..reference import SparseParams
-from .build import NVCC_FLAGS, SOURCE_DIR, cache_dir, compile_variant, find_nvcc, nvcc_version, ptxas_summary
+from .build import (NVCC_FLAGS, SOURCE_DIR, cache_dir, compile_variant, find_nvcc, nvcc_version, ptxas_summary,
+                    source_digest)
 from .engine import LOG2E, forward, forward_with_lse
 from .variant_sets import (MID_WAIT_TESTS, SPLIT_LOOP_BENCH, BENCH_NM, BENCH_SCHEDULES, BENCH_SCHEDULES_SHORT,
                            BENCH_SCHEDULES_SPARSE_PV, BENCH_SCHEDULES_TMA3D, BENCH_SCHEDULES_WG3, TEST_SCHEDULES,
@@ -42,8 +43,13 @@ def _precompile(args) -> int:
             variants += [v for v in standard_variants(probe=not args.no_probe, schedule=_sched(t)) if v not in variants]
     print(f"cache: {cache_dir()}  nvcc: {find_nvcc()}  variants: {len(variants)}"
           f"{'  schedule: from the environment' if schedule else ''}", flush=True)
+    digest = source_digest()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         paths = list(pool.map(compile_variant, variants))
+    if source_digest() != digest:
+        print("the CUDA sources changed during this precompile: its cubins belong to more than one version of "
+              "them; run it again on the final sources")
+        return 1
     if args.no_report:
         print(f"{len(paths)} cubins ready")
         return 0
