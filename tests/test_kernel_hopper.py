@@ -1198,8 +1198,8 @@ def test_sparse_pv_overlap_stages_the_next_operand():
     # The overlap loop: softmax(i) between wait<1> and wait<0> (pv_done), to_operand after it.
     # (The sparse path never waits inside the softmax: MID_WAIT excludes it.)
     assert '"NMH_MID_WAIT: the overlapped schedule, dense P.V"' in src
-    loop = src[src.index("wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run"):]
-    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight, hi_ready);\n          pv_done(0.f);")
+    loop = src[src.index("if constexpr (OVERLAP) {\n        wg_wait<1>();"):]
+    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight);\n          pv_done(0.f);")
     assert loop.index("pv_done(0.f);") < loop.index("if constexpr (!MID_WAIT) to_operand();")
     gen = torch.Generator().manual_seed(12)
     v = torch.randint(-8, 9, (128, 8), generator=gen).double()
@@ -1987,63 +1987,6 @@ def test_gpu_37_half_select_row_by_row_against_reference(monkeypatch, n, d, dtyp
     network's, on random, tied and f16-regime inputs (as test_gpu_35)."""
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
     test_gpu_35_half_select_against_reference(monkeypatch, n, False, d, dtype)
-
-
-@gpu_test
-@pytest.mark.parametrize("case", PROBE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_gpu_38_split_qk_mask_probe(monkeypatch, case):
-    """Q.K^T in two halves, each group's halves sorted and merged by rank
-    (MODELOPT_SPARSE_HOPPER_SPLIT_QK=1): the kept mask equals semantics.kept_mask bit for bit on
-    exact ties (test_gpu_9's inputs), for both tie rules (the index rule's N-th and (N+1)-th
-    largest both come from the merge)."""
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_QK", "1")
-    test_gpu_9_mask_probe_equals_semantics(case)
-
-
-@gpu_test
-@pytest.mark.parametrize("n,m,tie", hs.SPLIT_QK_PATTERNS, ids=lambda x: str(x))
-@pytest.mark.parametrize("d", [128, 64])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_38_split_qk_equals_the_measured_kernel(monkeypatch, n, m, tie, d, dtype):
-    """The split Q.K^T computes the same scores (the same k16 steps per accumulator) and the same
-    thresholds: bit for bit the measured kernel's output and lse, on random and tied inputs,
-    causal with sinks and a dense window, sliding-window and non-causal."""
-    lens_q, lens_k = [1, 300, 5, 700], [1, 300, 900, 700]
-    tie_break = "index" if tie else "threshold"
-    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=38 + n), tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64,
-                                                                               seed=38)):
-        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
-            sq, lq, mq, _ = varlen(lens_q, "cuda")
-            sk, lk, _, _ = varlen(lens_k, "cuda")
-            q, k, v = (x.to("cuda", dtype) for x in inputs)
-            params = _params(**{"is_causal": True, "sparsity_n": n, "sparsity_m": m, "tie_break": tie_break, **kw})
-            outs = []
-            for on in (0, 1):
-                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_QK", str(on))
-                assert hv.variant_for(params, dtype, d).split_qk == bool(on) or (m == 16 and tie and d == 64)
-                outs.append(ha.forward_with_lse(q, k, v, sq, lq, mq, sk, lk, params))
-            assert torch.equal(outs[0][0], outs[1][0]), kw
-            assert torch.equal(outs[0][1], outs[1][1]), kw
-            ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "torch", sparsity_n=n, sparsity_m=m,
-                          tie_break=tie_break, **kw)
-            rows = torch.cat([torch.arange(int(s), int(s) + ln) for s, ln in zip(sq, lens_q)]).cuda()
-            assert rel_err(outs[1][0][rows], ref[rows]) < TOL[dtype], kw
-
-
-def test_split_qk_variant_flag_env_and_sets(monkeypatch):
-    """MODELOPT_SPARSE_HOPPER_SPLIT_QK (tag flag y): dense and N:M, with or without overlap, not
-    with 64-key tiles, the f16 network, row by row or the sparse P.V; its own define, parsed back
-    from its tag, switched by the A/B table, its test kernels carried."""
-    _assert_switch_flag(monkeypatch, "split_qk", "SPLIT_QK", "y", _params(sparsity_n=2, sparsity_m=4))
-    _assert_switch_flag(monkeypatch, "split_qk", "SPLIT_QK", "y", _params(), head_dim=64)
-    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_SPLIT_QK")
-    assert not hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).split_qk
-    for off in (dict(bn64=True), dict(sparsity_n=8, sparsity_m=16, half_select=True),
-                dict(sparsity_n=2, sparsity_m=4, row_pipe=True), dict(sparsity_n=2, sparsity_m=4, sparse_pv=True)):
-        assert not hv.Variant(split_qk=True, **off).canonical().split_qk, off
-    assert hv.Variant(sparsity_n=4, sparsity_m=8, overlap=False, split_qk=True).canonical().split_qk
-    assert {v.canonical() for v in hs.SPLIT_QK_TESTS} <= set(hs.standard_variants())
-    assert any(v.split_qk and v.probe for v in hs.SPLIT_QK_TESTS)
 
 
 def test_row_pipe_variant_flag_env_and_sets(monkeypatch):

@@ -74,15 +74,6 @@
 // FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
-// NMH_SPLIT_QK (session 23, 128-key tiles): Q.K^T as two m64n64 halves (keys in
-// shared-memory rows 0-63, then 64-127), each its own commit group, so that the softmax starts on
-// the first half while the tensor cores compute the second: the dense row max over the first
-// half's 32 scores, or each group's first M/2 members (key order: members m < M/2 lie in the
-// first half, see member_index) sorted by the network for M/2; after the wait for the second
-// half its members are sorted too and the group's N-th largest comes from the two sorted halves
-// (kth_of_two). The same thresholds as the one M-network, so the kept set and the outputs are bit
-// for bit the measured kernel's. Without overlap P.V(j-1) is issued before Q.K^T(j) (the softmax
-// waits for it in any case), so that the first half is ready right after it.
 #include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
@@ -155,9 +146,6 @@
 #endif
 #ifndef NMH_ROW_PIPE
 #define NMH_ROW_PIPE 0
-#endif
-#ifndef NMH_SPLIT_QK
-#define NMH_SPLIT_QK 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -317,10 +305,7 @@ constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
 constexpr int BAR_OFF = V_OFF + STAGES * V_STAGE_BYTES;
 constexpr int BAR_Q = 0, BAR_FULL_K = 1, BAR_FULL_V = 1 + STAGES, BAR_EMPTY_K = 1 + 2 * STAGES,
               BAR_EMPTY_V = 1 + 3 * STAGES, NUM_BARS = 1 + 4 * STAGES;
-// + NMH_SPLIT_QK: one scratch word after the barriers (its pin's store, never executed in
-// practice) + slack to align the base to 1024.
-constexpr int SCRATCH_OFF = BAR_OFF + 8 * NUM_BARS;
-constexpr int SMEM_BYTES = SCRATCH_OFF + (NMH_SPLIT_QK ? 8 : 0) + 1024;
+constexpr int SMEM_BYTES = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
 // 128*40 + 256*232 = 384*168 (cp.async: the producer computes 128 addresses a tile). The TMA
 // producer is one thread with a few scalars: 24, and the consumers get FA3's 240.
 // Three consumers (512 threads, 128 registers each at launch): 24/160 (TMA) or 40/152.
@@ -468,9 +453,6 @@ constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NG
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
 static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PIPE: N:M, threshold rule, dense P.V");
-constexpr bool SPLIT_QK = NMH_SPLIT_QK != 0;
-static_assert(!SPLIT_QK || (BN == 128 && !HALF_SELECT && !ROW_PIPE && !SPARSE_PV),
-              "NMH_SPLIT_QK: 128-key tiles, not with HALF_SELECT, ROW_PIPE or the sparse P.V");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
 }
@@ -554,65 +536,6 @@ __device__ __forceinline__ void select_row_f32(const float (&s)[SC], int r, floa
 __device__ __forceinline__ void select_f32(const float (&s)[SC], float (&thr)[2][NGROUPS], float (&mx)[2], bool& tie) {
   select_row_f32(s, 0, thr, mx[0], tie);
   select_row_f32(s, 1, thr, mx[1], tie);
-}
-// NMH_SPLIT_QK: the K-th largest (1-based) of the union of two descending lists of H values: the
-// max over the splits i + (K - i) = K of min(a_i, b_(K-i)), with a_0 = b_0 = +inf (the K-th
-// largest is attained at the split that takes exactly the union's K largest, and every split's
-// min is <= it). Exact on any non-NaN values, -inf included, as the one network's rank is.
-template <int K, int H>
-__device__ __forceinline__ float kth_of_two(const float (&a)[H], const float (&b)[H]) {
-  constexpr int LO = K > H ? K - H : 0, HI = K < H ? K : H;
-  float best = -INFINITY;
-#pragma unroll
-  for (int i = LO; i <= HI; ++i) {
-    float v;
-    if (i == 0) v = b[K - 1];
-    else if (i == K) v = a[K - 1];
-    else v = fminf(a[i - 1], b[K - i - 1]);
-    best = i == LO ? v : fmaxf(best, v);
-  }
-  return best;
-}
-// NMH_SPLIT_QK's selection: each group's first M/2 members (the first Q.K^T half) sorted, then
-// `second_half(top0, top1, bottom)` (the wait for the second half, pinned behind the first half's
-// row maxima and, from M = 8 on, its minimum), then the other M/2 sorted and merged by rank. Same thresholds, row maxima and tie
-// flags as select_f32.
-template <class SecondHalf>
-__device__ __forceinline__ void select_split(const float (&s)[SC], float (&thr)[2][NGROUPS], float (&mx)[2], bool& tie,
-                                             SecondHalf&& second_half) {
-  if constexpr (SPARSE) {
-    constexpr int H = M_SEL / 2;
-    float a[2][NGROUPS][H];
-    float top[2], bottom = 0.f;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int g = 0; g < NGROUPS; ++g) {
-#pragma unroll
-        for (int mm = 0; mm < H; ++mm) a[r][g][mm] = s[member_index(g, mm, r)];
-        sort_desc<H>(a[r][g]);
-        top[r] = g == 0 ? a[r][g][0] : fmaxf(top[r], a[r][g][0]);
-        // From M = 8 on, the pin also takes the minima, whose cones hold most of the rest of
-        // each network: ptxas otherwise moves those comparators behind the wait.
-        if constexpr (H >= 4) bottom = r == 0 && g == 0 ? a[r][g][H - 1] : fminf(bottom, a[r][g][H - 1]);
-      }
-    }
-    second_half(top[0], top[1], bottom);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = top[r];
-#pragma unroll
-      for (int g = 0; g < NGROUPS; ++g) {
-        float b[H];
-#pragma unroll
-        for (int mm = 0; mm < H; ++mm) b[mm] = s[member_index(g, H + mm, r)];
-        sort_desc<H>(b);
-        thr[r][g] = kth_of_two<N_SEL, H>(a[r][g], b);
-        mx[r] = fmaxf(mx[r], b[0]);
-        if constexpr (TIE_INDEX) tie |= thr[r][g] == kth_of_two<N_SEL + 1, H>(a[r][g], b);
-      }
-    }
-  }
 }
 // NMH_HALF_SELECT, row r: its groups in pairs through the f16 network (group 2gp in the low
 // halves, 2gp + 1 in the high ones), thr[r][*] from half_select_group and the row max of the f16
@@ -704,20 +627,12 @@ __device__ __forceinline__ void probe_kept_row(const float (&s)[SC], int r, int 
 // MID_WAIT: `mid` (the wait for P.V(j-1) and the fences after it) runs after the first
 // MID_WAIT_AFTER exponentials, and P goes into `pr` slice by slice; otherwise `mid` and `pr` are
 // not touched (the caller converts after its own wait).
-// NMH_SPLIT_QK: `hi_ready(x0, x1, x2)` waits for the second Q.K^T half (s[SC/2..SC)); the interior
-// path calls it after the work the first half allows (x0, x1: values that work computed, to pin
-// the wait behind it), every other path first.
-template <bool EDGE, class Mid, class HiReady>
+template <bool EDGE, class Mid>
 __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, const RowCtx& x, const FwdParams& p,
                                              float (&m)[2], float (&l)[2], float (&alpha)[2], int64_t probe_off,
                                              uint32_t (&cp)[4][4], uint32_t (&cm)[4], bool& sp_tile,
-                                             uint32_t (&pr)[KSTEPS][4], Mid&& mid, HiReady&& hi_ready) {
+                                             uint32_t (&pr)[KSTEPS][4], Mid&& mid) {
   const float c = p.scale_log2;
-  constexpr bool SPLIT_PATH = SPLIT_QK && !EDGE && !PROBE;
-  if constexpr (!SPLIT_PATH) hi_ready(0.f, 0.f, 0.f);
-  auto second_half = [&](float x0, float x1, float x2) {
-    if constexpr (SPLIT_PATH) hi_ready(x0, x1, x2);
-  };
   // Mask probe, part 1: the raw scores (before any masking), visited tiles only.
   if constexpr (PROBE) {
 #pragma unroll
@@ -810,26 +725,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     select_row_f16(s, 0, thr, mx[0], decided);
     select_row_f16(s, 1, thr, mx[1], decided);
     if (!decided) select_f32(s, thr, mx, tie);
-  } else if constexpr (SPARSE && SPLIT_QK) {
-    select_split(s, thr, mx, tie, second_half);
   } else if constexpr (SPARSE) {
     select_f32(s, thr, mx, tie);
-  } else if constexpr (SPLIT_QK) {  // the first half's maxima, the wait, the second half's
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = s[2 * r];
-#pragma unroll
-      for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
-    }
-    second_half(mx[0], mx[1], 0.f);
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int j = BN / 16; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
   } else {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -980,28 +877,6 @@ __device__ __forceinline__ void qk_gemm(float (&s)[SC], uint64_t dq, uint64_t dk
     qk_mma<F16>(s, dq + off_q, dk + off_k, kk > 0 ? 1 : 0);
   }
 }
-// NMH_SPLIT_QK: S = Q.K^T as two m64n64 halves, keys in K's shared-memory rows 0-63 into s[0, 32)
-// and rows 64-127 (64 rows x 128 B further into each atom column) into s[32, 64): the same
-// accumulator layout as one m64n128. The first half is committed here, the second by the caller.
-template <bool F16>
-__device__ __forceinline__ void qk_gemm_split(float (&s)[SC], uint64_t dq, uint64_t dk) {
-  float(&lo)[SC / 2] = *reinterpret_cast<float(*)[SC / 2]>(&s[0]);
-  float(&hi)[SC / 2] = *reinterpret_cast<float(*)[SC / 2]>(&s[SC / 2]);
-  constexpr uint32_t HI_K = ((BN / 2) * 128) >> 4;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t off_q = (uint32_t)((kk / 4) * Q_ATOM_BYTES + (kk % 4) * 32) >> 4;
-    const uint32_t off_k = (uint32_t)((kk / 4) * ATOM_BYTES + (kk % 4) * 32) >> 4;
-    qk_mma<F16>(lo, dq + off_q, dk + off_k, kk > 0 ? 1 : 0);
-  }
-  wg_commit();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t off_q = (uint32_t)((kk / 4) * Q_ATOM_BYTES + (kk % 4) * 32) >> 4;
-    const uint32_t off_k = (uint32_t)((kk / 4) * ATOM_BYTES + (kk % 4) * 32) >> 4;
-    qk_mma<F16>(hi, dq + off_q, dk + off_k + HI_K, kk > 0 ? 1 : 0);
-  }
-}
 // NACC = the accumulator registers: D / 2, or D / 2 + 4 with the ones columns (MMA_ROWSUM).
 template <bool F16, int NACC>
 __device__ __forceinline__ void pv_gemm(float (&o)[NACC], const uint32_t (&pr)[KSTEPS][4], uint64_t dv) {
@@ -1116,7 +991,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
   const uint32_t sbase = smem_u32(smem);
   const uint32_t bars = sbase + BAR_OFF;
   auto bar = [&](int i) { return bars + 8u * (uint32_t)i; };
-  [[maybe_unused]] const uint32_t scratch = sbase + SCRATCH_OFF;  // NMH_SPLIT_QK's pin (pin_store)
 
   // Heaviest causal tiles first (the last query blocks see the most keys).
   const int m_block = p.is_causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
@@ -1373,23 +1247,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto tile_n0 = [&](int i) { return (t_end - 1 - i) * BN; };
     // `mid`: what MID_WAIT runs inside the softmax (the wait for P.V(i-1)); unused otherwise.
-    auto softmax = [&](int i, auto kind, auto&& mid, auto&& hi_ready) {
+    auto softmax = [&](int i, auto kind, auto&& mid) {
       const int n0 = tile_n0(i);
       constexpr int K = decltype(kind)::value;
       // A constant for EdgeTile / InteriorTile: the other branch is not compiled into that loop.
       if (K == EdgeTile::value || (K == AnyTile::value && tile_is_edge(n0, x, p)))
-        need_rescale =
-            softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile, pr, mid, hi_ready);
+        need_rescale = softmax_tile<true>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile, pr, mid);
       else
-        need_rescale =
-            softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile, pr, mid, hi_ready);
+        need_rescale = softmax_tile<false>(s_acc, n0, t, x, p, m, l, alpha, probe_off, cp, cm, sp_tile, pr, mid);
     };
     auto nothing_in_flight = [](float) {};
-    auto both_halves_ready = [](float, float, float) {};  // (NMH_SPLIT_QK: waited for both already)
-    auto qk = [&](int stage) {  // Q.K^T's MMAs: one commit group, or two with NMH_SPLIT_QK
-      if constexpr (SPLIT_QK) qk_gemm_split<FP16>(s_acc, dq, desc_k(stage));
-      else qk_gemm<FP16>(s_acc, dq, desc_k(stage));
-    };
     // P -> the A operand (after the wait that ends the previous P.V: its operand registers are
     // read until then) and the P.V issue. The sparse path staged the compressed P already.
     auto to_operand = [&]() {
@@ -1439,14 +1306,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     mbar_wait(bar(BAR_FULL_K), 0, 30);
     if (PINGPONG) named_sync(my_turn, 256);
     wg_fence();
-    qk(0);
+    qk_gemm<FP16>(s_acc, dq, desc_k(0));
     wg_commit();
     if (PINGPONG && (not_last_wg || nt > 1)) named_arrive(other_turn, 256);
     wg_wait<0>();
     reg_fence(s_acc);
     __syncwarp();
     if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K));
-    softmax(0, AnyTile{}, nothing_in_flight, both_halves_ready);
+    softmax(0, AnyTile{}, nothing_in_flight);
     if constexpr (!MID_WAIT) to_operand();
 
     // ---- tiles 1..nt-1: Q.K^T(i) and P.V(i-1) issued together. With OVERLAP the softmax of
@@ -1458,54 +1325,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
       if (PINGPONG) named_sync(my_turn, 256);
       prep_pv(sp);
-      // NMH_SPLIT_QK: the second Q.K^T half is waited for inside the softmax (hi_ready); until
-      // then its registers are not read, and the K stage stays in use.
-      float(&s_lo)[SC / 2] = *reinterpret_cast<float(*)[SC / 2]>(&s_acc[0]);
-      float(&s_hi)[SC / 2] = *reinterpret_cast<float(*)[SC / 2]>(&s_acc[SC / 2]);
-      if constexpr (SPLIT_QK && !OVERLAP) {
-        // Without overlap the softmax waits for P.V(i-1) anyway: it goes first, so that the
-        // first Q.K^T half completes right after it (O's rescale before it, not under Q.K^T).
-        if constexpr (LATE_RESCALE) maybe_rescale();
-        wg_fence();
-        pv(sp);
-        wg_commit();
-        qk(s);
-        wg_commit();
-      } else {
-        wg_fence();
-        qk(s);
-        wg_commit();
-        if constexpr (LATE_RESCALE) {
-          // FA3's order: O (tiles < i-1, scaled to m(i-2)) is brought to m(i-1) by the factor of
-          // softmax(i-1), under Q.K^T(i), just before P.V(i-1) adds P(i-1) (scaled to m(i-1)).
-          maybe_rescale();
-          wg_fence();  // O was written by ordinary instructions since the last fence
-        }
-        pv(sp);
-        if constexpr (!SPARSE_PV) wg_commit();  // the sparse P.V commits each of its passes
+      wg_fence();
+      qk_gemm<FP16>(s_acc, dq, desc_k(s));
+      wg_commit();
+      if constexpr (LATE_RESCALE) {
+        // FA3's order: O (tiles < i-1, scaled to m(i-2)) is brought to m(i-1) by the factor of
+        // softmax(i-1), under Q.K^T(i), just before P.V(i-1) adds P(i-1) (scaled to m(i-1)).
+        maybe_rescale();
+        wg_fence();  // O was written by ordinary instructions since the last fence
       }
+      pv(sp);
+      if constexpr (!SPARSE_PV) wg_commit();  // the sparse P.V commits each of its passes
       if (PINGPONG && (not_last_wg || i < nt - 1)) named_arrive(other_turn, 256);
       if constexpr (OVERLAP) {
-        if constexpr (SPLIT_QK) {
-          wg_wait<2>();  // Q.K^T(i)'s first half done
-          reg_fence(s_lo);
-        } else {
-          wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
-          reg_fence(s_acc);
-          __syncwarp();
-          if (!MID_WAIT && lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
-        }
-        auto hi_ready = [&](float x0, float x1, float x2) {
-          if constexpr (SPLIT_QK) {
-            // ptxas hoists an operand-less wait as far as it can: a (never taken) store that
-            // depends on the first half's results keeps this one behind that work.
-            pin_store(scratch, x0, x1, x2);
-            wg_wait<1>();
-            reg_fence(s_hi);
-            __syncwarp();
-            if (!MID_WAIT && lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
-          }
-        };
+        wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
+        reg_fence(s_acc);
+        __syncwarp();
+        if (!MID_WAIT && lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
         auto pv_done = [&](float last_p) {
           if constexpr (MID_WAIT) {
             // The K stage is released here, after the first exponentials: ptxas schedules the
@@ -1527,25 +1363,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           if (lane == 0) mbar_arrive(bar(BAR_EMPTY_V + sp));
         };
         if constexpr (MID_WAIT) {
-          softmax(i, kind, pv_done, hi_ready);
+          softmax(i, kind, pv_done);
         } else {
-          softmax(i, kind, nothing_in_flight, hi_ready);
+          softmax(i, kind, nothing_in_flight);
           pv_done(0.f);
         }
-      } else if constexpr (SPLIT_QK) {
-        wg_wait<1>();  // P.V(i-1) and Q.K^T(i)'s first half done
-        reg_fence(s_lo);
-        reg_fence(o);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar(BAR_EMPTY_V + sp));
-        auto hi_ready = [&](float x0, float x1, float x2) {
-          pin_store(scratch, x0, x1, x2);  // (as with overlap, above)
-          wg_wait<0>();
-          reg_fence(s_hi);
-          __syncwarp();
-          if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
-        };
-        softmax(i, kind, nothing_in_flight, hi_ready);
       } else {
         wg_wait<0>();
         reg_fence(s_acc);
@@ -1555,7 +1377,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           mbar_arrive(bar(BAR_EMPTY_K + s));
           mbar_arrive(bar(BAR_EMPTY_V + sp));
         }
-        softmax(i, kind, nothing_in_flight, both_halves_ready);
+        softmax(i, kind, nothing_in_flight);
       }
       if constexpr (!LATE_RESCALE) maybe_rescale();
       if constexpr (!MID_WAIT) to_operand();

@@ -244,13 +244,4 @@ __device__ __forceinline__ float drop_below2(float arg, float score, float floor
   return r;
 }
 
-// An ordering pin: a shared-memory store of 0 to `addr` (a scratch word) if x0 + x1 + x2 is
-// exactly -2^127 - 2^104, which it practically never is (and a store there is harmless if it
-// is). ptxas keeps it before a later wgmma.wait_group, and the computation of x0..x2 before it.
-__device__ __forceinline__ void pin_store(uint32_t addr, float x0, float x1, float x2) {
-  asm volatile("{\n.reg .pred q;\n.reg .f32 t;\nadd.f32 t, %1, %2;\nadd.f32 t, t, %3;\n"
-               "setp.eq.f32 q, t, 0fFF000001;\n@q st.shared.u32 [%0], 0;\n}\n" ::"r"(addr), "f"(x0), "f"(x1), "f"(x2)
-               : "memory");
-}
-
 }  // namespace nmh
