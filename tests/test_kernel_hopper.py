@@ -1199,7 +1199,8 @@ def test_sparse_pv_overlap_stages_the_next_operand():
     # (The sparse path never waits inside the softmax: MID_WAIT excludes it.)
     assert '"NMH_MID_WAIT: the overlapped schedule, dense P.V"' in src
     loop = src[src.index("if constexpr (OVERLAP) {\n        wg_wait<1>();"):]
-    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight);\n          pv_done(0.f);")
+    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight);\n          stamp(i, 5);\n"
+                                                    "          pv_done(0.f);")
     assert loop.index("pv_done(0.f);") < loop.index("if constexpr (!MID_WAIT) to_operand();")
     gen = torch.Generator().manual_seed(12)
     v = torch.randint(-8, 9, (128, 8), generator=gen).double()
@@ -1987,6 +1988,36 @@ def test_gpu_37_half_select_row_by_row_against_reference(monkeypatch, n, d, dtyp
     network's, on random, tied and f16-regime inputs (as test_gpu_35)."""
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
     test_gpu_35_half_select_against_reference(monkeypatch, n, False, d, dtype)
+
+
+def test_phase_clocks_variant_flag_and_summary(monkeypatch):
+    """MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS (tag flag c, the `phases` command's clock-stamp
+    build): its own define, parsed back, switched by the A/B table, never a probe build; and the
+    summary's arithmetic on synthetic stamps: per-phase means over fully recorded steps only, the
+    loop gap and period between consecutive recorded steps, differences across the counter's
+    wrap."""
+    from modelopt_sparse.kernels.hopper_attention import phases
+
+    _assert_switch_flag(monkeypatch, "phase_clocks", "PHASE_CLOCKS", "c", _params(sparsity_n=2, sparsity_m=4))
+    assert not hv.Variant(probe=True, phase_clocks=True).canonical().phase_clocks
+    src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
+    assert "constexpr int CLOCK_TILES = 128, CLOCK_STAMPS = 8;" in src
+    assert (he.PHASE_CLOCK_TILES, he.PHASE_CLOCK_STAMPS) == (128, 8)
+    gaps = torch.tensor([5, 7, 11, 13, 17, 19], dtype=torch.int64)  # data .. tail
+    stamps = torch.zeros(2, 4, 8, dtype=torch.int64)
+    start = 2**32 - 40  # the first warpgroup's counter wraps inside its steps
+    for wg in range(2):
+        t0 = start if wg == 0 else 1001
+        for i in range(3):  # steps 0-2 recorded, 23 cycles from one step's end to the next start
+            stamps[wg, i, :7] = (t0 + torch.cat([torch.zeros(1, dtype=torch.int64), gaps.cumsum(0)])) % 2**32
+            t0 += int(gaps.sum()) + 23
+    stamps[1, 2, 5] = 0  # a step with a stamp missing does not count
+    out = phases.summarize(stamps)
+    assert out["steps"] == 5
+    assert [out[k] for k in phases.PHASES] == [float(g) for g in gaps]
+    assert out["loop"] == 23.0 and out["period"] == float(gaps.sum() + 23)
+    with pytest.raises(ValueError, match="no tile step"):
+        phases.summarize(torch.zeros(1, 2, 8, dtype=torch.int64))
 
 
 def test_row_pipe_variant_flag_env_and_sets(monkeypatch):

@@ -74,6 +74,10 @@
 // FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
+// NMH_PHASE_CLOCKS (session 23, measurement only): lane 0 of each consumer warpgroup's first warp
+// writes SM clock stamps at the phase boundaries of each tile step (PHASE_STAMPS below) into
+// p.probe_s, read as uint32 [CTA][consumer warpgroup][tile < CLOCK_TILES][CLOCK_STAMPS]; the
+// `phases` command (hopper_attention/phases.py) turns them into cycles per phase.
 #include "networks.cuh"
 #include "ptx.cuh"
 #include "wgmma.cuh"
@@ -146,6 +150,9 @@
 #endif
 #ifndef NMH_ROW_PIPE
 #define NMH_ROW_PIPE 0
+#endif
+#ifndef NMH_PHASE_CLOCKS
+#define NMH_PHASE_CLOCKS 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -453,6 +460,14 @@ constexpr bool HALF_SELECT = NMH_HALF_SELECT != 0 && SPARSE && M_SEL == 16 && NG
 static_assert(NMH_HALF_SELECT == 0 || HALF_SELECT, "NMH_HALF_SELECT: M = 16 with 128-key tiles");
 constexpr bool ROW_PIPE = NMH_ROW_PIPE != 0;
 static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PIPE: N:M, threshold rule, dense P.V");
+// NMH_PHASE_CLOCKS: stamps per tile step, in this order: 0 the step's start, 1 K(i) and V(i-1)
+// arrived, 2 the ping-pong turn taken, 3 Q.K^T(i) and P.V(i-1) issued, 4 Q.K^T(i) waited for
+// (and, without overlap, P.V(i-1)), 5 the softmax done (with MID_WAIT it holds the wait for
+// P.V(i-1)), 6 the step's end (the wait for P.V(i-1) with overlap and no MID_WAIT, O's rescale,
+// P into the operand registers). Stamps are (clock | 1), so 0 means "not recorded".
+constexpr bool PHASE_CLOCKS = NMH_PHASE_CLOCKS != 0;
+constexpr int CLOCK_TILES = 128, CLOCK_STAMPS = 8;
+static_assert(!PHASE_CLOCKS || !PROBE, "NMH_PHASE_CLOCKS writes where the mask probe would");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
   return 4 * ((g >> 1) + R_PERM * m) + 2 * r + (g & 1);
 }
@@ -1221,6 +1236,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
   x.offset = offset;
   const int64_t probe_off = PROBE ? (int64_t)head * p.probe_head + q_start * p.probe_row : 0;
 
+  [[maybe_unused]] uint32_t* const clocks =
+      PHASE_CLOCKS ? reinterpret_cast<uint32_t*>(p.probe_s) +
+                         (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * NC * CLOCK_TILES *
+                             CLOCK_STAMPS +
+                         (size_t)wgc * CLOCK_TILES * CLOCK_STAMPS
+                   : nullptr;
+  // NMH_PHASE_CLOCKS only: one predicated store per stamp, no branch (a branch per stamp cost
+  // ~15 instructions and a convergence barrier each).
+  auto stamp = [&](int i, int k) {
+    if constexpr (PHASE_CLOCKS)
+      clock_store(clocks + (i < CLOCK_TILES ? i : 0) * CLOCK_STAMPS + k, warp == 0 && lane == 0 && i < CLOCK_TILES);
+  };
+
   float o[O_ACC];
 #pragma unroll
   for (int i = 0; i < O_ACC; ++i) o[i] = 0.f;
@@ -1321,9 +1349,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     auto step = [&](int i, auto kind) {
       const int s = i % STAGES, u = i / STAGES;
       const int sp = (i - 1) % STAGES, up = (i - 1) / STAGES;
+      stamp(i, 0);
       mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
       mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
+      stamp(i, 1);
       if (PINGPONG) named_sync(my_turn, 256);
+      stamp(i, 2);
       prep_pv(sp);
       wg_fence();
       qk_gemm<FP16>(s_acc, dq, desc_k(s));
@@ -1337,9 +1368,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       pv(sp);
       if constexpr (!SPARSE_PV) wg_commit();  // the sparse P.V commits each of its passes
       if (PINGPONG && (not_last_wg || i < nt - 1)) named_arrive(other_turn, 256);
+      stamp(i, 3);
       if constexpr (OVERLAP) {
         wg_wait<1>();  // Q.K^T(i) done, P.V(i-1) may still run
         reg_fence(s_acc);
+        stamp(i, 4);
         __syncwarp();
         if (!MID_WAIT && lane == 0) mbar_arrive(bar(BAR_EMPTY_K + s));
         auto pv_done = [&](float last_p) {
@@ -1364,23 +1397,29 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         };
         if constexpr (MID_WAIT) {
           softmax(i, kind, pv_done);
+          stamp(i, 5);
         } else {
           softmax(i, kind, nothing_in_flight);
+          stamp(i, 5);
           pv_done(0.f);
         }
       } else {
         wg_wait<0>();
         reg_fence(s_acc);
         reg_fence(o);
+        stamp(i, 4);
         __syncwarp();
         if (lane == 0) {
           mbar_arrive(bar(BAR_EMPTY_K + s));
           mbar_arrive(bar(BAR_EMPTY_V + sp));
         }
         softmax(i, kind, nothing_in_flight);
+        stamp(i, 5);
       }
       if constexpr (!LATE_RESCALE) maybe_rescale();
       if constexpr (!MID_WAIT) to_operand();
+      if constexpr (PHASE_CLOCKS) reg_fence(pr[KSTEPS - 1]);  // (P complete before the last stamp)
+      stamp(i, 6);
     };
     if constexpr (SPLIT_LOOP) {
       // Runs of edge tiles (the causal diagonal, the sequence's end, the dense window lead in

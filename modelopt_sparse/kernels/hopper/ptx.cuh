@@ -244,4 +244,12 @@ __device__ __forceinline__ float drop_below2(float arg, float score, float floor
   return r;
 }
 
+// NMH_PHASE_CLOCKS: the SM's cycle counter | 1 stored at `addr` if `on` (one predicated store;
+// volatile with a memory clobber, so that it stays between the waits and stores around it).
+__device__ __forceinline__ void clock_store(uint32_t* addr, bool on) {
+  asm volatile("{\n.reg .pred q;\n.reg .u32 t;\nsetp.ne.u32 q, %1, 0;\nmov.u32 t, %%clock;\nor.b32 t, t, 1;\n"
+               "@q st.global.u32 [%0], t;\n}\n" ::"l"(addr), "r"((uint32_t)on)
+               : "memory");
+}
+
 }  // namespace nmh

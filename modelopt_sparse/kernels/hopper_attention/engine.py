@@ -30,6 +30,11 @@ BLOCK_M = 128  # query rows per CTA with two consumer warpgroups (the three-warp
 THREADS = 384
 LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
+# The clock-stamp build (Variant.phase_clocks, measurement only): stamps per tile step and tiles
+# recorded per consumer warpgroup (CLOCK_STAMPS, CLOCK_TILES in nm_attention_fwd.cu), and the
+# last launch's stamps, (int32 buffer, grid, consumer warpgroups), for the `phases` command.
+PHASE_CLOCK_STAMPS, PHASE_CLOCK_TILES = 8, 128
+last_phase_clocks = None
 
 
 # --------------------------------------------------------------------------------------
@@ -184,6 +189,12 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     grid = _grid(max_q, hq, q_len.shape[0], mod.block_m)
     if q.shape[0] == 0:
         return out, lse
+    if variant.phase_clocks:  # measurement build: the stamps go where a probe's scores would
+        global last_phase_clocks
+        stamps = torch.zeros(math.prod(grid) * (mod.block_m // 64) * PHASE_CLOCK_TILES * PHASE_CLOCK_STAMPS,
+                             dtype=torch.int32, device=q.device)
+        p.probe_s = stamps.data_ptr()
+        last_phase_clocks = (stamps, grid, mod.block_m // 64)
     tma = None
     if variant.tma3d:
         tma = _TmaParams3D()

@@ -453,5 +453,16 @@ def _main(argv=None) -> int:
     ab.add_argument("--iters", type=int, default=5, help="launches per timing (their median)")
     ab.add_argument("--repeats", type=int, default=5, help="timings per kernel, in rotating order")
     ab.add_argument("--noncausal", action="store_true")
+    ph = sub.add_parser("phases", help="cycles per tile step of each phase (data wait, ping-pong turn, issue, "
+                                       "Q.K^T wait, softmax, tail), from the kernels' clock-stamp builds (GPU)")
+    ph.add_argument("tags", nargs="+", help="variant tags as for ab (each runs with its clock stamps, tag flag c)")
+    ph.add_argument("--seq-len", type=int, default=16384)
+    ph.add_argument("--heads", type=int, default=32)
+    ph.add_argument("--noncausal", action="store_true")
+    ph.add_argument("--out", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
+    if args.cmd == "phases":
+        from .phases import main as phases_main
+
+        return phases_main(args)
     return {"precompile": _precompile, "smoke": _smoke, "bench": _bench, "sass": _sass, "ab": ab_main}[args.cmd](args)

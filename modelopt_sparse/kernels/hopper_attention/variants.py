@@ -80,6 +80,10 @@ class Variant:
     # second row's selection network runs beside the first row's exponentials (session 21;
     # MODELOPT_SPARSE_HOPPER_ROW_PIPE, tag flag "e"; default: measured_row_pipe).
     row_pipe: bool = False
+    # Measurement only: SM clock stamps at each tile step's phase boundaries, for the `phases`
+    # command (session 23; MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS=1, tag flag "c"; never in a probe
+    # build, never chosen by default).
+    phase_clocks: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -139,6 +143,9 @@ class Variant:
         # Row by row: N:M with the threshold rule and dense P.V.
         if v.row_pipe and not (v.sparsity_n and not v.tie_index and not v.sparse_pv):
             v = dataclasses.replace(v, row_pipe=False)
+        # The clock stamps use the probe's buffer.
+        if v.phase_clocks and v.probe:
+            v = dataclasses.replace(v, phase_clocks=False)
         return v
 
     @property
@@ -149,7 +156,7 @@ class Variant:
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
                                         ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select), ("e", self.row_pipe),
-                                        ("n", self.producer_suspends),
+                                        ("n", self.producer_suspends), ("c", self.phase_clocks),
                                         ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
@@ -166,7 +173,7 @@ class Variant:
                              ("-DNMH_SPLIT_LOOP=1", v.split_loop), ("-DNMH_MID_WAIT=1", v.mid_wait),
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
-                             ("-DNMH_ROW_PIPE=1", v.row_pipe),
+                             ("-DNMH_ROW_PIPE=1", v.row_pipe), ("-DNMH_PHASE_CLOCKS=1", v.phase_clocks),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -303,7 +310,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     Batcher's; unset: :func:`measured_pairwise`) and MODELOPT_SPARSE_HOPPER_HALF_SELECT (M = 16:
     the network on f16 copies, two groups per register; unset: :func:`measured_half_select`) and
     MODELOPT_SPARSE_HOPPER_ROW_PIPE (N:M, threshold rule: selection and exponentials row by row;
-    unset: :func:`measured_row_pipe`)."""
+    unset: :func:`measured_row_pipe`) and MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS (measurement only,
+    default 0: the clock-stamp build the ``phases`` command reads)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -330,6 +338,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
                                                   params.tie_break == "index")),
         row_pipe=env_flag("MODELOPT_SPARSE_HOPPER_ROW_PIPE",
                           measured_row_pipe(head_dim, params.sparsity_n, params.sparsity_m)),
+        phase_clocks=env_flag("MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS", False),
         probe=probe,
     ).canonical()
 
@@ -368,4 +377,5 @@ def _parse_tag(tag: str) -> Variant:
                    consumers=3 if "3" in flags else 2, sparse_pv="s" in flags, tma3d="g" in flags,
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
-                   pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags, probe="x" in flags)
+                   pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags,
+                   phase_clocks="c" in flags, probe="x" in flags)
