@@ -18,8 +18,9 @@ The phases, in a step's order (stamp k to stamp k + 1):
 - ``tail``: the wait for P.V(i-1) (overlap without MID_WAIT), O's rescale, P into the operand;
 - ``loop``: from the end of one step to the start of the next.
 
-``mma_bound`` is the step a tensor-bound kernel would take: the MMAs of one 64 x 128 tile of
-every consumer warpgroup of the CTA at the H200's dense bf16 rate (4096 FLOP per clock per SM).
+``mma_bound`` is the step a tensor-bound kernel would take: the MMAs of one tile (64 query rows
+x ``keys``, 128 or 64 with BN64) of every consumer warpgroup of the CTA at the H200's dense bf16
+rate (4096 FLOP per clock per SM).
 """
 from __future__ import annotations
 
@@ -76,19 +77,20 @@ def measure(tag: str, *, seq_len: int = 16384, heads: int = 32, causal: bool = T
     stamps = buf.view(-1, engine.PHASE_CLOCK_TILES, engine.PHASE_CLOCK_STAMPS).cpu()
     out = summarize(stamps)
     out["tag"] = v.tag
-    out["mma_bound"] = consumers * 4 * 64 * 128 * v.head_dim / FLOP_PER_CLOCK
+    out["keys"] = 64 if v.bn64 else 128  # keys per tile step
+    out["mma_bound"] = consumers * 4 * 64 * out["keys"] * v.head_dim / FLOP_PER_CLOCK
     return out
 
 
 def print_table(rows) -> None:
-    cols = ("period", "mma_bound") + PHASES + ("loop",)
+    cols = ("keys", "period", "mma_bound") + PHASES + ("loop",)
     print("\nCycles per tile step of one consumer warpgroup (mean over recorded steps; clock-stamp builds)")
     print(f"{'kernel':<24}" + "".join(f"{c:>10}" for c in cols))
     for r in rows:
         print(f"{r['tag']:<24}" + "".join(f"{r[c]:>10.0f}" for c in cols))
     print(f"{'(share of period)':<24}")
     for r in rows:
-        print(f"{r['tag']:<24}{'':>20}" + "".join(f"{r[c] / r['period']:>10.1%}" for c in PHASES + ("loop",)))
+        print(f"{r['tag']:<24}{'':>30}" + "".join(f"{r[c] / r['period']:>10.1%}" for c in PHASES + ("loop",)))
 
 
 def main(args) -> int:
