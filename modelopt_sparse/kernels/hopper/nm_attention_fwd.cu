@@ -464,7 +464,8 @@ static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PI
 // arrived, 2 the ping-pong turn taken, 3 Q.K^T(i) and P.V(i-1) issued, 4 Q.K^T(i) waited for
 // (and, without overlap, P.V(i-1)), 5 the softmax done (with MID_WAIT it holds the wait for
 // P.V(i-1)), 6 the step's end (the wait for P.V(i-1) with overlap and no MID_WAIT, O's rescale,
-// P into the operand registers). Stamps are (clock | 1), so 0 means "not recorded".
+// P into the operand registers), 7 between 0 and 1: K(i) arrived (V(i-1) not yet waited for).
+// Stamps are (clock | 1), so 0 means "not recorded".
 constexpr bool PHASE_CLOCKS = NMH_PHASE_CLOCKS != 0;
 constexpr int CLOCK_TILES = 128, CLOCK_STAMPS = 8;
 static_assert(!PHASE_CLOCKS || !PROBE, "NMH_PHASE_CLOCKS writes where the mask probe would");
@@ -1351,6 +1352,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       const int sp = (i - 1) % STAGES, up = (i - 1) / STAGES;
       stamp(i, 0);
       mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
+      stamp(i, 7);
       mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
       stamp(i, 1);
       if (PINGPONG) named_sync(my_turn, 256);

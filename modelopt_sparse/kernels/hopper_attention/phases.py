@@ -9,7 +9,7 @@ few per cent slower than the kernel itself: read the shares, and time speed with
 
 The phases, in a step's order (stamp k to stamp k + 1):
 
-- ``data``: waiting for K(i) and V(i-1) to arrive (the producer is behind);
+- ``data``: waiting for K(i) and V(i-1) to arrive (split into ``k_wait`` and ``v_wait``);
 - ``turn``: waiting for the ping-pong turn (the other warpgroup's MMAs are issued first);
 - ``issue``: issuing Q.K^T(i) and P.V(i-1) (and, with late rescale, O's rescale);
 - ``qk_wait``: waiting for Q.K^T(i) (without overlap also for P.V(i-1));
@@ -49,6 +49,10 @@ def summarize(stamps: torch.Tensor) -> dict:
     for k, name in enumerate(PHASES):
         d = (s[..., k + 1] - s[..., k]) % 2**32
         out[name] = float(d[done].double().mean())
+    k_done = done & (s[..., 7] != 0)  # stamp 7: K(i) arrived, between stamps 0 and 1
+    if bool(k_done.any()):
+        out["k_wait"] = float(((s[..., 7] - s[..., 0]) % 2**32)[k_done].double().mean())
+        out["v_wait"] = float(((s[..., 1] - s[..., 7]) % 2**32)[k_done].double().mean())
     pair = done[:, 1:] & done[:, :-1]
     if bool(pair.any()):
         out["loop"] = float(((s[:, 1:, 0] - s[:, :-1, 6]) % 2**32)[pair].double().mean())
@@ -91,6 +95,10 @@ def print_table(rows) -> None:
     print(f"{'(share of period)':<24}")
     for r in rows:
         print(f"{r['tag']:<24}{'':>30}" + "".join(f"{r[c] / r['period']:>10.1%}" for c in PHASES + ("loop",)))
+    print("data = k_wait + v_wait (K(i) arriving, then V(i-1)):")
+    for r in rows:
+        if "k_wait" in r:
+            print(f"{r['tag']:<24} k_wait {r['k_wait']:>8.0f}   v_wait {r['v_wait']:>8.0f}")
 
 
 def main(args) -> int:
