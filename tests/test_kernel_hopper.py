@@ -1199,8 +1199,8 @@ def test_sparse_pv_overlap_stages_the_next_operand():
     # (The sparse path never waits inside the softmax: MID_WAIT excludes it.)
     assert '"NMH_MID_WAIT: the overlapped schedule, dense P.V"' in src
     loop = src[src.index("if constexpr (OVERLAP) {\n        wg_wait<1>();"):]
-    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight);\n          stamp(i, 5);\n"
-                                                    "          pv_done(0.f);")
+    assert loop.index("wg_wait<0>();") < loop.index("softmax(i, kind, nothing_in_flight);\n          pretest(i);\n"
+                                                    "          stamp(i, 5);\n          pv_done(0.f);")
     assert loop.index("pv_done(0.f);") < loop.index("if constexpr (!MID_WAIT) to_operand();")
     gen = torch.Generator().manual_seed(12)
     v = torch.randint(-8, 9, (128, 8), generator=gen).double()
@@ -1988,6 +1988,42 @@ def test_gpu_37_half_select_row_by_row_against_reference(monkeypatch, n, d, dtyp
     network's, on random, tied and f16-regime inputs (as test_gpu_35)."""
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_ROW_PIPE", "1")
     test_gpu_35_half_select_against_reference(monkeypatch, n, False, d, dtype)
+
+
+@gpu_test
+@pytest.mark.parametrize("n,m,tie", hs.KV_PRETEST_PATTERNS, ids=lambda x: str(x))
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_38_kv_pretest_equals_the_measured_kernel(monkeypatch, n, m, tie, d, dtype):
+    """Skipping the step's waits when the early test saw K and V arrive changes no value: bit
+    for bit the measured kernel's output and lse, on random and tied inputs, causal with sinks and
+    a dense window (many short and one long sequence: tiles of every kind), sliding-window and
+    non-causal."""
+    lens_q, lens_k = [1, 300, 5, 700, 2100], [1, 300, 900, 700, 2100]
+    tie_break = "index" if tie else "threshold"
+    sq, lq, mq, _ = varlen(lens_q, "cuda")
+    sk, lk, _, _ = varlen(lens_k, "cuda")
+    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=38 + n), tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64,
+                                                                               seed=38)):
+        q, k, v = (x.to("cuda", dtype) for x in inputs)
+        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
+            params = _params(**{"sparsity_n": n, "sparsity_m": m, "tie_break": tie_break, **kw})
+            outs = []
+            for on in (0, 1):
+                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_KV_PRETEST", str(on))
+                assert hv.variant_for(params, dtype, d).kv_pretest == bool(on)
+                outs.append(ha.forward_with_lse(q, k, v, sq, lq, mq, sk, lk, params))
+            assert torch.equal(outs[0][0], outs[1][0]), kw
+            assert torch.equal(outs[0][1], outs[1][1]), kw
+
+
+def test_kv_pretest_variant_flag_env_and_sets(monkeypatch):
+    """MODELOPT_SPARSE_HOPPER_KV_PRETEST (tag flag j): its own define, parsed back from its tag,
+    switched by the A/B table, its test kernels carried."""
+    _assert_switch_flag(monkeypatch, "kv_pretest", "KV_PRETEST", "j", _params(sparsity_n=2, sparsity_m=4))
+    _assert_switch_flag(monkeypatch, "kv_pretest", "KV_PRETEST", "j", _params(), head_dim=64)
+    assert {v.canonical() for v in hs.KV_PRETEST_TESTS} <= set(hs.standard_variants())
+    assert any(v.kv_pretest for v in hs.KV_PRETEST_TESTS)
 
 
 def test_phase_clocks_variant_flag_and_summary(monkeypatch):

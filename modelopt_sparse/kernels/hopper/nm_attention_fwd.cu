@@ -74,6 +74,11 @@
 // FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
+// NMH_KV_PRETEST (session 23): a consumer tests, right after the softmax of tile i, whether K(i+1)
+// and V(i) have arrived (mbarrier.test_wait, non-blocking, its result voted warp-uniform), and the
+// next step skips its two blocking waits when they had: a wait on a completed phase still costs
+// ~100 cycles at the step's start (the `phases` command measured 100-190 per wait), while the
+// test's latency hides behind the rest of the step. The same acquire (test_wait is .acquire).
 // NMH_PHASE_CLOCKS (session 23, measurement only): lane 0 of each consumer warpgroup's first warp
 // writes SM clock stamps at the phase boundaries of each tile step (PHASE_STAMPS below) into
 // p.probe_s, read as uint32 [CTA][consumer warpgroup][tile < CLOCK_TILES][CLOCK_STAMPS]; the
@@ -153,6 +158,9 @@
 #endif
 #ifndef NMH_PHASE_CLOCKS
 #define NMH_PHASE_CLOCKS 0
+#endif
+#ifndef NMH_KV_PRETEST
+#define NMH_KV_PRETEST 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -467,6 +475,7 @@ static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PI
 // P into the operand registers), 7 between 0 and 1: K(i) arrived (V(i-1) not yet waited for).
 // Stamps are (clock | 1), so 0 means "not recorded".
 constexpr bool PHASE_CLOCKS = NMH_PHASE_CLOCKS != 0;
+constexpr bool KV_PRETEST = NMH_KV_PRETEST != 0;
 constexpr int CLOCK_TILES = 128, CLOCK_STAMPS = 8;
 static_assert(!PHASE_CLOCKS || !PROBE, "NMH_PHASE_CLOCKS writes where the mask probe would");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
@@ -1275,6 +1284,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     bool sp_tile = false;  // NMH_SPARSE_PV: this tile's P is compressed (warpgroup-uniform)
     bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto tile_n0 = [&](int i) { return (t_end - 1 - i) * BN; };
+    // NMH_KV_PRETEST: whether K(i+1) and V(i) were there when tile i's softmax ended (warp-uniform).
+    bool kv_ready = false;
+    auto pretest = [&](int i) {
+      if constexpr (KV_PRETEST) {
+        const int n = i + 1;  // (past the last tile the flag is never read)
+        const bool ok = mbar_test(bar(BAR_FULL_K + n % STAGES), (n / STAGES) & 1) &
+                        mbar_test(bar(BAR_FULL_V + i % STAGES), (i / STAGES) & 1);
+        kv_ready = __all_sync(0xffffffffu, ok);
+      }
+    };
     // `mid`: what MID_WAIT runs inside the softmax (the wait for P.V(i-1)); unused otherwise.
     auto softmax = [&](int i, auto kind, auto&& mid) {
       const int n0 = tile_n0(i);
@@ -1343,6 +1362,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     __syncwarp();
     if (lane == 0) mbar_arrive(bar(BAR_EMPTY_K));
     softmax(0, AnyTile{}, nothing_in_flight);
+    pretest(0);
     if constexpr (!MID_WAIT) to_operand();
 
     // ---- tiles 1..nt-1: Q.K^T(i) and P.V(i-1) issued together. With OVERLAP the softmax of
@@ -1351,9 +1371,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       const int s = i % STAGES, u = i / STAGES;
       const int sp = (i - 1) % STAGES, up = (i - 1) / STAGES;
       stamp(i, 0);
-      mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
-      stamp(i, 7);
-      mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
+      if (!KV_PRETEST || !kv_ready) {
+        mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
+        stamp(i, 7);
+        mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
+      }
       stamp(i, 1);
       if (PINGPONG) named_sync(my_turn, 256);
       stamp(i, 2);
@@ -1399,9 +1421,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
         };
         if constexpr (MID_WAIT) {
           softmax(i, kind, pv_done);
+          pretest(i);
           stamp(i, 5);
         } else {
           softmax(i, kind, nothing_in_flight);
+          pretest(i);
           stamp(i, 5);
           pv_done(0.f);
         }
@@ -1416,6 +1440,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
           mbar_arrive(bar(BAR_EMPTY_V + sp));
         }
         softmax(i, kind, nothing_in_flight);
+        pretest(i);
         stamp(i, 5);
       }
       if constexpr (!LATE_RESCALE) maybe_rescale();

@@ -61,6 +61,17 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // (ptxas C7510), and a trap kills the CUDA context. The clock is read only on the slow path
 // (after 4096 unsuccessful polls), never in the steady state.
 // SUSPEND: poll with the suspend-time hint (the producer's waits for free stages).
+// Whether the phase with `parity` has completed, without waiting (NMH_KV_PRETEST): acquire
+// semantics like try_wait's when it returns true.
+__device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
+  uint32_t ok;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(ok)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return ok != 0;
+}
 template <bool SUSPEND = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, int what) {
   auto poll = [&] { return mbar_try_wait<SUSPEND>(bar, parity); };

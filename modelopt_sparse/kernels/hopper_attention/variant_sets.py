@@ -155,7 +155,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + \
+            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + KV_PRETEST_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -274,3 +274,11 @@ ROW_PIPE_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_
                                       row_pipe=True, half_select=True).canonical()
                   for d in (128, 64) for n in (8, 5) for h in (False, True) for probe in (False, True)
                   if not (probe and (h or d == 64))]
+
+# The next tile's K and V tested right after the softmax (kv_pretest, session 23) beside the
+# measured kernels (dense and N:M, both tie rules, both head dims, both dtypes): test_gpu_38 and
+# the A/B command.
+KV_PRETEST_PATTERNS = ((0, 4, False), (2, 4, False), (2, 4, True), (4, 8, False), (8, 16, False), (8, 16, True))
+KV_PRETEST_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie,
+                                                             fp16=h)), kv_pretest=on).canonical()
+                    for d in (128, 64) for n, m, tie in KV_PRETEST_PATTERNS for h in (False, True) for on in (False, True)]

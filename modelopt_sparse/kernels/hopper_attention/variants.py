@@ -84,6 +84,10 @@ class Variant:
     # command (session 23; MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS=1, tag flag "c"; never in a probe
     # build, never chosen by default).
     phase_clocks: bool = False
+    # K(i+1) and V(i) tested (non-blocking) right after the softmax of tile i, so that the next
+    # step skips its two blocking waits when both had arrived (session 23;
+    # MODELOPT_SPARSE_HOPPER_KV_PRETEST, tag flag "j"; default: measured_kv_pretest).
+    kv_pretest: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -156,7 +160,7 @@ class Variant:
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
                                         ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select), ("e", self.row_pipe),
-                                        ("n", self.producer_suspends), ("c", self.phase_clocks),
+                                        ("n", self.producer_suspends), ("c", self.phase_clocks), ("j", self.kv_pretest),
                                         ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
@@ -174,6 +178,7 @@ class Variant:
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
                              ("-DNMH_ROW_PIPE=1", v.row_pipe), ("-DNMH_PHASE_CLOCKS=1", v.phase_clocks),
+                             ("-DNMH_KV_PRETEST=1", v.kv_pretest),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -290,6 +295,12 @@ def measured_row_pipe(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     return False
 
 
+def measured_kv_pretest(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
+    """The early non-blocking test of K(i+1) and V(i) unless MODELOPT_SPARSE_HOPPER_KV_PRETEST says
+    otherwise: off (session 23: not yet timed)."""
+    return False
+
+
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
@@ -311,7 +322,9 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
     the network on f16 copies, two groups per register; unset: :func:`measured_half_select`) and
     MODELOPT_SPARSE_HOPPER_ROW_PIPE (N:M, threshold rule: selection and exponentials row by row;
     unset: :func:`measured_row_pipe`) and MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS (measurement only,
-    default 0: the clock-stamp build the ``phases`` command reads)."""
+    default 0: the clock-stamp build the ``phases`` command reads) and
+    MODELOPT_SPARSE_HOPPER_KV_PRETEST (the next tile's K and V tested right after the softmax;
+    unset: :func:`measured_kv_pretest`)."""
     consumers = 3 if env_flag("MODELOPT_SPARSE_HOPPER_D64_WG3",
                               measured_consumers(head_dim, params.sparsity_n, params.sparsity_m) == 3) else 2
     return Variant(
@@ -339,6 +352,8 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         row_pipe=env_flag("MODELOPT_SPARSE_HOPPER_ROW_PIPE",
                           measured_row_pipe(head_dim, params.sparsity_n, params.sparsity_m)),
         phase_clocks=env_flag("MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS", False),
+        kv_pretest=env_flag("MODELOPT_SPARSE_HOPPER_KV_PRETEST",
+                            measured_kv_pretest(head_dim, params.sparsity_n, params.sparsity_m)),
         probe=probe,
     ).canonical()
 
@@ -378,4 +393,4 @@ def _parse_tag(tag: str) -> Variant:
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
                    pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags,
-                   phase_clocks="c" in flags, probe="x" in flags)
+                   phase_clocks="c" in flags, kv_pretest="j" in flags, probe="x" in flags)
