@@ -75,8 +75,9 @@
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
 // NMH_KV_PRETEST (session 23): a consumer tests, right after the softmax of tile i, whether K(i+1)
-// and V(i) have arrived (mbarrier.test_wait, non-blocking, its result voted warp-uniform), and the
-// next step skips its two blocking waits when they had: a wait on a completed phase still costs
+// and V(i) have arrived (mbarrier.test_wait, non-blocking; the next step votes on the result, so
+// that its latency runs under the rest of the step), and the next step skips its two blocking
+// waits when they had: a wait on a completed phase still costs
 // ~100 cycles at the step's start (the `phases` command measured 100-190 per wait), while the
 // test's latency hides behind the rest of the step. The same acquire (test_wait is .acquire).
 // NMH_PHASE_CLOCKS (session 23, measurement only): lane 0 of each consumer warpgroup's first warp
@@ -1284,14 +1285,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
     bool sp_tile = false;  // NMH_SPARSE_PV: this tile's P is compressed (warpgroup-uniform)
     bool need_rescale = true;  // whether O must be multiplied by alpha (NMH_LEAN skips it mostly)
     auto tile_n0 = [&](int i) { return (t_end - 1 - i) * BN; };
-    // NMH_KV_PRETEST: whether K(i+1) and V(i) were there when tile i's softmax ended (warp-uniform).
-    bool kv_ready = false;
+    // NMH_KV_PRETEST: whether K(i+1) and V(i) were there when tile i's softmax ended, this
+    // thread's view; the next step votes on it (warp-uniform), so that the tests' latency runs
+    // under the rest of this step.
+    bool kv_seen = false;
     auto pretest = [&](int i) {
       if constexpr (KV_PRETEST) {
         const int n = i + 1;  // (past the last tile the flag is never read)
-        const bool ok = mbar_test(bar(BAR_FULL_K + n % STAGES), (n / STAGES) & 1) &
-                        mbar_test(bar(BAR_FULL_V + i % STAGES), (i / STAGES) & 1);
-        kv_ready = __all_sync(0xffffffffu, ok);
+        kv_seen = mbar_test(bar(BAR_FULL_K + n % STAGES), (n / STAGES) & 1) &
+                  mbar_test(bar(BAR_FULL_V + i % STAGES), (i / STAGES) & 1);
       }
     };
     // `mid`: what MID_WAIT runs inside the softmax (the wait for P.V(i-1)); unused otherwise.
@@ -1371,7 +1373,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       const int s = i % STAGES, u = i / STAGES;
       const int sp = (i - 1) % STAGES, up = (i - 1) / STAGES;
       stamp(i, 0);
-      if (!KV_PRETEST || !kv_ready) {
+      if (!KV_PRETEST || !__all_sync(0xffffffffu, kv_seen)) {
         mbar_wait(bar(BAR_FULL_K + s), u & 1, 30 + s);
         stamp(i, 7);
         mbar_wait(bar(BAR_FULL_V + sp), up & 1, 40 + sp);
