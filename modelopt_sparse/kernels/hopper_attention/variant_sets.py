@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_half_select, measured_mid_wait,
+from .variants import (HEAD_DIMS, SCHEDULE_FIELDS, Variant, measured_consumers, measured_half_select, measured_kv_pretest,
+                       measured_mid_wait,
                        measured_mma_rowsum, measured_pairwise, measured_schedule, measured_split_loop, measured_tma3d,
                        schedule_from_env)
 
@@ -27,7 +28,8 @@ def _as_measured(v: Variant) -> Variant:
                                split_loop=measured_split_loop(consumers, d, n, m),
                                mid_wait=measured_mid_wait(d, n, m),
                                mma_rowsum=measured_mma_rowsum(d, n, m), pairwise=measured_pairwise(n, m),
-                               half_select=measured_half_select(d, n, m, v.tie_index)).canonical()
+                               half_select=measured_half_select(d, n, m, v.tie_index),
+                               kv_pretest=measured_kv_pretest(d, n, m)).canonical()
 
 
 def _test_set(probe: bool) -> list[Variant]:
@@ -166,14 +168,16 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
             out += [Variant(sparsity_n=n, sparsity_m=16, tie_index=tie, probe=True, tma=True, tma3d=True)
                     for n, tie in ((8, False), (3, True))]
     # A test that sets only the schedule switches runs MID_WAIT's, the split loop's, the row
-    # sums' and the selection network's measured defaults: each kernel is carried in that form too.
+    # sums', the selection network's and the early K/V test's measured defaults: each kernel is
+    # carried in that form too.
     out += [dataclasses.replace(v, mid_wait=measured_mid_wait(v.head_dim, v.sparsity_n, v.sparsity_m),
                                 split_loop=v.split_loop or measured_split_loop(v.consumers, v.head_dim, v.sparsity_n,
                                                                                v.sparsity_m),
                                 mma_rowsum=v.mma_rowsum or measured_mma_rowsum(v.head_dim, v.sparsity_n, v.sparsity_m),
                                 pairwise=v.pairwise or measured_pairwise(v.sparsity_n, v.sparsity_m),
                                 half_select=v.half_select or measured_half_select(v.head_dim, v.sparsity_n, v.sparsity_m,
-                                                                                  v.tie_index))
+                                                                                  v.tie_index),
+                                kv_pretest=v.kv_pretest or measured_kv_pretest(v.head_dim, v.sparsity_n, v.sparsity_m))
             for v in out]
     seen, unique = set(), []
     for v in out:
