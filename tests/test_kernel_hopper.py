@@ -2017,55 +2017,6 @@ def test_gpu_38_kv_pretest_equals_the_measured_kernel(monkeypatch, n, m, tie, d,
             assert torch.equal(outs[0][1], outs[1][1]), kw
 
 
-@gpu_test
-@pytest.mark.parametrize("case", ROW_PIPE_PROBE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_gpu_39_exp_first_mask_probe(monkeypatch, case):
-    """Every exponential first, the kept test as a 0/1 factor (MODELOPT_SPARSE_HOPPER_EXP_FIRST=1):
-    the kept mask (the factor) equals semantics.kept_mask bit for bit on exact ties (test_gpu_9's
-    inputs, threshold rule)."""
-    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_EXP_FIRST", "1")
-    test_gpu_9_mask_probe_equals_semantics(case)
-
-
-@gpu_test
-@pytest.mark.parametrize("n,m", hs.EXP_FIRST_PATTERNS, ids=lambda x: str(x))
-@pytest.mark.parametrize("d", [128, 64])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_39_exp_first_equals_the_measured_kernel(monkeypatch, n, m, d, dtype):
-    """ex2(x) * (0 or 1) is ex2(x) or 0, as ex2(x - 2^127 t) is: bit for bit the measured kernel's
-    output and lse, on random and tied inputs, causal with sinks and a dense window, sliding-window
-    and non-causal."""
-    lens_q, lens_k = [1, 300, 5, 700, 2100], [1, 300, 900, 700, 2100]
-    sq, lq, mq, _ = varlen(lens_q, "cuda")
-    sk, lk, _, _ = varlen(lens_k, "cuda")
-    for inputs in (_random(lens_q, lens_k, 4, 2, d, seed=39 + n), tied_inputs(lens_q, lens_k, 4, 2, d, torch.float64,
-                                                                               seed=39)):
-        q, k, v = (x.to("cuda", dtype) for x in inputs)
-        for kw in (dict(num_sink_tokens=3, dense_window_size=20), dict(sliding_window=300), dict(is_causal=False)):
-            params = _params(**{"sparsity_n": n, "sparsity_m": m, **kw})
-            outs = []
-            for on in (0, 1):
-                monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_EXP_FIRST", str(on))
-                assert hv.variant_for(params, dtype, d).exp_first == bool(on) or (d == 64 and m == 16)
-                outs.append(ha.forward_with_lse(q, k, v, sq, lq, mq, sk, lk, params))
-            assert torch.equal(outs[0][0], outs[1][0]), kw
-            assert torch.equal(outs[0][1], outs[1][1]), kw
-
-
-def test_exp_first_variant_flag_env_and_sets(monkeypatch):
-    """MODELOPT_SPARSE_HOPPER_EXP_FIRST (tag flag a): N:M with the threshold rule and dense P.V
-    only (not with the index rule, the sparse P.V, the f16 network or row by row); its own define,
-    parsed back from its tag, switched by the A/B table, its test kernels carried."""
-    _assert_switch_flag(monkeypatch, "exp_first", "EXP_FIRST", "a", _params(sparsity_n=4, sparsity_m=8))
-    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_EXP_FIRST")
-    assert not hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).exp_first
-    for off in (dict(), dict(sparsity_n=2, sparsity_m=4, tie_index=True), dict(sparsity_n=2, sparsity_m=4, sparse_pv=True),
-                dict(sparsity_n=8, sparsity_m=16, half_select=True), dict(sparsity_n=2, sparsity_m=4, row_pipe=True)):
-        assert not hv.Variant(exp_first=True, **off).canonical().exp_first, off
-    assert {v.canonical() for v in hs.EXP_FIRST_TESTS} <= set(hs.standard_variants())
-    assert any(v.exp_first and v.probe for v in hs.EXP_FIRST_TESTS)
-
-
 def test_kv_pretest_variant_flag_env_and_sets(monkeypatch):
     """MODELOPT_SPARSE_HOPPER_KV_PRETEST (tag flag j): its own define, parsed back from its tag,
     switched by the A/B table, its test kernels carried."""

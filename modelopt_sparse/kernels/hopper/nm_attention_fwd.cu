@@ -74,13 +74,6 @@
 // FMNMX), and turn the result into an exact f32 threshold; a thread with a group its f16 copies
 // cannot decide runs the f32 network for its groups (of the row, under NMH_ROW_PIPE). See
 // half_select_group.
-// NMH_EXP_FIRST (session 23; N:M, threshold rule, dense P.V): interior tiles take the row max of
-// all scores first (the same value as the max of the group maxima), then every exponential and
-// every selection network, which no longer depend on each other (ptxas can run the networks on
-// the ALU pipe under the exponentials on MUFU), and last the kept test as an exact 0/1 factor on
-// the FMA pipe (keep_factor): P = ex2(x) * k, bit for bit the P of ex2(x - 2^127 t). The
-// default order runs every network, then the kept tests, then the 64 MUFU.EX2 (SASS, 4:8: ~400
-// cycles of FMNMX, ~280 of FFMA, ~510 of MUFU, one after the other).
 // NMH_KV_PRETEST (session 23): a consumer tests, right after the softmax of tile i, whether K(i+1)
 // and V(i) have arrived (mbarrier.test_wait, non-blocking; the next step votes on the result, so
 // that its latency runs under the rest of the step), and the next step skips its two blocking
@@ -169,9 +162,6 @@
 #endif
 #ifndef NMH_KV_PRETEST
 #define NMH_KV_PRETEST 0
-#endif
-#ifndef NMH_EXP_FIRST
-#define NMH_EXP_FIRST 0
 #endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
@@ -487,9 +477,6 @@ static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PI
 // Stamps are (clock | 1), so 0 means "not recorded".
 constexpr bool PHASE_CLOCKS = NMH_PHASE_CLOCKS != 0;
 constexpr bool KV_PRETEST = NMH_KV_PRETEST != 0;
-constexpr bool EXP_FIRST = NMH_EXP_FIRST != 0;
-static_assert(!EXP_FIRST || (NMH_SPARSITY_N > 0 && !NMH_TIE_INDEX && !NMH_SPARSE_PV && !NMH_HALF_SELECT && !NMH_ROW_PIPE),
-              "NMH_EXP_FIRST: N:M, threshold rule, dense P.V, not with HALF_SELECT or ROW_PIPE");
 constexpr int CLOCK_TILES = 128, CLOCK_STAMPS = 8;
 static_assert(!PHASE_CLOCKS || !PROBE, "NMH_PHASE_CLOCKS writes where the mask probe would");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
@@ -751,59 +738,6 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[SC], int n0, int t, cons
     row_exps(0);
     row_stats(1);
     row_exps(1);
-    if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
-    return true;
-  }
-  if constexpr (EXP_FIRST && !EDGE) {
-    float mx[2], mc[2];
-    bool grow_any = !LEAN;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = s[2 * r];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) mx[r] = fmaxf(mx[r], s[4 * j + 2 * r + e]);
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      update_row_max(r, mx[r], c, m, l, alpha, mc, grow_any);
-    }
-    float ex[SC];  // every entry's exponential; s stays for the kept test
-#pragma unroll
-    for (int i = 0; i < SC; ++i) ex[i] = ex2(fmaf(s[i], c, -mc[(i >> 1) & 1]));
-    float thr[2][NGROUPS], unused_max;
-    bool tie = false;
-    select_row_f32(s, 0, thr, unused_max, tie);  // (the networks' maxima are not used: pruned)
-    select_row_f32(s, 1, thr, unused_max, tie);
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int g = 0; g < NGROUPS; ++g) {
-        const float thr_x64 = thr[r][g] * 18446744073709551616.f;
-#pragma unroll
-        for (int mm = 0; mm < M_SEL; ++mm) {
-          const int i = member_index(g, mm, r);
-          const float k = keep_factor(s[i], thr_x64);
-          if constexpr (PROBE) {
-            const int key = n0 + col_key(i / 4, t, i % 2), row = x.qrow + 8 * r;
-            if (row < x.q_len && key < x.kv_len) p.probe_kept[probe_off + row * p.probe_row + key] = k > 0.5f ? 1 : 0;
-          }
-          s[i] = ex[i] * k;
-        }
-      }
-#pragma unroll
-    for (int i = 0; i < SC; ++i) {
-      if constexpr (!MMA_ROWSUM) l[(i >> 1) & 1] += s[i];
-      if constexpr (MID_WAIT) {
-        if (i == MID_WAIT_AFTER - 1) {
-          mid(s[i]);
-#pragma unroll
-          for (int kk = 0; kk < MID_WAIT_AFTER / 8; ++kk) convert_p_slice(s, pr, kk);
-        } else if (i > MID_WAIT_AFTER && i % 8 == 7) {
-          convert_p_slice(s, pr, i / 8);
-        }
-      }
-    }
     if constexpr (LEAN) return __any_sync(0xffffffffu, grow_any);
     return true;
   }

@@ -255,17 +255,6 @@ __device__ __forceinline__ float drop_below2(float arg, float score, float floor
   return r;
 }
 
-// NMH_EXP_FIRST's kept test: exactly 1.0 if score >= floor, else 0.0, in two FMA-pipe
-// instructions. t = sat(floor * 2^64 - score * 2^64) as in drop_below2 (0 when kept, >= 2^-85
-// when dropped), then sat(1 - 2^127 t).
-__device__ __forceinline__ float keep_factor(float score, float floor_x64) {
-  float k;
-  asm("{\n.reg .f32 t;\nfma.rn.sat.f32 t, %1, 0fDF800000, %2;\nfma.rn.sat.f32 %0, t, 0fFF000000, 0f3F800000;\n}\n"
-      : "=f"(k)
-      : "f"(score), "f"(floor_x64));
-  return k;
-}
-
 // NMH_PHASE_CLOCKS: the SM's cycle counter | 1 stored at `addr` if `on` (one predicated store;
 // volatile with a memory clobber, so that it stays between the waits and stores around it).
 __device__ __forceinline__ void clock_store(uint32_t* addr, bool on) {

@@ -36,7 +36,6 @@ _OTHER_SWITCHES = {
     "row_pipe": "MODELOPT_SPARSE_HOPPER_ROW_PIPE",
     "phase_clocks": "MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS",
     "kv_pretest": "MODELOPT_SPARSE_HOPPER_KV_PRETEST",
-    "exp_first": "MODELOPT_SPARSE_HOPPER_EXP_FIRST",
 }
 
 
@@ -47,7 +46,7 @@ SWITCH_NAMES = tuple(_SCHEDULE_ENV.values()) + tuple(_OTHER_SWITCHES.values())
 def schedule_switches(sched: dict) -> dict:
     """The MODELOPT_SPARSE_HOPPER_* switches of a schedule dict (the engine table's rows: every
     SCHEDULE_FIELDS key, and ``wg3``, ``sparse_pv``, ``tma3d``, ``split_loop``, ``mid_wait``,
-    ``producer_suspends``, ``mma_rowsum``, ``bn64``, ``pairwise``, ``half_select``, ``row_pipe``, ``phase_clocks``, ``kv_pretest``, ``exp_first``, off when absent)."""
+    ``producer_suspends``, ``mma_rowsum``, ``bn64``, ``pairwise``, ``half_select``, ``row_pipe``, ``phase_clocks``, ``kv_pretest``, off when absent)."""
     env = {name: str(int(bool(sched[field]))) for field, name in _SCHEDULE_ENV.items()}
     env.update({name: str(int(bool(sched.get(key, False)))) for key, name in _OTHER_SWITCHES.items()})
     return env
@@ -61,8 +60,7 @@ def variant_env(v: Variant) -> dict:
                                   split_loop=v.split_loop, mid_wait=v.mid_wait,
                                   producer_suspends=v.producer_suspends, mma_rowsum=v.mma_rowsum,
                                   bn64=v.bn64, pairwise=v.pairwise, half_select=v.half_select,
-                                  row_pipe=v.row_pipe, phase_clocks=v.phase_clocks, kv_pretest=v.kv_pretest,
-                                  exp_first=v.exp_first))
+                                  row_pipe=v.row_pipe, phase_clocks=v.phase_clocks, kv_pretest=v.kv_pretest))
 
 
 @contextlib.contextmanager

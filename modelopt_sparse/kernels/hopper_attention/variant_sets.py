@@ -157,7 +157,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + KV_PRETEST_TESTS + EXP_FIRST_TESTS + \
+            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + KV_PRETEST_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -286,12 +286,3 @@ KV_PRETEST_PATTERNS = ((0, 4, False), (2, 4, False), (2, 4, True), (4, 8, False)
 KV_PRETEST_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie,
                                                              fp16=h)), kv_pretest=on).canonical()
                     for d in (128, 64) for n, m, tie in KV_PRETEST_PATTERNS for h in (False, True) for on in (False, True)]
-
-# Every exponential before the kept test (exp_first, session 23) beside the measured kernels of the
-# threshold-rule patterns (both head dims, both dtypes): test_gpu_39 and the A/B command; its mask
-# probes (the threshold-rule probe cases of test_gpu_9).
-EXP_FIRST_PATTERNS = ((1, 2), (2, 4), (3, 4), (4, 8), (8, 16), (5, 16))
-EXP_FIRST_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, fp16=h, probe=probe)),
-                                       exp_first=on).canonical()
-                   for d in (128, 64) for n, m in EXP_FIRST_PATTERNS for h in (False, True)
-                   for probe in (False, True) for on in (False, True) if not (probe and (h or d == 64 or not on))]

@@ -88,10 +88,6 @@ class Variant:
     # step skips its two blocking waits when both had arrived (session 23;
     # MODELOPT_SPARSE_HOPPER_KV_PRETEST, tag flag "j"; default: measured_kv_pretest).
     kv_pretest: bool = False
-    # N:M, threshold rule, dense P.V: interior tiles take the plain row max first, then every
-    # exponential and every selection network independently, and apply the kept test last as an
-    # exact 0/1 factor (session 23; MODELOPT_SPARSE_HOPPER_EXP_FIRST, tag flag "a"; default 0).
-    exp_first: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -151,9 +147,6 @@ class Variant:
         # Row by row: N:M with the threshold rule and dense P.V.
         if v.row_pipe and not (v.sparsity_n and not v.tie_index and not v.sparse_pv):
             v = dataclasses.replace(v, row_pipe=False)
-        if v.exp_first and not (v.sparsity_n and not v.tie_index and not v.sparse_pv and not v.half_select
-                                and not v.row_pipe):
-            v = dataclasses.replace(v, exp_first=False)
         # The clock stamps use the probe's buffer.
         if v.phase_clocks and v.probe:
             v = dataclasses.replace(v, phase_clocks=False)
@@ -167,7 +160,7 @@ class Variant:
                                         ("3", self.consumers == 3), ("s", self.sparse_pv), ("g", self.tma3d),
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
                                         ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select), ("e", self.row_pipe),
-                                        ("n", self.producer_suspends), ("c", self.phase_clocks), ("j", self.kv_pretest), ("a", self.exp_first),
+                                        ("n", self.producer_suspends), ("c", self.phase_clocks), ("j", self.kv_pretest),
                                         ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
@@ -185,7 +178,7 @@ class Variant:
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
                              ("-DNMH_ROW_PIPE=1", v.row_pipe), ("-DNMH_PHASE_CLOCKS=1", v.phase_clocks),
-                             ("-DNMH_KV_PRETEST=1", v.kv_pretest), ("-DNMH_EXP_FIRST=1", v.exp_first),
+                             ("-DNMH_KV_PRETEST=1", v.kv_pretest),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -365,7 +358,6 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         row_pipe=env_flag("MODELOPT_SPARSE_HOPPER_ROW_PIPE",
                           measured_row_pipe(head_dim, params.sparsity_n, params.sparsity_m)),
         phase_clocks=env_flag("MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS", False),
-        exp_first=env_flag("MODELOPT_SPARSE_HOPPER_EXP_FIRST", False),
         kv_pretest=env_flag("MODELOPT_SPARSE_HOPPER_KV_PRETEST",
                             measured_kv_pretest(head_dim, params.sparsity_n, params.sparsity_m)),
         probe=probe,
@@ -407,5 +399,4 @@ def _parse_tag(tag: str) -> Variant:
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
                    pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags,
-                   phase_clocks="c" in flags, kv_pretest="j" in flags,
-                   exp_first="a" in flags, probe="x" in flags)
+                   phase_clocks="c" in flags, kv_pretest="j" in flags, probe="x" in flags)
