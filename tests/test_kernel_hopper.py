@@ -294,6 +294,33 @@ def test_compile_keys_the_cubin_by_the_sources_it_compiled(tmp_path, monkeypatch
     assert hb.source_digest() != v1 and hb.compile_variant(v) != path  # v2: a cubin of its own
 
 
+def test_compile_from_another_source_folder(tmp_path, monkeypatch):
+    """compile_variant(source_dir=...) (`ab --against`) compiles that folder's sources, keyed by
+    their hash: another cubin than the package's sources give, the same one for equal sources, and
+    a clear error for a folder without the kernel."""
+    src, old = tmp_path / "src", tmp_path / "old"
+    for folder, text in ((src, "// new\n"), (old, "// old\n")):
+        folder.mkdir()
+        (folder / "nm_attention_fwd.cu").write_text(text)
+    monkeypatch.setattr(hb, "SOURCE_DIR", src)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hb, "find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(hb, "nvcc_version", lambda nvcc: "fake 13.0")
+
+    def fake_run(cmd, **kw):
+        Path(cmd[cmd.index("-o") + 1]).write_text(Path(cmd[-1]).read_text())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(hb.subprocess, "run", fake_run)
+    v = hv.Variant()
+    ours, theirs = hb.compile_variant(v), hb.compile_variant(v, source_dir=old)
+    assert ours.read_text() == "// new\n" and theirs.read_text() == "// old\n" and ours != theirs
+    (old / "nm_attention_fwd.cu").write_text("// new\n")
+    assert hb.compile_variant(v, source_dir=old) == ours
+    with pytest.raises(hb.HopperUnavailable, match="no nm_attention_fwd.cu"):
+        hb.compile_variant(v, source_dir=tmp_path)
+
+
 def test_precompile_fails_when_the_sources_change_under_it(tmp_path, monkeypatch, capsys):
     """`precompile` exits 1 and says so when the CUDA sources changed while it compiled (its
     cubins would then belong to two versions of them), 0 otherwise."""
@@ -2141,9 +2168,10 @@ def test_ab_table_rotates_repeats_and_checks_each_kernel_on_the_cpu(monkeypatch,
 
     seen = []
 
-    def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None):
+    def fake_forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse, probe=None,
+                     source_dir=None):
         variant = hv.variant_for(params, q.dtype, q.shape[-1])
-        seen.append(variant.tag)
+        seen.append(variant.tag if source_dir is None else f"{variant.tag}@{source_dir}")
         out = api_attention(q.float(), k.float(), v.float(), q_start, q_len, max_q, is_causal=params.is_causal,
                             softmax_scale=params.softmax_scale, sparsity_n=params.sparsity_n,
                             sparsity_m=params.sparsity_m, dense_window_size=params.dense_window_size,
@@ -2173,6 +2201,15 @@ def test_ab_table_rotates_repeats_and_checks_each_kernel_on_the_cpu(monkeypatch,
         ab_table.parse_variants(["d64_dense_pr3", "d64_dense_prm3"])
     with pytest.raises(ValueError, match="not a variant tag"):
         ab_table.parse_variants(["dense"])
+    # --against DIR: each tag also built from DIR's sources, in the same rotation, as TAG@DIR.
+    old_sources = str(hb.SOURCE_DIR)
+    seen.clear()
+    rows = ab_table.run_ab(tags[:2], seq_len=64, heads=2, iters=1, repeats=2, device="cpu", against=old_sources)
+    expected = [tags[0], f"{tags[0]}@{old_sources}", tags[1], f"{tags[1]}@{old_sources}"]
+    assert [r["tag"] for r in rows] == expected and all(r["ok"] for r in rows)
+    assert seen[4:][::2] == [expected[i] for r in range(2) for i in ab_table._rotated(4, r)]
+    with pytest.raises(ValueError, match="no nm_attention_fwd.cu"):
+        ab_table.run_ab(tags[:1], seq_len=64, heads=2, iters=1, repeats=1, device="cpu", against=str(Path(old_sources).parent))
     with pytest.raises(ValueError, match="at least 1"):
         ab_table.run_ab(tags[:2], seq_len=64, heads=2, iters=1, repeats=0, device="cpu")
     assert set(ab_table.variant_env(hv._parse_tag(tags[0]))) == set(ab_table.SWITCH_NAMES)

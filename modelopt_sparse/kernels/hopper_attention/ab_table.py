@@ -8,6 +8,11 @@ is timed ``repeats`` times in rotating order (each time the median of ``iters`` 
 event timing), and every later tag is compared with the first by the median of the
 per-repeat time ratios: a drift of the clock or of the GPU's temperature moves both sides of
 a pair alike. Each kernel's output is also checked once against the float32 reference.
+
+``--against DIR`` also times each tag built from the CUDA sources in DIR (e.g. an older
+checkout's ``modelopt_sparse/kernels/hopper``), in the same rotation, as the row ``TAG@DIR``:
+a change to the kernel's source compared with the source before it, in one process. Both
+sources must take the same kernel arguments (the module checks the parameter block's size).
 """
 
 from __future__ import annotations
@@ -106,30 +111,36 @@ def parse_variants(tags) -> list[Variant]:
 
 
 def run_ab(tags, *, seq_len: int = 16384, heads: int = 32, iters: int = 5, repeats: int = 5, causal: bool = True,
-           device: str = "cuda") -> list[dict]:
-    """Time the kernels named by ``tags`` (rows in tag order; see the module docstring).
-    ``device="cpu"`` only serves the CPU test of this code (with a stubbed forward)."""
+           device: str = "cuda", against: str | None = None) -> list[dict]:
+    """Time the kernels named by ``tags`` (rows in tag order, each followed by its build from
+    the sources in ``against`` when given; see the module docstring). ``device="cpu"`` only
+    serves the CPU test of this code (with a stubbed forward)."""
     from ..api import attention as api_attention
     from . import tools
 
     if repeats < 1 or iters < 1:
         raise ValueError(f"repeats and iters must be at least 1, got {repeats} and {iters}")
     variants = parse_variants(tags)
+    if against is not None and not os.path.isfile(os.path.join(against, "nm_attention_fwd.cu")):
+        raise ValueError(f"--against {against}: no nm_attention_fwd.cu there")
+    sources = [None] if against is None else [None, against]
+    variants = [(v, src) for v in variants for src in sources]
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     zero = torch.zeros(1, dtype=torch.int32, device=dev)
     lens = torch.tensor([seq_len], dtype=torch.int32, device=dev)
     inputs, runs, rows = {}, [], []
-    for v in variants:
+    for v, src in variants:
         params, dtype = call_params(v, causal)
         if (v.head_dim, dtype) not in inputs:
             inputs[v.head_dim, dtype] = [torch.randn(seq_len, heads, v.head_dim, device=dev, generator=g).to(dtype)
                                          for _ in range(3)]
         q, k, v_in = inputs[v.head_dim, dtype]
 
-        def run(q=q, k=k, v_in=v_in, params=params):
+        def run(q=q, k=k, v_in=v_in, params=params, src=src):
+            extra = {} if src is None else {"source_dir": src}
             return tools.forward(q, k, v_in, zero, lens, seq_len, zero, lens, params, q_covered=True,
-                                 with_lse=False)[0]
+                                 with_lse=False, **extra)[0]
 
         with switched(dict(variant_env(v), MODELOPT_SPARSE_HOPPER_CHECK="1")):  # a deadlock raises here
             out = run()
@@ -137,10 +148,11 @@ def run_ab(tags, *, seq_len: int = 16384, heads: int = 32, iters: int = 5, repea
         err = ((out[-ref.shape[0]:].float() - ref).norm() / ref.norm()).item()
         flops = 4.0 * seq_len * seq_len * heads * v.head_dim / (2 if causal else 1)
         runs.append(run)
-        rows.append({"tag": v.tag, "error": err, "ok": err < 5e-3, "flops": flops, "ms": []})
+        rows.append({"tag": v.tag if src is None else f"{v.tag}@{src}", "error": err, "ok": err < 5e-3,
+                     "flops": flops, "ms": []})
     for r in range(repeats):
         for i in _rotated(len(variants), r):
-            with switched(variant_env(variants[i])):
+            with switched(variant_env(variants[i][0])):
                 rows[i]["ms"].append(tools.event_ms(runs[i], iters, dev))
     for row in rows:
         times = sorted(row["ms"])
@@ -173,6 +185,7 @@ def print_table(rows, seq_len: int, heads: int, causal: bool) -> None:
 
 def main(args) -> int:
     rows = run_ab(args.tags, seq_len=args.seq_len, heads=args.heads, iters=args.iters, repeats=args.repeats,
-                  causal=not args.noncausal, device=getattr(args, "device", "cuda"))
+                  causal=not args.noncausal, device=getattr(args, "device", "cuda"),
+                  against=getattr(args, "against", None))
     print_table(rows, args.seq_len, args.heads, not args.noncausal)
     return 0 if all(row["ok"] for row in rows) else 1

@@ -125,13 +125,18 @@ _compile_locks: dict = {}
 _compile_locks_guard = threading.Lock()
 
 
-def compile_variant(variant: Variant, nvcc: str | None = None) -> Path:
+def compile_variant(variant: Variant, nvcc: str | None = None, source_dir: Path | str | None = None) -> Path:
     """The cached cubin of ``variant``, compiling it first if needed (atomic: concurrent
-    processes never see a partial file). ptxas's report lands beside it (``.log``)."""
+    processes never see a partial file). ptxas's report lands beside it (``.log``).
+    ``source_dir``: another folder of the engine's CUDA sources (e.g. an older checkout's, for
+    ``ab --against``); its cubins are keyed by its own sources' hash."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise HopperUnavailable(_NO_NVCC)
-    path = cubin_path(variant, nvcc)
+    source = Path(source_dir) if source_dir is not None else SOURCE_DIR
+    if not (source / "nm_attention_fwd.cu").is_file():
+        raise HopperUnavailable(f"no nm_attention_fwd.cu in {source}")
+    path = cubin_path(variant, nvcc, None if source_dir is None else _digest(_source_files(source)))
     if path.is_file():
         return path
     with _compile_locks_guard:  # one compile per cubin in this process; other cubins in parallel
@@ -143,7 +148,7 @@ def compile_variant(variant: Variant, nvcc: str | None = None) -> Path:
         # nvcc compiles a snapshot of the sources, and the cubin is keyed by the snapshot's hash:
         # a source edited while a compile runs can then never land under another source's key.
         with tempfile.TemporaryDirectory() as snapshot:
-            for f in _source_files(SOURCE_DIR):
+            for f in _source_files(source):
                 shutil.copyfile(f, Path(snapshot) / f.name)
             v = variant.canonical()
             path = cubin_path(v, nvcc, _digest(_source_files(Path(snapshot))))

@@ -218,14 +218,16 @@ _modules: dict = {}
 _modules_lock = threading.Lock()
 
 
-def _module(variant: Variant, device_index: int) -> _Module:
-    key = (variant.canonical(), device_index)
+def _module(variant: Variant, device_index: int, source_dir=None) -> _Module:
+    """The loaded kernel of ``variant`` on a device (``source_dir``: from other CUDA sources, see
+    build.compile_variant)."""
+    key = (variant.canonical(), device_index, None if source_dir is None else str(source_dir))
     mod = _modules.get(key)
     if mod is None:
         with _modules_lock:
             mod = _modules.get(key)
             if mod is None:
-                image = compile_variant(variant).read_bytes()
+                image = compile_variant(variant, source_dir=source_dir).read_bytes()
                 driver = _driver()
                 torch.cuda.init()
                 mod = _modules[key] = _Module(driver, image, driver.primary_context(device_index))

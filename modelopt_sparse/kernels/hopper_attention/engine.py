@@ -156,17 +156,18 @@ def _checked() -> bool:
 
 
 def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams, *, q_covered: bool,
-            with_lse: bool, probe=None):
+            with_lse: bool, probe=None, source_dir=None):
     """Launch the kernel: ``(out, lse or None)``; out is contiguous ``[T, Hq, D]`` in q's
     dtype (rows outside every sequence are 0 unless ``q_covered``), lse fp32 ``[T, Hq]``
     (log2 domain, as the Triton forward's). ``probe``: (scores, kept) buffers
-    ``[Hq, T, keys]`` for a mask-probe build."""
+    ``[Hq, T, keys]`` for a mask-probe build. ``source_dir``: the kernel built from other CUDA
+    sources with the same kernel arguments (``ab --against``; developer use)."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     variant = variant_for(params, q.dtype, d, probe=probe is not None)
     if variant.tma:  # a tensor map's strides must be non-zero multiples of 16 bytes (broadcast views are not)
         q, k, v = (t.contiguous() if 0 in (t.stride(0), t.stride(1)) else t for t in (q, k, v))
     device = q.get_device()
-    mod = _module(variant, device)
+    mod = _module(variant, device, source_dir)
     out = q.new_empty(q.shape) if q_covered else q.new_zeros(q.shape)
     lse = q.new_empty(q.shape[:2], dtype=torch.float32) if with_lse else None
     p = _FwdParams()

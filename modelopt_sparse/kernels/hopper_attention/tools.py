@@ -453,6 +453,9 @@ def _main(argv=None) -> int:
     ab.add_argument("--iters", type=int, default=5, help="launches per timing (their median)")
     ab.add_argument("--repeats", type=int, default=5, help="timings per kernel, in rotating order")
     ab.add_argument("--noncausal", action="store_true")
+    ab.add_argument("--against", metavar="DIR",
+                    help="also time each tag built from the CUDA sources in DIR (e.g. an older checkout's "
+                         "modelopt_sparse/kernels/hopper), as the row TAG@DIR")
     ph = sub.add_parser("phases", help="cycles per tile step of each phase (data wait, ping-pong turn, issue, "
                                        "Q.K^T wait, softmax, tail), from the kernels' clock-stamp builds (GPU)")
     ph.add_argument("tags", nargs="+", help="variant tags as for ab (each runs with its clock stamps, tag flag c)")
