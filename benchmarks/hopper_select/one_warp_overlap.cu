@@ -11,17 +11,8 @@
 #include <cstdint>
 
 __device__ __forceinline__ void cx(float& a, float& b) { float h = fmaxf(a, b); b = fminf(a, b); a = h; }
-#define P(i, j) cx(x[i], x[j]);
-__device__ __forceinline__ void net16(float* x) {
-  P(0,1) P(2,3) P(4,5) P(6,7) P(8,9) P(10,11) P(12,13) P(14,15)
-  P(0,2) P(1,3) P(4,6) P(5,7) P(8,10) P(9,11) P(12,14) P(13,15)
-  P(0,4) P(1,5) P(2,6) P(3,7) P(8,12) P(9,13) P(10,14) P(11,15)
-  P(0,8) P(1,9) P(2,10) P(3,11) P(4,12) P(5,13) P(6,14) P(7,15)
-  P(4,8) P(5,9) P(6,10) P(7,11) P(2,8) P(3,9) P(6,12) P(7,13)
-  P(2,4) P(3,5) P(6,8) P(7,9) P(10,12) P(11,13) P(1,8) P(3,10) P(5,12) P(7,14)
-  P(1,4) P(3,6) P(5,8) P(7,10) P(9,12) P(11,14)
-  P(1,2) P(3,4) P(5,6) P(7,8) P(9,10) P(11,12) P(13,14)
-}
+#include "net16.cuh"
+
 __device__ __forceinline__ float ex2(float x) {
   float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
 }
@@ -37,7 +28,7 @@ __global__ void __launch_bounds__(128, 1) k(uint32_t* out, int loops, long long*
   for (int l = 0; l < loops; ++l) {
     if (MODE & 1) {
 #pragma unroll
-      for (int n = 0; n < 4; ++n) net16(x + 16 * n);
+      for (int n = 0; n < 4; ++n) net16(*reinterpret_cast<float(*)[16]>(x + 16 * n));
 #pragma unroll
       for (int n = 0; n < 4; ++n)  // reverse (register renaming) so that the next pass sorts again
 #pragma unroll

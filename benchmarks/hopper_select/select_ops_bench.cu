@@ -27,17 +27,7 @@ template <> __device__ __forceinline__ I32 vmin(I32 a, I32 b) { return {min(a.v,
 
 template <class T> __device__ __forceinline__ void cx(T& a, T& b) { T h = vmax(a, b); b = vmin(a, b); a = h; }
 
-#define P(i, j) cx(x[i], x[j]);
-template <class T> __device__ __forceinline__ void net16(T (&x)[16]) {
-  P(0,1) P(2,3) P(4,5) P(6,7) P(8,9) P(10,11) P(12,13) P(14,15)
-  P(0,2) P(1,3) P(4,6) P(5,7) P(8,10) P(9,11) P(12,14) P(13,15)
-  P(0,4) P(1,5) P(2,6) P(3,7) P(8,12) P(9,13) P(10,14) P(11,15)
-  P(0,8) P(1,9) P(2,10) P(3,11) P(4,12) P(5,13) P(6,14) P(7,15)
-  P(4,8) P(5,9) P(6,10) P(7,11) P(2,8) P(3,9) P(6,12) P(7,13)
-  P(2,4) P(3,5) P(6,8) P(7,9) P(10,12) P(11,13) P(1,8) P(3,10) P(5,12) P(7,14)
-  P(1,4) P(3,6) P(5,8) P(7,10) P(9,12) P(11,14)
-  P(1,2) P(3,4) P(5,6) P(7,8) P(9,10) P(11,12) P(13,14)
-}
+#include "net16.cuh"
 
 template <class T> __device__ __forceinline__ T from_seed(uint32_t s);
 template <> __device__ __forceinline__ float from_seed(uint32_t s) { return __uint_as_float(0x3f800000u | (s & 0x7fffffu)); }

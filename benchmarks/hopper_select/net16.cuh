@@ -1,0 +1,16 @@
+// Parberry's 16-input pairwise sorting network (63 comparators, 126 min/max), shared by the
+// benchmarks here. The includer declares the compare-exchange cx(a, b) (larger into a) first.
+#pragma once
+#define NET16_CX(i, j) cx(x[i], x[j]);
+template <class T> __device__ __forceinline__ void net16(T (&x)[16]) {
+  NET16_CX(0,1) NET16_CX(2,3) NET16_CX(4,5) NET16_CX(6,7) NET16_CX(8,9) NET16_CX(10,11) NET16_CX(12,13) NET16_CX(14,15)
+  NET16_CX(0,2) NET16_CX(1,3) NET16_CX(4,6) NET16_CX(5,7) NET16_CX(8,10) NET16_CX(9,11) NET16_CX(12,14) NET16_CX(13,15)
+  NET16_CX(0,4) NET16_CX(1,5) NET16_CX(2,6) NET16_CX(3,7) NET16_CX(8,12) NET16_CX(9,13) NET16_CX(10,14) NET16_CX(11,15)
+  NET16_CX(0,8) NET16_CX(1,9) NET16_CX(2,10) NET16_CX(3,11) NET16_CX(4,12) NET16_CX(5,13) NET16_CX(6,14) NET16_CX(7,15)
+  NET16_CX(4,8) NET16_CX(5,9) NET16_CX(6,10) NET16_CX(7,11) NET16_CX(2,8) NET16_CX(3,9) NET16_CX(6,12) NET16_CX(7,13)
+  NET16_CX(2,4) NET16_CX(3,5) NET16_CX(6,8) NET16_CX(7,9) NET16_CX(10,12) NET16_CX(11,13) NET16_CX(1,8) NET16_CX(3,10)
+  NET16_CX(5,12) NET16_CX(7,14)
+  NET16_CX(1,4) NET16_CX(3,6) NET16_CX(5,8) NET16_CX(7,10) NET16_CX(9,12) NET16_CX(11,14)
+  NET16_CX(1,2) NET16_CX(3,4) NET16_CX(5,6) NET16_CX(7,8) NET16_CX(9,10) NET16_CX(11,12) NET16_CX(13,14)
+}
+#undef NET16_CX
