@@ -405,12 +405,15 @@ def test_standard_variants_cover_the_patterns():
     # P.V(j-1) inside the softmax (session 16; M = 16 since session 17); at M = 16 P's row sums by
     # the tensor core (session 18, as dense D = 128) and the pairwise selection network; at M = 8
     # no ping-pong, the tensor-core row sums and the split loop (session 20).
-    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "rmzlu"), (16, "pormzgwuq")):
+    for m, flags in ((2, "pormzw"), (4, "pormzw"), (8, "rmzlu"), (16, "pormzgwuqj")):
         for tie in "ti":
             assert any(re.fullmatch(rf"d128_\dof{m}{tie}_{flags}", t) for t in tags), (m, tie)
-    assert {"d128_dense_pormzwu", "d128_dense_hpormzwu", "d64_dense_pormz3l", "d64_dense_hpormz3l"} <= tags
-    assert {"d128_dense_pormzw", "d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormzw", "d128_dense_owu",
-            "d128_dense_o", "d128_dense_p"} <= tags
+    # Since session 23 dense and M = 16 at D = 128 also test the next tile's K and V early (j).
+    assert {"d128_dense_pormzwuj", "d128_dense_hpormzwuj", "d64_dense_pormz3lj", "d64_dense_hpormz3lj"} <= tags
+    # The schedule tests' kernels, as the measured switches complete them (with j where measured).
+    for tag in ("d128_dense_pormzw", "d128_dense_pormz", "d64_dense_pormz3", "d128_dense_hpormzw", "d128_dense_owu",
+                "d128_dense_o", "d128_dense_p"):
+        assert tag in tags or tag + "j" in tags, tag
     assert len(tags) == len(hs.standard_variants())  # no duplicates
 
 
@@ -457,7 +460,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     measured = dict(pingpong=True, overlap=True, late_rescale=True, tma=True, lean=True)
     assert hv.schedule_from_env() == measured == hv.measured_schedule(128, 2, 4) == hv.measured_schedule(64, 2, 4)
     assert hv.measured_schedule(64, 0, 4) == measured  # session 14: overlap and late rescale at three warpgroups too
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"  # three consumer warpgroups, split loop (session 17)
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lj"  # three consumer warpgroups, split loop (session 17), early K/V test (23)
     assert hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 64).consumers == 2
     assert hv.measured_schedule(64, 4, 8) == dict(measured, overlap=False)
     assert hv.measured_schedule(64, 8, 16) == measured  # session 21: M = 16 at D = 64 overlaps
@@ -469,7 +472,7 @@ def test_new_switches_tags_defines_and_env(monkeypatch):
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"
     assert hv.measured_schedule(128, 8, 16) == measured  # session 14: 8:16 at D = 128 overlaps
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuqj"
     _set_schedule(monkeypatch, (True, False, True, True, True))
     got = hv.variant_for(_params(sparsity_n=2, sparsity_m=4), torch.bfloat16, 128)
     assert (got.pingpong, got.overlap, got.late_rescale, got.tma, got.lean) == (True, False, True, True, True)
@@ -537,13 +540,13 @@ def test_tma3d_grouped_maps_variant_struct_and_env(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_TMA3D", raising=False)
     for name in SWITCHES:
         monkeypatch.delenv(f"MODELOPT_SPARSE_HOPPER_{name}", raising=False)
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuq"
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_pormzgwuqj"
     assert hv.variant_for(_params(sparsity_n=3, sparsity_m=16, tie_break="index"), torch.bfloat16, 64).tma3d
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"
     assert not hv.variant_for(_params(), torch.bfloat16, 128).tma3d
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_TMA3D", "0")
-    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwuq"
-    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgwuq", "d64_3of16i_pormzgwqv"}
+    assert hv.variant_for(_params(sparsity_n=8, sparsity_m=16), torch.bfloat16, 128).tag == "d128_8of16t_porzwuqj"
+    assert {v.tag for v in hs._test_set(probe=False) if v.sparsity_m == 16} >= {"d128_8of16t_pormzgwuqj", "d64_3of16i_pormzgwqv"}
     # Carried: the GPU tests' and the timing table's grouped-map kernels are precompiled.
     carried = set(hs.standard_variants())
     assert {"d128_8of16t_pormzg", "d128_8of16t_prmzg", "d128_8of16t_pmzg", "d128_3of16i_omg", "d128_8of16t_omgx",
@@ -570,13 +573,13 @@ def test_split_loop_variant_flag_env_and_carried(monkeypatch):
     assert not hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 64).split_loop
     assert not any(hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, 128).split_loop
                    for n, m in ((2, 4), (8, 16)))
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3l"
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lj"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_D64_WG3", "0")  # two warpgroups: one loop, as measured
     assert not hv.variant_for(_params(), torch.bfloat16, 64).split_loop
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_D64_WG3")
-    assert "d64_dense_pormz3l" in {v.tag for v in hs._test_set(probe=False)}  # the GPU tests' kernel is carried
+    assert "d64_dense_pormz3lj" in {v.tag for v in hs._test_set(probe=False)}  # the GPU tests' kernel is carried
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "0")
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3"
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3j"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_SPLIT_LOOP", "1")
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"
     carried = {c.tag for c in hs.standard_variants()}
@@ -607,14 +610,14 @@ def test_mid_wait_variant_flag_env_and_source(monkeypatch):
     # dense D = 64 (three warpgroups), and M = 8 has no overlap.
     tags = {(d, n, m): hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d).tag
             for d in (64, 128) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
-    assert tags[128, 0, 4] == "d128_dense_pormzwu" and tags[64, 0, 4] == "d64_dense_pormz3l"
-    assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzw"
+    assert tags[128, 0, 4] == "d128_dense_pormzwuj" and tags[64, 0, 4] == "d64_dense_pormz3lj"
+    assert tags[128, 2, 4] == "d128_2of4t_pormzw" and tags[64, 2, 4] == "d64_2of4t_pormzwj"
     assert tags[128, 1, 2] == "d128_1of2t_pormzw" and tags[128, 4, 8] == "d128_4of8t_rmzlu"
-    assert tags[128, 8, 16] == "d128_8of16t_pormzgwuq"
+    assert tags[128, 8, 16] == "d128_8of16t_pormzgwuqj"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "0")
-    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzu"
+    assert hv.variant_for(_params(), torch.bfloat16, 128).tag == "d128_dense_pormzuj"
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_MID_WAIT", "1")
-    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lw"
+    assert hv.variant_for(_params(), torch.bfloat16, 64).tag == "d64_dense_pormz3lwj"
     assert hv.variant_for(_params(sparsity_n=4, sparsity_m=8), torch.bfloat16, 128).tag == "d128_4of8t_rmzlu"  # no overlap
     assert hab.variant_env(v)["MODELOPT_SPARSE_HOPPER_MID_WAIT"] == "1"
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
@@ -637,7 +640,7 @@ def test_producer_polls_unless_suspending_is_asked(monkeypatch):
     assert not v.producer_suspends and "-DNMH_PRODUCER_SUSPENDS=1" not in v.defines()
     monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS", "1")
     sleeps = hv.variant_for(_params(), torch.bfloat16, 128)
-    assert sleeps.tag == v.tag + "n" and sleeps.defines()[-1] == "-DNMH_PRODUCER_SUSPENDS=1"
+    assert _flags_added(v.tag, sleeps.tag) == {"n"} and "-DNMH_PRODUCER_SUSPENDS=1" in sleeps.defines()
     assert hv._parse_tag(sleeps.tag) == sleeps
     assert hab.variant_env(sleeps)["MODELOPT_SPARSE_HOPPER_PRODUCER_SUSPENDS"] == "1"
     src = (hb.SOURCE_DIR / "nm_attention_fwd.cu").read_text()
@@ -709,6 +712,15 @@ def test_bn64_variant_flag_env_and_source(monkeypatch):
     assert {v.canonical() for v in hs.BN64_TESTS} <= set(hs.standard_variants())
 
 
+def _flags_added(off_tag: str, on_tag: str) -> set:
+    """The flag letters ``on_tag`` has beyond ``off_tag`` (same head dim and pattern, and every
+    flag of ``off_tag`` kept; a tag's flags are in a fixed order, not appended)."""
+    off_head, _, off_flags = off_tag.rpartition("_")
+    on_head, _, on_flags = on_tag.rpartition("_")
+    assert off_head == on_head and set(off_flags.strip("-")) <= set(on_flags), (off_tag, on_tag)
+    return set(on_flags) - set(off_flags)
+
+
 def _assert_switch_flag(monkeypatch, field, name, letter, params, head_dim=128):
     """MODELOPT_SPARSE_HOPPER_<name> set to 0 and 1 for ``params``: the variant's ``field`` follows
     it, the tag gains ``letter``, the define appears, the tag parses back and the A/B table's
@@ -719,7 +731,7 @@ def _assert_switch_flag(monkeypatch, field, name, letter, params, head_dim=128):
     assert not getattr(off, field) and define not in off.defines()
     monkeypatch.setenv(env, "1")
     on = hv.variant_for(params, torch.bfloat16, head_dim)
-    assert getattr(on, field) and on.tag == off.tag + letter and define in on.defines()
+    assert getattr(on, field) and _flags_added(off.tag, on.tag) == {letter} and define in on.defines()
     assert hv._parse_tag(on.tag) == on and hab.variant_env(on)[env] == "1"
 
 
@@ -2049,6 +2061,11 @@ def test_kv_pretest_variant_flag_env_and_sets(monkeypatch):
     switched by the A/B table, its test kernels carried."""
     _assert_switch_flag(monkeypatch, "kv_pretest", "KV_PRETEST", "j", _params(sparsity_n=2, sparsity_m=4))
     _assert_switch_flag(monkeypatch, "kv_pretest", "KV_PRETEST", "j", _params(), head_dim=64)
+    # The measured default (session 23): dense, M = 16 at D = 128, M = 4 and 8 at D = 64.
+    monkeypatch.delenv("MODELOPT_SPARSE_HOPPER_KV_PRETEST")
+    on = {(d, n, m): hv.variant_for(_params(sparsity_n=n, sparsity_m=m), torch.bfloat16, d).kv_pretest
+          for d in (128, 64) for n, m in ((0, 4), (1, 2), (2, 4), (4, 8), (8, 16))}
+    assert [k for k, v in on.items() if v] == [(128, 0, 4), (128, 8, 16), (64, 0, 4), (64, 2, 4), (64, 4, 8)]
     assert {v.canonical() for v in hs.KV_PRETEST_TESTS} <= set(hs.standard_variants())
     assert any(v.kv_pretest for v in hs.KV_PRETEST_TESTS)
 

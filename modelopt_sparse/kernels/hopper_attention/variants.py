@@ -297,14 +297,15 @@ def measured_row_pipe(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
 
 def measured_kv_pretest(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool:
     """The early non-blocking test of K(i+1) and V(i) unless MODELOPT_SPARSE_HOPPER_KV_PRETEST says
-    otherwise: off. A/B on the H200 (session 23, two calls of 9 paired rounds, the second with the
-    vote at the next step's start, the form built): D = 128 dense 1.012x / 1.013x, 8:16 1.012x /
-    1.010x, 2:4 0.997x / 1.000x, 4:8 0.959x / 0.966x (no overlap: its softmax phase grew); D = 64
-    dense 1.015x / 1.009x, 4:8 1.018x / 1.018x, 2:4 1.007x / 1.015x, 8:16 0.995x / 1.002x. A
-    candidate default for dense and for M = 16 at D = 128 and M = 4, 8 at D = 64 (1-2 %), not
-    turned on this session: that needs the whole GPU file and the benchmark under the new
-    defaults (docs/performance.md, session 23)."""
-    return False
+    otherwise: on for dense, for M = 16 at D = 128 and for M = 4 and 8 at D = 64 (session 23). A/B
+    on the H200 (two calls of 9 paired rounds, the second with the vote at the next step's start,
+    the form built): D = 128 dense 1.012x / 1.013x, 8:16 1.012x / 1.010x; D = 64 dense 1.015x /
+    1.009x, 4:8 1.018x / 1.018x, 2:4 1.007x / 1.015x. Off where it did not pay: D = 128 2:4
+    0.997x / 1.000x, 4:8 0.959x / 0.966x (no overlap: its softmax phase grew), D = 64 8:16 0.995x /
+    1.002x; M = 2 (not timed) keeps the blocking waits too."""
+    if not sparsity_n:
+        return True
+    return (head_dim == 128 and sparsity_m == 16) or (head_dim == 64 and sparsity_m in (4, 8))
 
 
 def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
