@@ -79,8 +79,8 @@
 // that its latency runs under the rest of the step), and the next step skips its two blocking
 // waits when they had: a wait on a completed phase still costs ~100 cycles at the step's start
 // (the `phases` command measured 100-190 per wait). The same acquire (test_wait is .acquire), and
-// no parity ambiguity: the stage's previous phase was consumed by an earlier step. A/B numbers:
-// measured_kv_pretest (off: 1-2 % on some kernels, 0.96x at D = 128 4:8).
+// no parity ambiguity: the stage's previous phase was consumed by an earlier step. On by default
+// where it paid (measured_kv_pretest: 1-2 %; 0.96x at D = 128 4:8, which keeps the waits).
 // NMH_PHASE_CLOCKS (session 23, measurement only): lane 0 of each consumer warpgroup's first warp
 // writes SM clock stamps at the phase boundaries of each tile step (listed at CLOCK_STAMPS) into
 // p.probe_s, read as uint32 [CTA][consumer warpgroup][tile < CLOCK_TILES][CLOCK_STAMPS]; the
