@@ -2054,6 +2054,13 @@ def test_gpu_38_kv_pretest_equals_the_measured_kernel(monkeypatch, n, m, tie, d,
                 outs.append(ha.forward_with_lse(q, k, v, sq, lq, mq, sk, lk, params))
             assert torch.equal(outs[0][0], outs[1][0]), kw
             assert torch.equal(outs[0][1], outs[1][1]), kw
+            # and both are the reference's (the same parameters, in float64)
+            ref, _ = _run(lens_q, lens_k, 4, 2, d, dtype, inputs, "torch", is_causal=params.is_causal,
+                          softmax_scale=params.softmax_scale, sparsity_n=n, sparsity_m=m, tie_break=tie_break,
+                          num_sink_tokens=params.num_sink_tokens, dense_window_size=params.dense_window_size,
+                          sliding_window=params.sliding_window or None)
+            rows = torch.cat([torch.arange(int(a), int(a) + ln) for a, ln in zip(sq, lens_q)]).cuda()
+            assert torch.isfinite(outs[1][0]).all() and rel_err(outs[1][0][rows], ref[rows]) < TOL[dtype], kw
 
 
 def test_kv_pretest_variant_flag_env_and_sets(monkeypatch):

@@ -53,14 +53,6 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
-// Wait for the phase with the given parity to complete. A wait that lasts seconds can only be
-// a protocol bug (a deadlock): record which barrier in nmh_timeout and stop waiting, so that the
-// kernel ends (with garbage) and the host raises a clear error instead of the GPU hanging until
-// the process is killed; once one wait has timed out every later one returns at once. No printf
-// and no trap: a function call between wgmma issue and wait serializes the wgmma pipeline
-// (ptxas C7510), and a trap kills the CUDA context. The clock is read only on the slow path
-// (after 4096 unsuccessful polls), never in the steady state.
-// SUSPEND: poll with the suspend-time hint (the producer's waits for free stages).
 // Whether the phase with `parity` has completed, without waiting (NMH_KV_PRETEST): acquire
 // semantics like try_wait's when it returns true.
 __device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
@@ -72,6 +64,15 @@ __device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
       : "memory");
   return ok != 0;
 }
+
+// Wait for the phase with the given parity to complete. A wait that lasts seconds can only be
+// a protocol bug (a deadlock): record which barrier in nmh_timeout and stop waiting, so that the
+// kernel ends (with garbage) and the host raises a clear error instead of the GPU hanging until
+// the process is killed; once one wait has timed out every later one returns at once. No printf
+// and no trap: a function call between wgmma issue and wait serializes the wgmma pipeline
+// (ptxas C7510), and a trap kills the CUDA context. The clock is read only on the slow path
+// (after 4096 unsuccessful polls), never in the steady state.
+// SUSPEND: poll with the suspend-time hint (the producer's waits for free stages).
 template <bool SUSPEND = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, int what) {
   auto poll = [&] { return mbar_try_wait<SUSPEND>(bar, parity); };

@@ -63,9 +63,13 @@ def summarize(stamps: torch.Tensor) -> dict:
 
 
 def measure(tag: str, *, seq_len: int = 16384, heads: int = 32, causal: bool = True) -> dict:
-    """The phase summary of the kernel ``tag`` (its clock-stamp build) on the A/B problem."""
+    """The phase summary of the kernel ``tag`` (its clock-stamp build) on the A/B problem. Only the
+    first CLOCK_TILES (128) tile steps of each CTA are stamped: at seq_len > 16384 the causal
+    diagonal's far tiles are not in the means."""
     from . import engine, tools
 
+    if seq_len < 1 or heads < 1:
+        raise ValueError(f"seq_len and heads must be at least 1, got {seq_len} and {heads}")
     (v,) = parse_variants([tag])
     stamped = dataclasses.replace(v, phase_clocks=True).canonical()
     params, dtype = call_params(v, causal)
