@@ -63,7 +63,7 @@ class _FakeCuda:
     """A stand-in for a CUDA tensor: only what ``unsupported_reason`` looks at."""
 
     is_cuda = True
-    device = "cuda:0"
+    device = torch.device("cuda:0")
 
     def __init__(self, shape=(8, 4, 128), dtype=torch.bfloat16):
         self.shape, self.dtype = torch.Size(shape), dtype
@@ -166,6 +166,91 @@ def test_auto_keeps_small_calls_on_triton_silently(monkeypatch, caplog):
         assert he._work(batched, batched) == 2 * 1024 * 1024 * 32
         assert ha.choose(batched, batched, batched, _params(), forced=False) == "triton"
     assert not caplog.records
+
+
+def test_the_choice_is_the_same_under_compile(monkeypatch):
+    """Under torch.compile the engine is chosen as in eager mode (it runs as a custom op there):
+    the machine questions (capability, toolchain) are answered once at trace time, not refused."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    edge = _FakeCuda(shape=(2048, 32, 128))
+    assert ha.choose(edge, edge, edge, _params(), forced=False) == "hopper"
+    monkeypatch.setattr(he, "find_nvcc", lambda: None)
+    with pytest.raises(ha.HopperUnavailable, match="no CUDA compiler found"):
+        ha.choose(edge, edge, edge, _params(), forced=True)
+    # Dynamo keeps both answers as constants instead of tracing a file system lookup.
+    assert he._capability._dynamo_marked_constant and he._toolchain_reason._dynamo_marked_constant
+
+
+def _triton_forward_as_the_kernel(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse):
+    """A CPU stand-in for the engine's launch with its contract, (out, log2-domain lse): the
+    (interpreted) Triton forward, whose output and lse the Hopper kernel reproduces."""
+    from modelopt_sparse.kernels.triton_attention import launch
+
+    out, lse, _ = launch._forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, int(k_len.max()), q_covered,
+                                         False, params, True)
+    return out, lse
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not api.interpreting(), reason="CPU with TRITON_INTERPRET=1")
+def test_compiled_call_runs_the_engine_op_in_one_graph_with_the_triton_backward(monkeypatch):
+    """torch.compile(fullgraph=True) of a backend="hopper" call: one graph holding the engine's
+    custom op (the launch stubbed by the Triton forward on the CPU), the eager output, and the
+    gradients of the Triton backward through the op's autograd formula (aot_eager traces it)."""
+    from modelopt_sparse.kernels.hopper_attention import ops as hops
+
+    monkeypatch.setattr(ha, "choose", lambda *a, **kw: "hopper")
+    launches = []
+
+    def launch(*a, **kw):
+        launches.append(a[0].shape)
+        return _triton_forward_as_the_kernel(*a, **kw)
+
+    monkeypatch.setattr(hops, "forward", launch)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 24, h, 32) for h in (4, 2, 2))
+    start = torch.zeros(2, dtype=torch.int32)
+    lens = torch.tensor([24, 17], dtype=torch.int32)
+
+    def call(q, k, v):
+        return attention(q, k, v, start, lens, 24, sparsity_n=2, sparsity_m=4, num_sink_tokens=1,
+                         dense_window_size=4, backend="hopper", check_metadata=False)
+
+    want = attention(q, k, v, start, lens, 24, sparsity_n=2, sparsity_m=4, num_sink_tokens=1, dense_window_size=4,
+                     backend="triton")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(call)(q, k, v)
+    assert explained.graph_break_count == 0 and len(explained.graphs) == 1
+    assert "hopper_attention_forward" in explained.graphs[0].code
+    torch._dynamo.reset()
+    launches.clear()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.compile(call, fullgraph=True, backend="aot_eager")(*leaves)
+    assert launches, "the compiled graph did not call the engine's op"
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention(*eager, start, lens, 24, sparsity_n=2, sparsity_m=4, num_sink_tokens=1, dense_window_size=4,
+              backend="triton").backward(grad)
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0)
+
+
+def test_engine_op_fake_matches_the_launch_contract():
+    """The op's fake (what compiled graphs plan with): out like q (contiguous, q's dtype), lse
+    fp32 [T, Hq], as forward() allocates them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(10, 8, 128, dtype=torch.bfloat16).transpose(0, 1).transpose(0, 1)[:, :4]
+        k = torch.empty(12, 2, 128, dtype=torch.bfloat16)
+        meta = torch.zeros(1, dtype=torch.int32)
+        out, lse = torch.ops.modelopt_sparse.hopper_attention_forward(
+            q, k, k, meta, meta, meta, meta, 10, 12, False, False, True, 0.1, 2, 4, 0, 0, "threshold", 0, 0.0)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (10, 4) and lse.dtype == torch.float32 and lse.is_contiguous()
 
 
 def test_auto_is_on_unless_opted_out(monkeypatch):
@@ -882,6 +967,7 @@ def test_sass_loop_counter_on_a_synthetic_listing():
     assert counts["total"] == 4 and counts["HGMMA"] == 1 and counts["MUFU"] == 1 and counts["FMNMX"] == 1
     assert counts["SYNCS"] == 0  # the barrier-retry loop is not part of the tile's work
     assert counts["stall"] == 0  # no encodings in the listing
+    assert counts["dispatch"] == 5  # HGMMA, MUFU and the branch one cycle each, the half-rate FMNMX two
     # nvdisasm -hex: each instruction line ends with its lower word, the next line holds the upper
     # one, whose bits 41-44 are the stall count; the body's sum leaves out the retry loop too.
     stall_of = {"MOV": 1, "HGMMA": 12, "SYNCS": 5, "@!P0": 9, "MUFU": 2, "FMNMX": 3, "@P1": 6, "EXIT": 4}
@@ -2387,3 +2473,55 @@ def test_tensor_map_encodings(monkeypatch):
         (hd._TMA_UINT16, 4, [128, 3, 17, 31], [head, 16 * row, row], [64, 1, 8, 16], [1, 1, 1, 1], enums),
         (hd._TMA_UINT16, 5, [128, 3, 269, 4, 2], [head, row, 8 * row, 4 * row], [64, 1, 4, 4, 2], [1] * 5, enums),
     ]
+
+
+@gpu_test
+def test_gpu_39_compiled_graphs_run_the_engine(monkeypatch):
+    """torch.compile (Inductor, fullgraph) runs the engine's custom op: one graph, the eager
+    engine's output bit for bit, the Triton backward's gradients through the op's autograd
+    formula, and CUDA graphs (mode="reduce-overhead") replaying it on new inputs; backend="auto"
+    chooses the engine at trace time as it does in eager mode."""
+    from modelopt_sparse.kernels.hopper_attention import ops as hops
+
+    torch._dynamo.reset()
+    b, s, hq, hkv, d = 2, 640, 8, 2, 128
+    g = torch.Generator().manual_seed(39)
+    q, k, v = (torch.randn(b, s, h, d, generator=g).to("cuda", torch.bfloat16) for h in (hq, hkv, hkv))
+    starts = torch.tensor([0, 100], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([640, 540], dtype=torch.int32, device="cuda")
+    kw = dict(sparsity_n=2, sparsity_m=4, num_sink_tokens=2, dense_window_size=16, check_metadata=False)
+    launches = []
+    real = hops.forward
+    monkeypatch.setattr(hops, "forward", lambda *a, **k2: launches.append(1) or real(*a, **k2))
+
+    def call(q, k, v, backend="hopper"):
+        return attention(q, k, v, starts, lens, s, backend=backend, **kw)
+
+    eager = attention(q, k, v, starts, lens, s, backend="hopper", **kw)
+    explained = torch._dynamo.explain(call)(q, k, v)
+    assert explained.graph_break_count == 0 and "hopper_attention_forward" in explained.graphs[0].code
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), eager) and launches
+    # auto: the size rule lowered, the engine is chosen while tracing
+    monkeypatch.setattr(he, "AUTO_MIN_WORK", 0)
+    launches.clear()
+    assert torch.equal(torch.compile(lambda q, k, v: call(q, k, v, "auto"), fullgraph=True)(q, k, v), eager)
+    assert launches
+    # gradients: the Triton backward on the engine's output and lse, eager and compiled alike
+    grad = torch.randn(eager.shape, generator=g).to("cuda", torch.bfloat16)
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    attention(*leaves[0], starts, lens, s, backend="hopper", **kw).backward(grad)
+    torch._dynamo.reset()
+    torch.compile(call, fullgraph=True)(*leaves[1]).backward(grad)
+    for a, c in zip(*leaves):
+        assert torch.equal(a.grad, c.grad)
+    # CUDA graphs: the launch is recorded once and replayed on the next inputs (no host read:
+    # the barrier-timeout check, a synchronization, stays off here)
+    monkeypatch.setenv("MODELOPT_SPARSE_HOPPER_CHECK", "0")
+    torch._dynamo.reset()
+    graphed = torch.compile(call, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = [t * (1 + step / 8) for t in (q, k, v)]
+        want = attention(*x, starts, lens, s, backend="hopper", **kw)
+        assert torch.equal(graphed(*x), want), step

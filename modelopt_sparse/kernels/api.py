@@ -259,8 +259,11 @@ def _dispatch(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_s
                 segments = host_segments(b_start_loc, b_seq_len, b_start_loc_k, b_seq_len_k)
             out, _ = reference_attention(q, k, v, segments, params, stats, learned_sinks)
     elif backend == "hopper":
-        out = _hopper_engine().hopper_attention(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k,
-                                                b_seq_len_k, max_input_len_k, params, covered=covered)
+        engine = _hopper_engine()
+        # Compiled: one custom op (Dynamo cannot trace the engine's launch).
+        run = engine.traced_attention if torch.compiler.is_compiling() else engine.hopper_attention
+        out = run(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k, params,
+                  covered=covered)
     else:
         out = _triton_attention()(
             q, k, v,

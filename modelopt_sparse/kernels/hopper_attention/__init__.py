@@ -5,8 +5,9 @@ CUTLASS) for the forward pass of the same rule as every other backend (docs/sema
 dense and N:M (M in 2/4/8/16, both tie rules), varlen, GQA, causal or not, sinks, dense
 window, decode rows, sliding window, D = 64 or 128, fp16 or bf16. It stores the same
 log2-domain LSE as the Triton forward, so the Triton backward runs on its output.
-docs/hopper_engine.md has the design and the status (**compile-checked; not yet run on a
-GPU** at the time of writing).
+docs/hopper_engine.md has the design and the status (tested and timed on the H200 since
+session 10). Eager calls launch it directly; ``torch.compile`` graphs call it as one custom op
+(``ops``).
 
 How it runs, without a PyTorch C++ extension (so it works the same on any torch version):
 
@@ -34,6 +35,8 @@ The package, one idea per module (imported in this order; none imports a later o
   launching a cubin);
 * ``engine``: what can run here (``unsupported_reason``, ``choose``), the launch
   (``forward``) and autograd (``hopper_attention``);
+* ``ops``: the custom op that ``torch.compile`` graphs call (``traced_attention``), with the
+  Triton backward as its gradient;
 * ``variant_sets``: the kernels precompiled, timed and tested (``standard_variants``);
 * ``tools``: the developer commands behind ``python -m modelopt_sparse.kernels.hopper_attention
   {precompile,smoke,sass,bench}`` (``__main__``); never imported on the ``attention()`` path.
@@ -47,6 +50,7 @@ name must replace it in the module that looks it up (e.g. ``engine.find_nvcc`` f
 from .build import HopperUnavailable
 from .engine import (auto_enabled, below_auto_threshold, choose, forward_with_lse, hopper_attention, kept_mask_probe,
                      log_fallback_once, unsupported_reason)
+from .ops import traced_attention
 
 __all__ = ["HopperUnavailable", "auto_enabled", "below_auto_threshold", "choose", "forward_with_lse",
-           "hopper_attention", "kept_mask_probe", "log_fallback_once", "unsupported_reason"]
+           "hopper_attention", "kept_mask_probe", "log_fallback_once", "traced_attention", "unsupported_reason"]

@@ -46,7 +46,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
     first; the toolchain (nvcc present, sources present) last."""
     if not q.is_cuda:
         return f"it needs CUDA tensors, got {q.device}"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q.device.index)
     if (major, minor) != (9, 0):
         return f"it needs an sm_90 GPU (H100/H200), this one is sm_{major}{minor}"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -59,21 +59,33 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
         return "learned_sinks are not implemented in the Hopper kernel"
     if params.softcap:
         return "softcap is not implemented in the Hopper kernel"
-    if torch.compiler.is_compiling():
-        return "it is not traceable by torch.compile (the Triton op is)"
     if q.shape[-2] > 65535:
         return f"at most 65535 query heads, got {q.shape[-2]}"
-    if check_toolchain:
-        if find_nvcc() is None:
-            return _NO_NVCC
-        if not (SOURCE_DIR / "nm_attention_fwd.cu").is_file():
-            return f"the engine's CUDA sources are missing ({SOURCE_DIR})"
+    return _toolchain_reason() if check_toolchain else None
+
+
+# The two questions about this machine, asked while torch.compile traces a call as well: Dynamo
+# runs them once at trace time and keeps the answer as a constant (it cannot trace a file
+# system lookup), as an eager call would get the same answer every time.
+@torch.compiler.assume_constant_result
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@torch.compiler.assume_constant_result
+def _toolchain_reason() -> str | None:
+    """Why the kernels cannot be built here (no nvcc, or the CUDA sources missing), or None."""
+    if find_nvcc() is None:
+        return _NO_NVCC
+    if not (SOURCE_DIR / "nm_attention_fwd.cu").is_file():
+        return f"the engine's CUDA sources are missing ({SOURCE_DIR})"
     return None
 
 
 _logged: set = set()
 
 
+@torch.compiler.assume_constant_result  # a compiled call logs when it is traced
 def log_fallback_once(reason: str) -> None:
     """One log line per distinct reason, for ``backend="auto"`` falling back to Triton."""
     if reason not in _logged:
@@ -103,10 +115,11 @@ def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> 
     """``"hopper"`` or ``"triton"`` for one call. Forced (``backend="hopper"``): raises
     :class:`HopperUnavailable` when it cannot run, except for ``return_stats=True``, which is
     served by the Triton forward (documented fallback). Auto: calls smaller than
-    :data:`AUTO_MIN_WORK` and calls traced by torch.compile stay on Triton silently; otherwise
-    the engine, or Triton with one log line naming the reason."""
-    if not forced and (below_auto_threshold(q, k) or torch.compiler.is_compiling()):
-        return "triton"  # under compile: the Triton op is traceable, this engine's launch is not
+    :data:`AUTO_MIN_WORK` stay on Triton silently; otherwise the engine, or Triton with one log
+    line naming the reason. The same under torch.compile, where the engine runs as one custom
+    op (ops.py) and the choice is made once, at trace time."""
+    if not forced and below_auto_threshold(q, k):
+        return "triton"
     reason = unsupported_reason(q, k, v, params, stats=stats, learned_sinks=learned_sinks)
     if reason is None:
         return BACKEND

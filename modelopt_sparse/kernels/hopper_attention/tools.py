@@ -86,6 +86,12 @@ def find_nvdisasm() -> str | None:
 # lanes/clk/SM; FMNMX/FSETP/FSEL/SEL/LOP3/ISETP = the half-rate ALU pipe; FFMA/FADD/FMUL = FMA).
 SASS_CLASSES = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "HMNMX2", "FSETP", "FSEL", "SEL", "F2FP", "SHFL", "LOP3",
                 "ISETP", "MOV", "BAR", "SYNCS")
+# Instructions of the 16-lane ALU pipe, which hold a scheduler's dispatch for two cycles: measured
+# for the min/max forms, LOP3 and integer adds (benchmarks/hopper_select: with eight warps per
+# scheduler, 126 FFMA beside a 126-FMNMX network add 126 cycles, so no other warp's FFMA issues in
+# an FMNMX's second cycle); the compares and selects by the pipe they share.
+HALF_RATE = frozenset({"FMNMX", "HMNMX2", "VHMNMX", "IMNMX", "VIMNMX", "VIMNMX3", "FSETP", "ISETP", "FSEL", "SEL", "LOP3",
+                       "IADD3", "VIADD", "SHF", "PRMT", "LEA"})
 
 
 def count_main_loop(sass: str) -> dict:
@@ -94,7 +100,10 @@ def count_main_loop(sass: str) -> dict:
     Compile with -DNMH_SASS_INTERIOR=1 so that the body is the interior-tile path. With
     ``nvdisasm -hex`` output, ``stall`` is the sum of the body's stall counts (bits 41-44 of each
     instruction's upper word): ptxas's own estimate of one warp's issue cycles for a tile, without
-    the waits for variable-latency results (MUFU, shuffles, barriers, the MMAs)."""
+    the waits for variable-latency results (MUFU, shuffles, barriers, the MMAs). ``dispatch`` is
+    the scheduler cycles the body holds, whatever the order: one per instruction, two per
+    :data:`HALF_RATE` one. A scheduler serves one warp of each consumer warpgroup, so two
+    warpgroups need twice this per tile step, however well their phases interleave."""
     ins, labels, stalls = [], {}, []
     lines = sass.splitlines()
     for i, line in enumerate(lines):
@@ -121,7 +130,8 @@ def count_main_loop(sass: str) -> dict:
             skip.update(range(a, b + 1))
     body = [i for i in range(lo, hi + 1) if i not in skip]
     ops = [re.sub(r"^@!?U?P\w+\s+", "", ins[i]).split()[0] for i in body]
-    out = {"total": len(ops), "stall": sum(stalls[i] for i in body)}
+    out = {"total": len(ops), "dispatch": len(ops) + sum(op.split(".")[0] in HALF_RATE for op in ops),
+           "stall": sum(stalls[i] for i in body)}
     for c in SASS_CLASSES:
         out[c] = sum(op.split(".")[0] == c for op in ops)
     return out
@@ -142,7 +152,7 @@ def _sass(args) -> int:
         variants += [Variant(head_dim=64, **_sched(t)) for t in BENCH_SCHEDULES_SHORT]
         variants += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
         variants += [Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, **_sched(t)) for t in BENCH_SCHEDULES_SPARSE_PV]
-    columns = ("total", "stall") + SASS_CLASSES
+    columns = ("total", "dispatch", "stall") + SASS_CLASSES
     print(f"{'variant':<24}" + "".join(f"{c:>7}" for c in columns) + "   regs spill", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
