@@ -153,7 +153,8 @@ def _sass(args) -> int:
         variants += [Variant(head_dim=64, consumers=3, **_sched(t)) for t in BENCH_SCHEDULES_WG3]
         variants += [Variant(sparsity_n=2, sparsity_m=4, sparse_pv=True, **_sched(t)) for t in BENCH_SCHEDULES_SPARSE_PV]
     columns = ("total", "dispatch", "stall") + SASS_CLASSES
-    print(f"{'variant':<24}" + "".join(f"{c:>7}" for c in columns) + "   regs spill", flush=True)
+    widths = [max(7, len(c) + 1) for c in columns]
+    print(f"{'variant':<24}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)) + "   regs spill", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             v = v.canonical()
@@ -168,7 +169,7 @@ def _sass(args) -> int:
             dis = subprocess.run([nvdisasm, "-c", "-hex", str(cubin)], capture_output=True, text=True,
                                  timeout=120).stdout
             counts = count_main_loop(dis)
-            print(f"{v.tag:<24}" + "".join(f"{counts.get(c, 0):>7}" for c in columns) +
+            print(f"{v.tag:<24}" + "".join(f"{counts.get(c, 0):>{w}}" for c, w in zip(columns, widths)) +
                   f"   {summary.get('registers', '?')} {summary.get('spill_stores', '?')}/{summary.get('spill_loads', '?')}",
                   flush=True)
     return 0
