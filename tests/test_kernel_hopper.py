@@ -109,15 +109,20 @@ def test_auto_on_cpu_is_unchanged(monkeypatch):
     ((8, 4, 96), torch.bfloat16, {}, "head_dim 64 and 128, not 96"),
     ((8, 4, 128), torch.bfloat16, {"softcap": 30.0}, "softcap is not implemented"),
     ((8, 4, 128), torch.bfloat16, {"stats": True}, "return_stats=True runs on the Triton forward"),
-    ((8, 4, 128), torch.bfloat16, {"sinks": True}, "learned_sinks are not implemented"),
 ])
 def test_unsupported_reasons_name_the_feature(monkeypatch, shape, dtype, kw, match):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     t = _FakeCuda(shape, dtype)
     params = _params(softcap=kw.get("softcap", 0.0))
-    reason = ha.unsupported_reason(t, t, t, params, stats={} if kw.get("stats") else None,
-                                   learned_sinks=object() if kw.get("sinks") else None, check_toolchain=False)
+    reason = ha.unsupported_reason(t, t, t, params, stats={} if kw.get("stats") else None, check_toolchain=False)
     assert reason is not None and re.search(match, reason), reason
+
+
+def test_learned_sinks_run_on_the_engine(monkeypatch):
+    """Learned sinks (GPT-OSS) are no reason to leave the engine since session 24."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    t = _FakeCuda()
+    assert ha.unsupported_reason(t, t, t, _params(), learned_sinks=object(), check_toolchain=False) is None
 
 
 def test_unsupported_reason_architecture_and_toolchain(monkeypatch):
@@ -183,13 +188,14 @@ def test_the_choice_is_the_same_under_compile(monkeypatch):
     assert he._capability._dynamo_marked_constant and he._toolchain_reason._dynamo_marked_constant
 
 
-def _triton_forward_as_the_kernel(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse):
+def _triton_forward_as_the_kernel(q, k, v, q_start, q_len, max_q, k_start, k_len, params, *, q_covered, with_lse,
+                                  learned_sinks=None):
     """A CPU stand-in for the engine's launch with its contract, (out, log2-domain lse): the
     (interpreted) Triton forward, whose output and lse the Hopper kernel reproduces."""
     from modelopt_sparse.kernels.triton_attention import launch
 
     out, lse, _ = launch._forward_launch(q, k, v, q_start, q_len, k_start, k_len, max_q, int(k_len.max()), q_covered,
-                                         False, params, True)
+                                         False, params, True, learned_sinks=learned_sinks)
     return out, lse
 
 
@@ -213,29 +219,52 @@ def test_compiled_call_runs_the_engine_op_in_one_graph_with_the_triton_backward(
     start = torch.zeros(2, dtype=torch.int32)
     lens = torch.tensor([24, 17], dtype=torch.int32)
 
-    def call(q, k, v):
-        return attention(q, k, v, start, lens, 24, sparsity_n=2, sparsity_m=4, num_sink_tokens=1,
-                         dense_window_size=4, backend="hopper", check_metadata=False)
+    sinks = torch.randn(4)
+    kw = dict(sparsity_n=2, sparsity_m=4, num_sink_tokens=1, dense_window_size=4)
 
-    want = attention(q, k, v, start, lens, 24, sparsity_n=2, sparsity_m=4, num_sink_tokens=1, dense_window_size=4,
-                     backend="triton")
+    def call(q, k, v, sinks):
+        return attention(q, k, v, start, lens, 24, backend="hopper", check_metadata=False, learned_sinks=sinks, **kw)
+
+    want = attention(q, k, v, start, lens, 24, backend="triton", learned_sinks=sinks, **kw)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(call)(q, k, v)
+    explained = torch._dynamo.explain(call)(q, k, v, sinks)
     assert explained.graph_break_count == 0 and len(explained.graphs) == 1
     assert "hopper_attention_forward" in explained.graphs[0].code
     torch._dynamo.reset()
     launches.clear()
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
     got = torch.compile(call, fullgraph=True, backend="aot_eager")(*leaves)
     assert launches, "the compiled graph did not call the engine's op"
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     grad = torch.randn_like(got)
     got.backward(grad)
-    eager = [t.clone().requires_grad_() for t in (q, k, v)]
-    attention(*eager, start, lens, 24, sparsity_n=2, sparsity_m=4, num_sink_tokens=1, dense_window_size=4,
-              backend="triton").backward(grad)
+    eager = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    attention(*eager[:3], start, lens, 24, backend="triton", learned_sinks=eager[3], **kw).backward(grad)
     for a, b in zip(leaves, eager):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not api.interpreting(), reason="CPU with TRITON_INTERPRET=1")
+def test_eager_autograd_with_learned_sinks_is_the_triton_backward(monkeypatch):
+    """The eager autograd path (_HopperAttention, the launch stubbed by the Triton forward on the
+    CPU) hands the learned sinks to the kernel and takes their gradient from the Triton backward:
+    every gradient equals the Triton path's, the sinks' in their own dtype."""
+    monkeypatch.setattr(ha, "choose", lambda *a, **kw: "hopper")
+    monkeypatch.setattr(he, "forward", _triton_forward_as_the_kernel)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(30, h, 32) for h in (4, 2, 2))
+    sinks = torch.randn(4, dtype=torch.float64)
+    start, lens = torch.tensor([0, 12], dtype=torch.int32), torch.tensor([12, 18], dtype=torch.int32)
+    kw = dict(sparsity_n=4, sparsity_m=8, sliding_window=9, num_sink_tokens=1)
+    grads = []
+    for backend in ("hopper", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = attention(*leaves[:3], start, lens, 18, backend=backend, learned_sinks=leaves[3], **kw)
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_engine_op_fake_matches_the_launch_contract():
@@ -2149,6 +2178,21 @@ def test_gpu_38_kv_pretest_equals_the_measured_kernel(monkeypatch, n, m, tie, d,
             assert torch.isfinite(outs[1][0]).all() and rel_err(outs[1][0][rows], ref[rows]) < TOL[dtype], kw
 
 
+def test_learned_sinks_variant_flag_and_sets():
+    """Learned sinks (tag flag a): chosen by the call, not the environment; its own define, parsed
+    back from its tag, carried precompiled for test_gpu_40, and the same kernel otherwise."""
+    for d, n, m in ((128, 0, 4), (64, 2, 4), (128, 8, 16)):
+        params = _params(sparsity_n=n, sparsity_m=m)
+        plain = hv.variant_for(params, torch.bfloat16, d)
+        with_sinks = hv.variant_for(params, torch.bfloat16, d, learned_sinks=True)
+        assert not plain.learned_sinks and with_sinks == dataclasses.replace(plain, learned_sinks=True)
+        assert _flags_added(plain.tag, with_sinks.tag) == {"a"}
+        assert "-DNMH_LEARNED_SINKS=1" in with_sinks.defines() and "-DNMH_LEARNED_SINKS=1" not in plain.defines()
+        assert hv._parse_tag(with_sinks.tag) == with_sinks
+        assert with_sinks in hs.standard_variants()
+    assert hv.variant_for(_params(), torch.bfloat16, 128, learned_sinks=True, probe=True).learned_sinks
+
+
 def test_kv_pretest_variant_flag_env_and_sets(monkeypatch):
     """MODELOPT_SPARSE_HOPPER_KV_PRETEST (tag flag j): its own define, parsed back from its tag,
     switched by the A/B table, its test kernels carried."""
@@ -2525,3 +2569,43 @@ def test_gpu_39_compiled_graphs_run_the_engine(monkeypatch):
         x = [t * (1 + step / 8) for t in (q, k, v)]
         want = attention(*x, starts, lens, s, backend="hopper", **kw)
         assert torch.equal(graphed(*x), want), step
+
+
+@gpu_test
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n,m", [(0, 4), (2, 4), (8, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_40_learned_sinks(n, m, d, dtype):
+    """Learned sinks (GPT-OSS's per-head logit in every row's denominator) on the engine: the
+    output against the float64 reference, on ragged GQA sequences with a sliding window, one
+    sequence with more queries than keys (rows with no allowed key: output 0), sinks from very
+    negative to dominant; the lse against the Triton forward's with the same sinks; the
+    gradients (q, k, v and the sinks, the last in their dtype) against the Triton path's."""
+    from modelopt_sparse.kernels.triton_attention import _forward_launch
+
+    lens_q, lens_k = [300, 40, 7], [300, 20, 700]
+    sq, lq, mq, _ = varlen(lens_q, "cuda")
+    sk, lk, mk, _ = varlen(lens_k, "cuda")
+    inputs = _random(lens_q, lens_k, 8, 2, d, seed=40 + m)
+    sinks = torch.tensor([-30.0, -2.0, 0.0, 1.5, 4.0, 8.0, 12.0, 0.5], device="cuda")
+    kw = dict(sparsity_n=n, sparsity_m=m, num_sink_tokens=2, dense_window_size=16, sliding_window=120)
+    out, _ = _run(lens_q, lens_k, 8, 2, d, dtype, inputs, "hopper", learned_sinks=sinks, **kw)
+    ref, _ = _run(lens_q, lens_k, 8, 2, d, dtype, inputs, "torch", learned_sinks=sinks.double(), **kw)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
+    plain, _ = _run(lens_q, lens_k, 8, 2, d, dtype, inputs, "hopper", **kw)
+    assert rel_err(plain, out) > 10 * TOL[dtype]  # the sinks really took part
+    q, k, v = (t.to("cuda", dtype) for t in inputs)
+    params = _params(sparsity_n=n, sparsity_m=m, num_sink_tokens=2, dense_window_size=16, sliding_window=120)
+    out_h, lse_h = ha.forward_with_lse(q, k, v, sq, lq, mq, sk, lk, params, covered=True, learned_sinks=sinks)
+    out_t, lse_t, _ = _forward_launch(q, k, v, sq, lq, sk, lk, mq, mk, True, False, params, learned_sinks=sinks)
+    assert rel_err(out_h, out_t) < 1e-2
+    assert torch.allclose(lse_h, lse_t, rtol=0, atol=LSE_TOL_16BIT_SUM), (lse_h - lse_t).abs().max()
+    g = torch.Generator().manual_seed(41)
+    do = torch.randn(sum(lens_q), 8, d, generator=g).to("cuda", dtype)
+    grads = {}
+    for backend in ("hopper", "triton"):
+        s16 = sinks.to(dtype).requires_grad_()
+        o, xs = _run(lens_q, lens_k, 8, 2, d, dtype, inputs, backend, grad=True, learned_sinks=s16, **kw)
+        grads[backend] = torch.autograd.grad(o, [*xs, s16], do)
+    for a, b in zip(grads["hopper"], grads["triton"]):
+        assert a.dtype == b.dtype and rel_err(a.float(), b.float()) < 2e-2

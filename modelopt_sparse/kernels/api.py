@@ -263,7 +263,7 @@ def _dispatch(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_s
         # Compiled: one custom op (Dynamo cannot trace the engine's launch).
         run = engine.traced_attention if torch.compiler.is_compiling() else engine.hopper_attention
         out = run(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k, params,
-                  covered=covered)
+                  covered=covered, learned_sinks=learned_sinks)
     else:
         out = _triton_attention()(
             q, k, v,

@@ -164,6 +164,9 @@
 #ifndef NMH_KV_PRETEST
 #define NMH_KV_PRETEST 0
 #endif
+#ifndef NMH_LEARNED_SINKS
+#define NMH_LEARNED_SINKS 0
+#endif
 // Producers whose K / V maps cannot bound every tile by themselves (the grouped maps, stage 3's V
 // map): TmaParams carries the rows of K and V, and the tiles near the tensor's end go by cp.async.
 #define NMH_TMA_BOUNDED (NMH_TMA3D || (NMH_SPARSE_PV && NMH_TMA))
@@ -197,8 +200,10 @@ struct FwdParams {
   int sliding_window;      // 0 = off
   int reserved;
   float scale_log2;        // softmax_scale * log2(e)
+  const float* sinks;      // NMH_LEARNED_SINKS: fp32 [Hq] in natural-log units (else unread); last,
+                           // so that the fields before it keep their offsets (session 24)
 };
-static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update hopper_attention/driver.py");
+static_assert(sizeof(FwdParams) == 208, "FwdParams layout changed: update hopper_attention/driver.py");
 
 // TMA variants only: a second kernel argument with the three tensor maps (CUtensorMap, 128
 // opaque bytes each, encoded on the host by cuTensorMapEncodeTiled; hopper_attention/driver.py,
@@ -478,6 +483,7 @@ static_assert(!ROW_PIPE || (SPARSE && !TIE_INDEX && !NMH_SPARSE_PV), "NMH_ROW_PI
 // Stamps are (clock | 1), so 0 means "not recorded".
 constexpr bool PHASE_CLOCKS = NMH_PHASE_CLOCKS != 0;
 constexpr bool KV_PRETEST = NMH_KV_PRETEST != 0;
+constexpr bool LEARNED_SINKS = NMH_LEARNED_SINKS != 0;  // the epilogue folds in p.sinks[head]
 constexpr int CLOCK_TILES = 128, CLOCK_STAMPS = 8;
 static_assert(!PHASE_CLOCKS || !PROBE, "NMH_PHASE_CLOCKS writes where the mask probe would");
 __device__ __forceinline__ int member_index(int g, int m, int r) {  // g = jr * 2 + e
@@ -1486,17 +1492,29 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) nm_attn_fwd(const __gri
       l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     }
   }
+  // NMH_LEARNED_SINKS (GPT-OSS; session 24): one more logit in each row's denominator, with no
+  // value row: sum = l 2^(m c) + 2^(sink log2 e), so O is scaled by 2^(m c - mt) / (sum / 2^mt)
+  // and the lse is mt + log2(sum / 2^mt), mt the larger exponent. Its own variant, so that the
+  // kernels without sinks keep their code.
+  const float sink_log2 = LEARNED_SINKS ? p.sinks[head] * 1.4426950408889634f : -INFINITY;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = x.qrow + 8 * r;
     if (row >= q_len) continue;
-    // A row with no kept key outputs exactly 0 and lse = -inf (docs/semantics.md).
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    // A row with no kept key outputs exactly 0 and lse = -inf, or the sink's logit with a learned
+    // sink (docs/semantics.md).
+    float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    float lse = l[r] > 0.f ? m[r] * p.scale_log2 + __log2f(l[r]) : sink_log2;
+    if (LEARNED_SINKS && l[r] > 0.f) {
+      const float mc = m[r] * p.scale_log2, mt = fmaxf(mc, sink_log2);
+      const float keep = ex2(mc - mt), total = fmaf(l[r], keep, ex2(sink_log2 - mt));
+      inv = keep / total;
+      lse = mt + __log2f(total);
+    }
     uint16_t* orow = p.o + (q_start + row) * p.o_row + (int64_t)head * p.o_head + 2 * t;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
       *reinterpret_cast<uint32_t*>(orow + 8 * j) = pack2<FP16>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-    if (t == 0 && p.lse != nullptr)
-      p.lse[(q_start + row) * p.lse_row + head] = l[r] > 0.f ? m[r] * p.scale_log2 + __log2f(l[r]) : -INFINITY;
+    if (t == 0 && p.lse != nullptr) p.lse[(q_start + row) * p.lse_row + head] = lse;
   }
 }

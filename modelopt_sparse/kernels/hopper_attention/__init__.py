@@ -3,8 +3,8 @@
 A warp-specialized CUDA C++ kernel (``kernels/hopper/nm_attention_fwd.cu``, inline PTX, no
 CUTLASS) for the forward pass of the same rule as every other backend (docs/semantics.md):
 dense and N:M (M in 2/4/8/16, both tie rules), varlen, GQA, causal or not, sinks, dense
-window, decode rows, sliding window, D = 64 or 128, fp16 or bf16. It stores the same
-log2-domain LSE as the Triton forward, so the Triton backward runs on its output.
+window, decode rows, sliding window, learned sinks, D = 64 or 128, fp16 or bf16. It stores the
+same log2-domain LSE as the Triton forward, so the Triton backward runs on its output.
 docs/hopper_engine.md has the design and the status (tested and timed on the H200 since
 session 10). Eager calls launch it directly; ``torch.compile`` graphs call it as one custom op
 (``ops``).

@@ -35,11 +35,11 @@ class _FwdParams(ctypes.Structure):
         ("probe_row", ctypes.c_int64),
         ("groups", ctypes.c_int), ("lse_row", ctypes.c_int), ("is_causal", ctypes.c_int),
         ("num_sink", ctypes.c_int), ("dense_window", ctypes.c_int), ("sliding_window", ctypes.c_int),
-        ("reserved", ctypes.c_int), ("scale_log2", ctypes.c_float),
+        ("reserved", ctypes.c_int), ("scale_log2", ctypes.c_float), ("sinks", ctypes.c_void_p),
     ]
 
 
-PARAMS_SIZE = 200  # static_assert(sizeof(FwdParams) == 200) in the CUDA source
+PARAMS_SIZE = 208  # static_assert(sizeof(FwdParams) == 208) in the CUDA source
 
 
 class _TmaParams(ctypes.Structure):

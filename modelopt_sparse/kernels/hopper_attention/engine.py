@@ -55,8 +55,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
         return f"it supports head_dim 64 and 128, not {q.shape[-1]}"
     if stats is not None:
         return "return_stats=True runs on the Triton forward (the Hopper kernel keeps no statistics)"
-    if learned_sinks is not None:
-        return "learned_sinks are not implemented in the Hopper kernel"
     if params.softcap:
         return "softcap is not implemented in the Hopper kernel"
     if q.shape[-2] > 65535:
@@ -169,14 +167,15 @@ def _checked() -> bool:
 
 
 def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams, *, q_covered: bool,
-            with_lse: bool, probe=None, source_dir=None):
+            with_lse: bool, probe=None, source_dir=None, learned_sinks=None):
     """Launch the kernel: ``(out, lse or None)``; out is contiguous ``[T, Hq, D]`` in q's
     dtype (rows outside every sequence are 0 unless ``q_covered``), lse fp32 ``[T, Hq]``
-    (log2 domain, as the Triton forward's). ``probe``: (scores, kept) buffers
+    (log2 domain, as the Triton forward's; with ``learned_sinks``, ``[Hq]`` logits in natural-log
+    units, their terms included, as the Triton backward reads it). ``probe``: (scores, kept) buffers
     ``[Hq, T, keys]`` for a mask-probe build. ``source_dir``: the kernel built from other CUDA
     sources with the same kernel arguments (``ab --against``; developer use)."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    variant = variant_for(params, q.dtype, d, probe=probe is not None)
+    variant = variant_for(params, q.dtype, d, probe=probe is not None, learned_sinks=learned_sinks is not None)
     if variant.tma:  # a tensor map's strides must be non-zero multiples of 16 bytes (broadcast views are not)
         q, k, v = (t.contiguous() if 0 in (t.stride(0), t.stride(1)) else t for t in (q, k, v))
     device = q.get_device()
@@ -186,6 +185,9 @@ def forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params: SparseParams
     p = _FwdParams()
     p.q, p.k, p.v, p.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     p.lse = lse.data_ptr() if lse is not None else None
+    if learned_sinks is not None:  # fp32 for the kernel (a [Hq] copy at most); kept alive to the launch
+        learned_sinks = learned_sinks.detach().to(torch.float32).contiguous()
+        p.sinks = learned_sinks.data_ptr()
     p.q_start, p.q_len, p.k_start, p.k_len = (t.data_ptr() for t in (q_start, q_len, k_start, k_len))
     p.q_row, p.q_head = q.stride(0), q.stride(1)
     p.k_row, p.k_head = k.stride(0), k.stride(1)
@@ -250,25 +252,29 @@ class _HopperAttention(torch.autograd.Function):
     """Forward by the Hopper kernel, backward by the Triton kernels on its output and LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered, params):
+    def forward(ctx, q, k, v, learned_sinks, q_start, q_len, k_start, k_len, max_q, max_k, q_covered, k_covered,
+                params):
         out, lse = forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, q_covered=q_covered,
-                           with_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse, q_start, q_len, k_start, k_len)
+                           with_lse=True, learned_sinks=learned_sinks)
+        ctx.save_for_backward(q, k, v, learned_sinks, out, lse, q_start, q_len, k_start, k_len)
         ctx.scalars = (max_q, max_k, q_covered, k_covered, *_backward_fields(params))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from ..triton_attention import _launch_backward, _NoSecondDerivative
+        from ..triton_attention.ops import _NoSecondDerivativeOfSinks
 
-        q, k, v, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
+        q, k, v, learned_sinks, out, lse, q_start, q_len, k_start, k_len = ctx.saved_tensors
         with torch.no_grad():
-            # The first three results are dq, dk, dv (a version with learned sinks adds one).
-            dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len,
-                                          *ctx.scalars)[:3]
+            dq, dk, dv, d_sinks = _launch_backward(grad_out, q, k, v, out, lse, q_start, q_len, k_start, k_len,
+                                                   *ctx.scalars, learned_sinks)
+        d_sinks = d_sinks if learned_sinks is not None else None
         if torch.is_grad_enabled():  # create_graph=True: refuse a second derivative, as Triton does
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v, grad_out)
-        return (dq, dk, dv) + (None,) * 9
+            if d_sinks is not None:
+                d_sinks = _NoSecondDerivativeOfSinks.apply(d_sinks, learned_sinks, grad_out)
+        return (dq, dk, dv, d_sinks) + (None,) * 9
 
 
 def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
@@ -279,24 +285,26 @@ def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def hopper_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, covered=(False, False)):
+def hopper_attention(q, k, v, q_start, q_len, max_q, k_start, k_len, max_k, params, covered=(False, False),
+                     learned_sinks=None):
     """The engine's entry from :func:`modelopt_sparse.kernels.attention` (inputs validated
     there, packed 3-D tensors)."""
     max_q, max_k = max(int(max_q), 1), max(int(max_k), 1)
     q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _HopperAttention.apply(q, k, v, q_start, q_len, k_start, k_len, max_q, max_k, bool(covered[0]),
-                                      bool(covered[1]), params)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            learned_sinks is not None and learned_sinks.requires_grad)):
+        return _HopperAttention.apply(q, k, v, learned_sinks, q_start, q_len, k_start, k_len, max_q, max_k,
+                                      bool(covered[0]), bool(covered[1]), params)
     out, _ = forward(q, k, v, q_start, q_len, max_q, k_start, k_len, params, q_covered=bool(covered[0]),
-                     with_lse=False)
+                     with_lse=False, learned_sinks=learned_sinks)
     return out
 
 
-def forward_with_lse(q, k, v, q_start, q_len, max_q, k_start, k_len, params, covered=False):
+def forward_with_lse(q, k, v, q_start, q_len, max_q, k_start, k_len, params, covered=False, learned_sinks=None):
     """(out, lse) of the Hopper forward (for tests and comparisons with the Triton forward)."""
     q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
     return forward(q, k, v, q_start, q_len, max(int(max_q), 1), k_start, k_len, params, q_covered=covered,
-                   with_lse=True)
+                   with_lse=True, learned_sinks=learned_sinks)
 
 
 def kept_mask_probe(q, k, v, q_start, q_len, max_q, k_start, k_len, params, keys: int):

@@ -157,7 +157,7 @@ def standard_variants(probe: bool = True, schedule: dict | str | None = None) ->
                 for pingpong, overlap in ((True, True), (True, False), (False, False)):
                     out.append(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, pingpong=pingpong, overlap=overlap))
         out += NEW_VARIANT_TESTS + MID_WAIT_TESTS + PRODUCER_SUSPENDS_TESTS + MMA_ROWSUM_TESTS + BN64_TESTS + \
-            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + KV_PRETEST_TESTS + \
+            PAIRWISE_TESTS + HALF_SELECT_TESTS + ROW_PIPE_TESTS + KV_PRETEST_TESTS + LEARNED_SINKS_TESTS + \
             bench_variants()
         if probe:
             out += [v for v in _test_set(True) if v.probe]
@@ -286,3 +286,10 @@ KV_PRETEST_PATTERNS = ((0, 4, False), (2, 4, False), (2, 4, True), (4, 8, False)
 KV_PRETEST_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, tie_index=tie,
                                                              fp16=h)), kv_pretest=on).canonical()
                     for d in (128, 64) for n, m, tie in KV_PRETEST_PATTERNS for h in (False, True) for on in (False, True)]
+
+# Learned sinks (session 24): the measured kernels with the sink folded into the epilogue, the
+# patterns test_gpu_40 runs (both head dims, both dtypes).
+LEARNED_SINKS_PATTERNS = ((0, 4), (2, 4), (8, 16))
+LEARNED_SINKS_TESTS = [dataclasses.replace(_as_measured(Variant(head_dim=d, sparsity_n=n, sparsity_m=m, fp16=h)),
+                                           learned_sinks=True).canonical()
+                       for d in (128, 64) for n, m in LEARNED_SINKS_PATTERNS for h in (False, True)]

@@ -88,6 +88,10 @@ class Variant:
     # step skips its two blocking waits when both had arrived (session 23;
     # MODELOPT_SPARSE_HOPPER_KV_PRETEST, tag flag "j"; default: measured_kv_pretest).
     kv_pretest: bool = False
+    # Learned sinks (GPT-OSS's per-head logit, no value row) folded into each row's sum and lse
+    # in the epilogue (session 24; tag flag "a"): chosen by the call (``learned_sinks=``), not
+    # by the environment, and its own variant so that the kernels without sinks keep their code.
+    learned_sinks: bool = False
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
@@ -161,7 +165,7 @@ class Variant:
                                         ("l", self.split_loop), ("w", self.mid_wait), ("u", self.mma_rowsum),
                                         ("k", self.bn64), ("q", self.pairwise), ("v", self.half_select), ("e", self.row_pipe),
                                         ("n", self.producer_suspends), ("c", self.phase_clocks), ("j", self.kv_pretest),
-                                        ("x", self.probe))
+                                        ("a", self.learned_sinks), ("x", self.probe))
                         if on)
         return f"d{self.head_dim}_{pattern}_{flags or '-'}"
 
@@ -178,7 +182,7 @@ class Variant:
                              ("-DNMH_MMA_ROWSUM=1", v.mma_rowsum), ("-DNMH_BN64=1", v.bn64),
                              ("-DNMH_PAIRWISE=1", v.pairwise), ("-DNMH_HALF_SELECT=1", v.half_select),
                              ("-DNMH_ROW_PIPE=1", v.row_pipe), ("-DNMH_PHASE_CLOCKS=1", v.phase_clocks),
-                             ("-DNMH_KV_PRETEST=1", v.kv_pretest),
+                             ("-DNMH_KV_PRETEST=1", v.kv_pretest), ("-DNMH_LEARNED_SINKS=1", v.learned_sinks),
                              ("-DNMH_PRODUCER_SUSPENDS=1", v.producer_suspends)) if on]
 
 
@@ -308,7 +312,8 @@ def measured_kv_pretest(head_dim: int, sparsity_n: int, sparsity_m: int) -> bool
     return (head_dim == 128 and sparsity_m == 16) or (head_dim == 64 and sparsity_m in (4, 8))
 
 
-def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False) -> Variant:
+def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, probe: bool = False,
+                learned_sinks: bool = False) -> Variant:
     """The kernel a call runs: :func:`measured_schedule`, where the environment can override
     each switch so that the device script can time the alternatives:
     MODELOPT_SPARSE_HOPPER_PINGPONG, _OVERLAP, _LATE_RESCALE, _TMA (ignored for M = 16) and
@@ -361,6 +366,7 @@ def variant_for(params: SparseParams, dtype: torch.dtype, head_dim: int, *, prob
         phase_clocks=env_flag("MODELOPT_SPARSE_HOPPER_PHASE_CLOCKS", False),
         kv_pretest=env_flag("MODELOPT_SPARSE_HOPPER_KV_PRETEST",
                             measured_kv_pretest(head_dim, params.sparsity_n, params.sparsity_m)),
+        learned_sinks=learned_sinks,
         probe=probe,
     ).canonical()
 
@@ -400,4 +406,5 @@ def _parse_tag(tag: str) -> Variant:
                    split_loop="l" in flags, mid_wait="w" in flags,
                    producer_suspends="n" in flags, mma_rowsum="u" in flags, bn64="k" in flags,
                    pairwise="q" in flags, half_select="v" in flags, row_pipe="e" in flags,
-                   phase_clocks="c" in flags, kv_pretest="j" in flags, probe="x" in flags)
+                   phase_clocks="c" in flags, kv_pretest="j" in flags, learned_sinks="a" in flags,
+                   probe="x" in flags)
