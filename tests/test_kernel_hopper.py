@@ -282,6 +282,27 @@ def test_engine_op_fake_matches_the_launch_contract():
     assert lse.shape == (10, 4) and lse.dtype == torch.float32 and lse.is_contiguous()
 
 
+def test_auto_keeps_short_sliding_windows_on_triton(monkeypatch, caplog):
+    """A sliding window shorter than 2048 keys (dense) or 4096 (N:M) keeps auto on Triton, where
+    the engine measured slower (session 24: 0.47-0.98x); longer windows, and windows that drop
+    no key (at least the key rows), leave the choice to the work rule; forced calls still run."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
+    monkeypatch.setattr(he, "_logged", set())
+    t = _FakeCuda(shape=(16384, 32, 128))
+    cases = [(0, None, "hopper"), (0, 1024, "triton"), (0, 2048, "hopper"), (2, 2048, "triton"),
+             (2, 4096, "hopper"), (8, 128, "triton"), (2, 16384, "hopper"), (2, 20000, "hopper")]
+    with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
+        for n, window, want in cases:
+            params = _params(sparsity_n=n, sparsity_m=4 if n < 4 else 16, sliding_window=window or 0)
+            assert ha.choose(t, t, t, params, forced=False) == want, (n, window)
+            assert ha.choose(t, t, t, params, forced=True) == "hopper"
+    assert not caplog.records  # a choice by size, not a fallback: no log line
+    batched = _FakeCuda(shape=(4, 4096, 32, 128))  # key rows per sequence: 4096
+    assert ha.choose(batched, batched, batched, _params(sparsity_n=2, sliding_window=4096), forced=False) == "hopper"
+    assert ha.choose(batched, batched, batched, _params(sparsity_n=2, sliding_window=2048), forced=False) == "triton"
+
+
 def test_auto_is_on_unless_opted_out(monkeypatch):
     monkeypatch.delenv("MODELOPT_SPARSE_HOPPER", raising=False)
     assert ha.auto_enabled()

@@ -233,9 +233,10 @@ def attention(
                                           learned_sinks=learned_sinks)
     # Remembered for the hot path when the choice of Triton depends on the key alone: asked for,
     # or auto off CUDA (the key holds the interpreter switch), or auto below the Hopper engine's
-    # threshold (shapes); not when MODELOPT_SPARSE_HOPPER=0 sent a large call here.
+    # threshold (shapes, and the window and pattern, both in the key); not when
+    # MODELOPT_SPARSE_HOPPER=0 sent a large call here.
     if call_key is not None and backend == "triton" and (
-            asked == "triton" or not q.is_cuda or _hopper_engine().below_auto_threshold(q, k)):
+            asked == "triton" or not q.is_cuda or _hopper_engine().below_auto_threshold(q, k, params)):
         _PREPARED.put(call_key, (*metadata, params, covered))
     return _dispatch(q, k, v, b_start_loc, b_seq_len, max_input_len, b_start_loc_k, b_seq_len_k, max_input_len_k,
                      params, covered, backend, segments, stats, learned_sinks)

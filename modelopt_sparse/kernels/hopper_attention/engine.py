@@ -104,19 +104,38 @@ def auto_enabled() -> bool:
 AUTO_MIN_WORK = 2048 * 2048 * 32
 
 
-def below_auto_threshold(q, k) -> bool:
-    """Whether ``backend="auto"`` keeps this call on Triton by its shapes alone."""
-    return _work(q, k) < AUTO_MIN_WORK
+# ... and sliding windows shorter than these (keys): a CTA then visits only a few key tiles, and
+# the engine (one CTA per SM) cannot hide its prologue and epilogue as the Triton kernels' several
+# CTAs per SM do. Measured on the H200 (session 24, S = 16384, causal forward, engine time over
+# Triton's): dense 0.62 / 0.70 / 0.93 / 1.06 / 1.22x at windows 128 / 512 / 1024 / 2048 / 4096
+# (D = 128; D = 64: 0.55 / 0.89 / 1.03 / 1.21 / 1.35x), 2:4 0.47 / 0.65 / 0.85 / 0.98 / 1.10x
+# (D = 64: 0.62 / 0.79 / 0.89 / 0.98 / 1.04x).
+AUTO_MIN_WINDOW_DENSE = 2048
+AUTO_MIN_WINDOW_SPARSE = 4096
+
+
+def below_auto_threshold(q, k, params: SparseParams | None = None) -> bool:
+    """Whether ``backend="auto"`` keeps this call on Triton by its shapes and window alone: less
+    work than :data:`AUTO_MIN_WORK`, or a sliding window shorter than
+    :data:`AUTO_MIN_WINDOW_DENSE` (dense) / :data:`AUTO_MIN_WINDOW_SPARSE` (N:M) that drops keys
+    (one at least as long as the key rows drops none)."""
+    if _work(q, k) < AUTO_MIN_WORK:
+        return True
+    window = params.sliding_window if params is not None else 0
+    if window and window < k.shape[-3]:
+        return window < (AUTO_MIN_WINDOW_SPARSE if params.sparsity_n else AUTO_MIN_WINDOW_DENSE)
+    return False
 
 
 def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> str:
     """``"hopper"`` or ``"triton"`` for one call. Forced (``backend="hopper"``): raises
     :class:`HopperUnavailable` when it cannot run, except for ``return_stats=True``, which is
     served by the Triton forward (documented fallback). Auto: calls smaller than
-    :data:`AUTO_MIN_WORK` stay on Triton silently; otherwise the engine, or Triton with one log
+    :data:`AUTO_MIN_WORK` or with a short sliding window (:func:`below_auto_threshold`) stay on
+    Triton silently; otherwise the engine, or Triton with one log
     line naming the reason. The same under torch.compile, where the engine runs as one custom
     op (ops.py) and the choice is made once, at trace time."""
-    if not forced and below_auto_threshold(q, k):
+    if not forced and below_auto_threshold(q, k, params):
         return "triton"
     reason = unsupported_reason(q, k, v, params, stats=stats, learned_sinks=learned_sinks)
     if reason is None:
