@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 
 import torch
 
@@ -72,12 +73,25 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 @torch.compiler.assume_constant_result
 def _toolchain_reason() -> str | None:
-    """Why the kernels cannot be built here (no nvcc, or the CUDA sources missing), or None."""
-    if find_nvcc() is None:
-        return _NO_NVCC
-    if not (SOURCE_DIR / "nm_attention_fwd.cu").is_file():
-        return f"the engine's CUDA sources are missing ({SOURCE_DIR})"
-    return None
+    """Why the kernels cannot be built here (no nvcc, or the CUDA sources missing), or None.
+    Remembered per environment that find_nvcc reads: the search globs site-packages/nvidia and
+    stats a dozen paths, about 230 us of the ~255 us an engine call cost the host before
+    (H200 host, session 24; Triton's calls cost 22 us)."""
+    key = (find_nvcc, *(os.environ.get(name) for name in _NVCC_ENV))
+    if key not in _TOOLCHAIN_REASONS:
+        if find_nvcc() is None:
+            reason = _NO_NVCC
+        elif not (SOURCE_DIR / "nm_attention_fwd.cu").is_file():
+            reason = f"the engine's CUDA sources are missing ({SOURCE_DIR})"
+        else:
+            reason = None
+        _TOOLCHAIN_REASONS.clear()  # one environment at a time
+        _TOOLCHAIN_REASONS[key] = reason
+    return _TOOLCHAIN_REASONS[key]
+
+
+_NVCC_ENV = ("MODELOPT_SPARSE_NVCC", "CUDA_HOME", "CUDA_PATH", "PATH")
+_TOOLCHAIN_REASONS: dict = {}
 
 
 _logged: set = set()
@@ -104,14 +118,14 @@ def auto_enabled() -> bool:
 AUTO_MIN_WORK = 2048 * 2048 * 32
 
 
-# ... and sliding windows shorter than these (keys): a CTA then visits only a few key tiles, and
-# the engine (one CTA per SM) cannot hide its prologue and epilogue as the Triton kernels' several
-# CTAs per SM do. Measured on the H200 (session 24, S = 16384, causal forward, engine time over
-# Triton's): dense 0.62 / 0.70 / 0.93 / 1.06 / 1.22x at windows 128 / 512 / 1024 / 2048 / 4096
-# (D = 128; D = 64: 0.55 / 0.89 / 1.03 / 1.21 / 1.35x), 2:4 0.47 / 0.65 / 0.85 / 0.98 / 1.10x
-# (D = 64: 0.62 / 0.79 / 0.89 / 0.98 / 1.04x).
-AUTO_MIN_WINDOW_DENSE = 2048
-AUTO_MIN_WINDOW_SPARSE = 4096
+# ... and sliding windows shorter than these (keys): a call then does little work per CTA and the
+# engine's larger host cost per call (~130 us against Triton's ~20) and its one CTA per SM do not
+# pay back. Measured on the H200 (session 24, S = 16384, causal forward, one synchronized call per
+# timing, Triton's time over the engine's) at windows 128 / 512 / 1024 / 2048 / 4096: dense
+# D = 128 0.95 / 1.20 / 1.27 / 1.33 / 1.50, D = 64 0.97 / 0.91 / 1.07 / 1.25 / 1.41; 2:4 D = 128
+# 0.90 / 1.03 / 1.01 / 1.20 / 1.21, D = 64 0.80 / 0.86 / 0.95 / 1.05 / 1.12.
+AUTO_MIN_WINDOW_DENSE = 1024
+AUTO_MIN_WINDOW_SPARSE = 2048
 
 
 def below_auto_threshold(q, k, params: SparseParams | None = None) -> bool:
