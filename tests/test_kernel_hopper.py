@@ -176,13 +176,13 @@ def test_auto_keeps_small_calls_on_triton_silently(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
     monkeypatch.setattr(he, "_logged", set())
-    small, edge = _FakeCuda(shape=(2047, 32, 128)), _FakeCuda(shape=(2048, 32, 128))
+    small, edge = _FakeCuda(shape=(4095, 32, 128)), _FakeCuda(shape=(4096, 32, 128))
     with caplog.at_level(logging.WARNING, logger="modelopt_sparse"):
         assert ha.choose(small, small, small, _params(), forced=False) == "triton"
         assert ha.choose(small, small, small, _params(), forced=True) == "hopper"
         assert ha.choose(edge, edge, edge, _params(), forced=False) == "hopper"
-        batched = _FakeCuda(shape=(2, 1024, 32, 128))
-        assert he._work(batched, batched) == 2 * 1024 * 1024 * 32
+        batched = _FakeCuda(shape=(2, 2048, 32, 128))
+        assert he._work(batched, batched) == 2 * 2048 * 2048 * 32
         assert ha.choose(batched, batched, batched, _params(), forced=False) == "triton"
     assert not caplog.records
 
@@ -193,7 +193,7 @@ def test_the_choice_is_the_same_under_compile(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(he, "find_nvcc", lambda: "/bin/true")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    edge = _FakeCuda(shape=(2048, 32, 128))
+    edge = _FakeCuda(shape=(4096, 32, 128))
     assert ha.choose(edge, edge, edge, _params(), forced=False) == "hopper"
     monkeypatch.setattr(he, "find_nvcc", lambda: None)
     with pytest.raises(ha.HopperUnavailable, match="no CUDA compiler found"):
@@ -2430,7 +2430,8 @@ def test_gpu_24_auto_runs_the_engine_inside_a_sparsified_model(monkeypatch, n):
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
     tokens = 6144
-    assert tokens * tokens * config.num_attention_heads >= he.AUTO_MIN_WORK
+    # The size rule at this model's scale (4 heads): the mechanism is under test, not the value.
+    monkeypatch.setattr(he, "AUTO_MIN_WORK", tokens * tokens * config.num_attention_heads)
     ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).cuda()
     auto = mts.sparsify(copy.deepcopy(base), sparse_cfg(n, 4, 0, 64))
     forced = mts.sparsify(copy.deepcopy(base), sparse_cfg(n, 4, 0, 64, backend="triton"))

@@ -101,7 +101,7 @@ def attention(
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
             reference), ``"hopper"`` (the sm_90 CUDA forward, docs/hopper_engine.md; raises
             ``HopperUnavailable`` naming the reason when it cannot run the call) or ``"auto"``
-            (on an sm_90 GPU the Hopper engine for calls of at least 2k x 2k tokens x 32
+            (on an sm_90 GPU the Hopper engine for calls of at least 4k x 4k tokens x 32
             heads of work, where it can run, else triton with one logged line naming why;
             triton on other GPUs and when interpreting; torch on the CPU;
             ``MODELOPT_SPARSE_HOPPER=0`` keeps auto off the Hopper engine).

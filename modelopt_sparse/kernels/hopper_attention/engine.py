@@ -113,9 +113,13 @@ def auto_enabled() -> bool:
 
 
 # ``backend="auto"`` keeps small calls on Triton: below about this many query-key-head products
-# (2k x 2k tokens x 32 heads) the kernel saves a few microseconds, less than this engine's
-# extra host work (packing a batch, its parameter block) costs.
-AUTO_MIN_WORK = 2048 * 2048 * 32
+# (4k x 4k tokens x 32 heads) an engine call costs the host more (~145 us against Triton's ~20)
+# than its kernel saves. Measured on the H200 (session 24, causal forward, engine over Triton with
+# 50 calls back to back, the host running ahead as in a GPU-bound model; D = 128, 32 heads):
+# S = 1024 / 2048 / 4096 / 8192: dense 0.21 / 0.50 / 1.38 / 1.23, 2:4 0.44 / 0.61 / 1.31 / 1.35
+# (D = 64 with 64 / 8 heads: dense 0.17 / 0.57 / 1.09 / 1.11, 2:4 0.44 / 1.05 / 1.11 / 1.16).
+# Session 10 had set 2k x 2k x 32 without a measurement of the crossover.
+AUTO_MIN_WORK = 4096 * 4096 * 32
 
 
 # ... and sliding windows shorter than these (keys): a call then does little work per CTA and the
