@@ -75,8 +75,8 @@ def _capability(device_index: int) -> tuple[int, int]:
 def _toolchain_reason() -> str | None:
     """Why the kernels cannot be built here (no nvcc, or the CUDA sources missing), or None.
     Remembered per environment that find_nvcc reads: the search globs site-packages/nvidia and
-    stats a dozen paths, about 230 us of the ~255 us an engine call cost the host before
-    (H200 host, session 24; Triton's calls cost 22 us)."""
+    stats a dozen paths, which every engine call repeated before (session 24, the H200 host: 255 us
+    of host time per engine call before, 142-215 us after, Triton's 20)."""
     key = (find_nvcc, *(os.environ.get(name) for name in _NVCC_ENV))
     if key not in _TOOLCHAIN_REASONS:
         if find_nvcc() is None:
@@ -113,7 +113,7 @@ def auto_enabled() -> bool:
 
 
 # ``backend="auto"`` keeps small calls on Triton: below about this many query-key-head products
-# (4k x 4k tokens x 32 heads) an engine call costs the host more (~145 us against Triton's ~20)
+# (4k x 4k tokens x 32 heads) an engine call costs the host more (142-215 us against Triton's ~20)
 # than its kernel saves. Measured on the H200 (session 24, causal forward, engine over Triton with
 # 50 calls back to back, the host running ahead as in a GPU-bound model; D = 128, 32 heads):
 # S = 1024 / 2048 / 4096 / 8192: dense 0.21 / 0.50 / 1.38 / 1.23, 2:4 0.44 / 0.61 / 1.31 / 1.35
@@ -123,8 +123,7 @@ AUTO_MIN_WORK = 4096 * 4096 * 32
 
 
 # ... and sliding windows shorter than these (keys): a call then does little work per CTA and the
-# engine's larger host cost per call (~130 us against Triton's ~20) and its one CTA per SM do not
-# pay back. Measured on the H200 (session 24, S = 16384, causal forward, one synchronized call per
+# engine's larger host cost per call and its one CTA per SM do not pay back. Measured on the H200 (session 24, S = 16384, causal forward, one synchronized call per
 # timing, Triton's time over the engine's) at windows 128 / 512 / 1024 / 2048 / 4096: dense
 # D = 128 0.95 / 1.20 / 1.27 / 1.33 / 1.50, D = 64 0.97 / 0.91 / 1.07 / 1.25 / 1.41; 2:4 D = 128
 # 0.90 / 1.03 / 1.01 / 1.20 / 1.21, D = 64 0.80 / 0.86 / 0.95 / 1.05 / 1.12.
@@ -150,9 +149,9 @@ def choose(q, k, v, params, *, forced: bool, stats=None, learned_sinks=None) -> 
     :class:`HopperUnavailable` when it cannot run, except for ``return_stats=True``, which is
     served by the Triton forward (documented fallback). Auto: calls smaller than
     :data:`AUTO_MIN_WORK` or with a short sliding window (:func:`below_auto_threshold`) stay on
-    Triton silently; otherwise the engine, or Triton with one log
-    line naming the reason. The same under torch.compile, where the engine runs as one custom
-    op (ops.py) and the choice is made once, at trace time."""
+    Triton silently; otherwise the engine, or Triton with one log line naming the reason. The
+    same under torch.compile, where the engine runs as one custom op (ops.py) and the choice is
+    made once, at trace time."""
     if not forced and below_auto_threshold(q, k, params):
         return "triton"
     reason = unsupported_reason(q, k, v, params, stats=stats, learned_sinks=learned_sinks)
