@@ -281,19 +281,43 @@ def test_eager_autograd_with_learned_sinks_is_the_triton_backward(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_engine_op_fake_matches_the_launch_contract():
-    """The op's fake (what compiled graphs plan with): out like q (contiguous, q's dtype), lse
-    fp32 [T, Hq], as forward() allocates them."""
+def test_engine_op_fake_matches_the_launch_contract(monkeypatch):
+    """The op's fake (what compiled graphs plan with) gives the outputs the op's real
+    implementation returns: shapes, dtypes and strides of ``out`` and ``lse`` as forward()
+    allocates them (the launch itself stubbed out on the CPU), for a strided q, both dtypes, with
+    and without learned sinks."""
+    import contextlib
+    import types
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
-        q = torch.empty(10, 8, 128, dtype=torch.bfloat16).transpose(0, 1).transpose(0, 1)[:, :4]
-        k = torch.empty(12, 2, 128, dtype=torch.bfloat16)
+    class _Loaded:  # a loaded module whose launch does nothing (no GPU here)
+        block_m, block_n = 128, 128
+        driver = types.SimpleNamespace(encode_tma=lambda *a: None, encode_tma_grouped=lambda *a: None)
+
+        def launch(self, *a):
+            pass
+
+    monkeypatch.setattr(he, "_module", lambda *a, **kw: _Loaded())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d: types.SimpleNamespace(cuda_stream=0))
+
+    def run(dtype, sinks):
+        q = torch.zeros(10, 8, 128, dtype=dtype)[:, :4]  # a head slice: not contiguous
+        k = torch.zeros(12, 2, 128, dtype=dtype)
         meta = torch.zeros(1, dtype=torch.int32)
-        out, lse = torch.ops.modelopt_sparse.hopper_attention_forward(
-            q, k, k, meta, meta, meta, meta, 10, 12, False, False, True, 0.1, 2, 4, 0, 0, "threshold", 0, 0.0)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert lse.shape == (10, 4) and lse.dtype == torch.float32 and lse.is_contiguous()
+        return torch.ops.modelopt_sparse.hopper_attention_forward(
+            q, k, k, meta, meta.clone(), meta, meta.clone(), 10, 12, False, False, True, 0.1, 2, 4, 0, 0,
+            "threshold", 0, 0.0, torch.zeros(4) if sinks else None)
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for sinks in (False, True):
+            real = run(dtype, sinks)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = run(dtype, sinks)
+            for r, f in zip(real, fake):
+                assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), (dtype, sinks)
+            assert real[0].shape == (10, 4, 128) and real[0].dtype == dtype and real[1].dtype == torch.float32
 
 
 def test_auto_keeps_short_sliding_windows_on_triton(monkeypatch, caplog):
