@@ -2,9 +2,12 @@
 
 Conversion swaps the ``__class__`` of each attention module to a subclass created once per
 original class (``LlamaAttention`` -> ``SparseLlamaAttention``). The subclass adds no
-parameters and no ``forward``: parameter names and state_dict keys stay the same, and the
-module's own forward reaches our attention function through transformers' dispatch on
-``config._attn_implementation``. Everything sparse lives on the module instance
+parameters: parameter names and state_dict keys stay the same, and the module's own forward
+reaches our attention function through transformers' dispatch on
+``config._attn_implementation``. It adds a ``forward`` only to classes that can serve as
+cross-attention (BART's and Whisper's one class for self- and cross-attention): that forward
+records whether the call is a cross-attention call (see :func:`_cross_input`) and calls the
+original. Everything sparse lives on the module instance
 (``_mts_state``, ``_mts_stats``), so two models, or two threads, never share flags. The HF
 configs that conversion changes are copied first, so models that shared a config object
 with the converted one keep running as before.
@@ -23,6 +26,7 @@ import torch
 
 from .config import Pattern, SparseAttentionAttributeConfig, SparseAttentionConfig
 from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
+from .hf_attention.forward import CROSS_CALL_ATTR, cross_attention_sparse_message
 from .methods import SparseAttentionMethod, checked_kernel_kwargs, get_method
 
 __all__ = [
@@ -54,11 +58,14 @@ class ModuleAttention:
     sliding_window: int | None = None
     softcap: float | None = None
     learned_sinks: bool = False
+    # A cross-attention module by its class or flag; a class that serves both (BART's) is
+    # told apart per call, by the forward's arguments.
+    cross: bool = False
 
     def describe(self) -> str:
-        """``causal``, ``bidirectional``, or with the features: ``causal, window 8, softcap 50,
-        learned sinks``."""
-        parts = ["causal" if self.causal else "bidirectional"]
+        """``causal``, ``bidirectional``, ``cross-attention``, or with the features:
+        ``causal, window 8, softcap 50, learned sinks``."""
+        parts = ["cross-attention" if self.cross else "causal" if self.causal else "bidirectional"]
         if self.sliding_window is not None:
             parts.append(f"window {self.sliding_window}")
         if self.softcap is not None:
@@ -103,9 +110,55 @@ def _sparse_class(cls: type) -> type:
     sparse_cls = _SPARSE_CLASSES.get(cls)
     if sparse_cls is None:
         sparse_cls = type(f"Sparse{cls.__name__}", (cls, SparseAttentionModule), {"__module__": __name__})
+        cross = _cross_input(cls)
+        if cross is not None:
+            sparse_cls.forward = _cross_marking_forward(sparse_cls, *cross)
         sparse_cls.__qualname__ = _encoded_qualname(cls)
         _SPARSE_CLASSES[cls] = sparse_cls
     return sparse_cls
+
+
+# The forward arguments that make a transformers attention module a cross-attention one when
+# they are not None: its keys and values come from them (another sequence: an encoder's output,
+# image features), its queries from hidden_states.
+_CROSS_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+
+
+def _cross_input(cls: type) -> tuple[str, int] | None:
+    """``(name, positional index after self)`` of the forward argument that carries a
+    cross-attention call's keys (:data:`_CROSS_INPUTS`), or None if the class has none."""
+    chain = _forward_chain(cls)
+    if not chain:
+        return None
+    params = list(inspect.signature(chain[0]).parameters.values())[1:]
+    for index, param in enumerate(params):
+        if param.name in _CROSS_INPUTS:
+            positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            return param.name, index if positional else len(params) + 1
+    return None
+
+
+def _cross_marking_forward(sparse_cls: type, name: str, index: int):
+    """A forward that tells the attention function whether this call is cross-attention: the
+    masks transformers builds for it look like those of a self-attention chunk after a cache,
+    and only the module's own argument tells them apart."""
+
+    def forward(self, *args, **kwargs):
+        source = kwargs.get(name) if name in kwargs else (args[index] if len(args) > index else None)
+        setattr(self, CROSS_CALL_ATTR, source is not None)
+        try:
+            return super(sparse_cls, self).forward(*args, **kwargs)
+        finally:
+            setattr(self, CROSS_CALL_ATTR, False)
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    return forward
+
+
+def is_cross_attention_only(module: torch.nn.Module) -> bool:
+    """Whether the module is a cross-attention module by its class or its flag (BERT's
+    ``BertCrossAttention``, GPT-2's ``is_cross_attention``), not only by a call's arguments."""
+    return bool(getattr(module, "is_cross_attention", False)) or "CrossAttention" in original_class_name(module)
 
 
 def __getattr__(name: str) -> type:
@@ -263,6 +316,7 @@ def module_attention(module: torch.nn.Module) -> ModuleAttention:
         sliding_window=window,
         softcap=None if cap is None else float(cap),
         learned_sinks=sinks is not None,
+        cross=is_cross_attention_only(module),
     )
 
 
@@ -302,10 +356,10 @@ def _check_module_supported(name: str, module: torch.nn.Module, method=None) -> 
             f"{where}: position_bias (an additive attention bias, as T5's relative positions) is not supported "
             "by modelopt_sparse: the kernel adds no bias to the scores"
         )
-    if getattr(module, "is_cross_attention", False) or "CrossAttention" in original_class_name(module):
+    if is_cross_attention_only(module) and _cross_input(_original_class(module)) is None:
         raise NotImplementedError(
-            f"{where}: cross-attention (queries from one sequence, keys from another) is not supported "
-            "by modelopt_sparse"
+            f"{where}: cross-attention (queries from one sequence, keys from another) whose forward takes its keys "
+            f"from none of {list(_CROSS_INPUTS)} is not supported by modelopt_sparse"
         )
     if method is not None:
         _check_method_takes(where, method, attention)
@@ -365,15 +419,19 @@ def build_state(
 ) -> ModuleSparseState:
     method = get_method(config.method)(config)
     attention = _check_module_supported(name, module, method)
+    kernel_kwargs = checked_kernel_kwargs(method, name, module)
+    if attention.cross and config.enable and kernel_kwargs["sparsity_n"]:
+        raise NotImplementedError(cross_attention_sparse_message(f"{name} ({original_class_name(module)})", name))
     return ModuleSparseState(
         name=name,
         original_class=original_class_name(module),
         patterns=patterns,
         config=config,
         method=method,
-        kernel_kwargs=checked_kernel_kwargs(method, name, module),
+        kernel_kwargs=kernel_kwargs,
         attention=attention,
     )
+
 
 
 def apply_states(model: torch.nn.Module, states: dict[str, ModuleSparseState], config_record: Any) -> None:
@@ -449,9 +507,9 @@ def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> to
     Raises:
         ValueError: invalid config, or no attention module behind transformers' attention
             interface in ``model`` (see :func:`uses_attention_interface`).
-        NotImplementedError: a module uses something the kernel lacks (cross-attention,
-            additive position biases, bidirectional sliding windows, a window applied through
-            the mask alone); the message names the module, its class and the feature.
+        NotImplementedError: a module uses something the kernel lacks (N:M on a cross-attention
+            module, additive position biases, bidirectional sliding windows, a window applied
+            through the mask alone); the message names the module, its class and the feature.
             Causal sliding windows, logit soft-capping and learned sinks are supported.
     """
     config = SparseAttentionConfig.coerce(config)

@@ -367,11 +367,13 @@ def test_t5_position_bias_is_refused():
     assert not mts.is_sparsified(model)
 
 
-def test_bert_cross_attention_is_refused():
+def test_bert_sparse_cross_attention_is_refused():
+    """N:M on cross-attention is refused; tests/test_cross_attention.py runs it dense."""
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                   intermediate_size=96, is_decoder=True, add_cross_attention=True)
     model = _build(transformers.AutoModelForCausalLM, cfg)
-    with pytest.raises(NotImplementedError, match=r"crossattention\.self \(BertCrossAttention\): cross-attention"):
+    with pytest.raises(NotImplementedError,
+                       match=r"crossattention\.self \(BertCrossAttention\): N:M sparsity on cross-attention"):
         mts.sparsify(model, CFG)
     assert not mts.is_sparsified(model)
 

@@ -14,6 +14,7 @@ are passed to the kernel as they come; they change nothing in the layout.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import NamedTuple
 
@@ -22,12 +23,16 @@ import torch
 from .. import lazy_checks
 from ..kernels.api import interpreting
 from ..kernels.semantics import selection_applies
-from .layouts import _as_codes, _cached, _layout
-from .masks import _FIRST_QUERY_CODE, _outside_inference_mode
+from .layouts import _as_codes, _cached, _cross_layout, _layout
+from .masks import _FIRST_QUERY_CODE, _outside_inference_mode, codes_from_key_codes, is_key_codes
 
 # The name transformers selects both functions by (attn_implementation=...); the package
 # registers them under it.
 ATTN_IMPLEMENTATION = "modelopt_sparse"
+
+# Set on a converted module for the duration of a cross-attention call (by the forward that
+# conversion gives classes that serve as self- and cross-attention, BART's and Whisper's).
+CROSS_CALL_ATTR = "_mts_cross_call"
 
 # kwargs that transformers passes and that do not change the attention math.
 # (MoE models forward their output_router_logits flag down to the attention call.)
@@ -95,6 +100,11 @@ def sparse_attention_forward(
     if stats_sink is not None and not isinstance(stats_sink, list):
         raise TypeError(f"{state.name}._mts_stats must be a list or None, got {type(stats_sink).__name__}")
     lazy_checks.raise_failed()
+    if getattr(module, CROSS_CALL_ATTR, False):
+        return _cross_attention(module, state, query, key, value, attention_mask, scaling, is_causal, features,
+                                stats_sink, kwargs), None
+    if is_key_codes(attention_mask):  # a bidirectional call with fewer queries than keys, not cross-attention
+        attention_mask = _self_codes(module, attention_mask, q_len, key.shape[2])
     packed = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
     if (not selection_applies(1, q_len) and stats_sink is None and not packed
             and _is_padding_or_none(attention_mask)):
@@ -108,6 +118,17 @@ def sparse_attention_forward(
         # Otherwise the module's method runs it, as a prefill of one query (kept dense).
 
     layout = _layout(query, key, attention_mask, kwargs, is_causal, features.sliding_window)
+    kernel_kwargs = state.kernel_kwargs if state.config.enable else {**state.kernel_kwargs, "sparsity_n": 0}
+    if (features.sliding_window is not None and q_len < layout.kv_len and selection_applies(kernel_kwargs["sparsity_n"], q_len)
+            and not packed):
+        _check_no_dropped_keys(module, attention_mask, kwargs.get("position_ids"), layout, kernel_kwargs)
+    return _run_method(module, state, query, key, value, layout, scaling, kernel_kwargs, is_causal, features,
+                       stats_sink), None
+
+
+def _run_method(module, state, query, key, value, layout, scaling, kernel_kwargs, is_causal, features, stats_sink):
+    """The module's method on the rows ``layout`` places: ``[B, S, Hq, D]``, padded query rows 0."""
+    batch, q_len = query.shape[0], query.shape[2]
     if layout.kv_len != key.shape[2]:  # a static cache's empty tail
         key, value = key[:, :, : layout.kv_len], value[:, :, : layout.kv_len]
     q_rows, k_rows, v_rows = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D]
@@ -122,11 +143,6 @@ def sparse_attention_forward(
         v = v_rows.reshape(batch * layout.kv_len, value.shape[1], value.shape[3])
     else:
         q, k, v = q_rows[layout.take_q], k_rows[layout.take_k], v_rows[layout.take_k]
-
-    kernel_kwargs = state.kernel_kwargs if state.config.enable else {**state.kernel_kwargs, "sparsity_n": 0}
-    if (features.sliding_window is not None and q_len < layout.kv_len and selection_applies(kernel_kwargs["sparsity_n"], q_len)
-            and not packed):
-        _check_no_dropped_keys(module, attention_mask, kwargs.get("position_ids"), layout, kernel_kwargs)
     # is_causal is passed only when False, and each feature only when on, so methods
     # written before they were supported (an attention() override without the keyword)
     # keep working for modules without them; conversion refuses a module whose method
@@ -145,11 +161,53 @@ def sparse_attention_forward(
     if layout.batched:
         if layout.nan_rows is not None:
             out = torch.where(layout.nan_rows[:, None, None, None], float("nan"), out)
-        return out, None
+        return out
     # Query rows outside every sequence (padding) come back as zeros.
     if layout.put_q is not None:
         out = out[layout.put_q]
-    return out.view(batch, q_len, out.shape[1], out.shape[2]), None
+    return out.view(batch, q_len, out.shape[1], out.shape[2])
+
+
+def cross_attention_sparse_message(where: str, name: str) -> str:
+    """Why an N:M pattern on a cross-attention layer is refused, and what to do instead."""
+    pattern = re.sub(r"\.\d+(?=\.|$)", ".*", name)  # every layer's: model.decoder.layers.*.encoder_attn
+    return (
+        f"{where}: N:M sparsity on cross-attention (queries from one sequence, keys from another) is not "
+        "supported by modelopt_sparse: the rule's key groups, sink tokens and dense window are defined on the "
+        "query's own sequence. Keep cross-attention dense, e.g. add "
+        f'"{pattern}": {{"enable": False}} to sparse_cfg; it then runs dense through the same kernel'
+    )
+
+
+def _cross_attention(module, state, query, key, value, attention_mask, scaling, is_causal, features, stats_sink,
+                     kwargs) -> torch.Tensor:
+    """A cross-attention call: every query sees every real key of its batch row (the keys'
+    padding from the mask), dense, through the module's method."""
+    where = _where(module)
+    if state.config.enable and state.kernel_kwargs["sparsity_n"]:
+        raise NotImplementedError("modelopt_sparse: " + cross_attention_sparse_message(where, state.name))
+    if is_causal:
+        raise NotImplementedError(f"modelopt_sparse: {where}: causal cross-attention is not supported")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        raise NotImplementedError(
+            f"modelopt_sparse: {where}: packed sequences (cu_seq_lens_q/k) in cross-attention are not supported"
+        )
+    layout = _outside_inference_mode(_cross_layout, query, key, attention_mask, where)
+    kernel_kwargs = {**state.kernel_kwargs, "sparsity_n": 0}
+    return _run_method(module, state, query, key, value, layout, scaling, kernel_kwargs, False, features, stats_sink)
+
+
+def _self_codes(module, key_codes, q_len, kv_len) -> torch.Tensor:
+    """The token codes that the mask function's key codes stand for in a call that is not
+    cross-attention (a bidirectional chunk after a cache); more queries than keys cannot be one."""
+    if q_len > kv_len:
+        raise NotImplementedError(
+            f"modelopt_sparse: {_where(module)}: a bidirectional mask of {q_len} queries and {kv_len} keys: "
+            "cross-attention, which this module's forward did not announce (modelopt_sparse tells cross-attention "
+            "calls by a key_value_states, encoder_hidden_states or cross_attention_states argument)"
+        )
+    return _outside_inference_mode(
+        _cached, (key_codes,), ("self-codes", q_len, kv_len), lambda: codes_from_key_codes(key_codes, q_len))
 
 
 def _is_padding_or_none(mask) -> bool:

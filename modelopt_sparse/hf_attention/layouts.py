@@ -179,12 +179,18 @@ def _codes_layout(codes, q_len) -> _Layout:
     token were copied into the packed layout before anyway, so this costs no extra pass
     there; ``put_q`` is the inverse permutation that brings the output rows back.
     """
-    batch, width = codes.shape
-    device = codes.device
-    real = codes > 0
+    batch = codes.shape[0]
     # Query row r of batch row b is real iff some slot of row b holds code 2 + r.
     query_row = torch.where(codes >= _FIRST_QUERY_CODE, codes - _FIRST_QUERY_CODE, q_len).to(torch.int64)
-    q_real = torch.zeros(batch, q_len + 1, dtype=torch.bool, device=device).scatter_(1, query_row, True)[:, :q_len]
+    q_real = torch.zeros(batch, q_len + 1, dtype=torch.bool, device=codes.device).scatter_(1, query_row, True)
+    return _compacted_layout(codes > 0, q_real[:, :q_len])
+
+
+def _compacted_layout(real, q_real) -> _Layout:
+    """The layout of ``real`` ``[B, Skv]`` key slots and ``q_real`` ``[B, S]`` query rows (bool),
+    each batch row one sequence (see :func:`_codes_layout`)."""
+    (batch, width), q_len = real.shape, q_real.shape[1]
+    device = real.device
     k_order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
     q_order = torch.sort((~q_real).to(torch.int8), dim=1, stable=True).indices
     rows = torch.arange(batch, device=device)
@@ -196,6 +202,32 @@ def _codes_layout(codes, q_len) -> _Layout:
     meta = PackedBatch(rows32 * q_len, q_real.sum(1, dtype=torch.int32), q_len,
                        rows32 * width, real.sum(1, dtype=torch.int32), width, trusted=True)
     return _Layout(meta, width, take_q, take_k, put_q)
+
+
+def _cross_layout(query, key, attention_mask, where) -> _Layout:
+    """A cross-attention call's layout: every query row real, the keys' padding from the mask
+    (the key codes of :func:`.masks.sparse_attention_mask`, its token codes when there are as
+    many queries as keys, or a plain 2-D padding mask over the keys; ``None``: no padding)."""
+    batch, q_len, kv_len, device = query.shape[0], query.shape[2], key.shape[2], query.device
+    if attention_mask is None:
+        return _dense_layout(batch, q_len, kv_len, device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 3):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise NotImplementedError(
+            f"modelopt_sparse: {where}: a cross-attention mask must be the keys' 2-D padding mask, got {shape}"
+        )
+    keys = attention_mask[:, 0] if attention_mask.dim() == 3 else attention_mask
+    if keys.shape != (batch, kv_len) or keys.dtype.is_floating_point:
+        raise ValueError(
+            f"modelopt_sparse: {where}: the cross-attention mask {tuple(attention_mask.shape)} "
+            f"({attention_mask.dtype}) is not a bool or integer padding mask of {batch} rows of {kv_len} keys"
+        )
+
+    def build():
+        q_real = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+        return _compacted_layout(keys.to(device) > 0, q_real)
+
+    return _cached((attention_mask,), ("cross", batch, q_len, kv_len, device), build)
 
 
 def _packed_layout(query, key, kwargs) -> _Layout:

@@ -9,6 +9,12 @@ What the mask function returns (and so what the attention function receives):
   a plain 2-D tensor because transformers feeds a precomputed mask back into the mask
   function (static-cache ``generate``); turned into bool there it means "real token",
   which is still right.
+* a 3-D int32 tensor ``[B, 1, Skv]`` of *key codes* (``1`` for a real key, ``0`` for
+  padding), for a bidirectional mask of fewer or more queries than keys that starts at no
+  offset: what transformers builds for cross-attention (``encoder_hidden_states=``), where
+  the queries are not among the keys. A cross-attention call reads it as the keys' padding
+  (every query real); any other call reads it as the token codes it stands for (queries in
+  the first slots, :func:`codes_from_key_codes`).
 * a 4-D bool tensor ``[B, 1, S, Skv]``, only when transformers composed a mask that is not
   plain causal (packed sequences found from ``position_ids``, custom overlays). The
   attention function accepts it only if it is exactly the block-causal mask (within the
@@ -98,6 +104,9 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
         q_offset = cache_position[0] if cache_position is not None else 0
     device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
     kv_offset = int(kv_offset)
+    if (mask_function is bidirectional_mask_function and q_length != kv_length and kv_offset == 0
+            and not isinstance(q_offset, torch.Tensor) and int(q_offset) == 0):
+        return _key_codes(batch_size, kv_length, attention_mask, device)
     padding_offset = kv_offset  # where slot 0 of the keys sits in the padding mask
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -139,6 +148,38 @@ def _sparse_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
             f"queries reach position {kv_offset + q_end}"
         )
     return token_codes(batch_size, q_length, kv_length, first_query, padding_offset, attention_mask, device)
+
+
+def _key_codes(batch_size, kv_length, attention_mask, device) -> torch.Tensor:
+    """``[B, 1, kv_length]`` int32 key codes (module docstring): 1 where the padding mask says
+    real (every slot without one), 0 for padding and for slots past the mask's end."""
+    if attention_mask is None:
+        return torch.ones(batch_size, 1, kv_length, dtype=_CODES_DTYPE, device=device)
+    if is_key_codes(attention_mask):  # ours, fed back (as a precomputed mask is in static-cache generate)
+        attention_mask = attention_mask[:, 0]
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+        raise ValueError(
+            f"modelopt_sparse: expected a 2-D padding mask of {batch_size} rows, got shape {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype.is_floating_point:
+        raise TypeError("modelopt_sparse: a 2-D attention_mask must be bool or integer 0/1, not floating point")
+    codes = torch.zeros(batch_size, 1, kv_length, dtype=_CODES_DTYPE, device=device)
+    width = min(kv_length, attention_mask.shape[-1])
+    codes[:, 0, :width] = attention_mask[:, :width].to(device=codes.device, dtype=torch.bool)
+    return codes
+
+
+def is_key_codes(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 3 and mask.dtype == _CODES_DTYPE
+
+
+def codes_from_key_codes(key_codes: torch.Tensor, q_len: int) -> torch.Tensor:
+    """The ``[B, Skv]`` token codes that key codes stand for in a call that is not
+    cross-attention: ``q_len`` queries in the first slots (the mask starts at no offset),
+    nothing real after the last query (an empty cache tail), as :func:`token_codes` makes them."""
+    real = key_codes[:, 0] > 0
+    slots = torch.arange(real.shape[-1], device=real.device, dtype=_CODES_DTYPE)
+    return torch.where(real & (slots < q_len), slots + _FIRST_QUERY_CODE, 0).to(_CODES_DTYPE)
 
 
 _WINDOW_MASK_CODES: list = []  # filled on first use (transformers is imported lazily)
