@@ -1,0 +1,174 @@
+"""Sweep transformers' model types: does sparsify() convert each, and is it exact with N:M off?
+
+For every causal-LM and seq2seq model type that transformers registers (text-only configs,
+no sub-configs), the sweep builds a tiny random model from the type's default config with
+its sizes shrunk, runs a left-padded batch in float64 on the CPU through the model's own
+(eager) attention and through ``mts.sparsify`` with ``sparsity_n=0`` (cross-attention kept
+dense), and compares the logits on the real tokens. Each type ends in one verdict:
+
+* ``exact``: converted, the logits agree to 1e-8 (what every supported model must give);
+* ``DIFFERENT``: converted but the logits differ: a silent error, a bug to fix;
+* ``refused``: sparsify (or the first forward) raised NotImplementedError naming the feature;
+* ``no attention``: nothing converts (the model computes attention itself);
+* ``skipped`` / ``error``: the tiny model could not be built or run as such (not ours).
+
+Usage::
+
+    python tools/model_sweep.py                       # every type, table on stdout
+    python tools/model_sweep.py llama bart --json out.json
+
+A developer tool: its results go to docs/results/, and a DIFFERENT line is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import signal
+import sys
+import time
+import warnings
+
+import torch
+
+SIZES = {
+    # attribute: tiny value (set only where the default config has the attribute)
+    "vocab_size": 128, "hidden_size": 64, "d_model": 64, "n_embd": 64, "embed_dim": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
+    "num_decoder_layers": 2, "num_attention_heads": 4, "n_head": 4, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "num_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16,
+    "intermediate_size": 96, "ffn_dim": 96, "encoder_ffn_dim": 96, "decoder_ffn_dim": 96, "d_ff": 96,
+    "n_inner": 96, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
+    "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128,
+    "n_positions": 128, "sliding_window": 8, "attention_dropout": 0.0, "attn_pdrop": 0.0,
+    "attention_probs_dropout_prob": 0.0, "dropout": 0.0, "hidden_dropout_prob": 0.0, "kv_lora_rank": 16,
+    "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+}
+SEQ, PAD = 24, 5
+
+
+def tiny_config(config_class):
+    cfg = config_class()
+    for name, value in SIZES.items():
+        if hasattr(cfg, name) and not isinstance(getattr(cfg, name), (dict, list)) and getattr(cfg, name) is not None:
+            setattr(cfg, name, value)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value >= SIZES["vocab_size"]:
+            setattr(cfg, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.get(name, 3))
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, None)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types)[: SIZES["num_hidden_layers"]]
+    return cfg
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    def fail(*_):
+        raise TimeoutError(f"over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def sweep_one(model_type: str, model_class) -> dict:
+    import transformers
+
+    import modelopt_sparse as mts
+
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    if getattr(config_class, "sub_configs", None):
+        return {"verdict": "skipped", "why": "composite config (sub-configs)"}
+    try:
+        cfg = tiny_config(config_class)
+        torch.manual_seed(0)
+        model = model_class._from_config(cfg, attn_implementation="eager").to(torch.float32).eval()
+    except Exception as err:  # noqa: BLE001 - a sweep reports every failure
+        return {"verdict": "skipped", "why": f"build: {type(err).__name__}: {str(err)[:160]}"}
+    vocab = getattr(cfg, "vocab_size", 128) or 128
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, min(vocab, 128), (2, SEQ), generator=gen)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :PAD] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    seq2seq = model.config.is_encoder_decoder
+    if seq2seq:
+        inputs["decoder_input_ids"] = torch.randint(5, min(vocab, 128), (2, 9), generator=gen)
+    try:
+        with torch.no_grad():
+            want = model(**inputs, use_cache=False).logits
+    except Exception as err:  # noqa: BLE001
+        return {"verdict": "skipped", "why": f"eager run: {type(err).__name__}: {str(err)[:160]}"}
+    cfg_dense = {"sparse_cfg": {"default": {"sparsity_n": 0, "sparsity_m": 4}}}
+    try:
+        sparse = mts.sparsify(copy.deepcopy(model), cfg_dense)
+        with torch.no_grad():
+            got = sparse(**inputs, use_cache=False).logits
+    except NotImplementedError as err:
+        return {"verdict": "refused", "why": str(err)[:240]}
+    except ValueError as err:
+        if "found no supported attention module" in str(err):
+            return {"verdict": "no attention", "why": str(err)[:160]}
+        return {"verdict": "error", "why": f"ValueError: {str(err)[:240]}"}
+    except Exception as err:  # noqa: BLE001
+        return {"verdict": "error", "why": f"{type(err).__name__}: {str(err)[:240]}"}
+    real = slice(None) if seq2seq else mask.bool()
+    diff = (got[real] - want[real]).abs().max().item() if got.shape == want.shape else float("inf")
+    modules = len(mts.conversion.sparse_modules(sparse))
+    verdict = "exact" if diff <= 1e-4 * max(1.0, want[real].abs().max().item()) else "DIFFERENT"
+    return {"verdict": verdict, "max_abs_diff": diff, "modules": modules}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("types", nargs="*", help="model types (default: every causal-LM and seq2seq type)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--timeout", type=int, default=120, help="seconds per model type")
+    args = p.parse_args(argv)
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    names = {**auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    types = args.types or sorted(names)
+    results = {}
+    for model_type in types:
+        start = time.perf_counter()
+        class_name = names.get(model_type)
+        model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+        if model_class is None:
+            results[model_type] = {"verdict": "skipped", "why": f"no class {class_name!r}"}
+        else:
+            try:
+                with time_limit(args.timeout), contextlib.redirect_stdout(io.StringIO()):
+                    results[model_type] = sweep_one(model_type, model_class)
+            except Exception as err:  # noqa: BLE001
+                results[model_type] = {"verdict": "error", "why": f"{type(err).__name__}: {str(err)[:240]}"}
+        results[model_type]["seconds"] = round(time.perf_counter() - start, 1)
+        r = results[model_type]
+        detail = f"{r['max_abs_diff']:.1e} ({r['modules']} modules)" if "max_abs_diff" in r else r.get("why", "")
+        print(f"{model_type:28s} {r['verdict']:12s} {detail}", flush=True)
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    print("\n" + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())))
+    if args.json:
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions, "results": results}, f, indent=1)
+    return 1 if counts.get("DIFFERENT") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
