@@ -150,6 +150,23 @@ def test_bart_like_dense_equals_the_models_attention(config_class):
         torch.testing.assert_close(_logits(dense, x), _logits(base, x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("config_class", ["PegasusXConfig", "NllbMoeConfig"])
+def test_decoder_self_attention_built_bidirectional_runs_causal(config_class):
+    """PegasusX and NLLB-MoE build their decoders' self-attention with is_causal=False (and
+    is_decoder=True); transformers runs them in eager mode only, causal through the mask.
+    With N:M off the logits equal that, on a left-padded encoder batch."""
+    cfg = getattr(transformers, config_class)(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.3)
+    base = matrix_model(transformers.AutoModelForSeq2SeqLM, cfg)
+    assert base.model.decoder.layers[0].self_attn.is_causal is False
+    dense = mts.sparsify(copy.deepcopy(base), DENSE_CFG)
+    for dec_len in (7, 30):
+        x = _bart_inputs(dec_len)
+        torch.testing.assert_close(_logits(dense, x), _logits(base, x), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sparse_self_attention_dense_cross_attention_match_the_oracle(family, tmp_path):
     build, inputs = FAMILIES[family]

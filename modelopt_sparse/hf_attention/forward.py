@@ -80,7 +80,9 @@ def sparse_attention_forward(
             f"{type(module).__name__} runs attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
             "converted: call modelopt_sparse.sparsify (or restore) on the model first"
         )
-    is_causal = _resolve_is_causal(module, kwargs.pop("is_causal", None))
+    # True / False inside a call of a class that also serves as cross-attention; None otherwise.
+    cross = getattr(module, CROSS_CALL_ATTR, None)
+    is_causal = _resolve_is_causal(module, kwargs.pop("is_causal", None), decoder_self=cross is False)
     _reject_unsupported(module, dropout, kwargs)
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(
@@ -100,7 +102,7 @@ def sparse_attention_forward(
     if stats_sink is not None and not isinstance(stats_sink, list):
         raise TypeError(f"{state.name}._mts_stats must be a list or None, got {type(stats_sink).__name__}")
     lazy_checks.raise_failed()
-    if getattr(module, CROSS_CALL_ATTR, False):
+    if cross:
         return _cross_attention(module, state, query, key, value, attention_mask, scaling, is_causal, features,
                                 stats_sink, kwargs), None
     if is_key_codes(attention_mask):  # a bidirectional call with fewer queries than keys, not cross-attention
@@ -258,11 +260,19 @@ def _decode_masks(codes):
     return (codes > 0)[:, None, None, :], (codes >= _FIRST_QUERY_CODE).any(1)[:, None, None, None], codes.shape[-1]
 
 
-def _resolve_is_causal(module, is_causal) -> bool:
+def _resolve_is_causal(module, is_causal, decoder_self=False) -> bool:
     """transformers' SDPA integration's rule: the ``is_causal`` kwarg when given (not None),
-    else the module's ``is_causal`` attribute, else causal."""
+    else the module's ``is_causal`` attribute, else causal.
+
+    One exception, ``decoder_self``: a self-attention call of a class that also serves as
+    cross-attention (BART's family), on a module built with ``is_decoder=True``, is a decoder's
+    self-attention, and runs causal even where the module says ``is_causal=False``. PegasusX and
+    NLLB-MoE build their decoders' self-attention so; their eager attention (the only one
+    transformers runs them with) is causal all the same, through the mask it builds."""
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+        if is_causal is False and decoder_self and getattr(module, "is_decoder", False) is True:
+            is_causal = True
     if not isinstance(is_causal, bool):
         if isinstance(is_causal, torch.Tensor) and is_causal.numel() == 1 and not torch.compiler.is_compiling():
             is_causal = bool(is_causal)
