@@ -483,15 +483,54 @@ def _own_configs(model: torch.nn.Module) -> None:
 
 
 def _set_attn_implementation(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
+    """Switch the configs the converted modules read to our implementation, and only those.
+
+    transformers switches a composite model's every sub-config; the others are switched back.
+    Their masks must stay transformers' own: a part of the model that computes attention itself
+    (GIT's text decoder beside its converted vision encoder) adds the mask it gets to its scores."""
+    configs = _configs_of(model)
+    before = {id(cfg): cfg._attn_implementation for cfg in configs}
     set_impl = getattr(model, "set_attn_implementation", None)
     if callable(set_impl):
         set_impl(ATTN_IMPLEMENTATION)
     # Modules can hold configs that set_attn_implementation did not reach (a bare decoder
     # passed in, nested sub-configs): every converted module must dispatch to us.
+    read = set()
     for module in modules:
         cfg = getattr(module, "config", None)
-        if cfg is not None and getattr(cfg, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        if cfg is not None:
+            read.add(id(cfg))
+            if getattr(cfg, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+                cfg._attn_implementation = ATTN_IMPLEMENTATION
+    if not read:
+        return  # modules without a config: transformers' dispatch reads the model's
+    for cfg in configs:
+        if id(cfg) not in read and cfg._attn_implementation == ATTN_IMPLEMENTATION \
+                and before[id(cfg)] != ATTN_IMPLEMENTATION:
+            cfg._attn_implementation = before[id(cfg)]
+    # A composite config's setter passes its value down to its sub-configs: set ours again.
+    for module in modules:
+        cfg = getattr(module, "config", None)
+        if cfg is not None and cfg._attn_implementation != ATTN_IMPLEMENTATION:
             cfg._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def _configs_of(model: torch.nn.Module) -> list:
+    """Every HF config the model's modules hold, with their sub-configs."""
+    from transformers import PretrainedConfig
+
+    found: dict[int, Any] = {}
+
+    def add(cfg, depth=0):
+        if isinstance(cfg, PretrainedConfig) and id(cfg) not in found and depth < 4:
+            found[id(cfg)] = cfg
+            for value in vars(cfg).values():
+                add(value, depth + 1)
+
+    for module in model.modules():
+        for value in vars(module).values():
+            add(value)
+    return list(found.values())
 
 
 def sparsify(model: torch.nn.Module, config: SparseAttentionConfig | dict) -> torch.nn.Module:

@@ -137,3 +137,31 @@ def test_composite_model_sub_configs_are_repointed():
     assert a.model.vision_tower.config is a.config.vision_config
     torch.testing.assert_close(logits(b, ids), want_b, atol=0, rtol=0)
     assert mts.is_sparsified(a) and logits(a, ids).isfinite().all()
+
+
+def test_parts_left_unconverted_keep_transformers_masks():
+    """GIT: its vision encoder converts, its text decoder computes attention itself and adds the
+    mask it gets to its scores. Only the configs the converted modules read switch to
+    modelopt_sparse, so the text decoder keeps transformers' own masks: the text-only logits
+    of a padded batch equal the unconverted model's exactly. (Before, every sub-config switched
+    and the decoder added modelopt_sparse's token codes to its scores: off by 2e-2, silently.)"""
+    cfg = transformers.GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.GitForCausalLM(cfg).double().eval()
+    ids = token_ids(2, 20)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    mts.sparsify(model, CFG)
+    assert [n for n, _ in mts.conversion.sparse_modules(model)] == [
+        "git.image_encoder.vision_model.encoder.layers.0.self_attn"]
+    assert model.config._attn_implementation == "eager"
+    assert model.git.image_encoder.config._attn_implementation == "modelopt_sparse"
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -1,12 +1,14 @@
 """Sweep transformers' model types: does sparsify() convert each, and is it exact with N:M off?
 
-For every causal-LM and seq2seq model type that transformers registers (text-only configs,
-no sub-configs), the sweep builds a tiny random model from the type's default config with
-its sizes shrunk, runs a left-padded batch in float64 on the CPU through the model's own
+For every causal-LM, seq2seq and image-text-to-text model type that transformers registers,
+the sweep builds a tiny random model from the type's default config with its sizes shrunk
+(sub-configs too; multimodal models get text only, which runs their language model), runs a left-padded batch in float64 on the CPU through the model's own
 (eager) attention and through ``mts.sparsify`` with ``sparsity_n=0`` (cross-attention kept
 dense), and compares the logits on the real tokens. Each type ends in one verdict:
 
 * ``exact``: converted, the logits agree to 1e-8 (what every supported model must give);
+* ``exact (sdpa)``: equal to transformers' SDPA path, where its own eager and SDPA paths
+  disagree (a module's ``is_causal`` against the mask it gets: PaliGemma's text-only prefix);
 * ``DIFFERENT``: converted but the logits differ: a silent error, a bug to fix;
 * ``refused``: sparsify (or the first forward) raised NotImplementedError naming the feature;
 * ``no attention``: nothing converts (the model computes attention itself);
@@ -48,10 +50,22 @@ SIZES = {
     "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
 }
 SEQ, PAD = 24, 5
+MAX_PARAMETERS = 30_000_000
 
 
 def tiny_config(config_class):
     cfg = config_class()
+    shrink(cfg)
+    return cfg
+
+
+def shrink(cfg, depth: int = 0) -> None:
+    # Composite configs (vision-language, audio-language): every sub-config alike, nested
+    # ones too; the sweep then feeds text only, which runs the language model.
+    if depth < 4:
+        for value in list(vars(cfg).values()):
+            if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                shrink(value, depth + 1)
     for name, value in SIZES.items():
         if hasattr(cfg, name) and not isinstance(getattr(cfg, name), (dict, list)) and getattr(cfg, name) is not None:
             setattr(cfg, name, value)
@@ -64,7 +78,6 @@ def tiny_config(config_class):
             setattr(cfg, name, None)
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = list(cfg.layer_types)[: SIZES["num_hidden_layers"]]
-    return cfg
 
 
 @contextlib.contextmanager
@@ -87,10 +100,15 @@ def sweep_one(model_type: str, model_class) -> dict:
     import modelopt_sparse as mts
 
     config_class = transformers.CONFIG_MAPPING[model_type]
-    if getattr(config_class, "sub_configs", None):
-        return {"verdict": "skipped", "why": "composite config (sub-configs)"}
     try:
         cfg = tiny_config(config_class)
+        with torch.device("meta"):  # count first: a config the shrinking missed can be huge
+            size = sum(p.numel() for p in model_class._from_config(cfg, attn_implementation="eager").parameters())
+    except Exception as err:  # noqa: BLE001
+        return {"verdict": "skipped", "why": f"build: {type(err).__name__}: {str(err)[:160]}"}
+    if size > MAX_PARAMETERS:
+        return {"verdict": "skipped", "why": f"{size / 1e6:.0f}M parameters after shrinking"}
+    try:
         torch.manual_seed(0)
         model = model_class._from_config(cfg, attn_implementation="eager").to(torch.float32).eval()
     except Exception as err:  # noqa: BLE001 - a sweep reports every failure
@@ -123,10 +141,25 @@ def sweep_one(model_type: str, model_class) -> dict:
     except Exception as err:  # noqa: BLE001
         return {"verdict": "error", "why": f"{type(err).__name__}: {str(err)[:240]}"}
     real = slice(None) if seq2seq else mask.bool()
-    diff = (got[real] - want[real]).abs().max().item() if got.shape == want.shape else float("inf")
-    modules = len(mts.conversion.sparse_modules(sparse))
-    verdict = "exact" if diff <= 1e-4 * max(1.0, want[real].abs().max().item()) else "DIFFERENT"
-    return {"verdict": verdict, "max_abs_diff": diff, "modules": modules}
+
+    def close(a, b):
+        diff = (a[real] - b[real]).abs().max().item() if a.shape == b.shape else float("inf")
+        return diff, diff <= 1e-4 * max(1.0, b[real].abs().max().item())
+
+    diff, same = close(got, want)
+    result = {"verdict": "exact" if same else "DIFFERENT", "max_abs_diff": diff,
+              "modules": len(mts.conversion.sparse_modules(sparse))}
+    if not same and getattr(model_class, "_supports_sdpa", False):
+        # transformers' eager and SDPA paths can disagree (a module's is_causal against the mask
+        # it gets: PaliGemma's prefix); SDPA is the model's default path.
+        torch.manual_seed(0)
+        sdpa = model_class._from_config(cfg, attn_implementation="sdpa").to(torch.float32).eval()
+        with torch.no_grad():
+            sdpa_logits = sdpa(**inputs, use_cache=False).logits
+        sdpa_diff, sdpa_same = close(got, sdpa_logits)
+        if sdpa_same and not close(sdpa_logits, want)[1]:
+            result.update(verdict="exact (sdpa)", max_abs_diff=sdpa_diff, eager_diff=diff)
+    return result
 
 
 def main(argv=None) -> int:
@@ -140,7 +173,8 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
-    names = {**auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    names = {**auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             **auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
     types = args.types or sorted(names)
     results = {}
     for model_type in types:
