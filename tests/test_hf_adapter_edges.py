@@ -239,8 +239,8 @@ def test_4d_mask_with_another_window_is_refused():
             got = sparse_attention_forward(module, q, k, v, mask, scaling=0.25, sliding_window=6)[0]
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
             continue
-        with pytest.raises(NotImplementedError, match="not the causal mask of a causal mask within a sliding "
-                                                      "window of 6"):
+        with pytest.raises(NotImplementedError, match="not the causal mask of one sequence per row "
+                                                      "\\(no position_ids\\) within a sliding window of 6"):
             sparse_attention_forward(module, q, k, v, mask, scaling=0.25, sliding_window=6)
 
 

@@ -283,7 +283,7 @@ def _position_ids_layout(position_ids, batch, q_len, kv_len, device):
     common unpacked row must not cost a host read in every layer (docs/api.md).
     """
     if position_ids is None or q_len != kv_len:
-        return _dense_layout(batch, q_len, kv_len, device), "a causal mask"
+        return _dense_layout(batch, q_len, kv_len, device), "one sequence per row (no position_ids)"
     pos = position_ids.to(device).expand(batch, -1)
     if pos.shape[-1] != q_len:
         raise ValueError(f"modelopt_sparse: position_ids of shape {tuple(position_ids.shape)} for {q_len} tokens")
