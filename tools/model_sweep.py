@@ -53,20 +53,30 @@ SEQ, PAD = 24, 5
 MAX_PARAMETERS = 30_000_000
 
 
-def tiny_config(config_class):
+def tiny_config(config_class, keep_head_dim: bool = False):
+    """The type's default config, shrunk. ``keep_head_dim``: the second try, for models whose
+    rotary sections or head layout fix the head size: two heads of the default head size."""
     cfg = config_class()
-    shrink(cfg)
+    shrink(cfg, keep_head_dim)
     return cfg
 
 
-def shrink(cfg, depth: int = 0) -> None:
+def shrink(cfg, keep_head_dim: bool = False, depth: int = 0) -> None:
     # Composite configs (vision-language, audio-language): every sub-config alike, nested
     # ones too; the sweep then feeds text only, which runs the language model.
     if depth < 4:
         for value in list(vars(cfg).values()):
             if hasattr(value, "to_dict") and hasattr(value, "model_type"):
-                shrink(value, depth + 1)
-    for name, value in SIZES.items():
+                shrink(value, keep_head_dim, depth + 1)
+    sizes = dict(SIZES)
+    if keep_head_dim:
+        heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
+        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads and hidden else None)
+        if isinstance(head_dim, int):
+            kv = getattr(cfg, "num_key_value_heads", None)
+            sizes.update(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                         num_key_value_heads=1 if kv and heads and kv < heads else 2)
+    for name, value in sizes.items():
         if hasattr(cfg, name) and not isinstance(getattr(cfg, name), (dict, list)) and getattr(cfg, name) is not None:
             setattr(cfg, name, value)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id"):
@@ -95,13 +105,22 @@ def time_limit(seconds):
 
 
 def sweep_one(model_type: str, model_class) -> dict:
+    result = _sweep_one(model_type, model_class, keep_head_dim=False)
+    if result["verdict"] == "skipped":  # the tiny config did not build or run: keep the head size
+        second = _sweep_one(model_type, model_class, keep_head_dim=True)
+        if second["verdict"] != "skipped":
+            return {**second, "config": "two heads of the default head size"}
+    return result
+
+
+def _sweep_one(model_type: str, model_class, keep_head_dim: bool) -> dict:
     import transformers
 
     import modelopt_sparse as mts
 
     config_class = transformers.CONFIG_MAPPING[model_type]
     try:
-        cfg = tiny_config(config_class)
+        cfg = tiny_config(config_class, keep_head_dim)
         with torch.device("meta"):  # count first: a config the shrinking missed can be huge
             size = sum(p.numel() for p in model_class._from_config(cfg, attn_implementation="eager").parameters())
     except Exception as err:  # noqa: BLE001
