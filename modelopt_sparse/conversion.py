@@ -61,11 +61,21 @@ class ModuleAttention:
     # A cross-attention module by its class or flag; a class that serves both (BART's) is
     # told apart per call, by the forward's arguments.
     cross: bool = False
+    # A decoder's module of a class that serves both, not causal itself: BART's encoder_attn
+    # (cross-attention calls, dense) or PegasusX's decoder self_attn (causal self-attention
+    # calls); which, only its calls tell.
+    decoder_either: bool = False
 
     def describe(self) -> str:
-        """``causal``, ``bidirectional``, ``cross-attention``, or with the features:
-        ``causal, window 8, softcap 50, learned sinks``."""
-        parts = ["cross-attention" if self.cross else "causal" if self.causal else "bidirectional"]
+        """``causal``, ``bidirectional``, ``cross-attention``, ``causal self / dense cross``, or
+        with the features: ``causal, window 8, softcap 50, learned sinks``."""
+        if self.cross:
+            kind = "cross-attention"
+        elif self.decoder_either:
+            kind = "causal self / dense cross"
+        else:
+            kind = "causal" if self.causal else "bidirectional"
+        parts = [kind]
         if self.sliding_window is not None:
             parts.append(f"window {self.sliding_window}")
         if self.softcap is not None:
@@ -317,6 +327,8 @@ def module_attention(module: torch.nn.Module) -> ModuleAttention:
         softcap=None if cap is None else float(cap),
         learned_sinks=sinks is not None,
         cross=is_cross_attention_only(module),
+        decoder_either=(getattr(module, "is_causal", True) is False and getattr(module, "is_decoder", False) is True
+                        and _cross_input(_original_class(module)) is not None),
     )
 
 

@@ -162,6 +162,8 @@ def test_decoder_self_attention_built_bidirectional_runs_causal(config_class):
     base = matrix_model(transformers.AutoModelForSeq2SeqLM, cfg)
     assert base.model.decoder.layers[0].self_attn.is_causal is False
     dense = mts.sparsify(copy.deepcopy(base), DENSE_CFG)
+    rows = {row["module"]: row["attention"] for row in mts.conversion.summary_rows(dense)}
+    assert rows["model.decoder.layers.0.self_attn"] == "causal self / dense cross"
     for dec_len in (7, 30):
         x = _bart_inputs(dec_len)
         torch.testing.assert_close(_logits(dense, x), _logits(base, x), atol=ATOL, rtol=0)
@@ -175,6 +177,9 @@ def test_sparse_self_attention_dense_cross_attention_match_the_oracle(family, tm
     rows = {row["module"]: row for row in mts.conversion.summary_rows(sparse)}
     assert rows["model.decoder.layers.1.encoder_attn"]["enabled"] == "no"
     assert rows["model.decoder.layers.1.self_attn"]["N:M"] == "2:4"
+    assert [rows[f"model.{part}.layers.0.{name}"]["attention"] for part, name in (
+        ("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn"))] == [
+        "bidirectional", "causal", "causal self / dense cross"]
     oracle = _as_oracle(base)
     x = inputs(26)
     got = _logits(sparse, x)
