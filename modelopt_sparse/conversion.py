@@ -445,7 +445,6 @@ def build_state(
     )
 
 
-
 def apply_states(model: torch.nn.Module, states: dict[str, ModuleSparseState], config_record: Any) -> None:
     """Mutate: swap classes, attach states, switch the attention implementation.
 
