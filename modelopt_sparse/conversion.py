@@ -26,7 +26,7 @@ import torch
 
 from .config import Pattern, SparseAttentionAttributeConfig, SparseAttentionConfig
 from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
-from .hf_attention.forward import CROSS_CALL_ATTR, cross_attention_sparse_message
+from .hf_attention.forward import CROSS_CALL_ATTR, cross_attention_sparse_message, is_non_causal_decoder_module
 from .methods import SparseAttentionMethod, checked_kernel_kwargs, get_method
 
 __all__ = [
@@ -327,8 +327,7 @@ def module_attention(module: torch.nn.Module) -> ModuleAttention:
         softcap=None if cap is None else float(cap),
         learned_sinks=sinks is not None,
         cross=is_cross_attention_only(module),
-        decoder_either=(getattr(module, "is_causal", True) is False and getattr(module, "is_decoder", False) is True
-                        and _cross_input(_original_class(module)) is not None),
+        decoder_either=is_non_causal_decoder_module(module) and _cross_input(_original_class(module)) is not None,
     )
 
 

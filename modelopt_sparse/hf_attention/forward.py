@@ -271,7 +271,7 @@ def _resolve_is_causal(module, is_causal, decoder_self=False) -> bool:
     transformers runs them with) is causal all the same, through the mask it builds."""
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-        if is_causal is False and decoder_self and getattr(module, "is_decoder", False) is True:
+        if decoder_self and is_non_causal_decoder_module(module):
             is_causal = True
     if not isinstance(is_causal, bool):
         if isinstance(is_causal, torch.Tensor) and is_causal.numel() == 1 and not torch.compiler.is_compiling():
@@ -281,6 +281,12 @@ def _resolve_is_causal(module, is_causal, decoder_self=False) -> bool:
                 f"modelopt_sparse: {_where(module)}: is_causal must be a bool, got {type(is_causal).__name__}"
             )
     return is_causal
+
+
+def is_non_causal_decoder_module(module) -> bool:
+    """A decoder's module that says ``is_causal=False`` (``is_decoder=True``): in a class that
+    also serves as cross-attention, its self-attention calls run causal (:func:`_resolve_is_causal`)."""
+    return getattr(module, "is_causal", True) is False and getattr(module, "is_decoder", False) is True
 
 
 def _where(module) -> str:
