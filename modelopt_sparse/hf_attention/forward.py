@@ -81,7 +81,8 @@ def sparse_attention_forward(
             "converted: call modelopt_sparse.sparsify (or restore) on the model first"
         )
     # True / False inside a call of a class that also serves as cross-attention; None otherwise.
-    cross = getattr(module, CROSS_CALL_ATTR, None)
+    # (The instance dict: a missing attribute through nn.Module.__getattr__ costs ~1 us a layer.)
+    cross = vars(module).get(CROSS_CALL_ATTR)
     is_causal = _resolve_is_causal(module, kwargs.pop("is_causal", None), decoder_self=cross is False)
     _reject_unsupported(module, dropout, kwargs)
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
